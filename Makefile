@@ -1,0 +1,43 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+DEMO_FLAGS := --dataset synthetic --subset 2048 --synthetic-size 50000,2000 --model densenet-bc \
+              --depth 16 --growth-rate 12 --epochs 5 --batch-size 64 --t0 0.5 --device cpu
+
+.PHONY: install demo test lint format bench bench-quick clean
+
+install: $(STAMP)
+
+# Exact versions from constraints.txt; ranges live in setup.cfg.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/prefast compare --modes baseline,freezeout,prefast $(DEMO_FLAGS) \
+	    --cache-dir .prefast-cache/demo --json-out runs/demo.json
+
+lint: install
+	$(VENV)/bin/ruff check prefast store cli tests benchmarks
+	$(VENV)/bin/ruff format --check prefast store cli tests benchmarks
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff format prefast store cli tests benchmarks
+	$(VENV)/bin/ruff check --fix prefast store cli tests benchmarks
+
+# pytest exits 5 when it collects nothing; make treats that as a failure.
+test: lint
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+bench-quick: install
+	$(PY) benchmarks/run_all.py --quick --out benchmarks/results/quick
+
+clean:
+	rm -rf $(VENV) .prefast-cache runs *.egg-info

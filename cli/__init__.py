@@ -1,0 +1,1 @@
+"""The ``prefast`` command line (installed as ``prefast.cli``)."""

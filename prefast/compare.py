@@ -1,0 +1,48 @@
+"""Run several modes on the same data and seed, and tabulate the speedups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prefast.config import TrainConfig
+from prefast.trainer import train
+
+
+def compare(
+    cfg: TrainConfig, modes: list[str], progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, dict]:
+    """Train ``cfg`` once per mode, one after another in this process.
+
+    Returns ``{mode: run record}``. When the cost model is available (it needs
+    the per-stage timings of ``prefast.plan``), each record gains
+    ``final.predicted_s`` so measured/ideal can be read off.
+    """
+    from prefast.plan import measure_and_plan
+
+    runs: dict[str, dict] = {}
+    plan = measure_and_plan(cfg.replace(mode="prefast"))
+    for mode in modes:
+        if log:
+            log(f"--- {mode} ---")
+        result = train(cfg.replace(mode=mode), progress=progress,
+                       on_epoch=(lambda r, m=mode: log(f"[{m}] epoch {r['epoch'] + 1}: loss "
+                                                       f"{r['train_loss']:.4f} acc {r['test_acc']:.4f} "
+                                                       f"{r['time_s']:.2f}s")) if log else None)
+        result["final"]["predicted_s"] = plan["predicted_s"][mode]
+        runs[mode] = result
+    return runs
+
+
+def format_table(runs: dict[str, dict]) -> str:
+    """Mode, wall-clock, speedups vs baseline and freezeout, accuracy, measured/predicted."""
+    walls = {m: r["final"]["wall_s"] for m, r in runs.items()}
+    header = f"{'mode':<10} {'wall_s':>8} {'vs_baseline':>11} {'vs_freezeout':>12} {'test_acc':>8} {'meas/pred':>9}"
+    lines = [header, "-" * len(header)]
+    for mode, r in runs.items():
+        f = r["final"]
+        vs_b = f"{walls['baseline'] / walls[mode]:.2f}x" if "baseline" in walls else "-"
+        vs_f = f"{walls['freezeout'] / walls[mode]:.2f}x" if "freezeout" in walls else "-"
+        ratio = f"{f['wall_s'] / f['predicted_s']:.2f}" if f.get("predicted_s") else "-"
+        lines.append(f"{mode:<10} {f['wall_s']:>8.1f} {vs_b:>11} {vs_f:>12} {f['test_acc']:>8.4f} {ratio:>9}")
+    return "\n".join(lines)

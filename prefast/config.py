@@ -1,0 +1,117 @@
+"""Run configuration: one frozen dataclass, validated once at the edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefast.data import AUGMENTS, DATASETS
+from prefast.errors import ConfigError
+from prefast.models import MODELS
+from prefast.schedule import SCALES
+
+MODES = ("baseline", "freezeout", "prefast")
+TIERS = ("auto", "gpu", "ram", "mmap", "zarr")
+CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str | int | None, field: str = "size") -> int | None:
+    """'64MB', '1.5GiB', '2G', '1024' -> bytes (binary units); None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{field}={text!r} is not a size: write e.g. 512MB, 2GB or 1.5GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_duration(text: str) -> float:
+    """'7d', '12h', '30m', '45s' -> seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhdw])\s*", text)
+    if not m:
+        raise ConfigError(f"duration {text!r} is not valid: write e.g. 7d, 12h or 30m")
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Invalid fields raise ConfigError."""
+
+    mode: str = "freezeout"
+    model: str = "densenet-bc"
+    dataset: str = "synthetic"
+    depth: int | None = None
+    growth_rate: int = 12
+    width: int = 4
+    epochs: int = 10
+    batch_size: int = 64
+    t0: float = 0.8
+    scale: str = "cubic"
+    scale_lr: bool = True
+    lr: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str = "data"
+    subset: int | None = None
+    synthetic_size: tuple[int, int] = (50_000, 10_000)
+    augment: str = "standard"
+    checkpoint: str | None = None
+    resume: bool = False
+    # prefast mode
+    cache_dir: str | None = None
+    cache_tier: str = "auto"
+    cache_dtype: str = "auto"
+    cache_views: int = 1
+    max_ram: int | None = None
+    max_gpu_mem: int | None = None
+    max_disk: int | None = None
+
+    def __post_init__(self) -> None:
+        choices = {
+            "mode": MODES, "model": MODELS, "dataset": DATASETS, "scale": tuple(SCALES),
+            "augment": AUGMENTS, "cache_tier": TIERS, "cache_dtype": CACHE_DTYPES,
+            "device": ("auto", "cpu", "cuda"),
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {value!r} is not valid: choose one of "
+                    + ", ".join(allowed)
+                )
+        positive = ("epochs", "batch_size", "growth_rate", "width", "cache_views")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if not 0.0 < self.t0 <= 1.0:
+            raise ConfigError(f"--t0 {self.t0} must be in (0, 1]; FreezeOut's default is 0.8")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr} must be positive")
+        if self.subset is not None and self.subset < 1:
+            raise ConfigError(f"--subset {self.subset} must be a positive sample count")
+        if self.resume and not self.checkpoint:
+            raise ConfigError("--resume needs --checkpoint PATH (the file to resume from)")
+        for name in ("max_ram", "max_gpu_mem", "max_disk"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive size")
+
+    def replace(self, **changes: object) -> TrainConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def default_cache_dir() -> Path:
+    """--cache-dir, else $PREFAST_CACHE_DIR, else $XDG_CACHE_HOME/prefast (~/.cache/prefast)."""
+    import os
+
+    if os.environ.get("PREFAST_CACHE_DIR"):
+        return Path(os.environ["PREFAST_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "prefast"

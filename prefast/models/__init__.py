@@ -1,0 +1,47 @@
+"""Model zoo: every model is a :class:`StagedModel` (ordered stages, head last)."""
+
+from __future__ import annotations
+
+from prefast.errors import ConfigError
+from prefast.models.densenet import densenet_bc_stages
+from prefast.models.resnet import preact_resnet18_stages, wrn_stages
+from prefast.models.staged import StagedModel, from_sequential, from_torchvision_resnet
+from prefast.models.vgg import vgg16_stages
+
+MODELS = ("densenet-bc", "preact-resnet18", "wrn", "vgg16")
+
+
+def build_model(
+    name: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    depth: int | None = None,
+    growth_rate: int = 12,
+    width: int = 4,
+) -> StagedModel:
+    """Build a model by name; input shape and class count come from the dataset.
+
+    ``depth`` defaults to FreezeOut's 76 for DenseNet-BC and 16 for WRN.
+    """
+    if name == "densenet-bc":
+        stages = densenet_bc_stages(depth or 76, growth_rate, in_channels, num_classes)
+    elif name == "preact-resnet18":
+        stages = preact_resnet18_stages(in_channels, num_classes)
+    elif name == "wrn":
+        stages = wrn_stages(depth or 16, width, in_channels, num_classes)
+    elif name == "vgg16":
+        stages = vgg16_stages(in_channels, num_classes, image_size)
+    else:
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return StagedModel(stages, name=name)
+
+
+__all__ = [
+    "MODELS",
+    "StagedModel",
+    "build_model",
+    "from_sequential",
+    "from_torchvision_resnet",
+]

@@ -1,0 +1,28 @@
+"""Progress bars (rich), shown only when asked and stderr is a terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+
+@contextlib.contextmanager
+def bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n=1)``; draws a transient bar on stderr when enabled."""
+    if not (enabled and sys.stderr.isatty()):
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
+
+
+def epoch_bar(epoch: int, epochs: int, batches: int, enabled: bool = True):
+    return bar(f"epoch {epoch + 1}/{epochs}", batches, enabled)

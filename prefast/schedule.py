@@ -1,0 +1,100 @@
+"""FreezeOut's layer-wise schedule as a pure function of (stage, iteration).
+
+FreezeOut (Brock et al., arXiv 1706.04983) gives stage ``i`` of ``n`` its own
+cosine-annealed learning rate that reaches zero at a fraction ``t_i`` of
+training, after which the stage is frozen. ``t_i`` is spaced from ``t0`` (first
+stage) to 1 (the head, last index) and optionally bent by a power::
+
+    t_i          = scale(t0 + (1 - t0) * i / (n - 1))     scale: x, x**2, x**3
+    freeze_iter  = round(t_i * total_iters)
+    lr(i, it)    = lr0_i * 0.5 * (1 + cos(pi * it / freeze_iter(i)))  for it < freeze_iter
+    lr0_i        = base_lr / t_i  if scale_lr  else base_lr
+
+No torch here: this module is tested against the closed form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from prefast.errors import ConfigError
+
+SCALES = {"linear": 1, "squared": 2, "cubic": 3}
+
+
+@dataclass(frozen=True)
+class FreezeOutSchedule:
+    """Per-stage learning rates and freeze points.
+
+    Parameters
+    ----------
+    num_stages
+        Number of freeze units including the head (the last index).
+    total_iters
+        Epochs times the real number of batches per epoch.
+    t0
+        Fraction of training after which the first stage freezes, in (0, 1].
+        ``t0 = 1`` freezes nothing before the end: plain cosine annealing.
+    scale
+        ``"linear"``, ``"squared"`` or ``"cubic"``.
+    scale_lr
+        Scale each stage's initial rate by ``1 / t_i`` so every stage travels
+        about as far in weight space as if it trained the whole run.
+    base_lr
+        Initial learning rate before scaling.
+    """
+
+    num_stages: int
+    total_iters: int
+    t0: float = 0.8
+    scale: str = "cubic"
+    scale_lr: bool = True
+    base_lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.num_stages < 1:
+            raise ConfigError(f"num_stages={self.num_stages} must be at least 1")
+        if self.total_iters < 1:
+            raise ConfigError(f"total_iters={self.total_iters} must be at least 1")
+        if not (0.0 < self.t0 <= 1.0):
+            raise ConfigError(f"t0={self.t0} must be in (0, 1]; FreezeOut's default is 0.8")
+        if self.scale not in SCALES:
+            raise ConfigError(f"scale={self.scale!r} must be one of {sorted(SCALES)}")
+        if self.base_lr <= 0:
+            raise ConfigError(f"base_lr={self.base_lr} must be positive")
+
+    def t(self, i: int) -> float:
+        """Fraction of training at which stage ``i`` freezes."""
+        self._check_stage(i)
+        frac = 1.0 if self.num_stages == 1 else i / (self.num_stages - 1)
+        return float((self.t0 + (1.0 - self.t0) * frac) ** SCALES[self.scale])
+
+    def freeze_iter(self, i: int) -> int:
+        """Iteration from which stage ``i`` is frozen (at least 1)."""
+        return max(1, round(self.t(i) * self.total_iters))
+
+    def initial_lr(self, i: int) -> float:
+        return self.base_lr / self.t(i) if self.scale_lr else self.base_lr
+
+    def lr(self, i: int, it: int) -> float:
+        """Learning rate of stage ``i`` at iteration ``it`` (0 once frozen)."""
+        end = self.freeze_iter(i)
+        if it >= end:
+            return 0.0
+        return self.initial_lr(i) * 0.5 * (1.0 + math.cos(math.pi * it / end))
+
+    def is_frozen(self, i: int, it: int) -> bool:
+        """True when stage ``i`` no longer trains at iteration ``it``."""
+        return it >= self.freeze_iter(i)
+
+    def frozen_prefix(self, it: int) -> int:
+        """Number of leading stages frozen at iteration ``it``.
+
+        ``t_i`` grows with ``i``, so frozen stages always form a prefix.
+        """
+        return sum(1 for i in range(self.num_stages) if self.is_frozen(i, it))
+
+    def _check_stage(self, i: int) -> None:
+        if not 0 <= i < self.num_stages:
+            raise ConfigError(f"stage index {i} is outside 0..{self.num_stages - 1}")

@@ -1,0 +1,240 @@
+"""The training loop: one loop, three modes.
+
+- ``baseline``: every stage trains the whole run (plain cosine annealing).
+- ``freezeout``: FreezeOut's per-stage schedule; frozen stages run forward
+  under ``no_grad`` in eval mode and leave the optimizer.
+- ``prefast``: like freezeout, but the frozen prefix's output is materialized
+  once into the activation store and later epochs start from the cache, so the
+  prefix is not computed at all (see ``prefast/materialize.py``).
+
+Sample order per epoch is ``epoch_order(seed, epoch)`` in every mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prefast.config import TrainConfig
+from prefast.data import load_dataset
+from prefast.errors import ConfigError
+from prefast.feed import Batch, RawFeed
+from prefast.models import StagedModel, build_model
+from prefast.schedule import FreezeOutSchedule
+
+log = logging.getLogger("prefast")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    return torch.device(name)
+
+
+def model_for(cfg: TrainConfig, ds_shape: tuple[int, int, int], num_classes: int) -> StagedModel:
+    c, h, _ = ds_shape
+    return build_model(
+        cfg.model, in_channels=c, num_classes=num_classes, image_size=h,
+        depth=cfg.depth, growth_rate=cfg.growth_rate, width=cfg.width,
+    )
+
+
+def schedule_for(cfg: TrainConfig, num_stages: int, batches_per_epoch: int) -> FreezeOutSchedule:
+    # Baseline = t0 of 1: no stage freezes early, every stage anneals over the run.
+    baseline = cfg.mode == "baseline"
+    return FreezeOutSchedule(
+        num_stages, cfg.epochs * batches_per_epoch, t0=1.0 if baseline else cfg.t0,
+        scale=cfg.scale, scale_lr=cfg.scale_lr and not baseline, base_lr=cfg.lr,
+    )
+
+
+def make_optimizer(model: StagedModel, lr: float) -> torch.optim.SGD:
+    groups = [{"params": list(s.parameters()), "stage": i} for i, s in enumerate(model.stages)]
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+
+def drop_from_optimizer(opt: torch.optim.Optimizer, stages: list[int]) -> None:
+    """Remove frozen stages' parameter groups and their momentum buffers."""
+    for group in [g for g in opt.param_groups if g["stage"] in stages]:
+        for p in group["params"]:
+            opt.state.pop(p, None)
+        opt.param_groups.remove(group)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+class Trainer:
+    """Owns model, optimizer, schedule and feed for one run. Use :func:`train`."""
+
+    def __init__(self, cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset, cfg.seed, cfg.synthetic_size)
+        self.raw = RawFeed(ds, cfg.batch_size, cfg.seed, cfg.augment, self.device)
+        self.model = model_for(cfg, ds.shape, ds.num_classes).to(self.device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = make_optimizer(self.model, cfg.lr)
+        self.schedule = schedule_for(cfg, self.model.num_stages, self.raw.batches_per_epoch)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.on_epoch = on_epoch
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        self.feed: Any = self.raw
+        if cfg.mode == "prefast":
+            from prefast.materialize import PrefastFeed
+
+            self.feed = PrefastFeed(cfg, self.raw, self.model, self.schedule, self.device)
+        if cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists():
+            self._load_checkpoint(Path(cfg.checkpoint))
+
+    # -- one iteration -------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _apply_schedule(self, it: int) -> int:
+        """Freeze newly frozen stages and set every trainable stage's rate."""
+        if self.cfg.mode != "baseline":
+            newly = self.model.freeze_prefix(self.schedule.frozen_prefix(it))
+            if newly:
+                drop_from_optimizer(self.opt, newly)
+        for group in self.opt.param_groups:
+            group["lr"] = self.schedule.lr(group["stage"], it)
+        return self.model.num_frozen
+
+    def _step(self, batch: Batch, it: int) -> float:
+        frozen = self._apply_schedule(it)
+        x, start = batch.x, batch.start
+        with self._autocast():
+            if start < frozen or self.feed.sink is not None:
+                with torch.no_grad():  # frozen prefix: forward only, eval mode
+                    if self.feed.sink is not None:
+                        boundary = self.feed.sink_boundary
+                        x = self.model.run_range(x, start, boundary)
+                        self.feed.sink(x, batch)
+                        start = boundary
+                    x = self.model.run_range(x, start, frozen)
+                    start = max(start, frozen)
+            out = self.model(x, start=start)
+            loss = self.loss_fn(out.float(), batch.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+    # -- epochs ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        correct = total = 0
+        with self._autocast():
+            for batch in self.feed.test_batches():
+                pred = self.model(batch.x, start=batch.start).argmax(1)
+                correct += int((pred == batch.y).sum())
+                total += len(batch.y)
+        self.model.train()
+        return correct / max(1, total)
+
+    def run(self, progress: bool = False) -> dict:
+        from prefast.progress import epoch_bar
+
+        t_start = time.perf_counter()
+        bpe = self.raw.batches_per_epoch
+        self.model.train()
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                t0 = time.perf_counter()
+                tier = self.feed.begin_epoch(epoch, self.schedule.frozen_prefix(epoch * bpe))
+                loss_sum = 0.0
+                with epoch_bar(epoch, self.cfg.epochs, bpe, enabled=progress) as advance:
+                    for b, batch in enumerate(self.feed.train_batches(epoch)):
+                        loss_sum += self._step(batch, epoch * bpe + b)
+                        advance()
+                self.feed.end_epoch(epoch)
+                record = {
+                    "epoch": epoch,
+                    "train_loss": loss_sum / bpe,
+                    "test_acc": self.evaluate(),
+                    "time_s": time.perf_counter() - t0,
+                    "frozen_stages": self.model.num_frozen,
+                    "cache_tier": tier,
+                }
+                self.history.append(record)
+                if self.on_epoch:
+                    self.on_epoch(record)
+                if self.cfg.checkpoint:
+                    self._save_checkpoint(Path(self.cfg.checkpoint), epoch + 1)
+        finally:
+            self.feed.close()
+        extra = getattr(self.feed, "report", lambda: {})()
+        return {
+            "config": self.cfg.to_json(),
+            "model": {"name": self.model.name, "num_stages": self.model.num_stages},
+            "epochs": self.history,
+            "final": {
+                "test_acc": self.history[-1]["test_acc"] if self.history else None,
+                "wall_s": time.perf_counter() - t_start,
+                "peak_rss_mb": peak_rss_mb(),
+                "batches_per_epoch": bpe,
+                "freeze_iters": [self.schedule.freeze_iter(i) for i in range(self.model.num_stages)],
+                **extra,
+            },
+        }
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _save_checkpoint(self, path: Path, next_epoch: int) -> None:
+        state = {
+            "next_epoch": next_epoch,
+            "num_frozen": self.model.num_frozen,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "history": self.history,
+            "config": self.cfg.to_json(),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a crash leaves the previous checkpoint intact
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        ignore = ("resume", "checkpoint", "epochs")  # more epochs may be asked for on resume
+        saved = json.loads(json.dumps(state["config"]))
+        mine = json.loads(json.dumps(self.cfg.to_json()))
+        changed = sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
+        if changed:
+            raise ConfigError(
+                f"checkpoint {path} was made with different settings ({', '.join(changed)}): "
+                "resume with the same flags, or start a new run without --resume"
+            )
+        self.model.load_state_dict(state["model"])
+        drop_from_optimizer(self.opt, self.model.freeze_prefix(state["num_frozen"]))
+        self.opt.load_state_dict(state["optimizer"])
+        self.history = state["history"]
+        self.start_epoch = state["next_epoch"]
+        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+
+def train(cfg: TrainConfig, progress: bool = False, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train with ``cfg`` and return the run record (the ``--json-out`` document)."""
+    return Trainer(cfg, on_epoch=on_epoch).run(progress=progress)

@@ -1,0 +1,46 @@
+"""The activation store (installed as ``prefast.store``).
+
+Four tiers behind one interface, chosen by name::
+
+    writer = open_writer("zarr", CacheSpec(key, rows, (C, H, W), "float16"), root=CacheRoot(d))
+    for acts, labels, ids in batches:
+        writer.append(acts, labels, ids)
+    reader = writer.finish()            # atomic: readable only from here on
+    for acts, labels, ids in PrefetchLoader(lambda: reader.epoch_batches(seed, epoch, 256)):
+        ...
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefast.errors import ConfigError
+from .base import TIERS, CacheSpec, Reader, Writer
+from .disk import open_reader
+from .layout import CacheRoot, cache_key
+from .loader import PrefetchLoader
+from .memory import MemoryWriter
+
+
+def open_writer(tier: str, spec: CacheSpec, root: CacheRoot | None = None,
+                device: torch.device | str | None = None) -> Writer:
+    """A writer for ``tier`` (gpu, ram, mmap or zarr)."""
+    if tier == "gpu":
+        if not torch.cuda.is_available():
+            raise ConfigError("cache tier 'gpu' needs a CUDA GPU: use --cache-tier ram")
+        return MemoryWriter(spec, device or "cuda")
+    if tier == "ram":
+        return MemoryWriter(spec, "cpu", pin=torch.cuda.is_available())
+    if tier in ("mmap", "zarr"):
+        if root is None:
+            raise ConfigError(f"cache tier {tier!r} needs a cache directory (--cache-dir)")
+        from .disk import disk_writer
+
+        return disk_writer(tier, root, spec)
+    raise ConfigError(f"unknown cache tier {tier!r}: choose one of {', '.join(TIERS)}")
+
+
+__all__ = [
+    "TIERS", "CacheRoot", "CacheSpec", "PrefetchLoader", "Reader", "Writer",
+    "cache_key", "open_reader", "open_writer",
+]

@@ -1,0 +1,131 @@
+"""The one small interface every tier implements, and dtype conversions.
+
+A cache holds ``rows`` activations of one shape in write order, plus each
+row's label and sample id. Writers take torch batches in visit order; readers
+serve batches either in an exact seeded order (RAM-speed tiers) or in a
+chunk-shuffled order (compressed disk, where random row reads are slow).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from prefast.errors import ConfigError
+from prefast.order import batch_slices, epoch_order
+
+TIERS = ("gpu", "ram", "mmap", "zarr")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# zarr has no bfloat16: its bits are stored as uint16 and the dtype is recorded.
+NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+# (activations, labels, ids); activations in the cache's torch dtype.
+TorchBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """Torch activations -> numpy in the storage dtype (bf16 as uint16 bits)."""
+    t = t.detach().to(TORCH_DTYPES[dtype])
+    if dtype == "bfloat16":
+        t = t.view(torch.int16)
+    out = t.cpu().contiguous().numpy()
+    return out.view(np.uint16) if dtype == "bfloat16" else out
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+@dataclass
+class CacheSpec:
+    """What a writer needs to know before the first row arrives."""
+
+    key: str
+    rows: int
+    shape: tuple[int, ...]  # per row, e.g. (C, H, W)
+    dtype: str = "float16"
+    attrs: dict[str, Any] = field(default_factory=dict)  # recorded metadata
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TORCH_DTYPES:
+            raise ConfigError(f"cache dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
+        if self.rows < 1:
+            raise ConfigError(f"a cache needs at least one row, got rows={self.rows}")
+        self.shape = tuple(int(s) for s in self.shape)
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(NUMPY_STORAGE[self.dtype]).itemsize
+
+    @property
+    def logical_bytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    def chunk_rows(self, target_bytes: int = 4 * 2**20) -> int:
+        """Rows per chunk so a chunk is about ``target_bytes`` (4 MiB)."""
+        return max(1, min(self.rows, target_bytes // max(1, self.row_bytes)))
+
+
+class Writer(abc.ABC):
+    """Append rows in visit order; ``finish()`` makes the cache readable."""
+
+    spec: CacheSpec
+
+    @abc.abstractmethod
+    def append(self, acts: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def finish(self) -> Reader: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop everything written; idempotent."""
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class Reader(abc.ABC):
+    """Random-access reads plus the per-epoch batch order of its tier."""
+
+    spec: CacheSpec
+    tier: str
+
+    @abc.abstractmethod
+    def ids(self) -> np.ndarray:
+        """Sample id of every row (write order)."""
+
+    @abc.abstractmethod
+    def read_rows(self, rows: np.ndarray) -> TorchBatch: ...
+
+    def close(self) -> None:  # noqa: B027 - most readers hold nothing
+        pass
+
+    def epoch_batches(
+        self, seed: int, epoch: int, batch_size: int, buffer_bytes: int = 0
+    ) -> Iterator[TorchBatch]:
+        """Every row exactly once, in the shared exact order of (seed, epoch).
+
+        Rows are visited so that sample ids follow ``epoch_order``: the same
+        sequence the raw dataset would give, which makes cached training match
+        uncached training batch for batch.
+        """
+        order = self.rows_in_epoch_order(seed, epoch)
+        for sl in batch_slices(len(order), batch_size):
+            yield self.read_rows(order[sl])
+
+    def rows_in_epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        ids = self.ids()
+        row_of_id = np.empty(len(ids), dtype=np.int64)
+        row_of_id[ids] = np.arange(len(ids))
+        return row_of_id[epoch_order(seed, epoch, len(ids))]

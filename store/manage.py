@@ -1,0 +1,136 @@
+"""Listing, inspecting, verifying and purging caches (`prefast cache ...`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from prefast.errors import CacheCorruptedError, CacheError
+from .disk import DiskReader, open_reader
+from .layout import MARKER, CacheRoot, disk_usage
+
+
+def describe(root: CacheRoot, key: str) -> dict:
+    """One `cache ls` row. Partial caches report what their attributes say."""
+    d = root.dir_for(key)
+    attrs: dict = {}
+    try:
+        import zarr
+
+        attrs = dict(zarr.open_group(zarr.storage.LocalStore(d, read_only=True), mode="r").attrs)
+    except Exception:  # a writer killed before its group existed: nothing to read
+        pass
+    complete = root.is_complete(key)
+    marker_path = d / MARKER
+    return {
+        "key": key,
+        "status": "complete" if complete else "partial",
+        "tier": attrs.get("tier"),
+        "model": attrs.get("model"),
+        "boundary": attrs.get("boundary"),
+        "split": attrs.get("split"),
+        "rows": attrs.get("rows"),
+        "shape": attrs.get("shape"),
+        "dtype": attrs.get("dtype"),
+        "codec": attrs.get("codec"),
+        "compression_ratio": attrs.get("compression_ratio"),
+        "bytes": disk_usage(d),
+        "logical_bytes": attrs.get("logical_bytes"),
+        "created": attrs.get("created", d.stat().st_mtime),
+        "last_used": marker_path.stat().st_mtime if complete else None,
+    }
+
+
+def list_caches(root: CacheRoot) -> list[dict]:
+    return [describe(root, k) for k in root.keys()]
+
+
+def inspect(root: CacheRoot, key: str) -> dict:
+    """Attributes, completion record and per-array statistics."""
+    info = describe(root, key)
+    if info["status"] != "complete":
+        return info
+    reader = open_reader(root, key)
+    try:
+        sample = reader.read_rows(np.arange(min(reader.spec.rows, reader.chunk_rows)))[0].float()
+        info["attributes"] = reader.attrs
+        info["marker"] = {k: v for k, v in reader.marker.items() if k != "chunk_crc32c"}
+        info["arrays"] = {
+            "activations": {
+                "shape": [reader.spec.rows, *reader.spec.shape], "dtype": reader.spec.dtype,
+                "chunk_rows": reader.chunk_rows, "chunks": reader.num_chunks,
+                "first_chunk_mean": float(sample.mean()), "first_chunk_std": float(sample.std()),
+                "first_chunk_zero_fraction": float((sample == 0).float().mean()),
+            },
+            "labels": {"rows": len(reader.labels), "classes": int(len(np.unique(reader.labels)))},
+            "ids": {"rows": len(reader.ids()), "unique": int(len(np.unique(reader.ids())))},
+        }
+    finally:
+        reader.close()
+    return info
+
+
+def verify(root: CacheRoot, key: str) -> list[str]:
+    """Read every chunk and check every checksum; returns the problems found."""
+    if not root.is_complete(key):
+        return []  # partial caches are never read; `cache ls` shows them as partial
+    try:
+        reader: DiskReader = open_reader(root, key)
+    except (CacheError, KeyError, OSError, ValueError) as exc:
+        return [str(exc)]
+    problems = []
+    try:
+        ids = reader.ids()
+        if len(np.unique(ids)) != len(ids) or len(ids) != reader.spec.rows:
+            problems.append(f"cache {key}: sample ids are not unique (some samples missing)")
+        for i in range(reader.num_chunks):
+            try:
+                reader.read_chunk(i)
+            except CacheCorruptedError as exc:
+                problems.append(str(exc))
+    finally:
+        reader.close()
+    return problems
+
+
+@dataclass
+class PurgeRule:
+    all: bool = False
+    partial: bool = False
+    older_than_s: float | None = None
+    max_size: int | None = None
+
+
+def purge_candidates(root: CacheRoot, keys: list[str], rule: PurgeRule) -> list[dict]:
+    """Which caches a purge would delete (oldest-used first for --max-size)."""
+    rows = list_caches(root)
+    chosen = {r["key"] for r in rows if r["key"] in keys}
+    if rule.all:
+        chosen |= {r["key"] for r in rows}
+    if rule.partial:
+        chosen |= {r["key"] for r in rows if r["status"] == "partial" and not _live_writer(root, r["key"])}
+    if rule.older_than_s is not None:
+        cutoff = time.time() - rule.older_than_s
+        chosen |= {r["key"] for r in rows if (r["last_used"] or r["created"]) < cutoff}
+    if rule.max_size is not None:
+        kept = sorted((r for r in rows if r["key"] not in chosen),
+                      key=lambda r: r["last_used"] or r["created"], reverse=True)
+        total = 0
+        for r in kept:
+            total += r["bytes"]
+            if total > rule.max_size:
+                chosen.add(r["key"])
+    return [r for r in rows if r["key"] in chosen]
+
+
+def _live_writer(root: CacheRoot, key: str) -> bool:
+    """True when a live process holds the writer lock (don't purge under it)."""
+    lock = root.lock(key)
+    try:
+        lock.acquire()
+    except Exception:
+        return True
+    lock.release()
+    return False
