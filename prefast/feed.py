@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from prefast.data import Dataset, Normalizer, augment
@@ -50,7 +51,9 @@ class RawFeed:
     def batches_per_epoch(self) -> int:
         return len(batch_slices(self.num_train, self.batch_size))
 
-    def train_batches(self, epoch: int, view: int | None = None) -> Iterator[Batch]:
+    def train_batches(
+        self, epoch: int, view: int | None = None, skip: np.ndarray | None = None
+    ) -> Iterator[Batch]:
         """One epoch in the shared (seed, epoch) order.
 
         ``view`` fixes the augmentation stream independently of the epoch, so a
@@ -59,7 +62,7 @@ class RawFeed:
         order = torch.from_numpy(epoch_order(self.seed, epoch, self.num_train))
         stream = epoch if view is None else view
         gen = torch.Generator().manual_seed(int(rng_for(self.seed, "augment", stream).integers(2**62)))
-        for sl in batch_slices(self.num_train, self.batch_size):
+        for sl in batch_slices(len(order), self.batch_size):
             ids = order[sl]
             dev_ids = ids.to(self.device)
             x = self.norm(self.ds.train_x[dev_ids])

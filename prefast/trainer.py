@@ -162,7 +162,8 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 t0 = time.perf_counter()
-                tier = self.feed.begin_epoch(epoch, self.schedule.frozen_prefix(epoch * bpe))
+                # Freeze first, so the feed hashes and caches the prefix's final weights.
+                tier = self.feed.begin_epoch(epoch, self._apply_schedule(epoch * bpe))
                 loss_sum = 0.0
                 with epoch_bar(epoch, self.cfg.epochs, bpe, enabled=progress) as advance:
                     for b, batch in enumerate(self.feed.train_batches(epoch)):

@@ -70,7 +70,7 @@ class StagedModel(nn.Module):
         for i in range(count):
             for name, t in self.stages[i].state_dict().items():
                 h.update(f"{i}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
 
