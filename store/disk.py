@@ -329,7 +329,11 @@ class ZarrReader(DiskReader):
             for c in live:
                 if c not in decoded:
                     decoded[c] = self.read_chunk(c)
-            acts = np.stack([decoded[r // self.chunk_rows][r % self.chunk_rows] for r in rows])
+            acts = np.empty((len(rows), *self.spec.shape), dtype=NUMPY_STORAGE[self.spec.dtype])
+            chunk_of = rows // self.chunk_rows
+            for c in np.unique(chunk_of):
+                sel = chunk_of == c
+                acts[sel] = decoded[int(c)][rows[sel] - c * self.chunk_rows]
             yield self._batch(acts, rows)
 
 
