@@ -10,13 +10,18 @@ from .common import human_bytes, write_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache", help="list, inspect, verify and purge activation caches",
-                       description="Manage the activation caches under the cache root.")
+    p = sub.add_parser(
+        "cache",
+        help="list, inspect, verify and purge activation caches",
+        description="Manage the activation caches under the cache root.",
+    )
     csub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         q = csub.add_parser(name, help=help, description=help)
-        q.add_argument("--cache-dir", help="cache root (default $PREFAST_CACHE_DIR or ~/.cache/prefast)")
+        q.add_argument(
+            "--cache-dir", help="cache root (default $PREFAST_CACHE_DIR or ~/.cache/prefast)"
+        )
         return q
 
     q = add("ls", "one row per cache: status, shape, codec, sizes, times")
@@ -43,8 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _root(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pathlib import Path
 
-    from prefast.config import default_cache_dir
     from prefast.store import CacheRoot
+
+    from prefast.config import default_cache_dir
 
     return CacheRoot(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
 
@@ -68,15 +74,40 @@ def run_ls(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"caches under {root.path}")
-    for col in ("key", "status", "tier", "model", "split", "boundary", "rows", "shape", "dtype",
-                "codec", "ratio", "on disk", "logical", "created", "last used"):
+    for col in (
+        "key",
+        "status",
+        "tier",
+        "model",
+        "split",
+        "boundary",
+        "rows",
+        "shape",
+        "dtype",
+        "codec",
+        "ratio",
+        "on disk",
+        "logical",
+        "created",
+        "last used",
+    ):
         table.add_column(col)
     for r in rows:
         table.add_row(
-            r["key"][:12], r["status"], str(r["tier"]), str(r["model"]), str(r["split"]),
-            str(r["boundary"]), str(r["rows"]), "x".join(map(str, r["shape"] or [])),
-            str(r["dtype"]), str(r["codec"]), f"{r['compression_ratio'] or 0:.2f}",
-            human_bytes(r["bytes"]), human_bytes(r["logical_bytes"]), _when(r["created"]),
+            r["key"][:12],
+            r["status"],
+            str(r["tier"]),
+            str(r["model"]),
+            str(r["split"]),
+            str(r["boundary"]),
+            str(r["rows"]),
+            "x".join(map(str, r["shape"] or [])),
+            str(r["dtype"]),
+            str(r["codec"]),
+            f"{r['compression_ratio'] or 0:.2f}",
+            human_bytes(r["bytes"]),
+            human_bytes(r["logical_bytes"]),
+            _when(r["created"]),
             _when(r["last_used"]),
         )
     Console(width=200).print(table)
@@ -92,13 +123,14 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from prefast.errors import ConfigError
     from prefast.store.manage import verify
+
+    from prefast.errors import ConfigError
 
     root = _root(args)
     if bool(args.all) == bool(args.key):
         raise ConfigError("cache verify needs a KEY or --all (not both)")
-    keys = root.keys() if args.all else [root.resolve(args.key)]
+    keys = root.cache_keys() if args.all else [root.resolve(args.key)]
     bad = 0
     for key in keys:
         if not root.is_complete(key):
@@ -117,13 +149,15 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_purge(args: argparse.Namespace) -> int:
+    from prefast.store.manage import PurgeRule, purge_candidates
+
     from prefast.config import parse_duration, parse_size
     from prefast.errors import ConfigError
-    from prefast.store.manage import PurgeRule, purge_candidates
 
     root = _root(args)
     rule = PurgeRule(
-        all=args.all, partial=args.partial,
+        all=args.all,
+        partial=args.partial,
         older_than_s=parse_duration(args.older_than) if args.older_than else None,
         max_size=parse_size(args.max_size, "--max-size"),
     )
@@ -133,7 +167,9 @@ def run_purge(args: argparse.Namespace) -> int:
     doomed = purge_candidates(root, keys, rule)
     total = sum(r["bytes"] for r in doomed)
     for r in doomed:
-        print(f"{'would delete' if args.dry_run else 'delete'} {r['key']}  {r['status']}  {human_bytes(r['bytes'])}")
+        print(
+            f"{'would delete' if args.dry_run else 'delete'} {r['key']}  {r['status']}  {human_bytes(r['bytes'])}"
+        )
     if not doomed:
         print("nothing to purge")
         return 0
@@ -143,7 +179,10 @@ def run_purge(args: argparse.Namespace) -> int:
     if not args.yes:
         if not sys.stdin.isatty():
             raise ConfigError("refusing to delete without confirmation: pass --yes")
-        if input(f"delete {len(doomed)} cache(s), {human_bytes(total)}? [y/N] ").strip().lower() != "y":
+        if (
+            input(f"delete {len(doomed)} cache(s), {human_bytes(total)}? [y/N] ").strip().lower()
+            != "y"
+        ):
             print("kept everything")
             return 0
     for r in doomed:

@@ -16,29 +16,57 @@ from prefast.schedule import SCALES
 def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     g = p.add_argument_group("model and data")
     if modes:
-        g.add_argument("--mode", default="freezeout", choices=MODES,
-                       help="baseline: no freezing; freezeout: freeze, skip backward; "
-                       "prefast: also cache frozen outputs (default: %(default)s)")
-    g.add_argument("--model", default="densenet-bc", metavar="M",
-                   help=f"one of {', '.join(MODELS)} (default: %(default)s)")
-    g.add_argument("--dataset", default="synthetic", metavar="D",
-                   help=f"one of {', '.join(DATASETS)} (default: %(default)s)")
+        g.add_argument(
+            "--mode",
+            default="freezeout",
+            choices=MODES,
+            help="baseline: no freezing; freezeout: freeze, skip backward; "
+            "prefast: also cache frozen outputs (default: %(default)s)",
+        )
+    g.add_argument(
+        "--model",
+        default="densenet-bc",
+        metavar="M",
+        help=f"one of {', '.join(MODELS)} (default: %(default)s)",
+    )
+    g.add_argument(
+        "--dataset",
+        default="synthetic",
+        metavar="D",
+        help=f"one of {', '.join(DATASETS)} (default: %(default)s)",
+    )
     g.add_argument("--depth", type=int, help="network depth (DenseNet-BC default 76, WRN 16)")
     g.add_argument("--growth-rate", type=int, default=12, help="DenseNet growth rate k")
     g.add_argument("--width", type=int, default=4, help="WRN widening factor")
     g.add_argument("--data-dir", default="data", help="where torchvision datasets live")
     g.add_argument("--subset", type=int, help="train on a seeded random subset of N samples")
-    g.add_argument("--synthetic-size", default="50000,10000", metavar="TRAIN,TEST",
-                   help="sample counts of the synthetic set (default: %(default)s)")
-    g.add_argument("--augment", default="standard", choices=AUGMENTS,
-                   help="random crop + flip, or none (default: %(default)s)")
+    g.add_argument(
+        "--synthetic-size",
+        default="50000,10000",
+        metavar="TRAIN,TEST",
+        help="sample counts of the synthetic set (default: %(default)s)",
+    )
+    g.add_argument(
+        "--augment",
+        default="standard",
+        choices=AUGMENTS,
+        help="random crop + flip, or none (default: %(default)s)",
+    )
     s = p.add_argument_group("schedule")
     s.add_argument("--epochs", type=int, default=10)
     s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--t0", type=float, default=0.8,
-                   help="fraction of training when the first stage freezes (default 0.8)")
-    s.add_argument("--scale", default="cubic", choices=tuple(SCALES),
-                   help="how t_i is bent (default: %(default)s)")
+    s.add_argument(
+        "--t0",
+        type=float,
+        default=0.8,
+        help="fraction of training when the first stage freezes (default 0.8)",
+    )
+    s.add_argument(
+        "--scale",
+        default="cubic",
+        choices=tuple(SCALES),
+        help="how t_i is bent (default: %(default)s)",
+    )
     s.add_argument("--no-scale-lr", action="store_true", help="do not scale lr by 1/t_i")
     s.add_argument("--lr", type=float, default=0.1, help="base learning rate")
     s.add_argument("--seed", type=int, default=0)
@@ -46,13 +74,27 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     s.add_argument("--checkpoint", help="save a checkpoint here after every epoch")
     s.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     c = p.add_argument_group("activation cache (prefast mode)")
-    c.add_argument("--cache-dir", help="cache root (default $PREFAST_CACHE_DIR or ~/.cache/prefast)")
-    c.add_argument("--cache-tier", default="auto", choices=TIERS,
-                   help="force a tier; auto lets the memory governor choose")
-    c.add_argument("--cache-dtype", default="auto", choices=CACHE_DTYPES,
-                   help="stored dtype (auto: float16 on CPU, bfloat16 on CUDA)")
-    c.add_argument("--cache-views", type=int, default=1,
-                   help="augmented views materialized per boundary; epoch e reads view e mod K")
+    c.add_argument(
+        "--cache-dir", help="cache root (default $PREFAST_CACHE_DIR or ~/.cache/prefast)"
+    )
+    c.add_argument(
+        "--cache-tier",
+        default="auto",
+        choices=TIERS,
+        help="force a tier; auto lets the memory governor choose",
+    )
+    c.add_argument(
+        "--cache-dtype",
+        default="auto",
+        choices=CACHE_DTYPES,
+        help="stored dtype (auto: float16 on CPU, bfloat16 on CUDA)",
+    )
+    c.add_argument(
+        "--cache-views",
+        type=int,
+        default=1,
+        help="augmented views materialized per boundary; epoch e reads view e mod K",
+    )
     c.add_argument("--max-ram", help="host RAM budget for caches, e.g. 4GB")
     c.add_argument("--max-gpu-mem", help="GPU memory budget for caches, e.g. 10GB")
     c.add_argument("--max-disk", help="disk budget for caches, e.g. 50GB")
@@ -69,13 +111,30 @@ def config_from_args(args: argparse.Namespace, mode: str | None = None) -> Train
             f"--synthetic-size {args.synthetic_size!r} must be TRAIN,TEST counts, e.g. 50000,10000"
         ) from None
     return TrainConfig(
-        mode=mode or getattr(args, "mode", "freezeout"), model=args.model, dataset=args.dataset,
-        depth=args.depth, growth_rate=args.growth_rate, width=args.width, epochs=args.epochs,
-        batch_size=args.batch_size, t0=args.t0, scale=args.scale, scale_lr=not args.no_scale_lr,
-        lr=args.lr, seed=args.seed, device=args.device, data_dir=args.data_dir,
-        subset=args.subset, synthetic_size=(sizes[0], sizes[1]), augment=args.augment,
-        checkpoint=args.checkpoint, resume=args.resume, cache_dir=args.cache_dir,
-        cache_tier=args.cache_tier, cache_dtype=args.cache_dtype, cache_views=args.cache_views,
+        mode=str(mode or getattr(args, "mode", "freezeout")),
+        model=args.model,
+        dataset=args.dataset,
+        depth=args.depth,
+        growth_rate=args.growth_rate,
+        width=args.width,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        t0=args.t0,
+        scale=args.scale,
+        scale_lr=not args.no_scale_lr,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        data_dir=args.data_dir,
+        subset=args.subset,
+        synthetic_size=(sizes[0], sizes[1]),
+        augment=args.augment,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
+        cache_dir=args.cache_dir,
+        cache_tier=args.cache_tier,
+        cache_dtype=args.cache_dtype,
+        cache_views=args.cache_views,
         max_ram=parse_size(args.max_ram, "--max-ram"),
         max_gpu_mem=parse_size(args.max_gpu_mem, "--max-gpu-mem"),
         max_disk=parse_size(args.max_disk, "--max-disk"),

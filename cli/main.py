@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train CNNs faster: progressively freeze early layers (FreezeOut) and "
         "stream their cached outputs instead of recomputing them (PreFast).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log decisions (governor, store)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log decisions (governor, store)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (train, plan, cache, bench):
         module.register(sub)

@@ -9,7 +9,8 @@ from .common import add_train_flags, config_from_args, human_bytes, write_json
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "plan", help="show the freeze schedule, cache boundaries, tiers and predicted times",
+        "plan",
+        help="show the freeze schedule, cache boundaries, tiers and predicted times",
         description="Times each stage on one batch, then shows when each stage freezes, which "
         "boundaries PreFast would materialize, the tier the governor picks and why, and the "
         "ideal wall-clock of baseline, freezeout and prefast.",
@@ -27,16 +28,22 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json("-", plan)
         return 0
-    print(f"{'stage':>5} {'freeze_iter':>11} {'freeze_epoch':>12} {'fwd_ms':>8} {'fwd+bwd_ms':>10}  output")
+    print(
+        f"{'stage':>5} {'freeze_iter':>11} {'freeze_epoch':>12} {'fwd_ms':>8} {'fwd+bwd_ms':>10}  output"
+    )
     for s in plan["stages"]:
-        print(f"{s['stage']:>5} {s['freeze_iter']:>11} {s['freeze_epoch']:>12.2f} {s['fwd_ms']:>8.2f} "
-              f"{s['fwd_bwd_ms']:>10.2f}  {'x'.join(map(str, s['out_shape']))}")
+        print(
+            f"{s['stage']:>5} {s['freeze_iter']:>11} {s['freeze_epoch']:>12.2f} {s['fwd_ms']:>8.2f} "
+            f"{s['fwd_bwd_ms']:>10.2f}  {'x'.join(map(str, s['out_shape']))}"
+        )
     print("\nboundaries (materialized during epoch, read from the next):")
     if not plan["boundaries"]:
         print("  none: no frozen prefix pays for its cache in this run")
     for b in plan["boundaries"]:
-        print(f"  epoch {b['epoch']}: stages 0..{b['stage'] - 1}  {human_bytes(b['bytes'])}  -> "
-              f"{b['tier']} ({b['reason']})")
+        print(
+            f"  epoch {b['epoch']}: stages 0..{b['stage'] - 1}  {human_bytes(b['bytes'])}  -> "
+            f"{b['tier']} ({b['reason']})"
+        )
     print("\npredicted wall-clock (ideal cost model, no I/O):")
     pred = plan["predicted_s"]
     for mode, secs in pred.items():

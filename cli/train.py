@@ -9,7 +9,8 @@ from .common import add_train_flags, config_from_args, epoch_line, stderr_is_tty
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train one model in one mode",
+        "train",
+        help="train one model in one mode",
         description="Train a model with baseline, FreezeOut or PreFast scheduling. Prints one "
         "line per epoch; --json-out writes the full run record.",
     )
@@ -18,13 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
     c = sub.add_parser(
-        "compare", help="run several modes side by side and print a speedup table",
+        "compare",
+        help="run several modes side by side and print a speedup table",
         description="Runs the modes one after another in one process on the same data and "
         "seed, then prints wall-clock, speedups and accuracy.",
     )
     add_train_flags(c, modes=False)
-    c.add_argument("--modes", default="baseline,freezeout,prefast",
-                   help="comma-separated modes to run (default: %(default)s)")
+    c.add_argument(
+        "--modes",
+        default="baseline,freezeout,prefast",
+        help="comma-separated modes to run (default: %(default)s)",
+    )
     c.add_argument("--json-out", help='write {"runs": {mode: run record}} here')
     c.set_defaults(func=run_compare)
 
@@ -34,10 +39,16 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     print(f"training {cfg.model} on {cfg.dataset} ({cfg.mode}, {cfg.epochs} epochs)")
-    result = train(cfg, progress=stderr_is_tty(), on_epoch=lambda r: print(epoch_line(r, cfg.epochs), flush=True))
+    result = train(
+        cfg,
+        progress=stderr_is_tty(),
+        on_epoch=lambda r: print(epoch_line(r, cfg.epochs), flush=True),
+    )
     final = result["final"]
-    print(f"done: test_acc {final['test_acc']:.4f}  wall {final['wall_s']:.1f}s  "
-          f"peak_rss {final['peak_rss_mb']:.0f} MiB")
+    print(
+        f"done: test_acc {final['test_acc']:.4f}  wall {final['wall_s']:.1f}s  "
+        f"peak_rss {final['peak_rss_mb']:.0f} MiB"
+    )
     write_json(args.json_out, result)
     return 0
 
@@ -49,7 +60,9 @@ def run_compare(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("baseline", "freezeout", "prefast")]
     if bad or not modes:
-        raise ConfigError(f"--modes {args.modes!r}: use a comma list of baseline, freezeout, prefast")
+        raise ConfigError(
+            f"--modes {args.modes!r}: use a comma list of baseline, freezeout, prefast"
+        )
     cfg = config_from_args(args, mode=modes[0])
     runs = compare(cfg, modes, progress=stderr_is_tty(), log=print)
     print(format_table(runs))

@@ -30,35 +30,56 @@ def summarize(runs: dict[float, list[dict[str, dict]]]) -> list[dict]:
             recs = [r[mode] for r in per_seed]
             accs = _ms([r["final"]["test_acc"] for r in recs])
             ratio = _ms([r["final"]["wall_s"] / r["final"]["predicted_s"] for r in recs])
-            events = [e for r in recs for e in r["final"].get("cache_events", []) if e["event"] == "boundary"]
-            rows.append({
-                "t0": t0, "mode": mode, "seeds": len(recs),
-                "wall_s": walls[mode][0], "wall_std": walls[mode][1],
-                "speedup_vs_baseline": walls["baseline"][0] / walls[mode][0] if "baseline" in walls else None,
-                "speedup_vs_freezeout": walls["freezeout"][0] / walls[mode][0] if "freezeout" in walls else None,
-                "test_acc": accs[0], "test_acc_std": accs[1],
-                "measured_over_ideal": ratio[0],
-                "cache_tiers": sorted({e["tier"] for e in events}),
-                "cache_bytes_max": max((e["bytes"] for e in events), default=0),
-            })
+            events = [
+                e
+                for r in recs
+                for e in r["final"].get("cache_events", [])
+                if e["event"] == "boundary"
+            ]
+            rows.append(
+                {
+                    "t0": t0,
+                    "mode": mode,
+                    "seeds": len(recs),
+                    "wall_s": walls[mode][0],
+                    "wall_std": walls[mode][1],
+                    "speedup_vs_baseline": walls["baseline"][0] / walls[mode][0]
+                    if "baseline" in walls
+                    else None,
+                    "speedup_vs_freezeout": walls["freezeout"][0] / walls[mode][0]
+                    if "freezeout" in walls
+                    else None,
+                    "test_acc": accs[0],
+                    "test_acc_std": accs[1],
+                    "measured_over_ideal": ratio[0],
+                    "cache_tiers": sorted({e["tier"] for e in events}),
+                    "cache_bytes_max": max((e["bytes"] for e in events), default=0),
+                }
+            )
     return rows
 
 
 def markdown(rows: list[dict], cfg: TrainConfig, machine: dict) -> str:
-    head = (f"Training benchmark: {cfg.model} depth {cfg.depth} k={cfg.growth_rate} on {cfg.dataset}"
-            f"{f' subset {cfg.subset}' if cfg.subset else ''}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-            f"{cfg.scale} scaling, augment {cfg.augment}; {machine['cores']} cores, GPU {machine['gpu']}, "
-            f"torch {machine['torch']}.\n\n")
-    lines = ["| t0 | mode | seeds | wall s | vs baseline | vs freezeout | test acc | measured/ideal | cache |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    head = (
+        f"Training benchmark: {cfg.model} depth {cfg.depth} k={cfg.growth_rate} on {cfg.dataset}"
+        f"{f' subset {cfg.subset}' if cfg.subset else ''}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"{cfg.scale} scaling, augment {cfg.augment}; {machine['cores']} cores, GPU {machine['gpu']}, "
+        f"torch {machine['torch']}.\n\n"
+    )
+    lines = [
+        "| t0 | mode | seeds | wall s | vs baseline | vs freezeout | test acc | measured/ideal | cache |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         sb = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
         sf = f"{r['speedup_vs_freezeout']:.2f}x" if r["speedup_vs_freezeout"] else "-"
         cache = ",".join(r["cache_tiers"]) or "-"
         if r["cache_bytes_max"]:
             cache += f" ({r['cache_bytes_max'] / 2**20:.0f} MiB)"
-        lines.append(f"| {r['t0']} | {r['mode']} | {r['seeds']} | {r['wall_s']:.1f} ± {r['wall_std']:.1f} | {sb} | "
-                     f"{sf} | {r['test_acc']:.4f} ± {r['test_acc_std']:.4f} | {r['measured_over_ideal']:.2f} | {cache} |")
+        lines.append(
+            f"| {r['t0']} | {r['mode']} | {r['seeds']} | {r['wall_s']:.1f} ± {r['wall_std']:.1f} | {sb} | "
+            f"{sf} | {r['test_acc']:.4f} ± {r['test_acc_std']:.4f} | {r['measured_over_ideal']:.2f} | {cache} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
@@ -73,9 +94,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         pts = [r for r in rows if r["mode"] == mode]
         if not pts:
             continue
-        ax.errorbar([r["wall_s"] for r in pts], [1 - r["test_acc"] for r in pts],
-                    xerr=[r["wall_std"] for r in pts], yerr=[r["test_acc_std"] for r in pts],
-                    fmt=marker, label=mode, capsize=3)
+        ax.errorbar(
+            [r["wall_s"] for r in pts],
+            [1 - r["test_acc"] for r in pts],
+            xerr=[r["wall_std"] for r in pts],
+            yerr=[r["test_acc_std"] for r in pts],
+            fmt=marker,
+            label=mode,
+            capsize=3,
+        )
         if mode != "baseline":
             for r in pts:
                 ax.annotate(f"t0={r['t0']}", (r["wall_s"], 1 - r["test_acc"]), fontsize=7)
@@ -88,8 +115,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_sweep(cfg: TrainConfig, t0s: list[float], seeds: list[int], modes: list[str], out: str,
-              log=print) -> dict:  # type: ignore[no-untyped-def]
+def run_sweep(
+    cfg: TrainConfig, t0s: list[float], seeds: list[int], modes: list[str], out: str, log=print
+) -> dict:  # type: ignore[no-untyped-def]
     from prefast.store.bench import machine
 
     runs: dict[float, list[dict[str, dict]]] = {}
@@ -101,9 +129,19 @@ def run_sweep(cfg: TrainConfig, t0s: list[float], seeds: list[int], modes: list[
                 log(f"  {m:<10} wall {r['final']['wall_s']:.1f}s acc {r['final']['test_acc']:.4f}")
             runs.setdefault(t0, []).append(res)
     rows = summarize(runs)
-    doc = {"machine": machine(), "config": cfg.to_json(), "seeds": seeds, "rows": rows,
-           "runs": {str(t0): [{m: {"final": r["final"], "epochs": r["epochs"]} for m, r in res.items()}
-                              for res in per] for t0, per in runs.items()}}
+    doc = {
+        "machine": machine(),
+        "config": cfg.to_json(),
+        "seeds": seeds,
+        "rows": rows,
+        "runs": {
+            str(t0): [
+                {m: {"final": r["final"], "epochs": r["epochs"]} for m, r in res.items()}
+                for res in per
+            ]
+            for t0, per in runs.items()
+        },
+    }
     md = markdown(rows, cfg, doc["machine"])
     log(md)
     base = Path(out)

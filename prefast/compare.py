@@ -9,7 +9,9 @@ from prefast.trainer import train
 
 
 def compare(
-    cfg: TrainConfig, modes: list[str], progress: bool = False,
+    cfg: TrainConfig,
+    modes: list[str],
+    progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, dict]:
     """Train ``cfg`` once per mode, one after another in this process.
@@ -25,10 +27,15 @@ def compare(
     for mode in modes:
         if log:
             log(f"--- {mode} ---")
-        result = train(cfg.replace(mode=mode), progress=progress,
-                       on_epoch=(lambda r, m=mode: log(f"[{m}] epoch {r['epoch'] + 1}: loss "
-                                                       f"{r['train_loss']:.4f} acc {r['test_acc']:.4f} "
-                                                       f"{r['time_s']:.2f}s")) if log else None)
+
+        def on_epoch(r: dict, m: str = mode) -> None:
+            if log:
+                log(
+                    f"[{m}] epoch {r['epoch'] + 1}: loss {r['train_loss']:.4f} "
+                    f"acc {r['test_acc']:.4f} {r['time_s']:.2f}s"
+                )
+
+        result = train(cfg.replace(mode=mode), progress=progress, on_epoch=on_epoch)
         result["final"]["predicted_s"] = plan["predicted_s"][mode]
         runs[mode] = result
     return runs
@@ -44,5 +51,7 @@ def format_table(runs: dict[str, dict]) -> str:
         vs_b = f"{walls['baseline'] / walls[mode]:.2f}x" if "baseline" in walls else "-"
         vs_f = f"{walls['freezeout'] / walls[mode]:.2f}x" if "freezeout" in walls else "-"
         ratio = f"{f['wall_s'] / f['predicted_s']:.2f}" if f.get("predicted_s") else "-"
-        lines.append(f"{mode:<10} {f['wall_s']:>8.1f} {vs_b:>11} {vs_f:>12} {f['test_acc']:>8.4f} {ratio:>9}")
+        lines.append(
+            f"{mode:<10} {f['wall_s']:>8.1f} {vs_b:>11} {vs_f:>12} {f['test_acc']:>8.4f} {ratio:>9}"
+        )
     return "\n".join(lines)

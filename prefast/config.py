@@ -72,8 +72,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "mode": MODES, "model": MODELS, "dataset": DATASETS, "scale": tuple(SCALES),
-            "augment": AUGMENTS, "cache_tier": TIERS, "cache_dtype": CACHE_DTYPES,
+            "mode": MODES,
+            "model": MODELS,
+            "dataset": DATASETS,
+            "scale": tuple(SCALES),
+            "augment": AUGMENTS,
+            "cache_tier": TIERS,
+            "cache_dtype": CACHE_DTYPES,
             "device": ("auto", "cpu", "cuda"),
         }
         for name, allowed in choices.items():

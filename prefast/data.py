@@ -49,12 +49,17 @@ class Dataset:
         return h.hexdigest()[:16]
 
     def to(self, device: torch.device) -> Dataset:
-        move = [t.to(device) for t in (self.train_x, self.train_y, self.test_x, self.test_y)]
-        return Dataset(self.name, *move, num_classes=self.num_classes, flip=self.flip)
+        tx, ty, vx, vy = (
+            t.to(device) for t in (self.train_x, self.train_y, self.test_x, self.test_y)
+        )
+        return Dataset(self.name, tx, ty, vx, vy, self.num_classes, self.flip)
 
 
 def load_dataset(
-    name: str, data_dir: str | Path = "data", subset: int | None = None, seed: int = 0,
+    name: str,
+    data_dir: str | Path = "data",
+    subset: int | None = None,
+    seed: int = 0,
     synthetic_size: tuple[int, int] = (50_000, 10_000),
 ) -> Dataset:
     """Load ``name``; ``subset`` keeps a seeded random subset of the training set."""
@@ -147,7 +152,8 @@ def torchvision_dataset(name: str, root: Path) -> Dataset:
         x = torch.as_tensor(np.asarray(ds.data))
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
         splits += [x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)]
-    return Dataset(name, *splits, num_classes=num_classes, flip=flip)
+    tx, ty, vx, vy = splits
+    return Dataset(name, tx, ty, vx, vy, num_classes, flip)
 
 
 class Normalizer:

@@ -61,7 +61,9 @@ class RawFeed:
         """
         order = torch.from_numpy(epoch_order(self.seed, epoch, self.num_train))
         stream = epoch if view is None else view
-        gen = torch.Generator().manual_seed(int(rng_for(self.seed, "augment", stream).integers(2**62)))
+        gen = torch.Generator().manual_seed(
+            int(rng_for(self.seed, "augment", stream).integers(2**62))
+        )
         for sl in batch_slices(len(order), self.batch_size):
             ids = order[sl]
             dev_ids = ids.to(self.device)

@@ -86,21 +86,53 @@ class Governor:
         forced = self.cfg.cache_tier
         if forced != "auto":
             return self._log(Decision(forced, nbytes, f"forced by --cache-tier {forced}"))
-        gpu, ram, disk = self.gpu_budget() - self.used_gpu, self.ram_budget() - self.used_ram, self.disk_budget()
+        gpu, ram, disk = (
+            self.gpu_budget() - self.used_gpu,
+            self.ram_budget() - self.used_ram,
+            self.disk_budget(),
+        )
         mib = nbytes / 2**20
         if nbytes <= gpu:
-            return self._log(Decision("gpu", nbytes, f"{mib:.0f} MiB fits the GPU budget ({gpu / 2**20:.0f} MiB free)"))
+            return self._log(
+                Decision(
+                    "gpu", nbytes, f"{mib:.0f} MiB fits the GPU budget ({gpu / 2**20:.0f} MiB free)"
+                )
+            )
         if nbytes <= ram:
             why = "no GPU" if self.device.type != "cuda" else "over the GPU budget"
-            return self._log(Decision("ram", nbytes, f"{mib:.0f} MiB {why}; fits the RAM budget ({ram / 2**20:.0f} MiB)"))
+            return self._log(
+                Decision(
+                    "ram",
+                    nbytes,
+                    f"{mib:.0f} MiB {why}; fits the RAM budget ({ram / 2**20:.0f} MiB)",
+                )
+            )
         tier = "zarr" if compress_ratio >= 1.1 or nbytes > disk else "mmap"
         on_disk = nbytes / (compress_ratio if tier == "zarr" else 1.0)
         if on_disk > disk:
-            return self._log(Decision("recompute", nbytes, f"{mib:.0f} MiB exceeds RAM ({ram / 2**20:.0f} MiB) and disk ({disk / 2**20:.0f} MiB) budgets"))
+            return self._log(
+                Decision(
+                    "recompute",
+                    nbytes,
+                    f"{mib:.0f} MiB exceeds RAM ({ram / 2**20:.0f} MiB) and disk ({disk / 2**20:.0f} MiB) budgets",
+                )
+            )
         read_s = nbytes / DISK_READ_BW[tier]
         if read_s >= prefix_epoch_s > 0:
-            return self._log(Decision("recompute", nbytes, f"reading {mib:.0f} MiB ({read_s:.1f}s/epoch) is slower than computing the prefix ({prefix_epoch_s:.1f}s/epoch)"))
-        return self._log(Decision(tier, nbytes, f"{mib:.0f} MiB exceeds the RAM budget ({ram / 2**20:.0f} MiB); {tier} on disk reads it in ~{read_s:.1f}s/epoch vs {prefix_epoch_s:.1f}s to compute"))
+            return self._log(
+                Decision(
+                    "recompute",
+                    nbytes,
+                    f"reading {mib:.0f} MiB ({read_s:.1f}s/epoch) is slower than computing the prefix ({prefix_epoch_s:.1f}s/epoch)",
+                )
+            )
+        return self._log(
+            Decision(
+                tier,
+                nbytes,
+                f"{mib:.0f} MiB exceeds the RAM budget ({ram / 2**20:.0f} MiB); {tier} on disk reads it in ~{read_s:.1f}s/epoch vs {prefix_epoch_s:.1f}s to compute",
+            )
+        )
 
     def ram_pressure(self) -> bool:
         """True when host RAM is nearly exhausted: time to spill RAM caches."""

@@ -34,14 +34,29 @@ from prefast.models import StagedModel
 from prefast.order import batch_slices
 from prefast.plan import measure_stage_costs, plan_boundaries
 from prefast.schedule import FreezeOutSchedule
-from prefast.store import CacheRoot, CacheSpec, PrefetchLoader, Reader, Writer, cache_key, open_reader, open_writer
+from prefast.store import (
+    CacheRoot,
+    CacheSpec,
+    PrefetchLoader,
+    Reader,
+    Writer,
+    cache_key,
+    open_reader,
+    open_writer,
+)
 
 log = logging.getLogger("prefast.materialize")
 
 
 class PrefastFeed:
-    def __init__(self, cfg: TrainConfig, raw: RawFeed, model: StagedModel,
-                 schedule: FreezeOutSchedule, device: torch.device):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        raw: RawFeed,
+        model: StagedModel,
+        schedule: FreezeOutSchedule,
+        device: torch.device,
+    ):
         self.cfg, self.raw, self.model, self.device = cfg, raw, model, device
         self.governor = Governor(cfg, device)
         self.root = CacheRoot(cfg.cache_dir or default_cache_dir())
@@ -49,8 +64,12 @@ class PrefastFeed:
         self.views = cfg.cache_views if cfg.augment == "standard" else 1
         probe = next(iter(raw.train_batches(0))).x
         self.costs = measure_stage_costs(copy.deepcopy(model), probe)
-        self.plan = {b.epoch: b.stage for b in plan_boundaries(
-            schedule, raw.batches_per_epoch, cfg.epochs, self.costs, raw.num_train)}
+        self.plan = {
+            b.epoch: b.stage
+            for b in plan_boundaries(
+                schedule, raw.batches_per_epoch, cfg.epochs, self.costs, raw.num_train
+            )
+        }
         self.boundary = 0  # current caches hold the input of this stage
         self.readers: dict[int, Reader] = {}  # view -> train cache at self.boundary
         self.test_reader: Reader | None = None
@@ -91,8 +110,11 @@ class PrefastFeed:
             self.boundary, self.readers = self.target[0], self.target_readers
             self.target, self.target_readers = None, {}
             if self.cfg.augment == "standard" and self.views == 1 and not self.warned_fixed_aug:
-                log.warning("augmentation is fixed from stage %d on (one cached view); "
-                            "use --cache-views K for K views", self.boundary)
+                log.warning(
+                    "augmentation is fixed from stage %d on (one cached view); "
+                    "use --cache-views K for K views",
+                    self.boundary,
+                )
                 self.warned_fixed_aug = True
 
     def close(self) -> None:
@@ -105,8 +127,12 @@ class PrefastFeed:
             self.test_reader.close()
 
     def report(self) -> dict:
-        return {"cache_events": self.events, "planned_boundaries": self.plan,
-                "cache_dtype": self.dtype, "cache_views": self.views}
+        return {
+            "cache_events": self.events,
+            "planned_boundaries": self.plan,
+            "cache_dtype": self.dtype,
+            "cache_views": self.views,
+        }
 
     # -- batches -------------------------------------------------------------------------
     def train_batches(self, epoch: int) -> Iterator[Batch]:
@@ -132,7 +158,8 @@ class PrefastFeed:
     def _from_reader(self, reader: Reader, epoch: int) -> Iterator[Batch]:
         buffer = min(256 * 2**20, self.governor.ram_budget() // 4)
         loader = PrefetchLoader(
-            lambda: reader.epoch_batches(self.cfg.seed, epoch, self.cfg.batch_size, buffer), self.device
+            lambda: reader.epoch_batches(self.cfg.seed, epoch, self.cfg.batch_size, buffer),
+            self.device,
         )
         for acts, labels, ids in loader:
             yield Batch(self._compute_dtype(acts), labels.to(self.device), ids, self.boundary)
@@ -152,15 +179,23 @@ class PrefastFeed:
     def _materialize_test(self) -> Iterator[Batch]:
         """Run the prefix over the test set once (eval, exact) and cache it."""
         old, old_boundary = self.test_reader, self.test_boundary
-        source = (self._reader_batches(old, old_boundary) if old is not None and old_boundary
-                  else self.raw.test_batches())
+        source = (
+            self._reader_batches(old, old_boundary)
+            if old is not None and old_boundary
+            else self.raw.test_batches()
+        )
         n, tier = len(self.raw.ds.test_x), self.readers[0].tier
         writer: Writer | None = None
         for batch in source:
             x = self.model.run_range(batch.x, batch.start, self.boundary)
             if writer is None:
-                spec = CacheSpec(self._key("test", self.boundary, None), n, tuple(x.shape[1:]),
-                                 self.dtype, self._attrs("test", self.boundary))
+                spec = CacheSpec(
+                    self._key("test", self.boundary, None),
+                    n,
+                    tuple(x.shape[1:]),
+                    self.dtype,
+                    self._attrs("test", self.boundary),
+                )
                 writer = self._writer(tier, spec)
             if writer is not None:
                 writer.append(x, batch.y, batch.ids)
@@ -188,9 +223,23 @@ class PrefastFeed:
         nbytes = (self.raw.num_train * self.views + len(self.raw.ds.test_x)) * row_bytes
         prefix_s = self.raw.batches_per_epoch * sum(c.fwd_s for c in self.costs[:stage])
         decision = self.governor.choose(nbytes, prefix_s)
-        self.events.append({"epoch": epoch, "event": "boundary", "stage": stage,
-                            "tier": decision.tier, "bytes": nbytes, "reason": decision.reason})
-        log.info("epoch %d: boundary at stage %d -> %s (%s)", epoch, stage, decision.tier, decision.reason)
+        self.events.append(
+            {
+                "epoch": epoch,
+                "event": "boundary",
+                "stage": stage,
+                "tier": decision.tier,
+                "bytes": nbytes,
+                "reason": decision.reason,
+            }
+        )
+        log.info(
+            "epoch %d: boundary at stage %d -> %s (%s)",
+            epoch,
+            stage,
+            decision.tier,
+            decision.reason,
+        )
         if decision.tier != "recompute":
             self.target = (stage, decision.tier)
 
@@ -240,7 +289,9 @@ class PrefastFeed:
                 writer.append(*reader.read_rows(np.arange(sl.start, sl.stop)))
             self.readers[view] = writer.finish()
             reader.close()
-            self.events.append({"epoch": epoch, "event": "spilled", "from": reader.tier, "to": "zarr"})
+            self.events.append(
+                {"epoch": epoch, "event": "spilled", "from": reader.tier, "to": "zarr"}
+            )
             log.warning("RAM pressure: spilled cache %s to zarr on disk", spec.key)
 
     # -- helpers -------------------------------------------------------------------------
@@ -249,15 +300,29 @@ class PrefastFeed:
         return acts if self.device.type == "cuda" else acts.float()
 
     def _key(self, split: str, stage: int, aug_epoch: int | None) -> str:
-        return cache_key({
-            "prefix": self.model.prefix_digest(stage), "data": self.raw.ds.identity, "split": split,
-            "augment": self.cfg.augment if split == "train" else "none", "aug_epoch": aug_epoch,
-            "seed": self.cfg.seed, "boundary": stage, "dtype": self.dtype, "model": self.model.name,
-        })
+        return cache_key(
+            {
+                "prefix": self.model.prefix_digest(stage),
+                "data": self.raw.ds.identity,
+                "split": split,
+                "augment": self.cfg.augment if split == "train" else "none",
+                "aug_epoch": aug_epoch,
+                "seed": self.cfg.seed,
+                "boundary": stage,
+                "dtype": self.dtype,
+                "model": self.model.name,
+            }
+        )
 
     def _attrs(self, split: str, stage: int) -> dict:
-        return {"model": self.model.name, "boundary": stage, "split": split,
-                "dataset": self.raw.ds.name, "augment": self.cfg.augment, "seed": self.cfg.seed}
+        return {
+            "model": self.model.name,
+            "boundary": stage,
+            "split": split,
+            "dataset": self.raw.ds.name,
+            "augment": self.cfg.augment,
+            "seed": self.cfg.seed,
+        }
 
     def _close_readers(self, readers: dict[int, Reader], delete: bool = False) -> None:
         for reader in readers.values():

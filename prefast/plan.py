@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefast.models import StagedModel
 from prefast.schedule import FreezeOutSchedule
 
 
@@ -39,8 +40,13 @@ class Boundary:
 
 
 def plan_boundaries(
-    schedule: FreezeOutSchedule, batches_per_epoch: int, epochs: int, costs: list[StageCost],
-    rows: int, write_bw: float = 300e6, read_bw: float = 1e9,
+    schedule: FreezeOutSchedule,
+    batches_per_epoch: int,
+    epochs: int,
+    costs: list[StageCost],
+    rows: int,
+    write_bw: float = 300e6,
+    read_bw: float = 1e9,
 ) -> list[Boundary]:
     """Epoch starts where materializing the frozen prefix pays for itself.
 
@@ -66,8 +72,13 @@ def plan_boundaries(
 
 
 def predict_seconds(
-    mode: str, schedule: FreezeOutSchedule, batches_per_epoch: int, epochs: int,
-    costs: list[StageCost], boundaries: list[Boundary], eval_batches: float = 0.0,
+    mode: str,
+    schedule: FreezeOutSchedule,
+    batches_per_epoch: int,
+    epochs: int,
+    costs: list[StageCost],
+    boundaries: list[Boundary],
+    eval_batches: float = 0.0,
 ) -> float:
     """Ideal wall-clock of ``mode`` under the cost model (no I/O, no overhead)."""
     fwd = [c.fwd_s for c in costs]
@@ -79,16 +90,16 @@ def predict_seconds(
             cached = 0
         for b in range(batches_per_epoch):
             f = 0 if mode == "baseline" else schedule.frozen_prefix(epoch * batches_per_epoch + b)
-            total += sum(fwd[cached:f]) + sum(fb[max(f, cached):])
+            total += sum(fwd[cached:f]) + sum(fb[max(f, cached) :])
         total += eval_batches * sum(fwd[cached:])  # test set: from the cache once it exists
     return total
 
 
-def measure_stage_costs(model: torch.nn.Module, x: torch.Tensor, reps: int = 3) -> list[StageCost]:
+def measure_stage_costs(model: StagedModel, x: torch.Tensor, reps: int = 3) -> list[StageCost]:
     """Time each stage's forward and forward+backward on one batch ``x``."""
     costs = []
     was_training = model.training
-    for stage in model.stages:  # type: ignore[attr-defined]
+    for stage in model.stages:
         stage.train()
         inp = x.detach().requires_grad_(x.is_floating_point())
         times_fb = []
@@ -139,20 +150,36 @@ def measure_and_plan(cfg) -> dict:  # type: ignore[no-untyped-def]
         from prefast.trainer import schedule_for
 
         sched = schedule_for(cfg.replace(mode=mode), model.num_stages, bpe)
-        predicted[mode] = predict_seconds(mode, sched, bpe, cfg.epochs, costs, boundaries, eval_batches)
+        predicted[mode] = predict_seconds(
+            mode, sched, bpe, cfg.epochs, costs, boundaries, eval_batches
+        )
     governor = Governor(cfg, tr.device)
     decisions = []
     for b in boundaries:
         views = cfg.cache_views if cfg.augment == "standard" else 1
-        d = governor.choose(rows * b.row_bytes * views // 4 * _dtype_bytes(cfg, tr.device),
-                            prefix_epoch_s=bpe * sum(c.fwd_s for c in costs[: b.stage]))
-        decisions.append({"epoch": b.epoch, "stage": b.stage, "tier": d.tier,
-                          "bytes": d.bytes, "reason": d.reason})
+        d = governor.choose(
+            rows * b.row_bytes * views // 4 * _dtype_bytes(cfg, tr.device),
+            prefix_epoch_s=bpe * sum(c.fwd_s for c in costs[: b.stage]),
+        )
+        decisions.append(
+            {
+                "epoch": b.epoch,
+                "stage": b.stage,
+                "tier": d.tier,
+                "bytes": d.bytes,
+                "reason": d.reason,
+            }
+        )
     return {
         "stages": [
-            {"stage": i, "freeze_iter": sched_f.freeze_iter(i),
-             "freeze_epoch": sched_f.freeze_iter(i) / bpe, "fwd_ms": c.fwd_s * 1e3,
-             "fwd_bwd_ms": c.fwd_bwd_s * 1e3, "out_shape": list(c.out_shape)}
+            {
+                "stage": i,
+                "freeze_iter": sched_f.freeze_iter(i),
+                "freeze_epoch": sched_f.freeze_iter(i) / bpe,
+                "fwd_ms": c.fwd_s * 1e3,
+                "fwd_bwd_ms": c.fwd_bwd_s * 1e3,
+                "out_shape": list(c.out_shape),
+            }
             for i, c in enumerate(costs)
         ],
         "boundaries": decisions,

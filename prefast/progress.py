@@ -7,21 +7,33 @@ import sys
 from collections.abc import Callable, Iterator
 
 
+def _noop(n: int = 1) -> None:
+    pass
+
+
 @contextlib.contextmanager
 def bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n=1)``; draws a transient bar on stderr when enabled."""
     if not (enabled and sys.stderr.isatty()):
-        yield lambda n=1: None
+        yield _noop
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
     ) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+
+        def advance(n: int = 1) -> None:
+            progress.advance(task, n)
+
+        yield advance
 
 
 def epoch_bar(epoch: int, epochs: int, batches: int, enabled: bool = True):

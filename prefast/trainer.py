@@ -39,15 +39,22 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+        raise ConfigError(
+            "--device cuda was asked for but no CUDA GPU is visible: use --device cpu"
+        )
     return torch.device(name)
 
 
 def model_for(cfg: TrainConfig, ds_shape: tuple[int, int, int], num_classes: int) -> StagedModel:
     c, h, _ = ds_shape
     return build_model(
-        cfg.model, in_channels=c, num_classes=num_classes, image_size=h,
-        depth=cfg.depth, growth_rate=cfg.growth_rate, width=cfg.width,
+        cfg.model,
+        in_channels=c,
+        num_classes=num_classes,
+        image_size=h,
+        depth=cfg.depth,
+        growth_rate=cfg.growth_rate,
+        width=cfg.width,
     )
 
 
@@ -55,8 +62,12 @@ def schedule_for(cfg: TrainConfig, num_stages: int, batches_per_epoch: int) -> F
     # Baseline = t0 of 1: no stage freezes early, every stage anneals over the run.
     baseline = cfg.mode == "baseline"
     return FreezeOutSchedule(
-        num_stages, cfg.epochs * batches_per_epoch, t0=1.0 if baseline else cfg.t0,
-        scale=cfg.scale, scale_lr=cfg.scale_lr and not baseline, base_lr=cfg.lr,
+        num_stages,
+        cfg.epochs * batches_per_epoch,
+        t0=1.0 if baseline else cfg.t0,
+        scale=cfg.scale,
+        scale_lr=cfg.scale_lr and not baseline,
+        base_lr=cfg.lr,
     )
 
 
@@ -185,7 +196,7 @@ class Trainer:
                     self._save_checkpoint(Path(self.cfg.checkpoint), epoch + 1)
         finally:
             self.feed.close()
-        extra = getattr(self.feed, "report", lambda: {})()
+        extra: dict = self.feed.report() if hasattr(self.feed, "report") else {}
         return {
             "config": self.cfg.to_json(),
             "model": {"name": self.model.name, "num_stages": self.model.num_stages},
@@ -195,7 +206,9 @@ class Trainer:
                 "wall_s": time.perf_counter() - t_start,
                 "peak_rss_mb": peak_rss_mb(),
                 "batches_per_epoch": bpe,
-                "freeze_iters": [self.schedule.freeze_iter(i) for i in range(self.model.num_stages)],
+                "freeze_iters": [
+                    self.schedule.freeze_iter(i) for i in range(self.model.num_stages)
+                ],
                 **extra,
             },
         }
@@ -236,6 +249,8 @@ class Trainer:
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
 
-def train(cfg: TrainConfig, progress: bool = False, on_epoch: Callable[[dict], None] | None = None) -> dict:
+def train(
+    cfg: TrainConfig, progress: bool = False, on_epoch: Callable[[dict], None] | None = None
+) -> dict:
     """Train with ``cfg`` and return the run record (the ``--json-out`` document)."""
     return Trainer(cfg, on_epoch=on_epoch).run(progress=progress)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from prefast.errors import ConfigError
+
 from .base import TIERS, CacheSpec, Reader, Writer
 from .disk import open_reader
 from .layout import CacheRoot, cache_key
@@ -22,8 +23,12 @@ from .loader import PrefetchLoader
 from .memory import MemoryWriter
 
 
-def open_writer(tier: str, spec: CacheSpec, root: CacheRoot | None = None,
-                device: torch.device | str | None = None) -> Writer:
+def open_writer(
+    tier: str,
+    spec: CacheSpec,
+    root: CacheRoot | None = None,
+    device: torch.device | str | None = None,
+) -> Writer:
     """A writer for ``tier`` (gpu, ram, mmap or zarr)."""
     if tier == "gpu":
         if not torch.cuda.is_available():
@@ -41,6 +46,13 @@ def open_writer(tier: str, spec: CacheSpec, root: CacheRoot | None = None,
 
 
 __all__ = [
-    "TIERS", "CacheRoot", "CacheSpec", "PrefetchLoader", "Reader", "Writer",
-    "cache_key", "open_reader", "open_writer",
+    "TIERS",
+    "CacheRoot",
+    "CacheSpec",
+    "PrefetchLoader",
+    "Reader",
+    "Writer",
+    "cache_key",
+    "open_reader",
+    "open_writer",
 ]

@@ -54,7 +54,9 @@ class CacheSpec:
 
     def __post_init__(self) -> None:
         if self.dtype not in TORCH_DTYPES:
-            raise ConfigError(f"cache dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
+            raise ConfigError(
+                f"cache dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}"
+            )
         if self.rows < 1:
             raise ConfigError(f"a cache needs at least one row, got rows={self.rows}")
         self.shape = tuple(int(s) for s in self.shape)

@@ -51,8 +51,12 @@ def evict(path: Path) -> bool | None:
             os.close(fd)
     if not shutil.which("fincore"):
         return None
-    out = subprocess.run(["fincore", "-b", "-n", "-o", "RES", *map(str, files)],
-                         capture_output=True, text=True, check=False).stdout.split()
+    out = subprocess.run(
+        ["fincore", "-b", "-n", "-o", "RES", *map(str, files)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
     return all(v.strip() == "0" for v in out) if out else None
 
 
@@ -90,8 +94,14 @@ def bench_tier(tier: str, codec: str, data: torch.Tensor, workdir: Path, batch: 
     reader.close()
     shutil.rmtree(root.path, ignore_errors=True)
     nbytes = data.numel() * 2
-    return {"tier": tier, "codec": codec, "write_mb_s": nbytes / write_s / MB,
-            "read_mb_s": nbytes / read_s / MB, "ratio": ratio, "cold_evicted": evicted}
+    return {
+        "tier": tier,
+        "codec": codec,
+        "write_mb_s": nbytes / write_s / MB,
+        "read_mb_s": nbytes / read_s / MB,
+        "ratio": ratio,
+        "cold_evicted": evicted,
+    }
 
 
 def baselines(data: torch.Tensor, workdir: Path, per_sample_max: int = 2000) -> dict:
@@ -107,9 +117,13 @@ def baselines(data: torch.Tensor, workdir: Path, per_sample_max: int = 2000) -> 
 
     raw_s = _timed(read_raw)
     evict(raw)
-    mm = np.memmap(raw, dtype=np.float16, mode="r", shape=arr.shape)
-    mm_s = _timed(lambda: [np.array(mm[s : s + 256]) for s in range(0, len(arr), 256)])
-    del mm
+    mapped = np.memmap(raw, dtype=np.float16, mode="r", shape=arr.shape)
+
+    def read_memmap() -> None:
+        for s in range(0, len(arr), 256):
+            np.array(mapped[s : s + 256])
+
+    mm_s = _timed(read_memmap)
     n = min(per_sample_max, len(data))  # one file per sample: capped, throughput scales
     per = workdir / "per_sample"
     per.mkdir()
@@ -119,23 +133,34 @@ def baselines(data: torch.Tensor, workdir: Path, per_sample_max: int = 2000) -> 
     order = np.random.default_rng(0).permutation(n)
     ps_s = _timed(lambda: [torch.load(per / f"{i}.pt") for i in order])
     row_bytes = arr[0].nbytes
-    return {"raw_file_read_mb_s": arr.nbytes / raw_s / MB, "memmap_read_mb_s": arr.nbytes / mm_s / MB,
-            "torch_load_per_sample_mb_s": n * row_bytes / ps_s / MB, "per_sample_files": n,
-            "raw_cold_evicted": evicted}
+    return {
+        "raw_file_read_mb_s": arr.nbytes / raw_s / MB,
+        "memmap_read_mb_s": arr.nbytes / mm_s / MB,
+        "torch_load_per_sample_mb_s": n * row_bytes / ps_s / MB,
+        "per_sample_files": n,
+        "raw_cold_evicted": evicted,
+    }
 
 
 def machine() -> dict:
     import numcodecs
     import zarr
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
-def run_store_bench(size_bytes: int, directory: Path | None = None, trials: int = 1,
-                    log=print) -> dict:  # type: ignore[no-untyped-def]
+def run_store_bench(
+    size_bytes: int, directory: Path | None = None, trials: int = 1, log=print
+) -> dict:  # type: ignore[no-untyped-def]
     rows = max(256, size_bytes // (int(np.prod(ROW_SHAPE)) * 2))
     data = activation_like(rows)
     workdir = Path(tempfile.mkdtemp(prefix="prefast-bench-", dir=directory))
@@ -151,30 +176,50 @@ def run_store_bench(size_bytes: int, directory: Path | None = None, trials: int 
                 vals = [r[m] for r in runs]
                 row[m], row[m.replace("_mb_s", "_std")] = float(np.mean(vals)), float(np.std(vals))
             results.append(row)
-            log(f"{tier:>5}/{codec:<5} write {row['write_mb_s']:8.0f} MB/s  read {row['read_mb_s']:8.0f} MB/s  ratio {row['ratio']:.2f}")
+            log(
+                f"{tier:>5}/{codec:<5} write {row['write_mb_s']:8.0f} MB/s  read {row['read_mb_s']:8.0f} MB/s  ratio {row['ratio']:.2f}"
+            )
         base = baselines(data, workdir)
-        log(f"raw file {base['raw_file_read_mb_s']:.0f} MB/s, memmap {base['memmap_read_mb_s']:.0f} MB/s, "
-            f"torch.load per sample {base['torch_load_per_sample_mb_s']:.0f} MB/s")
+        log(
+            f"raw file {base['raw_file_read_mb_s']:.0f} MB/s, memmap {base['memmap_read_mb_s']:.0f} MB/s, "
+            f"torch.load per sample {base['torch_load_per_sample_mb_s']:.0f} MB/s"
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"machine": machine(), "logical_bytes": data.numel() * 2, "rows": rows,
-            "row_shape": list(ROW_SHAPE), "dtype": "float16", "trials": trials,
-            "results": results, "baselines": base}
+    return {
+        "machine": machine(),
+        "logical_bytes": data.numel() * 2,
+        "rows": rows,
+        "row_shape": list(ROW_SHAPE),
+        "dtype": "float16",
+        "trials": trials,
+        "results": results,
+        "baselines": base,
+    }
 
 
 def markdown(doc: dict) -> str:
     m = doc["machine"]
-    lines = [f"Storage benchmark: {doc['logical_bytes'] / 1e9:.2f} GB logical fp16, rows "
-             f"{doc['row_shape']}, {doc['trials']} trial(s); {m['cores']} cores, {m['ram_gb']} GB RAM, "
-             f"GPU {m['gpu']}; torch {m['torch']}, zarr {m['zarr']}, numcodecs {m['numcodecs']}.", "",
-             "| tier | codec | write MB/s | cold read MB/s | ratio | page cache evicted |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = [
+        f"Storage benchmark: {doc['logical_bytes'] / 1e9:.2f} GB logical fp16, rows "
+        f"{doc['row_shape']}, {doc['trials']} trial(s); {m['cores']} cores, {m['ram_gb']} GB RAM, "
+        f"GPU {m['gpu']}; torch {m['torch']}, zarr {m['zarr']}, numcodecs {m['numcodecs']}.",
+        "",
+        "| tier | codec | write MB/s | cold read MB/s | ratio | page cache evicted |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for r in doc["results"]:
-        lines.append(f"| {r['tier']} | {r['codec']} | {r['write_mb_s']:.0f} ± {r['write_std']:.0f} | "
-                     f"{r['read_mb_s']:.0f} ± {r['read_std']:.0f} | {r['ratio']:.2f} | {r['cold_evicted']} |")
+        lines.append(
+            f"| {r['tier']} | {r['codec']} | {r['write_mb_s']:.0f} ± {r['write_std']:.0f} | "
+            f"{r['read_mb_s']:.0f} ± {r['read_std']:.0f} | {r['ratio']:.2f} | {r['cold_evicted']} |"
+        )
     b = doc["baselines"]
-    lines += ["", "| baseline | read MB/s |", "|---|---:|",
-              f"| raw sequential file read (cold) | {b['raw_file_read_mb_s']:.0f} |",
-              f"| np.memmap read | {b['memmap_read_mb_s']:.0f} |",
-              f"| torch.load, one file per sample ({b['per_sample_files']} files, cold) | {b['torch_load_per_sample_mb_s']:.0f} |"]
+    lines += [
+        "",
+        "| baseline | read MB/s |",
+        "|---|---:|",
+        f"| raw sequential file read (cold) | {b['raw_file_read_mb_s']:.0f} |",
+        f"| np.memmap read | {b['memmap_read_mb_s']:.0f} |",
+        f"| torch.load, one file per sample ({b['per_sample_files']} files, cold) | {b['torch_load_per_sample_mb_s']:.0f} |",
+    ]
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import queue
 import threading
@@ -26,6 +27,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from prefast.errors import CacheCorruptedError, DiskFullError
+
 from .base import NUMPY_STORAGE, CacheSpec, Reader, TorchBatch, Writer, from_storage, to_storage
 from .layout import MARKER, CacheRoot, atomic_write_json, fsync_tree
 
@@ -33,10 +35,12 @@ log = logging.getLogger("prefast.store")
 _STOP = object()
 ZSTD_MIN_RATIO = 1.10  # below this, decoding costs more than the bytes it saves
 
-zarr.config.set({
-    "async.concurrency": max(2, os.cpu_count() or 2),
-    "threading.max_workers": max(2, os.cpu_count() or 2),
-})
+zarr.config.set(
+    {
+        "async.concurrency": max(2, os.cpu_count() or 2),
+        "threading.max_workers": max(2, os.cpu_count() or 2),
+    }
+)
 
 
 def trial_ratio(chunk: np.ndarray) -> float:
@@ -66,7 +70,9 @@ class DiskWriter(Writer):
         self.error: BaseException | None = None
         self.extra: dict[str, Any] = {}
         self.queue: queue.Queue = queue.Queue(maxsize=queue_batches)
-        self.thread = threading.Thread(target=self._run, name=f"prefast-writer-{spec.key[:8]}", daemon=True)
+        self.thread = threading.Thread(
+            target=self._run, name=f"prefast-writer-{spec.key[:8]}", daemon=True
+        )
         self.thread.start()
         self.closed = False
 
@@ -89,17 +95,26 @@ class DiskWriter(Writer):
         try:
             self._raise_if_failed()
             if self.written != self.spec.rows:
-                raise ValueError(f"cache {self.spec.key}: wrote {self.written} of {self.spec.rows} rows")
+                raise ValueError(
+                    f"cache {self.spec.key}: wrote {self.written} of {self.spec.rows} rows"
+                )
             self._write_small("labels", self.labels)
             self._write_small("ids", self.row_ids)
             self._finalize()
             fsync_tree(self.dir)
-            atomic_write_json(self.dir / MARKER, {
-                "key": self.spec.key, "rows": self.spec.rows, "tier": self.tier,
-                "chunk_rows": self.chunk_rows, "completed_at": time.time(),
-                "labels_crc32c": crc32c.crc32c(self.labels.tobytes()),
-                "ids_crc32c": crc32c.crc32c(self.row_ids.tobytes()), **self.extra,
-            })
+            atomic_write_json(
+                self.dir / MARKER,
+                {
+                    "key": self.spec.key,
+                    "rows": self.spec.rows,
+                    "tier": self.tier,
+                    "chunk_rows": self.chunk_rows,
+                    "completed_at": time.time(),
+                    "labels_crc32c": crc32c.crc32c(self.labels.tobytes()),
+                    "ids_crc32c": crc32c.crc32c(self.row_ids.tobytes()),
+                    **self.extra,
+                },
+            )
         except BaseException:
             self.abort()
             raise
@@ -172,8 +187,9 @@ class DiskWriter(Writer):
             buffered -= take
 
     def _write_small(self, name: str, data: np.ndarray) -> None:
-        arr = self.group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape,
-                                      compressors=[Crc32cCodec()])
+        arr = self.group.create_array(
+            name, shape=data.shape, dtype=data.dtype, chunks=data.shape, compressors=[Crc32cCodec()]
+        )
         arr[:] = data
 
     def _write_chunk(self, start: int, rows: np.ndarray) -> None:
@@ -183,14 +199,26 @@ class DiskWriter(Writer):
         pass
 
     def _set_attrs(self, codec: str, ratio: float | None) -> None:
-        self.group.attrs.update({
-            **self.spec.attrs, "key": self.spec.key, "tier": self.tier, "rows": self.spec.rows,
-            "shape": list(self.spec.shape), "dtype": self.spec.dtype, "codec": codec,
-            "compression_ratio": ratio, "chunk_rows": self.chunk_rows,
-            "logical_bytes": self.spec.logical_bytes, "created": time.time(),
-            "versions": {"zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
-                         "torch": torch.__version__},
-        })
+        self.group.attrs.update(
+            {
+                **self.spec.attrs,
+                "key": self.spec.key,
+                "tier": self.tier,
+                "rows": self.spec.rows,
+                "shape": list(self.spec.shape),
+                "dtype": self.spec.dtype,
+                "codec": codec,
+                "compression_ratio": ratio,
+                "chunk_rows": self.chunk_rows,
+                "logical_bytes": self.spec.logical_bytes,
+                "created": time.time(),
+                "versions": {
+                    "zarr": zarr.__version__,
+                    "numcodecs": numcodecs.__version__,
+                    "torch": torch.__version__,
+                },
+            }
+        )
 
 
 class ZarrWriter(DiskWriter):
@@ -207,14 +235,21 @@ class ZarrWriter(DiskWriter):
             use_zstd = self.codec == "zstd" or (self.codec == "auto" and ratio >= ZSTD_MIN_RATIO)
             compressors: list[Any] = [ZstdCodec(level=1)] if use_zstd else []
             self.array = self.group.create_array(
-                "activations", shape=(self.spec.rows, *self.spec.shape),
-                dtype=NUMPY_STORAGE[self.spec.dtype], chunks=(self.chunk_rows, *self.spec.shape),
-                compressors=[*compressors, Crc32cCodec()], fill_value=0,
+                "activations",
+                shape=(self.spec.rows, *self.spec.shape),
+                dtype=NUMPY_STORAGE[self.spec.dtype],
+                chunks=(self.chunk_rows, *self.spec.shape),
+                compressors=[*compressors, Crc32cCodec()],
+                fill_value=0,
                 config={"write_empty_chunks": True},
             )
             self._set_attrs("zstd1" if use_zstd else "none", round(ratio, 3) if use_zstd else 1.0)
-            log.info("cache %s: zstd-1 trial ratio %.2f -> %s", self.spec.key[:8], ratio,
-                     "zstd" if use_zstd else "none")
+            log.info(
+                "cache %s: zstd-1 trial ratio %.2f -> %s",
+                self.spec.key[:8],
+                ratio,
+                "zstd" if use_zstd else "none",
+            )
         self.array[start : start + len(rows)] = rows
 
 
@@ -250,7 +285,7 @@ class DiskReader(Reader):
         self.root, self.key, self.dir = root, key, root.dir_for(key)
         self.marker = root.marker(key)
         self.group = zarr.open_group(zarr.storage.LocalStore(self.dir, read_only=True), mode="r")
-        a = dict(self.group.attrs)
+        a: dict[str, Any] = dict(self.group.attrs)
         self.attrs = a
         self.spec = CacheSpec(key, a["rows"], tuple(a["shape"]), a["dtype"], a)
         self.chunk_rows = int(a["chunk_rows"])
@@ -264,9 +299,12 @@ class DiskReader(Reader):
 
     def _small(self, name: str) -> np.ndarray:
         try:
-            return np.asarray(self.group[name][:])
+            array: Any = self.group[name]
+            return np.asarray(array[:])
         except ValueError as exc:
-            raise CacheCorruptedError(self.key, f"array {name!r} failed its crc32c checksum") from exc
+            raise CacheCorruptedError(
+                self.key, f"array {name!r} failed its crc32c checksum"
+            ) from exc
 
     @property
     def num_chunks(self) -> int:
@@ -279,8 +317,11 @@ class DiskReader(Reader):
         raise NotImplementedError
 
     def _batch(self, acts: np.ndarray, rows: np.ndarray) -> TorchBatch:
-        return (from_storage(acts, self.spec.dtype), torch.from_numpy(self.labels[rows]),
-                torch.from_numpy(self._ids[rows]))
+        return (
+            from_storage(acts, self.spec.dtype),
+            torch.from_numpy(self.labels[rows]),
+            torch.from_numpy(self._ids[rows]),
+        )
 
 
 class ZarrReader(DiskReader):
@@ -288,7 +329,7 @@ class ZarrReader(DiskReader):
 
     def __init__(self, root: CacheRoot, key: str):
         super().__init__(root, key)
-        self.array = self.group["activations"]
+        self.array: Any = self.group["activations"]
 
     def read_chunk(self, i: int) -> np.ndarray:
         lo = i * self.chunk_rows
@@ -306,7 +347,9 @@ class ZarrReader(DiskReader):
             out[sel] = self.read_chunk(int(c))[rows[sel] - c * self.chunk_rows]
         return self._batch(out, rows)
 
-    def epoch_batches(self, seed: int, epoch: int, batch_size: int, buffer_bytes: int = 256 * 2**20):
+    def epoch_batches(
+        self, seed: int, epoch: int, batch_size: int, buffer_bytes: int = 256 * 2**20
+    ):
         """Exact order when the whole cache fits the shuffle buffer; otherwise
         a seeded chunk order with rows shuffled inside windows of chunks."""
         from .shuffle import windowed_order
@@ -322,8 +365,9 @@ class ZarrReader(DiskReader):
             return
         window = max(1, buffer_bytes // (self.chunk_rows * self.spec.row_bytes))
         decoded: dict[int, np.ndarray] = {}
-        for live, rows in windowed_order(self.num_chunks, self.chunk_rows, self.spec.rows,
-                                         window, batch_size, seed, epoch):
+        for live, rows in windowed_order(
+            self.num_chunks, self.chunk_rows, self.spec.rows, window, batch_size, seed, epoch
+        ):
             for c in [c for c in decoded if c not in live]:
                 del decoded[c]
             for c in live:
@@ -345,16 +389,24 @@ class MmapReader(DiskReader):
         path = self.dir / "activations.bin"
         expected = self.spec.logical_bytes
         if path.stat().st_size != expected:
-            raise CacheCorruptedError(key, f"activations.bin has {path.stat().st_size} bytes, expected {expected}")
-        self.mm = np.memmap(path, dtype=NUMPY_STORAGE[self.spec.dtype], mode="r",
-                            shape=(self.spec.rows, *self.spec.shape))
+            raise CacheCorruptedError(
+                key, f"activations.bin has {path.stat().st_size} bytes, expected {expected}"
+            )
+        # Our own mapping (not np.memmap) so we can madvise it and close it.
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.mm = np.frombuffer(self._map, dtype=NUMPY_STORAGE[self.spec.dtype]).reshape(
+            self.spec.rows, *self.spec.shape
+        )
         self.verified = np.zeros(self.num_chunks, dtype=bool)
 
     def read_chunk(self, i: int) -> np.ndarray:
         lo = i * self.chunk_rows
         chunk = np.asarray(self.mm[lo : lo + self.chunk_rows])
         if crc32c.crc32c(chunk.tobytes()) != self.marker["chunk_crc32c"][i]:
-            raise CacheCorruptedError(self.key, f"chunk {i} of activations.bin failed its crc32c checksum")
+            raise CacheCorruptedError(
+                self.key, f"chunk {i} of activations.bin failed its crc32c checksum"
+            )
         self.verified[i] = True
         return chunk
 
@@ -365,11 +417,13 @@ class MmapReader(DiskReader):
         acts = self.mm[rows]  # fancy indexing copies out of the mapping
         # Drop the mapped pages from our RSS: they stay in the page cache, but a
         # RAM budget (--max-ram) counts resident pages of this process.
-        self.mm._mmap.madvise(__import__("mmap").MADV_DONTNEED)  # type: ignore[union-attr]
+        self._map.madvise(mmap.MADV_DONTNEED)
         return self._batch(acts, rows)
 
     def close(self) -> None:
-        self.mm._mmap.close()  # type: ignore[union-attr]
+        if not self._map.closed:
+            del self.mm  # release the buffer export before closing the map
+            self._map.close()
 
 
 def open_reader(root: CacheRoot, key: str) -> DiskReader:

@@ -15,6 +15,7 @@ such by ``prefast cache ls``, removed by the next writer of the same key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -99,14 +100,16 @@ class CacheRoot:
     def marker(self, key: str) -> dict:
         return json.loads((self.dir_for(key) / MARKER).read_text())
 
-    def keys(self) -> list[str]:
+    def cache_keys(self) -> list[str]:
         if not self.path.is_dir():
             return []
-        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(
+            p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
 
     def resolve(self, key_or_prefix: str) -> str:
         """Accept a unique key prefix, as git does for commits."""
-        matches = [k for k in self.keys() if k.startswith(key_or_prefix)]
+        matches = [k for k in self.cache_keys() if k.startswith(key_or_prefix)]
         if len(matches) == 1:
             return matches[0]
         if not matches:
@@ -131,8 +134,6 @@ def disk_usage(path: Path) -> int:
     total = 0
     for dirpath, _, files in os.walk(path):
         for name in files:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 total += os.stat(Path(dirpath) / name).st_blocks * 512
-            except FileNotFoundError:
-                pass
     return total

@@ -8,6 +8,7 @@ overlaps the previous step's kernels.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -32,14 +33,19 @@ class PrefetchLoader:
         Queue bound: at most this many batches are decoded ahead.
     """
 
-    def __init__(self, make_batches: Callable[[], Iterable[TorchBatch]],
-                 device: torch.device | str = "cpu", depth: int = 4):
+    def __init__(
+        self,
+        make_batches: Callable[[], Iterable[TorchBatch]],
+        device: torch.device | str = "cpu",
+        depth: int = 4,
+    ):
         self.device = torch.device(device)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.stream = torch.cuda.Stream() if self.device.type == "cuda" else None
-        self.thread = threading.Thread(target=self._run, args=(make_batches,),
-                                       name="prefast-loader", daemon=True)
+        self.thread = threading.Thread(
+            target=self._run, args=(make_batches,), name="prefast-loader", daemon=True
+        )
         self.thread.start()
         self.closed = False
 
@@ -96,10 +102,8 @@ class PrefetchLoader:
         self.closed = True
         self.stop.set()
         while self.thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 self.queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
         self.thread.join()
 
     def __enter__(self) -> PrefetchLoader:

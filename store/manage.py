@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from prefast.errors import CacheCorruptedError, CacheError
+
 from .disk import DiskReader, open_reader
 from .layout import MARKER, CacheRoot, disk_usage
 
@@ -44,7 +45,7 @@ def describe(root: CacheRoot, key: str) -> dict:
 
 
 def list_caches(root: CacheRoot) -> list[dict]:
-    return [describe(root, k) for k in root.keys()]
+    return [describe(root, k) for k in root.cache_keys()]
 
 
 def inspect(root: CacheRoot, key: str) -> dict:
@@ -59,9 +60,12 @@ def inspect(root: CacheRoot, key: str) -> dict:
         info["marker"] = {k: v for k, v in reader.marker.items() if k != "chunk_crc32c"}
         info["arrays"] = {
             "activations": {
-                "shape": [reader.spec.rows, *reader.spec.shape], "dtype": reader.spec.dtype,
-                "chunk_rows": reader.chunk_rows, "chunks": reader.num_chunks,
-                "first_chunk_mean": float(sample.mean()), "first_chunk_std": float(sample.std()),
+                "shape": [reader.spec.rows, *reader.spec.shape],
+                "dtype": reader.spec.dtype,
+                "chunk_rows": reader.chunk_rows,
+                "chunks": reader.num_chunks,
+                "first_chunk_mean": float(sample.mean()),
+                "first_chunk_std": float(sample.std()),
                 "first_chunk_zero_fraction": float((sample == 0).float().mean()),
             },
             "labels": {"rows": len(reader.labels), "classes": int(len(np.unique(reader.labels)))},
@@ -110,13 +114,18 @@ def purge_candidates(root: CacheRoot, keys: list[str], rule: PurgeRule) -> list[
     if rule.all:
         chosen |= {r["key"] for r in rows}
     if rule.partial:
-        chosen |= {r["key"] for r in rows if r["status"] == "partial" and not _live_writer(root, r["key"])}
+        chosen |= {
+            r["key"] for r in rows if r["status"] == "partial" and not _live_writer(root, r["key"])
+        }
     if rule.older_than_s is not None:
         cutoff = time.time() - rule.older_than_s
         chosen |= {r["key"] for r in rows if (r["last_used"] or r["created"]) < cutoff}
     if rule.max_size is not None:
-        kept = sorted((r for r in rows if r["key"] not in chosen),
-                      key=lambda r: r["last_used"] or r["created"], reverse=True)
+        kept = sorted(
+            (r for r in rows if r["key"] not in chosen),
+            key=lambda r: r["last_used"] or r["created"],
+            reverse=True,
+        )
         total = 0
         for r in kept:
             total += r["bytes"]

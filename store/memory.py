@@ -19,7 +19,9 @@ class MemoryWriter(Writer):
         self.device = torch.device(device)
         self.tier = "gpu" if self.device.type == "cuda" else "ram"
         self.acts: torch.Tensor | None = torch.empty(
-            (spec.rows, *spec.shape), dtype=TORCH_DTYPES[spec.dtype], device=self.device,
+            (spec.rows, *spec.shape),
+            dtype=TORCH_DTYPES[spec.dtype],
+            device=self.device,
             pin_memory=pin and self.device.type == "cpu",
         )
         self.labels = torch.empty(spec.rows, dtype=torch.int64)
@@ -49,8 +51,14 @@ class MemoryWriter(Writer):
 
 
 class MemoryReader(Reader):
-    def __init__(self, spec: CacheSpec, acts: torch.Tensor, labels: torch.Tensor,
-                 ids: torch.Tensor, tier: str):
+    def __init__(
+        self,
+        spec: CacheSpec,
+        acts: torch.Tensor,
+        labels: torch.Tensor,
+        ids: torch.Tensor,
+        tier: str,
+    ):
         self.spec, self.acts, self.labels, self.row_ids, self.tier = spec, acts, labels, ids, tier
 
     def ids(self) -> np.ndarray:

@@ -16,8 +16,13 @@ from prefast.order import rng_for
 
 
 def windowed_order(
-    num_chunks: int, chunk_rows: int, total_rows: int, window: int, batch_size: int,
-    seed: int, epoch: int,
+    num_chunks: int,
+    chunk_rows: int,
+    total_rows: int,
+    window: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """Yield ``(live chunks, row indices)`` per batch.
 
@@ -30,9 +35,9 @@ def windowed_order(
     carry = np.empty(0, dtype=np.int64)
     for w in range(0, num_chunks, window):
         chunks = chunk_order[w : w + window]
-        rows = np.concatenate([
-            np.arange(c * chunk_rows, min((c + 1) * chunk_rows, total_rows)) for c in chunks
-        ])
+        rows = np.concatenate(
+            [np.arange(c * chunk_rows, min((c + 1) * chunk_rows, total_rows)) for c in chunks]
+        )
         live = sorted({int(c) for c in chunks} | {int(r) // chunk_rows for r in carry})
         pool = np.concatenate([carry, rng.permutation(rows)])
         last = w + window >= num_chunks

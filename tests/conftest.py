@@ -13,5 +13,9 @@ def no_thread_leak():
     """Fails a test that leaves a PreFast background thread running."""
     before = {t.ident for t in threading.enumerate()}
     yield
-    leaked = [t.name for t in threading.enumerate() if t.ident not in before and t.name.startswith("prefast")]
+    leaked = [
+        t.name
+        for t in threading.enumerate()
+        if t.ident not in before and t.name.startswith("prefast")
+    ]
     assert not leaked, f"threads left behind: {leaked}"

@@ -6,10 +6,16 @@ from prefast.errors import ConfigError
 from prefast.models import build_model, from_sequential, from_torchvision_resnet
 
 
-@pytest.mark.parametrize("name,kw,stages", [
-    ("densenet-bc", {"depth": 16}, 10), ("densenet-bc", {"depth": 76}, 40),
-    ("wrn", {"depth": 10, "width": 1}, 5), ("preact-resnet18", {}, 10), ("vgg16", {}, 14),
-])
+@pytest.mark.parametrize(
+    "name,kw,stages",
+    [
+        ("densenet-bc", {"depth": 16}, 10),
+        ("densenet-bc", {"depth": 76}, 40),
+        ("wrn", {"depth": 10, "width": 1}, 5),
+        ("preact-resnet18", {}, 10),
+        ("vgg16", {}, 14),
+    ],
+)
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])
 def test_models_build_and_run(name, kw, stages, shape):
     if name == "densenet-bc" and kw["depth"] == 76 and shape[1] == 32:

@@ -1,20 +1,32 @@
 """Invariants of the prefast mode: exactness, reuse, and training through faults."""
 
 import pytest
+from prefast.store.disk import DiskWriter
 
 from prefast.config import TrainConfig
 from prefast.errors import DiskFullError
 from prefast.governor import Governor
-from prefast.store.disk import DiskWriter
 from prefast.trainer import train
 
-DIGITS = dict(model="densenet-bc", dataset="digits", depth=16, growth_rate=12, epochs=10,
-              batch_size=64, t0=0.5, augment="none", cache_dtype="float32", device="cpu")
+DIGITS = dict(
+    model="densenet-bc",
+    dataset="digits",
+    depth=16,
+    growth_rate=12,
+    epochs=10,
+    batch_size=64,
+    t0=0.5,
+    augment="none",
+    cache_dtype="float32",
+    device="cpu",
+)
 
 
 def rel_diff(a, b):
-    return max(abs(x["train_loss"] - y["train_loss"]) / abs(y["train_loss"])
-               for x, y in zip(a["epochs"], b["epochs"], strict=True))
+    return max(
+        abs(x["train_loss"] - y["train_loss"]) / abs(y["train_loss"])
+        for x, y in zip(a["epochs"], b["epochs"], strict=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +43,9 @@ def test_prefast_matches_freezeout(tier, freezeout_ref, tmp_path):
 
 
 def test_rerun_reuses_complete_cache(tmp_path):
-    cfg = TrainConfig(mode="prefast", cache_tier="zarr", cache_dir=str(tmp_path), **{**DIGITS, "epochs": 5})
+    cfg = TrainConfig(
+        mode="prefast", cache_tier="zarr", cache_dir=str(tmp_path), **{**DIGITS, "epochs": 5}
+    )
     train(cfg)
     again = train(cfg)
     assert any(e["event"] == "reused" for e in again["final"]["cache_events"])
@@ -43,7 +57,11 @@ def test_disk_full_during_materialization_falls_back(tmp_path, monkeypatch):
 
     monkeypatch.setattr("prefast.store.disk.ZarrWriter._write_chunk", full)
     ref = train(TrainConfig(mode="freezeout", **{**DIGITS, "epochs": 5}))
-    run = train(TrainConfig(mode="prefast", cache_tier="zarr", cache_dir=str(tmp_path), **{**DIGITS, "epochs": 5}))
+    run = train(
+        TrainConfig(
+            mode="prefast", cache_tier="zarr", cache_dir=str(tmp_path), **{**DIGITS, "epochs": 5}
+        )
+    )
     assert any(e["event"] == "abandoned" for e in run["final"]["cache_events"])
     assert rel_diff(run, ref) <= 1e-3  # training went on as FreezeOut
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")], "partial cache left"
@@ -64,8 +82,9 @@ def test_ram_pressure_spills_to_disk_and_training_goes_on(tmp_path, monkeypatch,
 
 
 def test_corrupted_chunk_mid_training_is_recomputed(tmp_path, monkeypatch, freezeout_ref):
-    from prefast.errors import CacheCorruptedError
     from prefast.store.disk import ZarrReader
+
+    from prefast.errors import CacheCorruptedError
 
     original = ZarrReader.read_chunk
     state = {"n": 0}

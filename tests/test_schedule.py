@@ -6,9 +6,15 @@ from prefast.errors import ConfigError
 from prefast.schedule import FreezeOutSchedule
 
 
-@pytest.mark.parametrize("n,t0,scale,scale_lr", [
-    (10, 0.8, "cubic", True), (5, 0.5, "linear", False), (40, 0.6, "squared", True), (3, 1.0, "cubic", True),
-])
+@pytest.mark.parametrize(
+    "n,t0,scale,scale_lr",
+    [
+        (10, 0.8, "cubic", True),
+        (5, 0.5, "linear", False),
+        (40, 0.6, "squared", True),
+        (3, 1.0, "cubic", True),
+    ],
+)
 def test_matches_closed_form(n, t0, scale, scale_lr):
     total = 1234
     s = FreezeOutSchedule(n, total, t0=t0, scale=scale, scale_lr=scale_lr, base_lr=0.1)
@@ -19,7 +25,9 @@ def test_matches_closed_form(n, t0, scale, scale_lr):
         assert s.freeze_iter(i) == round(t_i * total)
         lr0 = 0.1 / t_i if scale_lr else 0.1
         for it in (0, 7, s.freeze_iter(i) // 2, s.freeze_iter(i) - 1):
-            assert s.lr(i, it) == pytest.approx(lr0 * 0.5 * (1 + math.cos(math.pi * it / s.freeze_iter(i))))
+            assert s.lr(i, it) == pytest.approx(
+                lr0 * 0.5 * (1 + math.cos(math.pi * it / s.freeze_iter(i)))
+            )
             assert not s.is_frozen(i, it)
         assert s.lr(i, s.freeze_iter(i)) == 0.0 and s.is_frozen(i, s.freeze_iter(i))
 

@@ -7,22 +7,36 @@ from prefast.config import TrainConfig
 from prefast.errors import ConfigError
 from prefast.trainer import Trainer, train
 
-FAST = dict(model="densenet-bc", dataset="digits", depth=10, epochs=4, batch_size=128,
-            t0=0.5, augment="none", device="cpu")
+FAST = dict(
+    model="densenet-bc",
+    dataset="digits",
+    depth=10,
+    epochs=4,
+    batch_size=128,
+    t0=0.5,
+    augment="none",
+    device="cpu",
+)
 
 
 def test_frozen_weights_never_change_and_stay_eval(tmp_path):
     tr = Trainer(TrainConfig(mode="freezeout", **FAST))
     snapshots = []
     tr.on_epoch = lambda rec: snapshots.append(
-        (tr.model.num_frozen, [s.state_dict() for s in tr.model.stages]))
+        (tr.model.num_frozen, [s.state_dict() for s in tr.model.stages])
+    )
     snapshots_copy = []
 
     def on_epoch(rec):
-        snapshots_copy.append((tr.model.num_frozen,
-                               [{k: v.clone() for k, v in s.state_dict().items()} for s in tr.model.stages]))
+        snapshots_copy.append(
+            (
+                tr.model.num_frozen,
+                [{k: v.clone() for k, v in s.state_dict().items()} for s in tr.model.stages],
+            )
+        )
         for stage in tr.model.stages[: tr.model.num_frozen]:
             assert not any(m.training for m in stage.modules())
+
     tr.on_epoch = on_epoch
     tr.run()
     final_frozen, final = snapshots_copy[-1]
@@ -30,9 +44,13 @@ def test_frozen_weights_never_change_and_stay_eval(tmp_path):
     for frozen, states in snapshots_copy:
         for i in range(frozen):
             for k in states[i]:
-                assert torch.equal(states[i][k], final[i][k]), f"stage {i} {k} changed after freezing"
+                assert torch.equal(states[i][k], final[i][k]), (
+                    f"stage {i} {k} changed after freezing"
+                )
     # frozen stages left the optimizer
-    assert {g["stage"] for g in tr.opt.param_groups} == set(range(final_frozen, tr.model.num_stages))
+    assert {g["stage"] for g in tr.opt.param_groups} == set(
+        range(final_frozen, tr.model.num_stages)
+    )
 
 
 @pytest.mark.parametrize("mode", ["baseline", "freezeout", "prefast"])
@@ -57,7 +75,14 @@ def test_json_record_shape_and_resume(tmp_path):
     cfg = TrainConfig(mode="freezeout", checkpoint=str(ck), **{**FAST, "epochs": 2})
     first = train(cfg)
     assert set(first) >= {"config", "epochs", "final"}
-    assert set(first["epochs"][0]) >= {"epoch", "train_loss", "test_acc", "time_s", "frozen_stages", "cache_tier"}
+    assert set(first["epochs"][0]) >= {
+        "epoch",
+        "train_loss",
+        "test_acc",
+        "time_s",
+        "frozen_stages",
+        "cache_tier",
+    }
     json.dumps(first)
     resumed = train(cfg.replace(resume=True, epochs=2))
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1]  # nothing left to run

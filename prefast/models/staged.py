@@ -9,6 +9,7 @@ function of its input. That is what makes a frozen stage's output cacheable.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,7 +71,9 @@ class StagedModel(nn.Module):
         for i in range(count):
             for name, t in self.stages[i].state_dict().items():
                 h.update(f"{i}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(
+                    t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+                )
         return h.hexdigest()
 
 
@@ -79,7 +82,7 @@ def from_sequential(seq: nn.Sequential, name: str = "sequential") -> StagedModel
     return StagedModel(list(seq.children()), name=name)
 
 
-def from_torchvision_resnet(model: nn.Module, name: str = "tv-resnet") -> StagedModel:
+def from_torchvision_resnet(model: Any, name: str = "tv-resnet") -> StagedModel:
     """Split a torchvision ResNet into stem, one stage per residual block, and head."""
     stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
     blocks: list[nn.Module] = []

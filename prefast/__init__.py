@@ -1,0 +1,41 @@
+"""PreFast: progressively freeze early layers (FreezeOut) and stream their cached outputs.
+
+Public API::
+
+    from prefast import TrainConfig, train, FreezeOutSchedule, build_model
+    result = train(TrainConfig(mode="prefast", dataset="digits", model="densenet-bc", depth=16))
+
+The activation store is :mod:`prefast.store`; the command line is :mod:`prefast.cli`.
+"""
+
+from prefast.config import TrainConfig
+from prefast.errors import (
+    CacheCorruptedError,
+    CacheError,
+    CacheLockedError,
+    ConfigError,
+    DataUnavailableError,
+    DiskFullError,
+    PrefastError,
+)
+from prefast.models import StagedModel, build_model, from_sequential, from_torchvision_resnet
+from prefast.schedule import FreezeOutSchedule
+from prefast.trainer import train
+
+__version__ = "0.1.0"
+__all__ = [
+    "CacheCorruptedError",
+    "CacheError",
+    "CacheLockedError",
+    "ConfigError",
+    "DataUnavailableError",
+    "DiskFullError",
+    "FreezeOutSchedule",
+    "PrefastError",
+    "StagedModel",
+    "TrainConfig",
+    "build_model",
+    "from_sequential",
+    "from_torchvision_resnet",
+    "train",
+]

@@ -1,0 +1,127 @@
+"""Fault injection: killed writers, corrupted chunks, full disks, competing writers."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from prefast.store import CacheRoot, CacheSpec, open_writer
+from prefast.store.manage import list_caches, verify
+
+from prefast.errors import CacheLockedError, DiskFullError
+
+SHAPE = (8, 8, 8)
+
+
+def prefast_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "prefast.cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def make_cache(root, key="good", tier="zarr", rows=600):
+    w = open_writer(tier, CacheSpec(key, rows, SHAPE, "float16"), root)
+    x = torch.relu(torch.randn(rows, *SHAPE))
+    w.append(x, torch.zeros(rows, dtype=torch.int64), torch.arange(rows))
+    w.finish().close()
+
+
+def test_sigkill_mid_write_leaves_nothing_complete(tmp_path):
+    script = textwrap.dedent(f"""
+        import time
+        import torch
+        from prefast.store import CacheRoot, CacheSpec, open_writer
+        w = open_writer("zarr", CacheSpec("killed", 10_000_000, (8, 8, 8), "float16"), CacheRoot({str(tmp_path)!r}))
+        print("writing", flush=True)
+        while True:
+            w.append(torch.relu(torch.randn(256, 8, 8, 8)), torch.zeros(256, dtype=torch.int64), torch.arange(256))
+            time.sleep(0.002)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    time.sleep(1.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    root = CacheRoot(tmp_path)
+    rows = list_caches(root)
+    assert [r["status"] for r in rows if r["key"] == "killed"] == ["partial"]
+    res = prefast_cli("cache", "verify", "--all", "--cache-dir", str(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    ls = prefast_cli("cache", "ls", "--json", "--cache-dir", str(tmp_path))
+    import json
+
+    assert all(r["status"] != "complete" for r in json.loads(ls.stdout))
+    # the dead writer's lock is not stale: a new writer takes over the key
+    make_cache(root, key="killed", rows=300)
+    assert root.is_complete("killed")
+
+
+@pytest.mark.parametrize("tier", ["zarr", "mmap"])
+def test_flipped_byte_is_detected(tmp_path, tier):
+    root = CacheRoot(tmp_path)
+    make_cache(root, tier=tier)
+    d = root.dir_for("good")
+    target = (
+        d / "activations.bin"
+        if tier == "mmap"
+        else sorted((d / "activations" / "c").rglob("*"))[-1]
+    )
+    if target.is_dir():
+        target = next(p for p in target.rglob("*") if p.is_file())
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert verify(root, "good")
+    res = prefast_cli("cache", "verify", "good", "--cache-dir", str(tmp_path))
+    assert res.returncode == 1
+    assert "good" in res.stdout and "CORRUPTED" in res.stdout
+
+
+def test_disk_full_removes_partial_and_says_so(tmp_path, monkeypatch):
+    def full(self, start, rows):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("prefast.store.disk.ZarrWriter._write_chunk", full)
+    root = CacheRoot(tmp_path)
+    w = open_writer("zarr", CacheSpec("full", 5000, SHAPE, "float16"), root)
+    with pytest.raises(DiskFullError, match="disk full.*partial cache was removed"):
+        for _ in range(100):
+            w.append(
+                torch.zeros(256, *SHAPE), torch.zeros(256, dtype=torch.int64), torch.arange(256)
+            )
+            time.sleep(0.01)
+        w.finish()
+    assert not root.dir_for("full").exists()
+
+
+def test_second_writer_gets_lock_error(tmp_path):
+    root = CacheRoot(tmp_path)
+    first = open_writer("zarr", CacheSpec("same", 10, SHAPE, "float16"), root)
+    with pytest.raises(CacheLockedError, match="another live process"):
+        open_writer("zarr", CacheSpec("same", 10, SHAPE, "float16"), root)
+    first.abort()
+    first.abort()  # idempotent
+
+
+def test_purge_rules(tmp_path):
+    root = CacheRoot(tmp_path)
+    make_cache(root, "a")
+    make_cache(root, "b")
+    (tmp_path / "partial1").mkdir()
+    res = prefast_cli("cache", "purge", "--partial", "--dry-run", "--cache-dir", str(tmp_path))
+    assert "would delete partial1" in res.stdout and (tmp_path / "partial1").exists()
+    res = prefast_cli("cache", "purge", "--partial", "--cache-dir", str(tmp_path))
+    assert res.returncode == 2 and "--yes" in res.stderr  # no tty: refuses without --yes
+    res = prefast_cli("cache", "purge", "--max-size", "1B", "--yes", "--cache-dir", str(tmp_path))
+    assert res.returncode == 0 and not root.cache_keys()
+    assert np.isfinite(1.0)
