@@ -134,6 +134,8 @@ class Trainer:
     def _step(self, batch: Batch, it: int) -> float:
         frozen = self._apply_schedule(it)
         x, start = batch.x, batch.start
+        if self.cuda and x.dim() == 4:  # match the model's channels_last layout
+            x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             if start < frozen or self.feed.sink is not None:
                 with torch.no_grad():  # frozen prefix: forward only, eval mode

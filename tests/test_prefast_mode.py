@@ -99,3 +99,29 @@ def test_corrupted_chunk_mid_training_is_recomputed(tmp_path, monkeypatch, freez
     run = train(TrainConfig(mode="prefast", cache_tier="zarr", cache_dir=str(tmp_path), **DIGITS))
     assert any(e["event"] == "corrupted" for e in run["final"]["cache_events"])
     assert rel_diff(run, freezeout_ref) <= 1e-3
+
+
+def test_ram_budget_sends_cache_to_disk_by_itself(tmp_path, freezeout_ref):
+    """Same logic as the full-size run: a cache larger than --max-ram goes to disk."""
+    from prefast.store import CacheRoot
+    from prefast.store.manage import list_caches
+
+    run = train(TrainConfig(mode="prefast", max_ram=4096, cache_dir=str(tmp_path), **DIGITS))
+    tiers = {e["tier"] for e in run["final"]["cache_events"] if e["event"] == "boundary"}
+    assert tiers and tiers <= {"zarr", "mmap"}, tiers
+    listed = list_caches(CacheRoot(tmp_path))
+    assert any(r["status"] == "complete" and r["split"] == "train" for r in listed)
+    assert rel_diff(run, freezeout_ref) <= 1e-3
+
+
+def test_governor_order_of_preference(tmp_path):
+    import torch
+
+    cfg = TrainConfig(cache_dir=str(tmp_path), max_ram=100 * 2**20, max_disk=10 * 2**30)
+    g = Governor(cfg, torch.device("cpu"))
+    assert g.choose(50 * 2**20, prefix_epoch_s=10).tier == "ram"
+    assert g.choose(500 * 2**20, prefix_epoch_s=10, compress_ratio=1.7).tier == "zarr"
+    assert g.choose(500 * 2**20, prefix_epoch_s=10, compress_ratio=1.0).tier == "mmap"
+    slow = g.choose(500 * 2**20, prefix_epoch_s=0.01)
+    assert slow.tier == "recompute" and "slower than computing" in slow.reason
+    assert g.choose(20 * 2**30, prefix_epoch_s=100).tier == "recompute"
