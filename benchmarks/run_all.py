@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from prefast.store.bench import markdown, run_store_bench
+
 from prefast.bench_train import run_sweep
 from prefast.config import TrainConfig
-from prefast.store.bench import markdown, run_store_bench
 
 
 def main() -> int:
