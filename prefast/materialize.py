@@ -169,10 +169,7 @@ class PrefastFeed:
             yield from self.raw.test_batches()
             return
         if self.test_reader is not None and self.test_boundary == self.boundary:
-            rows = self.test_reader.spec.rows
-            for sl in batch_slices(rows, 512):
-                acts, labels, ids = self.test_reader.read_rows(np.arange(sl.start, sl.stop))
-                yield Batch(self._compute_dtype(acts), labels.to(self.device), ids, self.boundary)
+            yield from self._reader_batches(self.test_reader, self.boundary)
             return
         yield from self._materialize_test()
 
