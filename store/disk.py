@@ -16,7 +16,6 @@ import os
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import crc32c
@@ -438,7 +437,3 @@ def open_reader(root: CacheRoot, key: str) -> DiskReader:
 
 def disk_writer(tier: str, root: CacheRoot, spec: CacheSpec) -> DiskWriter:
     return ZarrWriter(root, spec) if tier == "zarr" else MmapWriter(root, spec)
-
-
-def dir_for(root: CacheRoot, key: str) -> Path:
-    return root.dir_for(key)

@@ -21,10 +21,6 @@ FAST = dict(
 
 def test_frozen_weights_never_change_and_stay_eval(tmp_path):
     tr = Trainer(TrainConfig(mode="freezeout", **FAST))
-    snapshots = []
-    tr.on_epoch = lambda rec: snapshots.append(
-        (tr.model.num_frozen, [s.state_dict() for s in tr.model.stages])
-    )
     snapshots_copy = []
 
     def on_epoch(rec):
