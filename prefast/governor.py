@@ -43,6 +43,19 @@ def cache_dtype(cfg: TrainConfig, device: torch.device) -> str:
     return "bfloat16" if device.type == "cuda" else "float16"
 
 
+def cache_views(cfg: TrainConfig) -> int:
+    """Augmented views per boundary: without augmentation every view is the same."""
+    return cfg.cache_views if cfg.augment == "standard" else 1
+
+
+def boundary_cache_bytes(
+    row_bytes_fp32: int, dtype: str, train_rows: int, views: int, test_rows: int
+) -> int:
+    """Logical bytes of one boundary: ``views`` training copies plus the test set."""
+    per_row = row_bytes_fp32 // 4 * (4 if dtype == "float32" else 2)
+    return (train_rows * views + test_rows) * per_row
+
+
 class Governor:
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg = cfg

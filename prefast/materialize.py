@@ -29,7 +29,7 @@ import torch
 from prefast.config import TrainConfig, default_cache_dir
 from prefast.errors import CacheCorruptedError, CacheError, DiskFullError
 from prefast.feed import Batch, RawFeed
-from prefast.governor import Governor, cache_dtype
+from prefast.governor import Governor, boundary_cache_bytes, cache_dtype, cache_views
 from prefast.models import StagedModel
 from prefast.order import batch_slices
 from prefast.plan import measure_stage_costs, plan_boundaries
@@ -61,7 +61,7 @@ class PrefastFeed:
         self.governor = Governor(cfg, device)
         self.root = CacheRoot(cfg.cache_dir or default_cache_dir())
         self.dtype = cache_dtype(cfg, device)
-        self.views = cfg.cache_views if cfg.augment == "standard" else 1
+        self.views = cache_views(cfg)
         probe = next(iter(raw.train_batches(0))).x
         self.costs = measure_stage_costs(copy.deepcopy(model), probe)
         self.plan = {
@@ -216,8 +216,13 @@ class PrefastFeed:
             self._abandon(-1, str(exc))
 
     def _start_target(self, epoch: int, stage: int) -> None:
-        row_bytes = self.costs[stage - 1].out_row_bytes // 4 * (4 if self.dtype == "float32" else 2)
-        nbytes = (self.raw.num_train * self.views + len(self.raw.ds.test_x)) * row_bytes
+        nbytes = boundary_cache_bytes(
+            self.costs[stage - 1].out_row_bytes,
+            self.dtype,
+            self.raw.num_train,
+            self.views,
+            len(self.raw.ds.test_x),
+        )
         prefix_s = self.raw.batches_per_epoch * sum(c.fwd_s for c in self.costs[:stage])
         decision = self.governor.choose(nbytes, prefix_s)
         self.events.append(

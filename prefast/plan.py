@@ -134,8 +134,8 @@ def measure_and_plan(cfg) -> dict:  # type: ignore[no-untyped-def]
     """Build the run's model and data, time its stages, plan, predict every mode."""
     import copy
 
-    from prefast.governor import Governor
-    from prefast.trainer import Trainer
+    from prefast.governor import Governor, boundary_cache_bytes, cache_dtype, cache_views
+    from prefast.trainer import Trainer, schedule_for
 
     tr = Trainer(cfg.replace(mode="freezeout", resume=False, checkpoint=None))
     model = copy.deepcopy(tr.model)
@@ -147,18 +147,16 @@ def measure_and_plan(cfg) -> dict:  # type: ignore[no-untyped-def]
     eval_batches = len(tr.raw.ds.test_x) / cfg.batch_size
     predicted = {}
     for mode in ("baseline", "freezeout", "prefast"):
-        from prefast.trainer import schedule_for
-
         sched = schedule_for(cfg.replace(mode=mode), model.num_stages, bpe)
         predicted[mode] = predict_seconds(
             mode, sched, bpe, cfg.epochs, costs, boundaries, eval_batches
         )
     governor = Governor(cfg, tr.device)
+    dtype, views, test_rows = cache_dtype(cfg, tr.device), cache_views(cfg), len(tr.raw.ds.test_x)
     decisions = []
     for b in boundaries:
-        views = cfg.cache_views if cfg.augment == "standard" else 1
         d = governor.choose(
-            rows * b.row_bytes * views // 4 * _dtype_bytes(cfg, tr.device),
+            boundary_cache_bytes(b.row_bytes, dtype, rows, views, test_rows),
             prefix_epoch_s=bpe * sum(c.fwd_s for c in costs[: b.stage]),
         )
         decisions.append(
@@ -188,9 +186,3 @@ def measure_and_plan(cfg) -> dict:  # type: ignore[no-untyped-def]
         "budgets": governor.budgets(),
         "costs": costs,
     }
-
-
-def _dtype_bytes(cfg, device: torch.device) -> int:  # type: ignore[no-untyped-def]
-    from prefast.governor import cache_dtype
-
-    return {"float32": 4, "float16": 2, "bfloat16": 2}[cache_dtype(cfg, device)]
