@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from prefast.config import CACHE_DTYPES, MODES, TIERS, TrainConfig, parse_size
@@ -101,6 +102,7 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
 
 
 def config_from_args(args: argparse.Namespace, mode: str | None = None) -> TrainConfig:
+    """Every flag named like a TrainConfig field fills it; four need converting."""
     try:
         sizes = tuple(int(v) for v in args.synthetic_size.split(","))
         assert len(sizes) == 2
@@ -110,35 +112,17 @@ def config_from_args(args: argparse.Namespace, mode: str | None = None) -> Train
         raise ConfigError(
             f"--synthetic-size {args.synthetic_size!r} must be TRAIN,TEST counts, e.g. 50000,10000"
         ) from None
-    return TrainConfig(
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values.update(
         mode=str(mode or getattr(args, "mode", "freezeout")),
-        model=args.model,
-        dataset=args.dataset,
-        depth=args.depth,
-        growth_rate=args.growth_rate,
-        width=args.width,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        t0=args.t0,
-        scale=args.scale,
         scale_lr=not args.no_scale_lr,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        data_dir=args.data_dir,
-        subset=args.subset,
         synthetic_size=(sizes[0], sizes[1]),
-        augment=args.augment,
-        checkpoint=args.checkpoint,
-        resume=args.resume,
-        cache_dir=args.cache_dir,
-        cache_tier=args.cache_tier,
-        cache_dtype=args.cache_dtype,
-        cache_views=args.cache_views,
-        max_ram=parse_size(args.max_ram, "--max-ram"),
-        max_gpu_mem=parse_size(args.max_gpu_mem, "--max-gpu-mem"),
-        max_disk=parse_size(args.max_disk, "--max-disk"),
+        **{
+            name: parse_size(args.__dict__[name], "--" + name.replace("_", "-"))
+            for name in ("max_ram", "max_gpu_mem", "max_disk")
+        },
     )
+    return TrainConfig(**values)
 
 
 def write_json(path: str | None, doc: object) -> None:
