@@ -9,7 +9,7 @@ chunk-shuffled order (compressed disk, where random row reads are slow).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,9 +122,15 @@ class Reader(abc.ABC):
         sequence the raw dataset would give, which makes cached training match
         uncached training batch for batch.
         """
+        yield from self.exact_batches(seed, epoch, batch_size, self.read_rows)
+
+    def exact_batches(
+        self, seed: int, epoch: int, batch_size: int, read: Callable[[np.ndarray], TorchBatch]
+    ) -> Iterator[TorchBatch]:
+        """Batches of rows in the exact (seed, epoch) order, fetched by ``read``."""
         order = self.rows_in_epoch_order(seed, epoch)
         for sl in batch_slices(len(order), batch_size):
-            yield self.read_rows(order[sl])
+            yield read(order[sl])
 
     def rows_in_epoch_order(self, seed: int, epoch: int) -> np.ndarray:
         ids = self.ids()

@@ -355,12 +355,9 @@ class ZarrReader(DiskReader):
 
         if self.spec.logical_bytes <= buffer_bytes:
             all_rows = np.concatenate([self.read_chunk(i) for i in range(self.num_chunks)])
-            order = self.rows_in_epoch_order(seed, epoch)
-            from prefast.order import batch_slices
-
-            for sl in batch_slices(len(order), batch_size):
-                rows = order[sl]
-                yield self._batch(all_rows[rows], rows)
+            yield from self.exact_batches(
+                seed, epoch, batch_size, lambda rows: self._batch(all_rows[rows], rows)
+            )
             return
         window = max(1, buffer_bytes // (self.chunk_rows * self.spec.row_bytes))
         decoded: dict[int, np.ndarray] = {}
