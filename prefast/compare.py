@@ -37,6 +37,9 @@ def compare(
 
         result = train(cfg.replace(mode=mode), progress=progress, on_epoch=on_epoch)
         result["final"]["predicted_s"] = plan["predicted_s"][mode]
+        for record, ideal in zip(result["epochs"], plan["predicted_epochs"][mode], strict=True):
+            record["predicted_train_s"] = ideal["train_s"]
+            record["predicted_eval_s"] = ideal["eval_s"]
         runs[mode] = result
     return runs
 

@@ -19,8 +19,10 @@ re-materializes, RAM pressure spills RAM caches to disk.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -80,6 +82,8 @@ class PrefastFeed:
         self.sink_boundary = 0
         self.events: list[dict] = []
         self.warned_fixed_aug = False
+        self.epoch = 0
+        self.io_s = {"write_s": 0.0, "read_s": 0.0}  # since the last take_io_seconds()
 
     @property
     def sink(self):  # type: ignore[no-untyped-def]
@@ -87,6 +91,7 @@ class PrefastFeed:
 
     # -- epoch protocol ------------------------------------------------------------------
     def begin_epoch(self, epoch: int, frozen_prefix: int) -> str | None:
+        self.epoch = epoch
         self._spill_if_pressed(epoch)
         if self.target is None and epoch in self.plan and frozen_prefix > self.boundary:
             self._start_target(epoch, frozen_prefix)
@@ -101,7 +106,8 @@ class PrefastFeed:
         if self.writer is not None:
             view = epoch % self.views
             try:
-                self.target_readers[view] = self.writer.finish()
+                with self._timed("write_s"):
+                    self.target_readers[view] = self.writer.finish()
             except (DiskFullError, CacheError) as exc:
                 self._abandon(epoch, str(exc))
             self.writer = None
@@ -125,6 +131,19 @@ class PrefastFeed:
         self._close_readers(self.target_readers)
         if self.test_reader is not None:
             self.test_reader.close()
+
+    def take_io_seconds(self) -> dict[str, float]:
+        """Seconds the trainer waited on cache writes and reads since the last call."""
+        taken, self.io_s = self.io_s, {"write_s": 0.0, "read_s": 0.0}
+        return taken
+
+    @contextlib.contextmanager
+    def _timed(self, kind: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.io_s[kind] += time.perf_counter() - t
 
     def report(self) -> dict:
         return {
@@ -161,23 +180,50 @@ class PrefastFeed:
             lambda: reader.epoch_batches(self.cfg.seed, epoch, self.cfg.batch_size, buffer),
             self.device,
         )
-        for acts, labels, ids in loader:
-            yield Batch(self._compute_dtype(acts), labels.to(self.device), ids, self.boundary)
+        batches = iter(loader)
+        try:
+            while True:
+                with self._timed("read_s"):  # time the trainer waits for the loader
+                    item = next(batches, None)
+                if item is None:
+                    return
+                acts, labels, ids = item
+                yield Batch(self._compute_dtype(acts), labels.to(self.device), ids, self.boundary)
+        finally:
+            loader.close()
 
     def test_batches(self) -> Iterator[Batch]:
         if self.boundary == 0:
             yield from self.raw.test_batches()
             return
         if self.test_reader is not None and self.test_boundary == self.boundary:
-            yield from self._reader_batches(self.test_reader, self.boundary)
+            yield from self._cached_test_batches(self.test_reader, self.boundary)
             return
         yield from self._materialize_test()
+
+    def _cached_test_batches(self, reader: Reader, start: int) -> Iterator[Batch]:
+        """The test set from its cache; after a corrupted chunk, the rest from raw data."""
+        done = 0
+        try:
+            for batch in self._reader_batches(reader, start):
+                done += len(batch.y)
+                yield batch
+        except CacheCorruptedError as exc:
+            log.warning("%s; evaluating the rest from raw data", exc)
+            self.events.append({"epoch": self.epoch, "event": "corrupted", "detail": str(exc)})
+            reader.close()
+            if reader.tier in ("mmap", "zarr"):
+                self.root.remove(reader.spec.key)
+            if reader is self.test_reader:  # the next evaluation caches the test set again
+                self.test_reader, self.test_boundary = None, 0
+            # Same batch size, so raw batches line up with the cached ones already served.
+            yield from (b for b in self.raw.test_batches() if int(b.ids[0]) >= done)
 
     def _materialize_test(self) -> Iterator[Batch]:
         """Run the prefix over the test set once (eval, exact) and cache it."""
         old, old_boundary = self.test_reader, self.test_boundary
         source = (
-            self._reader_batches(old, old_boundary)
+            self._cached_test_batches(old, old_boundary)
             if old is not None and old_boundary
             else self.raw.test_batches()
         )
@@ -195,22 +241,33 @@ class PrefastFeed:
                 )
                 writer = self._writer(tier, spec)
             if writer is not None:
-                writer.append(x, batch.y, batch.ids)
+                with self._timed("write_s"):
+                    writer.append(x, batch.y, batch.ids)
             yield Batch(x, batch.y, batch.ids, self.boundary)
         if old is not None:
             old.close()
-        self.test_reader, self.test_boundary = (writer.finish() if writer else None), self.boundary
+        with self._timed("write_s"):
+            self.test_reader = writer.finish() if writer else None
+        self.test_boundary = self.boundary
 
     def _reader_batches(self, reader: Reader, start: int) -> Iterator[Batch]:
-        for sl in batch_slices(reader.spec.rows, 512):
-            acts, labels, ids = reader.read_rows(np.arange(sl.start, sl.stop))
-            yield Batch(self._compute_dtype(acts), labels.to(self.device), ids, start)
+        """Rows in order, read in blocks of whole batches so a chunk is decoded once."""
+        bs = self.cfg.batch_size
+        block = bs * max(1, getattr(reader, "chunk_rows", bs) // bs)
+        for blk in batch_slices(reader.spec.rows, block):
+            with self._timed("read_s"):
+                acts, labels, ids = reader.read_rows(np.arange(blk.start, blk.stop))
+            for sl in batch_slices(len(ids), bs):
+                yield Batch(
+                    self._compute_dtype(acts[sl]), labels[sl].to(self.device), ids[sl], start
+                )
 
     # -- writing -------------------------------------------------------------------------
     def _write(self, x: torch.Tensor, batch: Batch) -> None:
         assert self.writer is not None
         try:
-            self.writer.append(x, batch.y, batch.ids)
+            with self._timed("write_s"):
+                self.writer.append(x, batch.y, batch.ids)
         except (DiskFullError, CacheError) as exc:
             self.writer = None  # the writer removed its partial cache
             self._abandon(-1, str(exc))

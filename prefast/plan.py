@@ -13,6 +13,7 @@ Measured / predicted is then the overhead of everything the model ignores
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -71,7 +72,7 @@ def plan_boundaries(
     return chosen
 
 
-def predict_seconds(
+def predict_epochs(
     mode: str,
     schedule: FreezeOutSchedule,
     batches_per_epoch: int,
@@ -79,20 +80,22 @@ def predict_seconds(
     costs: list[StageCost],
     boundaries: list[Boundary],
     eval_batches: float = 0.0,
-) -> float:
-    """Ideal wall-clock of ``mode`` under the cost model (no I/O, no overhead)."""
+) -> list[dict[str, float]]:
+    """Ideal ``train_s`` and ``eval_s`` of each epoch of ``mode`` (no I/O, no overhead)."""
     fwd = [c.fwd_s for c in costs]
     fb = [c.fwd_bwd_s for c in costs]
-    total = 0.0
+    out = []
     for epoch in range(epochs):
         cached = max((b.stage for b in boundaries if b.epoch < epoch), default=0)
         if mode != "prefast":
             cached = 0
+        train = 0.0
         for b in range(batches_per_epoch):
             f = 0 if mode == "baseline" else schedule.frozen_prefix(epoch * batches_per_epoch + b)
-            total += sum(fwd[cached:f]) + sum(fb[max(f, cached) :])
-        total += eval_batches * sum(fwd[cached:])  # test set: from the cache once it exists
-    return total
+            train += sum(fwd[cached:f]) + sum(fb[max(f, cached) :])
+        # The test set is read from the cache once the boundary exists.
+        out.append({"train_s": train, "eval_s": eval_batches * sum(fwd[cached:])})
+    return out
 
 
 def measure_stage_costs(model: StagedModel, x: torch.Tensor, reps: int = 3) -> list[StageCost]:
@@ -144,13 +147,13 @@ def measure_and_plan(cfg) -> dict:  # type: ignore[no-untyped-def]
     bpe, rows = tr.raw.batches_per_epoch, tr.raw.num_train
     sched_f = tr.schedule
     boundaries = plan_boundaries(sched_f, bpe, cfg.epochs, costs, rows)
-    eval_batches = len(tr.raw.ds.test_x) / cfg.batch_size
-    predicted = {}
+    eval_batches = math.ceil(len(tr.raw.ds.test_x) / cfg.batch_size)
+    predicted, predicted_epochs = {}, {}
     for mode in ("baseline", "freezeout", "prefast"):
         sched = schedule_for(cfg.replace(mode=mode), model.num_stages, bpe)
-        predicted[mode] = predict_seconds(
-            mode, sched, bpe, cfg.epochs, costs, boundaries, eval_batches
-        )
+        per_epoch = predict_epochs(mode, sched, bpe, cfg.epochs, costs, boundaries, eval_batches)
+        predicted_epochs[mode] = per_epoch
+        predicted[mode] = sum(e["train_s"] + e["eval_s"] for e in per_epoch)
     governor = Governor(cfg, tr.device)
     dtype, views, test_rows = cache_dtype(cfg, tr.device), cache_views(cfg), len(tr.raw.ds.test_x)
     decisions = []
@@ -182,6 +185,7 @@ def measure_and_plan(cfg) -> dict:  # type: ignore[no-untyped-def]
         ],
         "boundaries": decisions,
         "predicted_s": predicted,
+        "predicted_epochs": predicted_epochs,
         "batches_per_epoch": bpe,
         "budgets": governor.budgets(),
         "costs": costs,

@@ -223,3 +223,40 @@ def markdown(doc: dict) -> str:
         f"| torch.load, one file per sample ({b['per_sample_files']} files, cold) | {b['torch_load_per_sample_mb_s']:.0f} |",
     ]
     return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Bar chart of cold-read (and write) MB/s per tier, with the baselines beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['tier']}/{r['codec']}" for r in doc["results"]]
+    reads = [r["read_mb_s"] for r in doc["results"]]
+    errs = [r["read_std"] for r in doc["results"]]
+    writes = [r["write_mb_s"] for r in doc["results"]]
+    b = doc["baselines"]
+    base_names = ["raw file", "np.memmap", "torch.load\nper sample"]
+    base_reads = [
+        b["raw_file_read_mb_s"],
+        b["memmap_read_mb_s"],
+        b["torch_load_per_sample_mb_s"],
+    ]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, reads, 0.4, yerr=errs, capsize=3, label="cold read")
+    ax.bar(x + 0.2, writes, 0.4, label="write")
+    xb = np.arange(len(names), len(names) + len(base_names))
+    ax.bar(xb, base_reads, 0.4, color="grey", label="baseline read")
+    ax.set_xticks(np.concatenate([x, xb]), names + base_names, fontsize=7)
+    ax.set_ylabel("logical MB/s")
+    ax.set_yscale("log")
+    ax.set_title(
+        f"{doc['logical_bytes'] / 1e9:.1f} GB fp16 activations, {doc['trials']} trial(s)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -81,24 +81,29 @@ def test_ram_pressure_spills_to_disk_and_training_goes_on(tmp_path, monkeypatch,
     assert rel_diff(run, freezeout_ref) <= 1e-3
 
 
-def test_corrupted_chunk_mid_training_is_recomputed(tmp_path, monkeypatch, freezeout_ref):
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_corrupted_chunk_mid_training_is_recomputed(tmp_path, monkeypatch, freezeout_ref, split):
+    """A corrupted chunk in the train or the test cache: never trained/evaluated on, recomputed."""
     from prefast.store.disk import ZarrReader
 
     from prefast.errors import CacheCorruptedError
 
     original = ZarrReader.read_chunk
-    state = {"n": 0}
+    calls = {"train": 0, "test": 0}
 
     def flaky(self, i):
-        state["n"] += 1
-        if state["n"] == 3:
+        calls[self.spec.attrs["split"]] += 1
+        if self.spec.attrs["split"] == split and calls[split] == 2:
             raise CacheCorruptedError(self.key, f"chunk {i} of activations: checksum mismatch")
         return original(self, i)
 
     monkeypatch.setattr(ZarrReader, "read_chunk", flaky)
     run = train(TrainConfig(mode="prefast", cache_tier="zarr", cache_dir=str(tmp_path), **DIGITS))
+    assert calls[split] > 2  # the cache was rebuilt and read again after the fault
     assert any(e["event"] == "corrupted" for e in run["final"]["cache_events"])
     assert rel_diff(run, freezeout_ref) <= 1e-3
+    accs = [e["test_acc"] for e in run["epochs"]]
+    assert accs == pytest.approx([e["test_acc"] for e in freezeout_ref["epochs"]], abs=1e-9)
 
 
 def test_ram_budget_sends_cache_to_disk_by_itself(tmp_path, freezeout_ref):
