@@ -8,8 +8,9 @@ tests, the demo and CI.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,9 @@ def load_dataset(
 ) -> Dataset:
     """Load ``name``; ``subset`` keeps a seeded random subset of the training set."""
     if name == "synthetic":
-        ds = synthetic(*synthetic_size, seed=seed)
+        # A shallow copy of a memoized set: benchmarks build many runs on the same data,
+        # and nothing writes into a Dataset's tensors (subsets below rebind, not mutate).
+        ds = replace(_synthetic_memo(*synthetic_size, seed))
     elif name == "digits":
         ds = digits()
     elif name in ("cifar10", "cifar100", "mnist"):
@@ -79,6 +82,11 @@ def load_dataset(
         ds.train_x, ds.train_y = ds.train_x[keep], ds.train_y[keep]
         ds.name = f"{name}[subset={subset},seed={seed}]"
     return ds
+
+
+@functools.lru_cache(maxsize=1)
+def _synthetic_memo(n_train: int, n_test: int, seed: int) -> Dataset:
+    return synthetic(n_train, n_test, seed)
 
 
 def synthetic(n_train: int = 50_000, n_test: int = 10_000, seed: int = 0) -> Dataset:
