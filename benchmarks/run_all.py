@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,7 @@ def main() -> int:
 
     expected += store(out, quick)
 
+    shutil.rmtree(cache, ignore_errors=True)  # scratch caches of the training sweeps
     elapsed = time.perf_counter() - started
     (out / "bench_run.json").write_text(
         json.dumps({"quick": quick, "seconds": elapsed, "machine": machine()}, indent=1) + "\n"
