@@ -1,0 +1,86 @@
+"""The cost model and the benchmark arithmetic (pure functions, no training)."""
+
+import pytest
+
+from prefast.bench_train import OVERHEAD_PARTS, overhead_breakdown, summarize
+from prefast.plan import StageCost, plan_boundaries, predict_epochs
+from prefast.schedule import FreezeOutSchedule
+
+COSTS = [
+    StageCost(fwd_s=0.01 * (i + 1), fwd_bwd_s=0.03 * (i + 1), out_row_bytes=64, out_shape=(16,))
+    for i in range(4)
+]
+
+
+def test_baseline_prediction_is_every_stage_every_batch():
+    sched = FreezeOutSchedule(4, 10 * 5, t0=1.0, scale="cubic", scale_lr=False, base_lr=0.1)
+    per_epoch = predict_epochs("baseline", sched, 5, 10, COSTS, [], eval_batches=2)
+    fb, fwd = sum(c.fwd_bwd_s for c in COSTS), sum(c.fwd_s for c in COSTS)
+    assert [e["train_s"] for e in per_epoch] == pytest.approx([5 * fb] * 10)
+    assert [e["eval_s"] for e in per_epoch] == pytest.approx([2 * fwd] * 10)
+
+
+def test_prefast_never_predicted_slower_than_freezeout_and_skips_the_cached_prefix():
+    sched = FreezeOutSchedule(4, 10 * 5, t0=0.5, scale="cubic", scale_lr=True, base_lr=0.1)
+    bounds = plan_boundaries(sched, 5, 10, COSTS, rows=1000, write_bw=1e12, read_bw=1e12)
+    assert bounds, "free I/O: some boundary must pay"
+    fo = predict_epochs("freezeout", sched, 5, 10, COSTS, bounds, eval_batches=2)
+    pf = predict_epochs("prefast", sched, 5, 10, COSTS, bounds, eval_batches=2)
+    first = bounds[0]
+    for e, (a, b) in enumerate(zip(fo, pf, strict=True)):
+        if e <= first.epoch:  # nothing cached yet: the same work
+            assert b == pytest.approx(a)
+        else:
+            assert b["train_s"] < a["train_s"] and b["eval_s"] < a["eval_s"]
+
+
+def _run(wall, epochs, acc=0.9):
+    """A run record shaped like Trainer.run()'s: epochs carry measured and ideal seconds."""
+    recs = []
+    for train_s, ideal_train, eval_s, ideal_eval, write_s, read_s in epochs:
+        recs.append(
+            dict(
+                train_s=train_s,
+                predicted_train_s=ideal_train,
+                eval_s=eval_s,
+                predicted_eval_s=ideal_eval,
+                write_s=write_s,
+                read_s=read_s,
+                time_s=train_s + eval_s,
+            )
+        )
+    ideal = sum(e["predicted_train_s"] + e["predicted_eval_s"] for e in recs)
+    return {"epochs": recs, "final": {"wall_s": wall, "predicted_s": ideal, "test_acc": acc}}
+
+
+def test_overhead_parts_add_up_to_measured_minus_ideal():
+    run = _run(
+        wall=10.0,
+        epochs=[(3, 2.8, 1, 1, 0, 0), (2.5, 2, 1, 0.9, 0.3, 0), (1, 0.5, 0.2, 0.2, 0, 0.1)],
+    )
+    parts = overhead_breakdown(run)
+    assert set(parts) == set(OVERHEAD_PARTS)
+    assert parts["write_epochs"] == pytest.approx(0.5)
+    assert parts["read_epochs"] == pytest.approx(0.5)
+    assert parts["compute_epochs"] == pytest.approx(0.2)
+    assert parts["eval"] == pytest.approx(0.1)
+    assert parts["setup"] == pytest.approx(10.0 - 8.7)
+    assert sum(parts.values()) == pytest.approx(
+        run["final"]["wall_s"] - run["final"]["predicted_s"]
+    )
+
+
+def test_speedups_are_per_seed_ratios_against_that_seeds_baseline():
+    base = [_run(10.0, [(9, 9, 1, 1, 0, 0)]), _run(20.0, [(19, 19, 1, 1, 0, 0)])]
+    fo = [_run(5.0, [(4, 4, 1, 1, 0, 0)]), _run(10.0, [(9, 9, 1, 1, 0, 0)])]
+    pf = [_run(4.0, [(3, 3, 1, 1, 0, 0)]), _run(5.0, [(4, 4, 1, 1, 0, 0)])]
+    rows = summarize(
+        base, {0.5: [{"freezeout": f, "prefast": p} for f, p in zip(fo, pf, strict=True)]}
+    )
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["baseline"]["speedup_vs_baseline"] == pytest.approx(1.0)
+    assert by_mode["freezeout"]["speedup_vs_baseline"] == pytest.approx(2.0)
+    assert by_mode["freezeout"]["speedup_vs_baseline_std"] == pytest.approx(0.0)
+    # (5/4 + 10/5) / 2, not the ratio of mean walls (7.5/4.5)
+    assert by_mode["prefast"]["speedup_vs_freezeout"] == pytest.approx(1.625)
+    assert by_mode["prefast"]["wall_s"] == pytest.approx(4.5)
