@@ -42,6 +42,11 @@ zarr.config.set(
 )
 
 
+# What the trainer may run ahead of the writer thread: at most this many bytes
+# (and ``queue_batches`` batches) wait in the queue, so --max-ram holds while caching.
+QUEUE_BYTES = 64 * 2**20
+
+
 def trial_ratio(chunk: np.ndarray) -> float:
     """Compression ratio of zstd level 1 on one chunk (the codec decision)."""
     raw = np.ascontiguousarray(chunk).tobytes()
@@ -68,7 +73,8 @@ class DiskWriter(Writer):
         self.pending: list[np.ndarray] = []
         self.error: BaseException | None = None
         self.extra: dict[str, Any] = {}
-        self.queue: queue.Queue = queue.Queue(maxsize=queue_batches)
+        self.queue_batches = queue_batches
+        self.queue: queue.Queue = queue.Queue()  # bounded at the first append()
         self.thread = threading.Thread(
             target=self._run, name=f"prefast-writer-{spec.key[:8]}", daemon=True
         )
@@ -84,7 +90,10 @@ class DiskWriter(Writer):
         self.labels[self.pos : self.pos + n] = labels.cpu().numpy()
         self.row_ids[self.pos : self.pos + n] = ids.cpu().numpy()
         self.pos += n
-        self.queue.put(to_storage(acts, self.spec.dtype))
+        data = to_storage(acts, self.spec.dtype)
+        if self.queue.maxsize == 0:  # first batch: bound the queue in bytes, not batches
+            self.queue.maxsize = max(1, min(self.queue_batches, QUEUE_BYTES // max(1, data.nbytes)))
+        self.queue.put(data)
 
     def finish(self) -> Reader:
         if self.closed:

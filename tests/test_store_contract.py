@@ -108,3 +108,18 @@ def test_zarr_codec_choice_and_metadata(tmp_path):
     r = w.finish()
     assert r.attrs["codec"] == "none"
     r.close()
+
+
+@pytest.mark.parametrize("tier", ["mmap", "zarr"])
+def test_disk_writer_queue_is_bounded_in_bytes(tier, tmp_path, no_thread_leak):
+    """Large rows must not let the trainer queue 8 batches ahead of the disk."""
+    from prefast.store.disk import QUEUE_BYTES
+
+    rows, shape = 48, (64, 64, 64)  # 1 MiB per row at float32
+    w = open_writer(tier, CacheSpec(f"big-{tier}", rows, shape, "float32"), CacheRoot(tmp_path))
+    x = torch.zeros(rows, *shape)
+    ids = torch.arange(rows)
+    for s in range(0, rows, 24):  # 24 MiB batches
+        w.append(x[s : s + 24], ids[s : s + 24], ids[s : s + 24])
+        assert w.queue.maxsize * 24 * 2**20 <= max(QUEUE_BYTES, 24 * 2**20)
+    w.finish().close()
