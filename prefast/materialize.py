@@ -66,7 +66,8 @@ class PrefastFeed:
         self.dtype = cache_dtype(cfg, device)
         self.views = cache_views(cfg)
         probe = next(iter(raw.train_batches(0))).x
-        self.costs = measure_stage_costs(copy.deepcopy(model), probe)
+        # Forward times are all the planner and governor use: skip the backward passes.
+        self.costs = measure_stage_costs(copy.deepcopy(model), probe, backward=False)
         self.plan = {
             b.epoch: b.stage
             for b in plan_boundaries(
@@ -83,7 +84,7 @@ class PrefastFeed:
         self.sink_boundary = 0
         self.events: list[dict] = []
         self.warned_fixed_aug = False
-        self.epoch = 0
+        self.epoch: int | None = None  # the epoch in progress; None before the first
         self.io_s = {"write_s": 0.0, "read_s": 0.0}  # since the last take_io_seconds()
 
     @property
@@ -92,6 +93,12 @@ class PrefastFeed:
 
     # -- epoch protocol ------------------------------------------------------------------
     def begin_epoch(self, epoch: int, frozen_prefix: int) -> str | None:
+        # Resumed from a checkpoint past a planned boundary: materialize now (or reuse a
+        # complete disk cache with the same key) instead of computing the frozen prefix
+        # until the next planned boundary.
+        resumed = epoch > 0 and self.epoch is None and epoch < self.cfg.epochs - 1
+        if resumed and frozen_prefix > 0 and any(e < epoch for e in self.plan):
+            self.plan[epoch] = frozen_prefix
         self.epoch = epoch
         self._spill_if_pressed(epoch)
         if self.target is None and epoch in self.plan and frozen_prefix > self.boundary:

@@ -106,6 +106,31 @@ def test_corrupted_chunk_mid_training_is_recomputed(tmp_path, monkeypatch, freez
     assert accs == pytest.approx([e["test_acc"] for e in freezeout_ref["epochs"]], abs=1e-9)
 
 
+@pytest.mark.parametrize("tier", ["ram", "zarr"])
+def test_resume_after_a_crash_goes_on_from_the_cache(tmp_path, freezeout_ref, tier):
+    """A run killed after its first boundary resumes from the cache, not from the prefix."""
+    cfg = TrainConfig(
+        mode="prefast",
+        cache_tier=tier,
+        cache_dir=str(tmp_path),
+        checkpoint=str(tmp_path / "ck.pt"),
+        **DIGITS,
+    )
+    crash_at = 7
+
+    def crash(record):
+        if record["epoch"] == crash_at:
+            raise KeyboardInterrupt  # like Ctrl-C: the checkpoint holds epochs 0..crash_at-1
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_epoch=crash)
+    resumed = train(cfg.replace(resume=True))
+    assert resumed["epochs"][crash_at]["cache_tier"] == tier  # read from a cache at once
+    events = {e["event"] for e in resumed["final"]["cache_events"]}
+    assert ("reused" in events) == (tier == "zarr")  # a complete disk cache is reused by key
+    assert rel_diff(resumed, freezeout_ref) <= 1e-3
+
+
 def test_ram_budget_sends_cache_to_disk_by_itself(tmp_path, freezeout_ref):
     """Same logic as the full-size run: a cache larger than --max-ram goes to disk."""
     from prefast.store import CacheRoot
