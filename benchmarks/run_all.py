@@ -52,6 +52,11 @@ def main() -> int:
     seeds = [0] if quick else [0, 1, 2]
     t0s = [0.5] if quick else [0.5, 0.6, 0.7, 0.8]
     expected: list[Path] = []
+    sections: dict[str, float] = {}  # seconds per part, for bench_run.json
+
+    def done(name: str, since: float) -> float:
+        sections[name] = time.perf_counter() - since
+        return time.perf_counter()
 
     # (a) The paper's setting: a 2000-image CIFAR-shaped subset of a 50,000-image set.
     subset = TrainConfig(
@@ -66,7 +71,9 @@ def main() -> int:
         device="cpu",
         cache_dir=cache,
     )
+    t = started
     expected += sweep(subset, t0s, seeds, out / "train_subset")
+    t = done("train_subset", t)
 
     # (b) Full data: all 50,000 training and 10,000 test samples.
     if not quick:
@@ -75,6 +82,7 @@ def main() -> int:
             batch_size=128, epochs=4,
         )  # fmt: skip
         expected += sweep(full, t0s, seeds, out / "train_full")
+        t = done("train_full", t)
 
     # Accuracy on real images (scikit-learn digits): what freezing and caching cost.
     digits = TrainConfig(
@@ -107,13 +115,19 @@ def main() -> int:
     )
     print(table)
     expected.append(out / "digits_accuracy.md")
+    t = done("digits", t)
 
     expected += store(out, quick)
+    done("store", t)
 
     shutil.rmtree(cache, ignore_errors=True)  # scratch caches of the training sweeps
     elapsed = time.perf_counter() - started
     (out / "bench_run.json").write_text(
-        json.dumps({"quick": quick, "seconds": elapsed, "machine": machine()}, indent=1) + "\n"
+        json.dumps(
+            {"quick": quick, "seconds": elapsed, "sections_s": sections, "machine": machine()},
+            indent=1,
+        )
+        + "\n"
     )
     missing = [str(p) for p in expected if not p.is_file() or p.stat().st_size == 0]
     if missing:

@@ -36,7 +36,12 @@ ROW_SHAPE = (64, 16, 16)  # a DenseNet-like boundary: 32 KiB per row at fp16
 def activation_like(rows: int, seed: int = 0) -> torch.Tensor:
     """fp16 rows shaped like post-ReLU activations: about half exact zeros."""
     g = torch.Generator().manual_seed(seed)
-    return torch.relu(torch.randn(rows, *ROW_SHAPE, generator=g)).to(torch.float16)
+    out = torch.empty(rows, *ROW_SHAPE, dtype=torch.float16)
+    step = 4096  # in pieces: 8 GB of fp16 would pass through 32 GB of float32 at once
+    for s in range(0, rows, step):
+        piece = torch.randn(min(step, rows - s), *ROW_SHAPE, generator=g)
+        out[s : s + step] = torch.relu_(piece)
+    return out
 
 
 def evict(path: Path) -> bool | None:
