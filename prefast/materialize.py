@@ -228,9 +228,7 @@ class PrefastFeed:
         except CacheCorruptedError as exc:
             log.warning("%s; evaluating the rest from raw data", exc)
             self.events.append({"epoch": self.epoch, "event": "corrupted", "detail": str(exc)})
-            reader.close()
-            if reader.tier in ("mmap", "zarr"):
-                self.root.remove(reader.spec.key)
+            self._close_readers({0: reader}, delete=True)
             if reader is self.test_reader:  # the next evaluation caches the test set again
                 self.test_reader, self.test_boundary = None, 0
             # Same batch size, so raw batches line up with the cached ones already served.
