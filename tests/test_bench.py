@@ -1,6 +1,8 @@
 """The cost model and the benchmark arithmetic (pure functions, no training)."""
 
+import numpy as np
 import pytest
+from prefast.store.bench import run_store_bench
 
 from prefast.bench_train import OVERHEAD_PARTS, overhead_breakdown, summarize
 from prefast.plan import StageCost, plan_boundaries, predict_epochs
@@ -84,3 +86,14 @@ def test_speedups_are_per_seed_ratios_against_that_seeds_baseline():
     # (5/4 + 10/5) / 2, not the ratio of mean walls (7.5/4.5)
     assert by_mode["prefast"]["speedup_vs_freezeout"] == pytest.approx(1.625)
     assert by_mode["prefast"]["wall_s"] == pytest.approx(4.5)
+
+
+def test_store_bench_keeps_every_trial_and_its_mean(tmp_path):
+    doc = run_store_bench(2 * 2**20, directory=tmp_path, trials=2, log=lambda *_: None)
+    assert {(r["tier"], r["codec"]) for r in doc["results"]} >= {("ram", "none"), ("zarr", "zstd")}
+    for row in doc["results"]:
+        for m in ("write", "read"):
+            trials = row[f"{m}_trials_mb_s"]
+            assert len(trials) == 2 and all(v > 0 for v in trials)
+            assert row[f"{m}_mb_s"] == pytest.approx(np.mean(trials), rel=1e-3)
+    assert list(tmp_path.iterdir()) == [], "the benchmark's scratch files must be removed"
