@@ -259,11 +259,11 @@ class PrefastFeed:
                 with self._timed("write_s"):
                     writer.append(x, batch.y, batch.ids)
             yield Batch(x, batch.y, batch.ids, self.boundary)
-        if old is not None:
-            old.close()
         with self._timed("write_s"):
             self.test_reader = writer.finish() if writer else None
         self.test_boundary = self.boundary
+        if old is not None:  # superseded by the new boundary's test cache: free the disk
+            self._close_readers({0: old}, delete=True)
 
     def _reader_batches(self, reader: Reader, start: int) -> Iterator[Batch]:
         """Rows in order, read in blocks of whole batches so a chunk is decoded once."""

@@ -2,6 +2,8 @@
 
 import pytest
 from prefast.store.disk import DiskWriter
+from prefast.store.layout import CacheRoot
+from prefast.store.manage import list_caches
 
 from prefast.config import TrainConfig
 from prefast.errors import DiskFullError
@@ -40,6 +42,10 @@ def test_prefast_matches_freezeout(tier, freezeout_ref, tmp_path):
     assert rel_diff(run, freezeout_ref) <= 1e-3
     assert any(e["cache_tier"] == tier for e in run["epochs"])
     assert run["final"]["test_acc"] == pytest.approx(freezeout_ref["final"]["test_acc"], abs=0.01)
+    if tier != "ram":  # superseded boundaries' caches were deleted: one train, one test left
+        last = max(e["stage"] for e in run["final"]["cache_events"] if e["event"] == "boundary")
+        left = sorted((c["split"], c["boundary"]) for c in list_caches(CacheRoot(tmp_path)))
+        assert left == [("test", last), ("train", last)]
 
 
 def test_rerun_reuses_complete_cache(tmp_path):
