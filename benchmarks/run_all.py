@@ -26,7 +26,6 @@ from prefast.bench_train import accuracy_table, run_sweep
 from prefast.config import TrainConfig
 
 MODES = ["baseline", "freezeout", "prefast"]
-SECTIONS = ["train_subset", "train_full", "digits", "store"]
 
 
 def subset_config(quick: bool, cache: str) -> TrainConfig:
@@ -109,6 +108,14 @@ def store(out: Path, quick: bool, cache: str) -> list[Path]:
     return [out / f"store.{ext}" for ext in ("json", "md", "png")]
 
 
+SECTIONS = {
+    "train_subset": train_subset,
+    "train_full": train_full,
+    "digits": digits,
+    "store": store,
+}
+
+
 def record_run(path: Path, quick: bool, sections: dict[str, float], partial: bool) -> None:
     """Write bench_run.json; a partial (--only) run updates the full run's record."""
     doc = {"quick": quick, "seconds": sum(sections.values()), "sections_s": sections}
@@ -128,19 +135,18 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="CI-sized: one seed, one t0, 64 MB store")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument(
-        "--only", nargs="+", choices=SECTIONS, metavar="SECTION",
+        "--only", nargs="+", choices=list(SECTIONS), metavar="SECTION",
         help=f"run only these sections ({', '.join(SECTIONS)}); default: all",
     )  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = str(out / ".cache")
-    run = {"train_subset": train_subset, "train_full": train_full, "digits": digits, "store": store}
     expected: list[Path] = []
     sections: dict[str, float] = {}  # seconds per part, for bench_run.json
     for name in args.only or SECTIONS:
         t = time.perf_counter()
-        expected += run[name](out, args.quick, cache)
+        expected += SECTIONS[name](out, args.quick, cache)
         sections[name] = time.perf_counter() - t
     shutil.rmtree(cache, ignore_errors=True)  # scratch caches of the training sweeps
     record_run(out / "bench_run.json", args.quick, sections, partial=bool(args.only))
