@@ -123,9 +123,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from prefast.store.errors import CacheLockedError, ConfigError
     from prefast.store.manage import verify
-
-    from prefast.errors import ConfigError
 
     root = _root(args)
     if bool(args.all) == bool(args.key):
@@ -136,7 +135,11 @@ def run_verify(args: argparse.Namespace) -> int:
         if not root.is_complete(key):
             print(f"{key}  partial (never read; remove with `prefast cache purge --partial`)")
             continue
-        problems = verify(root, key)
+        try:
+            problems = verify(root, key)
+        except CacheLockedError as exc:
+            print(f"{key}  busy ({exc})")
+            continue
         print(f"{key}  {'ok' if not problems else 'CORRUPTED'}")
         for p in problems:
             print(f"  {p}")
@@ -185,7 +188,11 @@ def run_purge(args: argparse.Namespace) -> int:
         ):
             print("kept everything")
             return 0
+    deleted = freed = 0
     for r in doomed:
-        root.remove(r["key"])
-    print(f"deleted {len(doomed)} cache(s), freed {human_bytes(total)}")
+        if root.remove(r["key"]):  # only under the key's exclusive lock
+            deleted, freed = deleted + 1, freed + r["bytes"]
+        else:
+            print(f"skipped {r['key']}: in use by a live process (reading or writing it)")
+    print(f"deleted {deleted} cache(s), freed {human_bytes(freed)}")
     return 0

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from prefast.errors import ConfigError, DataUnavailableError
-from prefast.order import rng_for
+from prefast.store.order import rng_for
 
 DATASETS = ("synthetic", "digits", "cifar10", "cifar100", "mnist")
 AUGMENTS = ("none", "standard")

@@ -1,23 +1,19 @@
-"""One error hierarchy for the whole library.
-
-Every error a user can meet derives from :class:`PrefastError` and its message
-says what was wrong *and* how to fix it. The CLI prints the message on one line
-and exits with status 2 (bad input) or 1 (a failed check), never a traceback.
-"""
+"""The error hierarchy, re-exported from the store (which owns it), plus the
+errors only the trainer side raises."""
 
 from __future__ import annotations
 
-
-class PrefastError(Exception):
-    """Base class of every error raised on purpose by PreFast."""
-
-    exit_code = 1
-
-
-class ConfigError(PrefastError, ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
-
-    exit_code = 2
+from prefast.store.errors import (
+    CacheCorruptedError,
+    CacheError,
+    CacheExistsError,
+    CacheLockedError,
+    CacheNotFoundError,
+    CacheWriteError,
+    ConfigError,
+    DiskFullError,
+    PrefastError,
+)
 
 
 class DataUnavailableError(PrefastError):
@@ -26,29 +22,20 @@ class DataUnavailableError(PrefastError):
     exit_code = 2
 
 
-class CacheError(PrefastError):
-    """Base class of activation-store errors."""
+class BoundaryStateError(PrefastError, RuntimeError):
+    """A cache boundary was asked for a transition its state does not allow (a bug)."""
 
 
-class CacheNotFoundError(CacheError):
-    """No cache with the given key exists under the cache root."""
-
-
-class CacheCorruptedError(CacheError):
-    """A cache failed a checksum or its completion record does not match its data."""
-
-    def __init__(self, cache: str, detail: str):
-        self.cache = cache
-        self.detail = detail
-        super().__init__(
-            f"cache {cache} is corrupted: {detail}. "
-            f"Delete it with `prefast cache purge {cache} --yes`; it will be recomputed."
-        )
-
-
-class CacheLockedError(CacheError):
-    """Another live process is writing the same cache."""
-
-
-class DiskFullError(CacheError, OSError):
-    """The disk filled up while writing a cache; the partial cache was removed."""
+__all__ = [
+    "BoundaryStateError",
+    "CacheCorruptedError",
+    "CacheError",
+    "CacheExistsError",
+    "CacheLockedError",
+    "CacheNotFoundError",
+    "CacheWriteError",
+    "ConfigError",
+    "DataUnavailableError",
+    "DiskFullError",
+    "PrefastError",
+]

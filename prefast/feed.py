@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from prefast.data import Dataset, Normalizer, augment
-from prefast.order import batch_slices, epoch_order, rng_for
+from prefast.store.order import batch_slices, epoch_order, rng_for
 
 # Optional hook the trainer calls with each batch's activations at a boundary.
 Sink = Callable[[torch.Tensor, "Batch"], None]

@@ -33,7 +33,6 @@ from prefast.errors import CacheCorruptedError, CacheError, DiskFullError
 from prefast.feed import Batch, RawFeed
 from prefast.governor import Governor, boundary_cache_bytes, cache_dtype, cache_views
 from prefast.models import StagedModel
-from prefast.order import batch_slices
 from prefast.plan import measure_stage_costs, plan_boundaries
 from prefast.schedule import FreezeOutSchedule
 from prefast.store import (
@@ -47,6 +46,7 @@ from prefast.store import (
     open_writer,
 )
 from prefast.store.base import TorchBatch
+from prefast.store.order import batch_slices
 
 log = logging.getLogger("prefast.materialize")
 

@@ -8,16 +8,19 @@ Four tiers behind one interface, chosen by name::
     reader = writer.finish()            # atomic: readable only from here on
     for acts, labels, ids in PrefetchLoader(lambda: reader.epoch_batches(seed, epoch, 256)):
         ...
+    reader.close()                      # releases the shared lock that kept the cache alive
+
+The store imports nothing from the trainer side: it owns its errors
+(``prefast.store.errors``) and its sample-order functions (``prefast.store.order``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from prefast.errors import ConfigError
-
 from .base import TIERS, CacheSpec, Reader, Writer
-from .disk import open_reader
+from .disk_reader import open_reader
+from .errors import ConfigError
 from .layout import CacheRoot, cache_key
 from .loader import PrefetchLoader
 from .memory import MemoryWriter
@@ -29,7 +32,12 @@ def open_writer(
     root: CacheRoot | None = None,
     device: torch.device | str | None = None,
 ) -> Writer:
-    """A writer for ``tier`` (gpu, ram, mmap or zarr)."""
+    """A writer for ``tier`` (gpu, ram, mmap or zarr).
+
+    Disk tiers raise CacheLockedError when another process holds the key and
+    CacheExistsError when a complete cache with the key exists (open it with
+    :func:`open_reader` instead).
+    """
     if tier == "gpu":
         if not torch.cuda.is_available():
             raise ConfigError("cache tier 'gpu' needs a CUDA GPU: use --cache-tier ram")
@@ -39,7 +47,7 @@ def open_writer(
     if tier in ("mmap", "zarr"):
         if root is None:
             raise ConfigError(f"cache tier {tier!r} needs a cache directory (--cache-dir)")
-        from .disk import disk_writer
+        from .disk_writer import disk_writer
 
         return disk_writer(tier, root, spec)
     raise ConfigError(f"unknown cache tier {tier!r}: choose one of {', '.join(TIERS)}")

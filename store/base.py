@@ -13,19 +13,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import crc32c
 import numpy as np
 import torch
 
-from prefast.errors import ConfigError
-from prefast.order import batch_slices, epoch_order
+from .errors import ConfigError
+from .order import batch_slices, epoch_order
 
 TIERS = ("gpu", "ram", "mmap", "zarr")
+# About 4 MiB per chunk: large enough to read at disk speed, small enough that a
+# shuffle window of chunks fits in memory. Module-level so a test can shrink it.
+CHUNK_BYTES = 4 * 2**20
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # zarr has no bfloat16: its bits are stored as uint16 and the dtype is recorded.
 NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 # (activations, labels, ids); activations in the cache's torch dtype.
 TorchBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def checksum(a: np.ndarray) -> int:
+    """crc32c of an array's bytes (C order), without copying a contiguous array."""
+    return int(crc32c.crc32c(np.ascontiguousarray(a).data))
 
 
 def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -69,9 +78,10 @@ class CacheSpec:
     def logical_bytes(self) -> int:
         return self.rows * self.row_bytes
 
-    def chunk_rows(self, target_bytes: int = 4 * 2**20) -> int:
-        """Rows per chunk so a chunk is about ``target_bytes`` (4 MiB)."""
-        return max(1, min(self.rows, target_bytes // max(1, self.row_bytes)))
+    def chunk_rows(self, target_bytes: int | None = None) -> int:
+        """Rows per chunk so a chunk is about ``target_bytes`` (default CHUNK_BYTES)."""
+        target = CHUNK_BYTES if target_bytes is None else target_bytes
+        return max(1, min(self.rows, target // max(1, self.row_bytes)))
 
 
 class Writer(abc.ABC):

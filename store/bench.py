@@ -25,7 +25,7 @@ import psutil
 import torch
 
 from .base import CacheSpec
-from .disk import ZarrWriter
+from .disk_writer import ZarrWriter
 from .layout import CacheRoot
 from .loader import PrefetchLoader
 

@@ -1,4 +1,4 @@
-"""Cache root layout, content keys, completion markers and writer locks.
+"""Cache root layout, content keys, completion markers and per-key locks.
 
 ::
 
@@ -7,15 +7,20 @@
     <root>/<key>/activations.bin      mmap tier: raw rows (N, C, H, W)
     <root>/<key>/labels/, ids/        small zarr arrays
     <root>/<key>/COMPLETE.json        written last, atomically: the cache is readable
-    <root>/.locks/<key>.lock          flock held by the one live writer
+    <root>/.locks/<key>.lock          flock: shared by readers, exclusive for a writer
+                                      or a deleter
 
 A directory without ``COMPLETE.json`` is *partial*: never read, shown as
 such by ``prefast cache ls``, removed by the next writer of the same key.
+A cache is deleted only under its exclusive lock, so never while any process
+reads it; a complete cache is never rewritten (writers raise
+``CacheExistsError`` and the caller opens it for reading instead).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -24,9 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
-from prefast.errors import CacheLockedError, CacheNotFoundError
+from .errors import CacheLockedError, CacheNotFoundError
 
 MARKER = "COMPLETE.json"
 MIB = 2**20
@@ -65,6 +68,53 @@ def atomic_write_json(path: Path, doc: dict) -> None:
     fsync_path(path.parent)
 
 
+class KeyLock:
+    """A non-blocking ``flock`` on one key's lock file: shared or exclusive.
+
+    Readers hold it shared for as long as they are open; a writer or a
+    deleter needs it exclusive. flock belongs to the open file, so it dies
+    with its process: a lock left by a killed writer is never stale.
+    (filelock's ``FileLock`` is exclusive only, and its SQLite-backed
+    ``ReadWriteLock`` raises when one process holds both modes on a key, which
+    a run does while it reads a boundary and removes a superseded one.)
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+        self.shared = False
+
+    def try_acquire(self, shared: bool) -> bool:
+        if self.fd is not None:
+            raise RuntimeError(f"{self.path} is already held by this KeyLock")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd, self.shared = fd, shared
+        return True
+
+    def downgrade(self) -> None:
+        """Exclusive -> shared: a writer hands its finished cache to a reader."""
+        assert self.fd is not None
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        self.shared = True
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self) -> None:
+        """Idempotent."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
 @dataclass
 class CacheRoot:
     """A directory holding caches, one sub-directory per key."""
@@ -77,21 +127,22 @@ class CacheRoot:
     def dir_for(self, key: str) -> Path:
         return self.path / key
 
-    def lock(self, key: str) -> FileLock:
-        """A non-blocking writer lock. flock dies with its process, so a lock
-        left by a killed writer is never stale: the next writer just takes it."""
-        (self.path / ".locks").mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.path / ".locks" / f"{key}.lock"), timeout=0)
+    def lock(self, key: str) -> KeyLock:
+        return KeyLock(self.path / ".locks" / f"{key}.lock")
 
-    def acquire(self, key: str) -> FileLock:
+    def acquire(self, key: str, shared: bool = False) -> KeyLock:
+        """The key's lock, or CacheLockedError naming what to do."""
         lock = self.lock(key)
-        try:
-            lock.acquire()
-        except Timeout:
+        if not lock.try_acquire(shared):
             raise CacheLockedError(
-                f"cache {key} is being written by another live process (lock "
-                f"{lock.lock_file}); wait for it to finish or use another --cache-dir"
-            ) from None
+                f"cache {key} is "
+                + (
+                    "being written or deleted by another live process"
+                    if shared
+                    else "in use by another live process (reading or writing it)"
+                )
+                + f" (lock {lock.path}); wait for it to finish or use another --cache-dir"
+            )
         return lock
 
     def is_complete(self, key: str) -> bool:
@@ -120,7 +171,21 @@ class CacheRoot:
             f"{key_or_prefix!r} matches {len(matches)} caches: give more characters of the key"
         )
 
-    def remove(self, key: str) -> None:
+    def remove(self, key: str) -> bool:
+        """Delete a cache unless a live process holds it; True when it is gone."""
+        lock = self.lock(key)
+        if not lock.try_acquire(shared=False):
+            return False
+        try:
+            self.remove_held(key)
+        finally:
+            lock.release()
+        return True
+
+    def remove_held(self, key: str) -> None:
+        """Delete a cache whose exclusive lock the caller holds."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir_for(key) / MARKER).unlink()  # first: no reader may see a half-deleted cache
         shutil.rmtree(self.dir_for(key), ignore_errors=True)
 
     def touch(self, key: str) -> None:
@@ -131,8 +196,11 @@ class CacheRoot:
 
 
 def disk_usage(path: Path) -> int:
+    """Bytes allocated under ``path``, directories included (an empty partial is not free)."""
     total = 0
     for dirpath, _, files in os.walk(path):
+        with contextlib.suppress(FileNotFoundError):
+            total += os.stat(dirpath).st_blocks * 512
         for name in files:
             with contextlib.suppress(FileNotFoundError):
                 total += os.stat(Path(dirpath) / name).st_blocks * 512

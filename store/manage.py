@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prefast.errors import CacheCorruptedError, CacheError
-
-from .disk import DiskReader, open_reader
+from .disk_reader import DiskReader, open_reader
+from .errors import CacheCorruptedError, CacheError, CacheLockedError
 from .layout import MARKER, CacheRoot, disk_usage
 
 
@@ -77,11 +76,17 @@ def inspect(root: CacheRoot, key: str) -> dict:
 
 
 def verify(root: CacheRoot, key: str) -> list[str]:
-    """Read every chunk and check every checksum; returns the problems found."""
+    """Check that every chunk the completion marker lists is present and matches its
+    checksum; returns the problems found (empty: the cache is sound).
+
+    Raises CacheLockedError when another process is deleting the cache.
+    """
     if not root.is_complete(key):
         return []  # partial caches are never read; `cache ls` shows them as partial
     try:
         reader: DiskReader = open_reader(root, key)
+    except CacheLockedError:
+        raise
     except (CacheError, KeyError, OSError, ValueError) as exc:
         return [str(exc)]
     problems = []
@@ -135,11 +140,9 @@ def purge_candidates(root: CacheRoot, keys: list[str], rule: PurgeRule) -> list[
 
 
 def _live_writer(root: CacheRoot, key: str) -> bool:
-    """True when a live process holds the writer lock (don't purge under it)."""
+    """True when a live process holds the key's lock (don't purge under it)."""
     lock = root.lock(key)
-    try:
-        lock.acquire()
-    except Exception:
+    if not lock.try_acquire(shared=False):
         return True
     lock.release()
     return False

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from prefast.order import rng_for
+from .order import rng_for
 
 
 def windowed_order(

@@ -91,7 +91,7 @@ def test_disk_full_removes_partial_and_says_so(tmp_path, monkeypatch):
     def full(self, start, rows):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("prefast.store.disk.ZarrWriter._write_chunk", full)
+    monkeypatch.setattr("prefast.store.disk_writer.ZarrWriter._write_chunk", full)
     root = CacheRoot(tmp_path)
     w = open_writer("zarr", CacheSpec("full", 5000, SHAPE, "float16"), root)
     with pytest.raises(DiskFullError, match="disk full.*partial cache was removed"):

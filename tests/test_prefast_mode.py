@@ -1,7 +1,7 @@
 """Invariants of the prefast mode: exactness, reuse, and training through faults."""
 
 import pytest
-from prefast.store.disk import DiskWriter
+from prefast.store.disk_writer import DiskWriter
 from prefast.store.layout import CacheRoot
 from prefast.store.manage import list_caches
 
@@ -61,7 +61,7 @@ def test_disk_full_during_materialization_falls_back(tmp_path, monkeypatch):
     def full(self, start, rows):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("prefast.store.disk.ZarrWriter._write_chunk", full)
+    monkeypatch.setattr("prefast.store.disk_writer.ZarrWriter._write_chunk", full)
     ref = train(TrainConfig(mode="freezeout", **{**DIGITS, "epochs": 5}))
     run = train(
         TrainConfig(
@@ -90,7 +90,7 @@ def test_ram_pressure_spills_to_disk_and_training_goes_on(tmp_path, monkeypatch,
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_corrupted_chunk_mid_training_is_recomputed(tmp_path, monkeypatch, freezeout_ref, split):
     """A corrupted chunk in the train or the test cache: never trained/evaluated on, recomputed."""
-    from prefast.store.disk import ZarrReader
+    from prefast.store.disk_reader import ZarrReader
 
     from prefast.errors import CacheCorruptedError
 

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 from prefast.store import CacheRoot, CacheSpec, PrefetchLoader, open_writer
-
-from prefast.order import epoch_order
+from prefast.store.order import epoch_order
 
 TIERS = [
     pytest.param(
@@ -99,7 +98,7 @@ def test_zarr_codec_choice_and_metadata(tmp_path):
     assert reader.attrs["dtype"] == "float16" and reader.attrs["rows"] == 2000
     reader.close()
     root = CacheRoot(tmp_path / "noise")
-    from prefast.store.disk import ZarrWriter
+    from prefast.store.disk_writer import ZarrWriter
 
     # random bits: zstd cannot pay
     noise = torch.randint(-(2**31), 2**31 - 1, (500, *SHAPE), dtype=torch.int32).view(torch.float32)
@@ -113,7 +112,7 @@ def test_zarr_codec_choice_and_metadata(tmp_path):
 @pytest.mark.parametrize("tier", ["mmap", "zarr"])
 def test_disk_writer_queue_is_bounded_in_bytes(tier, tmp_path, no_thread_leak):
     """Large rows must not let the trainer queue 8 batches ahead of the disk."""
-    from prefast.store.disk import QUEUE_BYTES
+    from prefast.store.disk_writer import QUEUE_BYTES
 
     rows, shape = 48, (64, 64, 64)  # 1 MiB per row at float32
     w = open_writer(tier, CacheSpec(f"big-{tier}", rows, shape, "float32"), CacheRoot(tmp_path))

@@ -25,3 +25,13 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 def batch_slices(n: int, batch_size: int) -> list[slice]:
     """Consecutive batches covering all ``n`` samples (the last may be short)."""
     return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+def unseen(order: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
+    """``order`` without the samples marked in the boolean mask ``seen``.
+
+    After a fault mid-epoch the rest of the epoch is served from raw data in
+    this order: when everything seen so far was a prefix of ``order`` (exact
+    tiers), the rest continues batch for batch as if nothing had happened.
+    """
+    return order if seen is None else order[~seen[order]]

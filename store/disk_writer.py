@@ -1,0 +1,322 @@
+"""Writers of the on-disk tiers: ``zarr`` (chunked, crc32c, zstd when it pays) and ``mmap``.
+
+Writes go through one background thread with a bounded queue, so the trainer
+only waits on disk when the queue is full. Rows are grouped into ~4 MiB chunks
+and each chunk is written whole (no read-modify-write).
+
+Life of a writer: *open* (holding the key's exclusive lock) -> *finished*
+(``finish()`` fsynced the data, atomically wrote the completion marker with
+one crc32c per chunk, and handed the lock, downgraded to shared, to the
+returned reader) or *aborted* (the partial directory is removed and the lock
+released). A failure in the writer thread never blocks the trainer: the
+thread keeps draining (and discarding) its queue, and the trainer's next
+``append``/``finish`` raises :class:`CacheWriteError` (or ``DiskFullError``)
+within one queue poll, after aborting.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import numcodecs
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from .base import NUMPY_STORAGE, CacheSpec, Writer, checksum, to_storage
+from .disk_reader import DiskReader, open_reader
+from .errors import CacheExistsError, CacheWriteError, DiskFullError
+from .layout import MARKER, CacheRoot, atomic_write_json, fsync_tree
+
+log = logging.getLogger("prefast.store")
+_STOP = object()
+ZSTD_MIN_RATIO = 1.10  # below this, decoding costs more than the bytes it saves
+POLL_S = 0.05  # how often a waiting trainer re-checks the writer thread for an error
+
+# What the trainer may run ahead of the writer thread: at most this many bytes
+# (and ``queue_batches`` batches) wait in the queue, so --max-ram holds while caching.
+QUEUE_BYTES = 64 * 2**20
+
+
+def trial_ratio(chunk: np.ndarray) -> float:
+    """Compression ratio of zstd level 1 on one chunk (the codec decision)."""
+    raw = np.ascontiguousarray(chunk).tobytes()
+    return len(raw) / max(1, len(numcodecs.Zstd(level=1).encode(raw)))
+
+
+class DiskWriter(Writer):
+    """Shared machinery: lock, partial directory, writer thread, completion."""
+
+    tier = "disk"
+
+    def __init__(self, root: CacheRoot, spec: CacheSpec, queue_batches: int = 8):
+        self.root, self.spec = root, spec
+        self.dir = root.dir_for(spec.key)
+        self.lock = root.acquire(spec.key)  # exclusive: nobody reads or writes this key
+        try:
+            if root.is_complete(spec.key):
+                raise CacheExistsError(
+                    f"cache {spec.key} under {root.path} is already complete: open it with "
+                    "open_reader() instead of rewriting it"
+                )
+            root.remove_held(spec.key)  # a partial left by a killed writer
+            self.dir.mkdir(parents=True)
+            self.group = zarr.open_group(zarr.storage.LocalStore(self.dir), mode="w", zarr_format=3)
+            self._open_files()
+        except BaseException:
+            self.lock.release()
+            raise
+        self.chunk_rows = spec.chunk_rows()
+        self.labels = np.empty(spec.rows, dtype=np.int64)
+        self.row_ids = np.empty(spec.rows, dtype=np.int64)
+        self.pos = 0  # rows accepted from the trainer
+        self.written = 0  # rows on disk
+        self.chunk_crcs: list[int] = []  # crc32c of each chunk's raw bytes, for the marker
+        self.pending: list[np.ndarray] = []
+        self.error: BaseException | None = None
+        self.extra: dict[str, Any] = {}
+        self.queue_batches = queue_batches
+        self.queue: queue.Queue = queue.Queue()  # bounded at the first append()
+        self.closed = False
+        self.thread = threading.Thread(
+            target=self._run, name=f"prefast-writer-{spec.key[:8]}", daemon=True
+        )
+        self.thread.start()
+
+    # -- trainer side --------------------------------------------------------------------
+    def append(self, acts: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
+        if self.closed:
+            raise RuntimeError(f"append() to cache {self.spec.key} after finish() or abort()")
+        self._raise_if_failed()
+        n = len(acts)
+        if self.pos + n > self.spec.rows:
+            raise ValueError(f"cache {self.spec.key} holds {self.spec.rows} rows; got more")
+        self.labels[self.pos : self.pos + n] = labels.cpu().numpy()
+        self.row_ids[self.pos : self.pos + n] = ids.cpu().numpy()
+        self.pos += n
+        data = to_storage(acts, self.spec.dtype)
+        if self.queue.maxsize == 0:  # first batch: bound the queue in bytes, not batches
+            self.queue.maxsize = max(1, min(self.queue_batches, QUEUE_BYTES // max(1, data.nbytes)))
+        self._put(data)
+
+    def finish(self) -> DiskReader:
+        if self.closed:
+            raise RuntimeError(f"finish() of cache {self.spec.key} after finish() or abort()")
+        self._put(_STOP)
+        self.thread.join()
+        self._raise_if_failed()
+        if self.written != self.spec.rows:
+            self.abort()
+            raise ValueError(
+                f"cache {self.spec.key}: wrote {self.written} of {self.spec.rows} rows"
+            )
+        try:
+            self._write_small("labels", self.labels)
+            self._write_small("ids", self.row_ids)
+            self._finalize()
+            fsync_tree(self.dir)
+            atomic_write_json(self.dir / MARKER, self._marker())
+        except BaseException as exc:
+            self.abort()
+            raise self._wrapped(exc) from exc
+        self.closed = True
+        self.lock.downgrade()  # the reader keeps the lock: nobody deletes what we read
+        return open_reader(self.root, self.spec.key, lock=self.lock)
+
+    def abort(self) -> None:
+        """Drop everything written and release the key; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.thread.is_alive():
+            self.error = self.error or RuntimeError("aborted")
+            while self.thread.is_alive():  # the thread drains after an error: STOP gets in
+                try:
+                    self.queue.put(_STOP, timeout=POLL_S)
+                    break
+                except queue.Full:
+                    continue
+            self.thread.join()
+        self._close_files()
+        self.root.remove_held(self.spec.key)
+        self.lock.release()
+
+    def _put(self, item: object) -> None:
+        """Queue ``item``; if the writer thread fails meanwhile, raise instead of waiting."""
+        while True:
+            try:
+                self.queue.put(item, timeout=POLL_S)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            err = self.error
+            self.abort()
+            raise self._wrapped(err) from err
+
+    def _wrapped(self, err: BaseException) -> BaseException:
+        if isinstance(err, CacheWriteError):
+            return err
+        where = f"cache {self.spec.key} under {self.root.path}"
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return DiskFullError(
+                errno.ENOSPC,
+                f"disk full while writing {where}; the partial cache was removed. Free space, "
+                "pass --max-disk, or choose another --cache-dir",
+            )
+        if isinstance(err, Exception):
+            return CacheWriteError(
+                f"writing {where} failed ({type(err).__name__}: {err}); the partial cache "
+                "was removed"
+            )
+        return err  # KeyboardInterrupt and friends pass through
+
+    def _marker(self) -> dict:
+        return {
+            "key": self.spec.key,
+            "rows": self.spec.rows,
+            "tier": self.tier,
+            "chunk_rows": self.chunk_rows,
+            "chunks": len(self.chunk_crcs),
+            "chunk_crc32c": self.chunk_crcs,
+            "completed_at": time.time(),
+            "labels_crc32c": checksum(self.labels),
+            "ids_crc32c": checksum(self.row_ids),
+            **self.extra,
+        }
+
+    # -- writer thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                break
+            if self.error is not None:
+                continue  # failed or aborted: drain and discard so put() never blocks
+            try:
+                self.pending.append(item)
+                self._flush(final=False)
+            except BaseException as exc:  # reported to the trainer on its next call
+                self.error = exc
+        if self.error is None:
+            try:
+                self._flush(final=True)
+            except BaseException as exc:
+                self.error = exc
+
+    def _flush(self, final: bool) -> None:
+        buffered = sum(len(a) for a in self.pending)
+        while buffered >= self.chunk_rows or (final and buffered):
+            rows = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+            take = min(self.chunk_rows, len(rows))
+            chunk = np.ascontiguousarray(rows[:take])
+            self._write_chunk(self.written, chunk)
+            self.chunk_crcs.append(checksum(chunk))
+            self.written += take
+            self.pending = [rows[take:]] if take < len(rows) else []
+            buffered -= take
+
+    def _write_small(self, name: str, data: np.ndarray) -> None:
+        arr = self.group.create_array(
+            name, shape=data.shape, dtype=data.dtype, chunks=data.shape, compressors=[Crc32cCodec()]
+        )
+        arr[:] = data
+
+    # -- per tier ------------------------------------------------------------------------
+    def _open_files(self) -> None:
+        pass
+
+    def _write_chunk(self, start: int, rows: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _finalize(self) -> None:
+        pass
+
+    def _close_files(self) -> None:
+        pass
+
+    def _set_attrs(self, codec: str, ratio: float | None) -> None:
+        self.group.attrs.update(
+            {
+                **self.spec.attrs,
+                "key": self.spec.key,
+                "tier": self.tier,
+                "rows": self.spec.rows,
+                "shape": list(self.spec.shape),
+                "dtype": self.spec.dtype,
+                "codec": codec,
+                "compression_ratio": ratio,
+                "chunk_rows": self.spec.chunk_rows(),
+                "logical_bytes": self.spec.logical_bytes,
+                "created": time.time(),
+                "versions": {
+                    "zarr": zarr.__version__,
+                    "numcodecs": numcodecs.__version__,
+                    "torch": torch.__version__,
+                },
+            }
+        )
+
+
+class ZarrWriter(DiskWriter):
+    tier = "zarr"
+
+    def __init__(self, root: CacheRoot, spec: CacheSpec, codec: str = "auto", **kw: Any):
+        self.codec = codec
+        self.array: Any = None
+        super().__init__(root, spec, **kw)
+
+    def _write_chunk(self, start: int, rows: np.ndarray) -> None:
+        if self.array is None:  # decide the codec on the first real chunk
+            ratio = trial_ratio(rows)
+            use_zstd = self.codec == "zstd" or (self.codec == "auto" and ratio >= ZSTD_MIN_RATIO)
+            compressors: list[Any] = [ZstdCodec(level=1)] if use_zstd else []
+            self.array = self.group.create_array(
+                "activations",
+                shape=(self.spec.rows, *self.spec.shape),
+                dtype=NUMPY_STORAGE[self.spec.dtype],
+                chunks=(self.chunk_rows, *self.spec.shape),
+                compressors=[*compressors, Crc32cCodec()],
+                fill_value=0,
+                config={"write_empty_chunks": True},
+            )
+            self._set_attrs("zstd1" if use_zstd else "none", round(ratio, 3) if use_zstd else 1.0)
+            log.info(
+                "cache %s: zstd-1 trial ratio %.2f -> %s",
+                self.spec.key[:8],
+                ratio,
+                "zstd" if use_zstd else "none",
+            )
+        self.array[start : start + len(rows)] = rows
+
+
+class MmapWriter(DiskWriter):
+    """Raw rows in one file; per-chunk crc32c in the marker (checked on read)."""
+
+    tier = "mmap"
+
+    def _open_files(self) -> None:
+        self.file = open(self.dir / "activations.bin", "wb")  # noqa: SIM115 - closed in _finalize
+        self._set_attrs("none", 1.0)
+
+    def _write_chunk(self, start: int, rows: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(rows).data)
+
+    def _finalize(self) -> None:
+        self.file.close()
+
+    def _close_files(self) -> None:
+        if hasattr(self, "file"):
+            self.file.close()
+
+
+def disk_writer(tier: str, root: CacheRoot, spec: CacheSpec) -> DiskWriter:
+    return ZarrWriter(root, spec) if tier == "zarr" else MmapWriter(root, spec)

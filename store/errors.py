@@ -1,0 +1,58 @@
+"""One error hierarchy for the whole library, owned by the store.
+
+The store imports nothing from the trainer side, so the base class lives
+here and ``prefast.errors`` re-exports it. Every error a user can meet derives
+from :class:`PrefastError` and its message says what was wrong *and* how to
+fix it. The CLI prints the message on one line and exits with status 2 (bad
+input) or 1 (a failed check), never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class PrefastError(Exception):
+    """Base class of every error raised on purpose by PreFast."""
+
+    exit_code = 1
+
+
+class ConfigError(PrefastError, ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+    exit_code = 2
+
+
+class CacheError(PrefastError):
+    """Base class of activation-store errors."""
+
+
+class CacheNotFoundError(CacheError):
+    """No complete cache with the given key exists under the cache root."""
+
+
+class CacheCorruptedError(CacheError):
+    """A chunk is missing, fails its checksum, or the completion record does not match."""
+
+    def __init__(self, cache: str, detail: str):
+        self.cache = cache
+        self.detail = detail
+        super().__init__(
+            f"cache {cache} is corrupted: {detail}. "
+            f"Delete it with `prefast cache purge {cache} --yes`; it will be recomputed."
+        )
+
+
+class CacheLockedError(CacheError):
+    """Another live process holds the cache (writing it, reading it or deleting it)."""
+
+
+class CacheExistsError(CacheError):
+    """A complete cache with this key exists: open it for reading instead of rewriting it."""
+
+
+class CacheWriteError(CacheError):
+    """The background writer failed; the partial cache was removed."""
+
+
+class DiskFullError(CacheWriteError, OSError):
+    """The disk filled up while writing a cache; the partial cache was removed."""

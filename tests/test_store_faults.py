@@ -1,0 +1,168 @@
+"""The store's fault contract: missing chunks, failing writers, full disks, live readers.
+
+Each test here is one row of the README "Faults" table.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from prefast.store import CacheRoot, CacheSpec, open_reader, open_writer
+from prefast.store.disk_writer import ZarrWriter
+from prefast.store.errors import (
+    CacheCorruptedError,
+    CacheExistsError,
+    CacheWriteError,
+    DiskFullError,
+)
+from prefast.store.manage import verify
+
+SHAPE = (8, 8, 8)
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "prefast.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def make_cache(root, key="c", tier="zarr", rows=5000):
+    w = open_writer(tier, CacheSpec(key, rows, SHAPE, "float32"), root)
+    w.append(
+        torch.relu(torch.randn(rows, *SHAPE)),
+        torch.zeros(rows, dtype=torch.int64),
+        torch.arange(rows),
+    )
+    w.finish().close()
+
+
+def test_missing_chunk_file_is_corruption_never_zeros(tmp_path):
+    root = CacheRoot(tmp_path)
+    make_cache(root)  # 5000 rows of 2 KiB in 4 MiB chunks: 3 chunks
+    chunk = tmp_path / "c" / "activations" / "c" / "1" / "0" / "0" / "0"
+    chunk.unlink()
+    with pytest.raises(CacheCorruptedError, match="1 of 3 chunk files are missing"):
+        open_reader(root, "c")
+    assert verify(root, "c") and "missing" in verify(root, "c")[0]
+    res = cli("cache", "verify", "--all", "--cache-dir", str(tmp_path))
+    assert res.returncode == 1 and "c  CORRUPTED" in res.stdout, res.stdout
+
+
+def test_chunk_vanishing_under_an_open_reader_fails_its_checksum(tmp_path):
+    root = CacheRoot(tmp_path)
+    make_cache(root)
+    reader = open_reader(root, "c")
+    (tmp_path / "c" / "activations" / "c" / "2" / "0" / "0" / "0").unlink()  # zarr would give zeros
+    reader.read_chunk(0)
+    with pytest.raises(CacheCorruptedError, match="chunk 2 .* does not match its checksum"):
+        reader.read_chunk(2)
+    reader.close()
+
+
+@pytest.mark.parametrize("tier", ["zarr", "mmap"])
+def test_marker_accounts_for_every_chunk(tmp_path, tier):
+    root = CacheRoot(tmp_path)
+    make_cache(root, tier=tier)
+    marker = root.marker("c")
+    assert marker["chunks"] == 3 and len(marker["chunk_crc32c"]) == 3
+
+
+def test_writer_that_blocks_then_fails_never_blocks_the_trainer(
+    tmp_path, monkeypatch, no_thread_leak
+):
+    """The queue is full while the disk hangs; when the write fails, append() raises at once."""
+    release = threading.Event()
+
+    def hung_then_failed(self, start, rows):
+        release.wait(30)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ZarrWriter, "_write_chunk", hung_then_failed)
+    root = CacheRoot(tmp_path)
+    w = open_writer("zarr", CacheSpec("hang", 100_000, SHAPE, "float32"), root)
+    outcome: dict = {}
+
+    def trainer():
+        try:
+            for _ in range(10_000):  # far more than the queue holds
+                w.append(
+                    torch.zeros(64, *SHAPE), torch.zeros(64, dtype=torch.int64), torch.arange(64)
+                )
+        except CacheWriteError as exc:
+            outcome["error"], outcome["at"] = exc, time.perf_counter()
+
+    t = threading.Thread(target=trainer)
+    t.start()
+    time.sleep(0.5)
+    assert t.is_alive() and w.queue.full(), "the trainer should be waiting on a full queue"
+    failed_at = time.perf_counter()
+    release.set()
+    t.join(timeout=10)
+    assert not t.is_alive(), "append() still blocked 10 s after the writer failed"
+    assert "Input/output error" in str(outcome["error"])
+    assert outcome["at"] - failed_at < 2.0
+    assert not root.dir_for("hang").exists(), "partial cache left"
+    assert root.lock("hang").try_acquire(shared=False), "lock still held"
+
+
+def test_real_full_disk_raises_disk_full_and_leaves_nothing(tiny_disk, no_thread_leak):
+    root = CacheRoot(tiny_disk)
+    w = open_writer("zarr", CacheSpec("big", 20_000, SHAPE, "float32"), root)  # 40 MiB > 8 MiB
+    with pytest.raises(DiskFullError, match="disk full.*partial cache was removed"):
+        for s in range(0, 20_000, 500):
+            noise = torch.randn(500, *SHAPE)  # incompressible: fills the disk
+            w.append(noise, torch.zeros(500, dtype=torch.int64), torch.arange(s, s + 500))
+        w.finish()
+    assert root.cache_keys() == []
+    make_cache(root, "small", rows=300)  # the space came back
+    assert root.is_complete("small")
+
+
+def test_purge_skips_a_cache_held_open_by_a_reader(tmp_path):
+    root = CacheRoot(tmp_path)
+    make_cache(root, "held")
+    make_cache(root, "free")
+    reader = open_reader(root, "held")
+    res = cli("cache", "purge", "--all", "--yes", "--cache-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "skipped held" in res.stdout and "deleted 1 cache(s)" in res.stdout
+    assert root.is_complete("held") and not root.dir_for("free").exists()
+    reader.read_chunk(0)  # still readable
+    reader.close()
+    res = cli("cache", "purge", "--all", "--yes", "--cache-dir", str(tmp_path))
+    assert "deleted 1 cache(s)" in res.stdout and root.cache_keys() == []
+
+
+def test_complete_cache_is_never_rewritten(tmp_path):
+    root = CacheRoot(tmp_path)
+    make_cache(root, "done")
+    before = json.loads((tmp_path / "done" / "COMPLETE.json").read_text())
+    with pytest.raises(CacheExistsError, match="already complete"):
+        open_writer("zarr", CacheSpec("done", 10, SHAPE, "float32"), root)
+    assert root.marker("done") == before
+    assert not verify(root, "done")
+
+
+def test_reader_and_writer_exclude_each_other(tmp_path):
+    from prefast.store.errors import CacheLockedError
+
+    root = CacheRoot(tmp_path)
+    make_cache(root, "r")
+    reader = open_reader(root, "r")
+    assert not root.remove("r"), "removed under a live reader"
+    reader.close()
+    assert root.remove("r") and not root.dir_for("r").exists()
+    w = open_writer("zarr", CacheSpec("w", 10, SHAPE, "float32"), root)
+    with pytest.raises(CacheLockedError):
+        open_reader(root, "w")
+    w.abort()
