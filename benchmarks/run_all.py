@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from prefast.store.bench import machine, markdown, plot, run_store_bench
+from prefast.benchmarks.store_bench import machine, markdown, plot, run_store_bench
+from prefast.benchmarks.train_bench import accuracy_table, run_sweep
 
-from prefast.bench_train import accuracy_table, run_sweep
 from prefast.config import TrainConfig
 
 MODES = ["baseline", "freezeout", "prefast"]

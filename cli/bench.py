@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_store(args: argparse.Namespace) -> int:
-    from prefast.store.bench import markdown, run_store_bench
+    from prefast.benchmarks.store_bench import markdown, run_store_bench
 
     from prefast.config import parse_size
 
@@ -58,7 +58,7 @@ def run_store(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from prefast.bench_train import run_sweep
+    from prefast.benchmarks.train_bench import run_sweep
 
     from .common import config_from_args
 

@@ -9,6 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from prefast.config import CACHE_DTYPES, MODES, TIERS, TrainConfig, parse_size
+from prefast.costmodel import BOUNDARY_POLICIES
 from prefast.data import AUGMENTS, DATASETS
 from prefast.models import MODELS
 from prefast.schedule import SCALES
@@ -95,6 +96,13 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         type=int,
         default=1,
         help="augmented views materialized per boundary; epoch e reads view e mod K",
+    )
+    c.add_argument(
+        "--cache-boundaries",
+        default="auto",
+        choices=BOUNDARY_POLICIES,
+        help="auto: materialize a boundary only when the cost model says it pays; "
+        "every: at every epoch start where the frozen prefix grew (default: %(default)s)",
     )
     c.add_argument("--max-ram", help="host RAM budget for caches, e.g. 4GB")
     c.add_argument("--max-gpu-mem", help="GPU memory budget for caches, e.g. 10GB")

@@ -20,6 +20,7 @@ from prefast.errors import (
 )
 from prefast.models import StagedModel, build_model, from_sequential, from_torchvision_resnet
 from prefast.schedule import FreezeOutSchedule
+from prefast.store.order import batch_slices, epoch_order
 from prefast.trainer import train
 
 __version__ = "0.1.0"
@@ -34,7 +35,9 @@ __all__ = [
     "PrefastError",
     "StagedModel",
     "TrainConfig",
+    "batch_slices",
     "build_model",
+    "epoch_order",
     "from_sequential",
     "from_torchvision_resnet",
     "train",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from prefast.build import load_for
 from prefast.config import TrainConfig
+from prefast.plan import measure_and_plan
 from prefast.trainer import train
 
 
@@ -16,14 +18,14 @@ def compare(
 ) -> dict[str, dict]:
     """Train ``cfg`` once per mode, one after another in this process.
 
-    Returns ``{mode: run record}``. When the cost model is available (it needs
-    the per-stage timings of ``prefast.plan``), each record gains
-    ``final.predicted_s`` so measured/ideal can be read off.
+    Returns ``{mode: run record}``; each record gains ``final.predicted_s``
+    (the ideal cost model's prediction) so measured/ideal can be read off.
+    The dataset is loaded once and shared by the probe and every run; each
+    prefast run still times its own stages, as a standalone run would.
     """
-    from prefast.plan import measure_and_plan
-
     runs: dict[str, dict] = {}
-    plan = measure_and_plan(cfg.replace(mode="prefast"))
+    data = load_for(cfg)
+    plan = measure_and_plan(cfg.replace(mode="prefast"), data=data)
     for mode in modes:
         if log:
             log(f"--- {mode} ---")
@@ -35,7 +37,7 @@ def compare(
                     f"acc {r['test_acc']:.4f} {r['time_s']:.2f}s"
                 )
 
-        result = train(cfg.replace(mode=mode), progress=progress, on_epoch=on_epoch)
+        result = train(cfg.replace(mode=mode), progress=progress, on_epoch=on_epoch, data=data)
         result["final"]["predicted_s"] = plan["predicted_s"][mode]
         for record, ideal in zip(result["epochs"], plan["predicted_epochs"][mode], strict=True):
             record["predicted_train_s"] = ideal["train_s"]

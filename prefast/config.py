@@ -7,8 +7,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefast.costmodel import BOUNDARY_POLICIES
 from prefast.data import AUGMENTS, DATASETS
 from prefast.errors import ConfigError
+from prefast.governor import Budgets
 from prefast.models import MODELS
 from prefast.schedule import SCALES
 
@@ -66,6 +68,7 @@ class TrainConfig:
     cache_tier: str = "auto"
     cache_dtype: str = "auto"
     cache_views: int = 1
+    cache_boundaries: str = "auto"
     max_ram: int | None = None
     max_gpu_mem: int | None = None
     max_disk: int | None = None
@@ -79,6 +82,7 @@ class TrainConfig:
             "augment": AUGMENTS,
             "cache_tier": TIERS,
             "cache_dtype": CACHE_DTYPES,
+            "cache_boundaries": BOUNDARY_POLICIES,
             "device": ("auto", "cpu", "cuda"),
         }
         for name, allowed in choices.items():
@@ -104,6 +108,16 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive size")
+
+    def budgets(self) -> Budgets:
+        """What the memory governor may use for this run's caches."""
+        return Budgets(
+            cache_dir=Path(self.cache_dir) if self.cache_dir else default_cache_dir(),
+            max_ram=self.max_ram,
+            max_gpu_mem=self.max_gpu_mem,
+            max_disk=self.max_disk,
+            tier=self.cache_tier,
+        )
 
     def replace(self, **changes: object) -> TrainConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -1,24 +1,22 @@
-"""Where training batches come from: the raw dataset (baseline, freezeout).
+"""Where training batches come from: the feed protocol and the raw-data feed.
 
 A feed yields :class:`Batch` objects whose ``x`` is the input of stage
-``start``: for the raw feed that is the normalized (and augmented) image and
-``start = 0``; the prefast feed (``prefast/materialize.py``) yields cached
-activations with ``start`` at a stage boundary. The trainer does not care which.
+``start``. The trainer runs ``model(x, start=batch.start)`` and nothing else:
+for the raw feed ``start = 0``; the prefast feed (``prefast/materialize.py``)
+computes or reads the frozen prefix itself and sets ``start`` at a boundary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from prefast.data import Dataset, Normalizer, augment
-from prefast.store.order import batch_slices, epoch_order, rng_for
-
-# Optional hook the trainer calls with each batch's activations at a boundary.
-Sink = Callable[[torch.Tensor, "Batch"], None]
+from prefast.store.order import batch_slices, epoch_order, rng_for, unseen
 
 
 @dataclass
@@ -27,13 +25,44 @@ class Batch:
     y: torch.Tensor  # (B,) int64 labels
     ids: torch.Tensor  # (B,) int64 sample ids (rows of the dataset split)
     start: int = 0
+    cached: bool = False  # read from an activation cache (for the epoch record)
+
+
+# A generator, not just an iterator: the trainer closes it, so a feed's `finally`
+# (aborting a writer, stopping a loader thread) runs even when a step raises.
+BatchStream = Generator[Batch, None, None]
+
+
+class Feed(Protocol):
+    """What the trainer needs from a source of batches, for one run."""
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def begin_epoch(self, epoch: int, frozen_prefix: int) -> None:
+        """Called after the schedule froze this epoch's first stages."""
+
+    def train_batches(self, epoch: int) -> BatchStream:
+        """Exactly ``batches_per_epoch`` batches, every sample once."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """The epoch's batches are consumed (before evaluation)."""
+
+    def test_batches(self) -> BatchStream:
+        """The test set, in order, every sample once."""
+
+    def take_epoch_stats(self) -> dict[str, Any]:
+        """Fields of the epoch record since the last call (after evaluation)."""
+
+    def close(self) -> None:
+        """Release threads, locks and caches; idempotent."""
+
+    def report(self) -> dict[str, Any]:
+        """Fields of the run record's ``final`` section."""
 
 
 class RawFeed:
     """Batches from the in-memory dataset, augmented on the training device."""
-
-    sink: Sink | None = None  # the raw feed never writes a cache
-    sink_boundary = 0
 
     def __init__(self, ds: Dataset, batch_size: int, seed: int, augment: str, device: torch.device):
         self.ds = ds.to(device)
@@ -48,48 +77,68 @@ class RawFeed:
         return len(self.ds.train_x)
 
     @property
+    def num_test(self) -> int:
+        return len(self.ds.test_x)
+
+    @property
     def batches_per_epoch(self) -> int:
         return len(batch_slices(self.num_train, self.batch_size))
 
     def train_batches(
-        self, epoch: int, view: int | None = None, skip: np.ndarray | None = None
-    ) -> Iterator[Batch]:
-        """One epoch in the shared (seed, epoch) order.
+        self, epoch: int, view: int | None = None, seen: np.ndarray | None = None
+    ) -> BatchStream:
+        """One epoch in the shared (seed, epoch) order, without the ``seen`` samples.
 
         ``view`` fixes the augmentation stream independently of the epoch, so a
         cached augmented view can be reproduced; by default it is the epoch.
+        Each batch draws its augmentation from its own index in the epoch, so
+        the rest of an epoch served after a fault is augmented exactly as the
+        same batches of an uninterrupted epoch.
         """
-        order = torch.from_numpy(epoch_order(self.seed, epoch, self.num_train))
+        order = unseen(epoch_order(self.seed, epoch, self.num_train), seen)
+        first = (self.num_train - len(order)) // self.batch_size  # batches already served
         stream = epoch if view is None else view
-        gen = torch.Generator().manual_seed(
-            int(rng_for(self.seed, "augment", stream).integers(2**62))
-        )
-        for sl in batch_slices(len(order), self.batch_size):
-            ids = order[sl]
+        for b, sl in enumerate(batch_slices(len(order), self.batch_size), start=first):
+            ids = torch.from_numpy(order[sl])
             dev_ids = ids.to(self.device)
             x = self.norm(self.ds.train_x[dev_ids])
             if self.augment == "standard":
+                gen = torch.Generator().manual_seed(
+                    int(rng_for(self.seed, "augment", stream, b).integers(2**62))
+                )
                 x = augment(x, gen, self.ds.flip)
             yield Batch(x, self.ds.train_y[dev_ids], ids, 0)
 
-    def test_batches(self) -> Iterator[Batch]:
-        # Evaluate at the training batch size: the cost model times that size, and on
-        # CPU a DenseNet at batch 512 costs ~3.7x more per sample than at 64.
-        n = len(self.ds.test_x)
-        for sl in batch_slices(n, self.batch_size):
+    def test_batches(self, first_row: int = 0) -> BatchStream:
+        """The test set in order from row ``first_row`` (a multiple of the batch size).
+
+        Evaluation runs at the training batch size: the cost model times that
+        size, and on CPU a DenseNet at batch 512 costs ~3.7x more per sample than at 64.
+        """
+        for sl in batch_slices(self.num_test, self.batch_size):
+            if sl.start < first_row:
+                continue
             ids = torch.arange(sl.start, sl.stop)
             yield Batch(self.norm(self.ds.test_x[sl]), self.ds.test_y[sl], ids, 0)
 
-    # The trainer's feed protocol; the raw feed has no per-epoch state.
-    def begin_epoch(self, epoch: int, frozen_prefix: int) -> str | None:
-        return None
+    # -- the rest of the feed protocol: raw data has no per-epoch state ------------------
+    def begin_epoch(self, epoch: int, frozen_prefix: int) -> None:
+        pass
 
     def end_epoch(self, epoch: int) -> None:
         pass
 
+    def take_epoch_stats(self) -> dict[str, Any]:
+        return {
+            "cache_tier": None,
+            "cache_stage": None,
+            "cached_batches": 0,
+            "write_s": 0.0,
+            "read_s": 0.0,
+        }
+
     def close(self) -> None:
         pass
 
-    def take_io_seconds(self) -> dict[str, float]:
-        """Seconds spent on cache I/O since the last call (none for raw data)."""
+    def report(self) -> dict[str, Any]:
         return {}

@@ -1,15 +1,19 @@
 """Memory governor: which tier holds each boundary cache, and why.
 
-Order of preference, each taken only if the cache fits its budget:
-``gpu`` (under a watermark of free GPU memory) > ``ram`` (pinned on CUDA) >
-``mmap`` / ``zarr`` on disk > ``recompute`` (stay FreezeOut for this boundary,
-when reading the cache would take longer than computing the prefix).
-Between the disk tiers: ``zarr`` when its trial compression pays, else ``mmap``.
+Order of preference, each taken only if the whole boundary (its training
+views plus the test set) fits what is left of the tier's budget:
+``gpu`` > ``ram`` (pinned on CUDA) > ``zarr`` when the measured zstd ratio pays
+(or only the compressed size fits), else ``mmap`` > ``recompute`` (stay
+FreezeOut for this boundary, also chosen when reading one epoch's worth of the
+cache from disk would take longer than computing the prefix).
 
-Budgets default to safe headroom: half of available host RAM, 80 % of free GPU
-memory less 1 GiB, 90 % of free disk less 1 GiB. ``--max-*`` override them.
-While training, :meth:`Governor.ram_pressure` is checked every epoch; under
-pressure RAM caches are spilled to disk instead of risking the OOM killer.
+Budgets: an explicit ``--max-ram/--max-gpu-mem/--max-disk`` is a *ledger*: the
+governor records what each live cache holds per tier and a new cache gets
+only what is left. Without one, the budget is read from the machine (half of
+available host RAM, 80 % of free GPU memory less 1 GiB, 90 % of free disk
+less 1 GiB); the caches already held are reflected in those readings.
+:meth:`Governor.pressure` is checked every epoch; under pressure the
+materializer spills caches to a lower tier instead of risking the OOM killer.
 """
 
 from __future__ import annotations
@@ -22,11 +26,27 @@ from pathlib import Path
 import psutil
 import torch
 
-from prefast.config import TrainConfig, default_cache_dir
-
 log = logging.getLogger("prefast.governor")
 GIB = 2**30
+MIB = 2**20
 DISK_READ_BW = {"mmap": 1.5e9, "zarr": 1.0e9}  # bytes/s, logical; DESIGN.md §5 measurements
+ZSTD_PAYS = 1.10  # the store's own codec threshold (store.disk_writer.ZSTD_MIN_RATIO)
+FORCEABLE = ("auto", "gpu", "ram", "mmap", "zarr")
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What the caches may use; ``None`` = read the machine's free memory or disk."""
+
+    cache_dir: Path
+    max_ram: int | None = None
+    max_gpu_mem: int | None = None
+    max_disk: int | None = None
+    tier: str = "auto"  # a tier forced by --cache-tier
+
+    def __post_init__(self) -> None:
+        if self.tier not in FORCEABLE:
+            raise ValueError(f"tier {self.tier!r}: choose one of {FORCEABLE}")
 
 
 @dataclass(frozen=True)
@@ -36,121 +56,173 @@ class Decision:
     reason: str
 
 
-def cache_dtype(cfg: TrainConfig, device: torch.device) -> str:
+def cache_dtype(requested: str, device: torch.device) -> str:
     """--cache-dtype auto: bfloat16 on CUDA (matches autocast), float16 on CPU."""
-    if cfg.cache_dtype != "auto":
-        return cfg.cache_dtype
+    if requested != "auto":
+        return requested
     return "bfloat16" if device.type == "cuda" else "float16"
 
 
-def cache_views(cfg: TrainConfig) -> int:
+def cache_views(views: int, augment: str) -> int:
     """Augmented views per boundary: without augmentation every view is the same."""
-    return cfg.cache_views if cfg.augment == "standard" else 1
+    return views if augment == "standard" else 1
+
+
+def row_bytes_in(dtype: str, row_bytes_fp32: int) -> int:
+    return row_bytes_fp32 // 4 * (4 if dtype == "float32" else 2)
 
 
 def boundary_cache_bytes(
     row_bytes_fp32: int, dtype: str, train_rows: int, views: int, test_rows: int
 ) -> int:
     """Logical bytes of one boundary: ``views`` training copies plus the test set."""
-    per_row = row_bytes_fp32 // 4 * (4 if dtype == "float32" else 2)
-    return (train_rows * views + test_rows) * per_row
+    return (train_rows * views + test_rows) * row_bytes_in(dtype, row_bytes_fp32)
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:.0f} MiB"
 
 
 class Governor:
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.cfg = cfg
+    def __init__(self, budgets: Budgets, device: torch.device):
+        self.budgets = budgets
         self.device = device
-        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        self.used_ram = 0  # bytes of RAM-tier caches we hold
-        self.used_gpu = 0
+        self.ledger: dict[str, tuple[str, int]] = {}  # cache name -> (tier, bytes)
 
-    # -- what the machine has -------------------------------------------------------------
-    def ram_budget(self) -> int:
-        if self.cfg.max_ram is not None:
-            return self.cfg.max_ram
-        return psutil.virtual_memory().available // 2
+    # -- the ledger -----------------------------------------------------------------------
+    def hold(self, name: str, tier: str, nbytes: int) -> None:
+        """Record that cache ``name`` holds ``nbytes`` in ``tier`` (replaces any entry)."""
+        self.ledger[name] = (tier, int(nbytes))
 
-    def gpu_budget(self) -> int:
-        if self.device.type != "cuda":
-            return 0
-        if self.cfg.max_gpu_mem is not None:
-            return self.cfg.max_gpu_mem
+    def release(self, name: str) -> None:
+        self.ledger.pop(name, None)
+
+    def used(self, tier: str) -> int:
+        disk = tier in ("mmap", "zarr")
+        return sum(
+            b for t, b in self.ledger.values() if t == tier or (disk and t in ("mmap", "zarr"))
+        )
+
+    # -- what is left ---------------------------------------------------------------------
+    def host_available(self) -> int:
+        return int(psutil.virtual_memory().available)
+
+    def gpu_free(self) -> int:
         free, _ = torch.cuda.mem_get_info(self.device)
-        return max(0, int(free * 0.8) - GIB)
+        return int(free)
 
-    def disk_budget(self) -> int:
-        if self.cfg.max_disk is not None:
-            return self.cfg.max_disk
-        probe = self.cache_dir
+    def disk_free(self) -> int:
+        probe = Path(self.budgets.cache_dir)
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
-        return max(0, int(shutil.disk_usage(probe).free * 0.9) - GIB)
+        return int(shutil.disk_usage(probe).free)
 
-    def budgets(self) -> dict[str, int]:
-        return {"ram": self.ram_budget(), "gpu": self.gpu_budget(), "disk": self.disk_budget()}
+    def room(self, tier: str) -> int:
+        """Bytes a new cache may take in ``tier`` now."""
+        b = self.budgets
+        if tier == "gpu":
+            if self.device.type != "cuda":
+                return 0
+            if b.max_gpu_mem is not None:
+                return b.max_gpu_mem - self.used("gpu")
+            return max(0, int(self.gpu_free() * 0.8) - GIB)
+        if tier == "ram":
+            if b.max_ram is not None:
+                return b.max_ram - self.used("ram")
+            return self.host_available() // 2
+        if b.max_disk is not None:
+            return b.max_disk - self.used("zarr")
+        return max(0, int(self.disk_free() * 0.9) - GIB)
 
-    # -- decisions ----------------------------------------------------------------------
-    def choose(self, nbytes: int, prefix_epoch_s: float, compress_ratio: float = 1.0) -> Decision:
-        """Tier for a cache of ``nbytes`` logical bytes.
+    def ram_budget(self) -> int:
+        """The host RAM budget as a whole (also bounds the disk readers' shuffle buffer)."""
+        return self.budgets.max_ram if self.budgets.max_ram is not None else self.room("ram")
+
+    def report(self) -> dict[str, int]:
+        return {"ram": self.room("ram"), "gpu": self.room("gpu"), "disk": self.room("disk")}
+
+    # -- decisions ------------------------------------------------------------------------
+    def choose(
+        self,
+        view_bytes: int,
+        views: int,
+        test_bytes: int,
+        prefix_epoch_s: float,
+        compress_ratio: float,
+    ) -> Decision:
+        """Tier for a boundary of ``views`` training views of ``view_bytes`` plus the test set.
 
         ``prefix_epoch_s`` is the measured time to compute the frozen prefix for
-        one epoch: if a disk tier cannot read the cache faster, caching loses.
+        one epoch (training and test set); an epoch reads one view plus the
+        test set, so that is what a disk tier must read faster than computing.
+        ``compress_ratio`` is the measured zstd-1 ratio of the boundary's output.
         """
-        forced = self.cfg.cache_tier
+        total = views * view_bytes + test_bytes
+        forced = self.budgets.tier
         if forced != "auto":
-            return self._log(Decision(forced, nbytes, f"forced by --cache-tier {forced}"))
-        gpu, ram, disk = (
-            self.gpu_budget() - self.used_gpu,
-            self.ram_budget() - self.used_ram,
-            self.disk_budget(),
-        )
-        mib = nbytes / 2**20
-        if nbytes <= gpu:
+            return self._log(Decision(forced, total, f"forced by --cache-tier {forced}"))
+        gpu, ram, disk = self.room("gpu"), self.room("ram"), self.room("disk")
+        if total <= gpu:
             return self._log(
-                Decision(
-                    "gpu", nbytes, f"{mib:.0f} MiB fits the GPU budget ({gpu / 2**20:.0f} MiB free)"
-                )
+                Decision("gpu", total, f"{_mib(total)} fits the GPU budget ({_mib(gpu)} left)")
             )
-        if nbytes <= ram:
+        if total <= ram:
             why = "no GPU" if self.device.type != "cuda" else "over the GPU budget"
             return self._log(
                 Decision(
-                    "ram",
-                    nbytes,
-                    f"{mib:.0f} MiB {why}; fits the RAM budget ({ram / 2**20:.0f} MiB)",
+                    "ram", total, f"{_mib(total)}, {why}; fits the RAM budget ({_mib(ram)} left)"
                 )
             )
-        tier = "zarr" if compress_ratio >= 1.1 or nbytes > disk else "mmap"
-        on_disk = nbytes / (compress_ratio if tier == "zarr" else 1.0)
+        pays = compress_ratio >= ZSTD_PAYS
+        tier = "zarr" if pays or total > disk else "mmap"
+        on_disk = total / compress_ratio if tier == "zarr" else total
         if on_disk > disk:
             return self._log(
                 Decision(
                     "recompute",
-                    nbytes,
-                    f"{mib:.0f} MiB exceeds RAM ({ram / 2**20:.0f} MiB) and disk ({disk / 2**20:.0f} MiB) budgets",
+                    total,
+                    f"{_mib(total)} ({_mib(on_disk)} on disk) exceeds the RAM ({_mib(ram)} left) "
+                    f"and disk ({_mib(disk)} left) budgets",
                 )
             )
-        read_s = nbytes / DISK_READ_BW[tier]
+        read_s = (view_bytes + test_bytes) / DISK_READ_BW[tier]
         if read_s >= prefix_epoch_s > 0:
             return self._log(
                 Decision(
                     "recompute",
-                    nbytes,
-                    f"reading {mib:.0f} MiB ({read_s:.1f}s/epoch) is slower than computing the prefix ({prefix_epoch_s:.1f}s/epoch)",
+                    total,
+                    f"reading {_mib(view_bytes + test_bytes)} per epoch from {tier} "
+                    f"({read_s:.1f}s) is slower than computing the prefix ({prefix_epoch_s:.1f}s)",
                 )
             )
+        codec = f"zstd ratio {compress_ratio:.2f}" + (" pays" if pays else " does not pay")
         return self._log(
             Decision(
                 tier,
-                nbytes,
-                f"{mib:.0f} MiB exceeds the RAM budget ({ram / 2**20:.0f} MiB); {tier} on disk reads it in ~{read_s:.1f}s/epoch vs {prefix_epoch_s:.1f}s to compute",
+                total,
+                f"{_mib(total)} exceeds the RAM budget ({_mib(ram)} left); {codec}; {tier} on "
+                f"disk reads an epoch in ~{read_s:.1f}s vs {prefix_epoch_s:.1f}s to compute",
             )
         )
 
-    def ram_pressure(self) -> bool:
-        """True when host RAM is nearly exhausted: time to spill RAM caches."""
-        vm = psutil.virtual_memory()
-        return vm.available < max(GIB // 2, int(0.05 * vm.total))
+    def spill_target(self, nbytes: int, from_tier: str, compress_ratio: float) -> str | None:
+        """Where a cache of ``nbytes`` in ``from_tier`` can go under pressure, or None."""
+        if from_tier == "gpu" and nbytes <= self.room("ram") and not self.pressure_on("ram"):
+            return "ram"
+        tier = "zarr" if compress_ratio >= ZSTD_PAYS else "mmap"
+        on_disk = nbytes / compress_ratio if tier == "zarr" else nbytes
+        return tier if on_disk <= self.room("disk") else None
+
+    def pressure_on(self, tier: str) -> bool:
+        """True when ``tier`` is nearly exhausted: time to spill its caches."""
+        if tier == "ram":
+            vm = psutil.virtual_memory()
+            over = self.budgets.max_ram is not None and self.used("ram") > self.budgets.max_ram
+            return over or self.host_available() < max(GIB // 2, int(0.05 * vm.total))
+        if tier == "gpu" and self.device.type == "cuda":
+            _, total = torch.cuda.mem_get_info(self.device)
+            return self.gpu_free() < max(GIB // 2, int(0.05 * total))
+        return False
 
     def _log(self, d: Decision) -> Decision:
         log.info("governor: %s (%s)", d.tier, d.reason)

@@ -1,20 +1,27 @@
 """The prefast mode's feed: materialize frozen prefixes, then train from the cache.
 
-Life of a boundary ``p`` (planned by ``plan_boundaries``, tier chosen by the
-governor):
+Life of a boundary at stage ``p`` (planned by ``plan_boundaries``, tier chosen
+by the governor, states in ``prefast/boundary.py``):
 
-1. Epoch ``e0``: batches come from the previous boundary's cache (or the raw
-   data); the trainer runs stages ``[prev, p)`` once in eval mode, hands the
-   output to :meth:`PrefastFeed._write` (write-through) and trains on it.
+1. Epoch ``e0`` (planned): if a complete cache with the view's content key
+   exists it is reused and read this very epoch. Otherwise batches come from
+   the previous boundary's cache (or the raw data); this feed runs stages
+   ``[start, p)`` once, in eval mode without gradients, writes the output
+   through to the store and yields it with ``start = p``.
 2. With ``--cache-views K`` and augmentation, epochs ``e0..e0+K-1`` each write
    one view; epoch ``e`` later reads view ``e mod K``.
-3. After the last view is finished (atomically, for disk tiers) the boundary
-   becomes current: later epochs start at stage ``p`` and never run the prefix.
+3. Once every view is finished (atomically, for disk tiers) the boundary is
+   *complete* and replaces the previous one, which is *superseded* (deleted).
    The test set is cached at the same boundary at the next evaluation.
 
-Failures never stop training: a full disk abandons the boundary (FreezeOut
-continues), a corrupted chunk serves the rest of the epoch from raw data and
-re-materializes, RAM pressure spills RAM caches to disk.
+Faults never stop training and never change what it sees. A damaged or
+missing chunk (``CacheCorruptedError``) marks the boundary *corrupted*; the rest
+of the epoch comes from raw data, exactly the samples not yet served, in the
+same order, so every sample is seen once and the epoch has its usual number
+of steps; the boundary is materialized again next epoch. A writer that fails
+(full disk, I/O error) *abandons* the boundary and the run goes on as
+FreezeOut. Memory pressure spills a boundary to a lower tier; a spill that
+fails leaves the cache where it was.
 """
 
 from __future__ import annotations
@@ -22,31 +29,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
+from prefast.boundary import BoundaryCache, State
+from prefast.cachectx import DISK_TIERS, CacheContext
 from prefast.config import TrainConfig, default_cache_dir
-from prefast.errors import CacheCorruptedError, CacheError, DiskFullError
-from prefast.feed import Batch, RawFeed
-from prefast.governor import Governor, boundary_cache_bytes, cache_dtype, cache_views
+from prefast.costmodel import StageCost, plan_boundaries, prefix_seconds
+from prefast.errors import CacheCorruptedError, CacheError
+from prefast.feed import Batch, BatchStream, RawFeed
+from prefast.governor import Governor, cache_dtype, cache_views, row_bytes_in
 from prefast.models import StagedModel
-from prefast.plan import measure_stage_costs, plan_boundaries
+from prefast.probe import measure_stage_costs
 from prefast.schedule import FreezeOutSchedule
-from prefast.store import (
-    CacheRoot,
-    CacheSpec,
-    PrefetchLoader,
-    Reader,
-    Writer,
-    cache_key,
-    open_reader,
-    open_writer,
-)
+from prefast.store import CacheRoot, PrefetchLoader, Reader, open_writer
 from prefast.store.base import TorchBatch
 from prefast.store.order import batch_slices
+from prefast.testcache import TestCache
 
 log = logging.getLogger("prefast.materialize")
 
@@ -59,130 +61,128 @@ class PrefastFeed:
         model: StagedModel,
         schedule: FreezeOutSchedule,
         device: torch.device,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        costs: list[StageCost] | None = None,
     ):
         self.cfg, self.raw, self.model, self.device = cfg, raw, model, device
-        self.governor = Governor(cfg, device)
-        self.root = CacheRoot(cfg.cache_dir or default_cache_dir())
-        self.dtype = cache_dtype(cfg, device)
-        self.views = cache_views(cfg)
-        probe = next(iter(raw.train_batches(0))).x
-        # Forward times are all the planner and governor use: skip the backward passes.
-        self.costs = measure_stage_costs(copy.deepcopy(model), probe, backward=False)
-        self.plan = {
-            b.epoch: b.stage
-            for b in plan_boundaries(
-                schedule, raw.batches_per_epoch, cfg.epochs, self.costs, raw.num_train
+        self.autocast = autocast
+        self.governor = Governor(cfg.budgets(), device)
+        self.views = cache_views(cfg.cache_views, cfg.augment)
+        dtype = cache_dtype(cfg.cache_dtype, device)
+        if costs is None:  # forward times and compression ratios are all planning needs
+            probe = next(iter(raw.train_batches(0))).x
+            costs = measure_stage_costs(
+                copy.deepcopy(model), probe, backward=False, cache_dtype=dtype
             )
+        self.costs = costs
+        planned = plan_boundaries(
+            schedule,
+            raw.batches_per_epoch,
+            cfg.epochs,
+            costs,
+            raw.num_train,
+            policy=cfg.cache_boundaries,
+        )
+        self.planned = {b.epoch: b.stage for b in planned}  # as planned, for the report
+        self.plan = dict(self.planned)  # plus re-materializations after faults
+        identity = {
+            "data": raw.ds.identity,
+            "data_name": raw.ds.name,
+            "augment": cfg.augment,
+            "seed": cfg.seed,
         }
-        self.boundary = 0  # current caches hold the input of this stage
-        self.readers: dict[int, Reader] = {}  # view -> train cache at self.boundary
-        self.test_reader: Reader | None = None
-        self.test_boundary = 0
-        self.target: tuple[int, str] | None = None  # (stage, tier) being materialized
-        self.target_readers: dict[int, Reader] = {}
-        self.writer: Writer | None = None
-        self.sink_boundary = 0
-        self.events: list[dict] = []
+        root = CacheRoot(cfg.cache_dir or default_cache_dir())
+        self.ctx = CacheContext(root, self.governor, model, device, dtype, identity)
+        self.current: BoundaryCache | None = None  # complete: later epochs read it
+        self.target: BoundaryCache | None = None  # being materialized
+        self.test = TestCache(self.ctx, raw, self._run_prefix)
+        self.epoch: int | None = None
         self.warned_fixed_aug = False
-        self.epoch: int | None = None  # the epoch in progress; None before the first
-        self.io_s = {"write_s": 0.0, "read_s": 0.0}  # since the last take_io_seconds()
+        self._reset_stats()
 
     @property
-    def sink(self):  # type: ignore[no-untyped-def]
-        return self._write if self.writer is not None else None
+    def batches_per_epoch(self) -> int:
+        return self.raw.batches_per_epoch
 
     # -- epoch protocol ------------------------------------------------------------------
-    def begin_epoch(self, epoch: int, frozen_prefix: int) -> str | None:
-        # Resumed from a checkpoint past a planned boundary: materialize now (or reuse a
-        # complete disk cache with the same key) instead of computing the frozen prefix
-        # until the next planned boundary.
-        resumed = epoch > 0 and self.epoch is None and epoch < self.cfg.epochs - 1
-        if resumed and frozen_prefix > 0 and any(e < epoch for e in self.plan):
-            self.plan[epoch] = frozen_prefix
+    def begin_epoch(self, epoch: int, frozen_prefix: int) -> None:
+        resumed = self.epoch is None and epoch > 0
         self.epoch = epoch
-        self._spill_if_pressed(epoch)
-        if self.target is None and epoch in self.plan and frozen_prefix > self.boundary:
-            self._start_target(epoch, frozen_prefix)
-        if self.target is not None:
-            view = epoch % self.views
-            if view not in self.target_readers:
-                self._open_view_writer(epoch, view)
-            return self.target[1]
-        return self.readers[0].tier if self.readers else None
+        if resumed and frozen_prefix > 0 and any(e < epoch for e in self.plan):
+            # Resumed past a boundary: materialize (or reuse by key) at once instead of
+            # computing the frozen prefix until the next planned boundary.
+            self.plan[epoch] = frozen_prefix
+        self._relieve_pressure(epoch)
+        stage = self.current.stage if self.current else 0
+        if self.target is None and epoch in self.plan and frozen_prefix > stage:
+            self._plan_target(epoch, frozen_prefix)
+        if self.target is not None and self.target.state is State.PLANNED:
+            self._prepare_view(epoch)
+        if self.target is not None and self.target.state is State.COMPLETE:
+            self._promote(epoch)  # every view reused: read it from this epoch on
+
+    def train_batches(self, epoch: int) -> BatchStream:
+        writing = self.target if self.target and self.target.state is State.WRITING else None
+        source = self._source(epoch)
+        seen = np.zeros(self.raw.num_train, dtype=bool)
+        try:
+            batches = self._cached(source, epoch) if source else self.raw.train_batches(epoch)
+            for batch in batches:
+                seen[batch.ids.numpy()] = True
+                yield self._through(batch, writing, epoch)
+        except CacheCorruptedError as exc:
+            assert source is not None
+            self._corrupted(epoch, source, exc)
+            for batch in self.raw.train_batches(epoch, seen=seen):
+                yield self._through(batch, writing, epoch)
 
     def end_epoch(self, epoch: int) -> None:
-        if self.writer is not None:
-            view = epoch % self.views
+        t = self.target
+        if t is not None and t.state is State.WRITING:
             try:
-                with self._timed("write_s"):
-                    self.target_readers[view] = self.writer.finish()
-            except (DiskFullError, CacheError) as exc:
+                with self.ctx.timed("write_s"):
+                    t.finish_view()
+            except CacheError as exc:
                 self._abandon(epoch, str(exc))
-            self.writer = None
-        if self.target is not None and len(self.target_readers) == self.views:
-            self._close_readers(self.readers, delete=True)  # superseded by the new boundary
-            self.boundary, self.readers = self.target[0], self.target_readers
-            self.target, self.target_readers = None, {}
-            if self.cfg.augment == "standard" and self.views == 1 and not self.warned_fixed_aug:
-                log.warning(
-                    "augmentation is fixed from stage %d on (one cached view); "
-                    "use --cache-views K for K views",
-                    self.boundary,
-                )
-                self.warned_fixed_aug = True
+        if self.target is not None and self.target.state is State.COMPLETE:
+            self._promote(epoch)
+
+    def test_batches(self) -> BatchStream:
+        if self.current is None:
+            yield from self.raw.test_batches()
+            return
+        yield from self.test.batches(self.current.stage, self.current.tier, self.epoch)
+
+    def take_epoch_stats(self) -> dict[str, Any]:
+        stats = {**self.stats, **self.ctx.io_s}
+        self._reset_stats()
+        return stats
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
-        self._close_readers(self.readers)
-        self._close_readers(self.target_readers)
-        if self.test_reader is not None:
-            self.test_reader.close()
-
-    def take_io_seconds(self) -> dict[str, float]:
-        """Seconds the trainer waited on cache writes and reads since the last call."""
-        taken, self.io_s = self.io_s, {"write_s": 0.0, "read_s": 0.0}
-        return taken
-
-    @contextlib.contextmanager
-    def _timed(self, kind: str) -> Iterator[None]:
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.io_s[kind] += time.perf_counter() - t
+        for b in (self.target, self.current):
+            if b is not None:
+                b.close()
+        self.test.close()
 
     def report(self) -> dict:
         return {
-            "cache_events": self.events,
-            "planned_boundaries": self.plan,
-            "cache_dtype": self.dtype,
+            "cache_events": self.ctx.events,
+            "planned_boundaries": self.planned,
+            "cache_dtype": self.ctx.dtype,
             "cache_views": self.views,
         }
 
     # -- batches -------------------------------------------------------------------------
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
-        if not self.readers:
-            yield from self.raw.train_batches(epoch)
-            return
-        reader = self.readers[epoch % self.views]
-        seen = np.zeros(self.raw.num_train, dtype=bool)
-        try:
-            for batch in self._from_reader(reader, epoch):
-                seen[batch.ids.numpy()] = True
-                yield batch
-        except CacheCorruptedError as exc:
-            # Never train on garbage: serve the rest of the epoch from raw data,
-            # drop the cache and materialize the boundary again next epoch.
-            log.warning("%s; recomputing the frozen prefix", exc)
-            self.events.append({"epoch": epoch, "event": "corrupted", "detail": str(exc)})
-            self._close_readers(self.readers, delete=True)
-            self.plan[epoch + 1] = self.boundary
-            self.boundary, self.readers = 0, {}
-            yield from self.raw.train_batches(epoch, skip=seen)
+    def _source(self, epoch: int) -> BoundaryCache | None:
+        """The boundary whose cache this epoch reads: a reused view of the target, else the current."""
+        for b in (self.target, self.current):
+            if b is not None and b.reader_for(epoch) is not None:
+                return b
+        return None
 
-    def _from_reader(self, reader: Reader, epoch: int) -> Iterator[Batch]:
+    def _cached(self, source: BoundaryCache, epoch: int) -> BatchStream:
+        reader = source.reader_for(epoch)
+        assert reader is not None
         buffer = min(256 * 2**20, self.governor.ram_budget() // 4)
 
         def batches() -> Iterator[TorchBatch]:
@@ -192,120 +192,60 @@ class PrefastFeed:
         # host-to-GPU copy. A CPU run reading RAM does better in this thread: the
         # hand-off from a loader thread measured ~6 ms per batch (GIL switching) on
         # 2 cores, more than the gather itself.
-        overlap = reader.tier in ("mmap", "zarr") or (
-            reader.tier == "ram" and self.device.type == "cuda"
-        )
+        overlap = reader.tier in DISK_TIERS or (reader.tier == "ram" and self.device.type == "cuda")
         loader = PrefetchLoader(batches, self.device) if overlap else None
-        source = iter(loader) if loader is not None else batches()
+        stream = iter(loader) if loader is not None else batches()
         try:
             while True:
-                with self._timed("read_s"):  # time the trainer waits for its batch
-                    item = next(source, None)
+                with self.ctx.timed("read_s"):  # the time the trainer waits for its batch
+                    item = next(stream, None)
                 if item is None:
                     return
                 acts, labels, ids = item
-                yield Batch(self._compute_dtype(acts), labels.to(self.device), ids, self.boundary)
+                self.stats["cache_tier"], self.stats["cache_stage"] = reader.tier, source.stage
+                self.stats["cached_batches"] += 1
+                x = self.ctx.to_compute(acts)
+                yield Batch(x, labels.to(self.device), ids, source.stage, cached=True)
         finally:
             if loader is not None:
                 loader.close()
 
-    def test_batches(self) -> Iterator[Batch]:
-        if self.boundary == 0:
-            yield from self.raw.test_batches()
-            return
-        if self.test_reader is not None and self.test_boundary == self.boundary:
-            yield from self._cached_test_batches(self.test_reader, self.boundary)
-            return
-        yield from self._materialize_test()
-
-    def _cached_test_batches(self, reader: Reader, start: int) -> Iterator[Batch]:
-        """The test set from its cache; after a corrupted chunk, the rest from raw data."""
-        done = 0
+    def _through(self, batch: Batch, writing: BoundaryCache | None, epoch: int) -> Batch:
+        """Run the newly frozen stages and write their output, while a view is being written."""
+        if writing is None or writing.state is not State.WRITING:
+            return batch
+        x = self.ctx.as_stored(self._run_prefix(batch.x, batch.start, writing.stage))
         try:
-            for batch in self._reader_batches(reader, start):
-                done += len(batch.y)
-                yield batch
-        except CacheCorruptedError as exc:
-            log.warning("%s; evaluating the rest from raw data", exc)
-            self.events.append({"epoch": self.epoch, "event": "corrupted", "detail": str(exc)})
-            self._close_readers({0: reader}, delete=True)
-            if reader is self.test_reader:  # the next evaluation caches the test set again
-                self.test_reader, self.test_boundary = None, 0
-            # Same batch size, so raw batches line up with the cached ones already served.
-            yield from (b for b in self.raw.test_batches() if int(b.ids[0]) >= done)
+            with self.ctx.timed("write_s"):
+                writing.write(x, batch.y, batch.ids)
+        except CacheError as exc:  # the writer removed its partial cache
+            self._abandon(epoch, str(exc))
+        return Batch(x, batch.y, batch.ids, writing.stage, batch.cached)
 
-    def _materialize_test(self) -> Iterator[Batch]:
-        """Run the prefix over the test set once (eval, exact) and cache it."""
-        old, old_boundary = self.test_reader, self.test_boundary
-        source = (
-            self._cached_test_batches(old, old_boundary)
-            if old is not None and old_boundary
-            else self.raw.test_batches()
-        )
-        n, tier = len(self.raw.ds.test_x), self.readers[0].tier
-        writer: Writer | None = None
-        for batch in source:
-            x = self.model.run_range(batch.x, batch.start, self.boundary)
-            if writer is None:
-                spec = CacheSpec(
-                    self._key("test", self.boundary, None),
-                    n,
-                    tuple(x.shape[1:]),
-                    self.dtype,
-                    self._attrs("test", self.boundary),
-                )
-                writer = self._writer(tier, spec)
-            if writer is not None:
-                with self._timed("write_s"):
-                    writer.append(x, batch.y, batch.ids)
-            yield Batch(x, batch.y, batch.ids, self.boundary)
-        with self._timed("write_s"):
-            self.test_reader = writer.finish() if writer else None
-        self.test_boundary = self.boundary
-        if old is not None:  # superseded by the new boundary's test cache: free the disk
-            self._close_readers({0: old}, delete=True)
+    def _run_prefix(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        with torch.no_grad(), self.autocast():  # frozen: eval mode, no graph
+            return self.model.run_range(x, start, stop)
 
-    def _reader_batches(self, reader: Reader, start: int) -> Iterator[Batch]:
-        """Rows in order, read in blocks of whole batches so a chunk is decoded once."""
-        bs = self.cfg.batch_size
-        block = bs * max(1, getattr(reader, "chunk_rows", bs) // bs)
-        for blk in batch_slices(reader.spec.rows, block):
-            with self._timed("read_s"):
-                acts, labels, ids = reader.read_rows(np.arange(blk.start, blk.stop))
-            for sl in batch_slices(len(ids), bs):
-                yield Batch(
-                    self._compute_dtype(acts[sl]), labels[sl].to(self.device), ids[sl], start
-                )
-
-    # -- writing -------------------------------------------------------------------------
-    def _write(self, x: torch.Tensor, batch: Batch) -> None:
-        assert self.writer is not None
-        try:
-            with self._timed("write_s"):
-                self.writer.append(x, batch.y, batch.ids)
-        except (DiskFullError, CacheError) as exc:
-            self.writer = None  # the writer removed its partial cache
-            self._abandon(-1, str(exc))
-
-    def _start_target(self, epoch: int, stage: int) -> None:
-        nbytes = boundary_cache_bytes(
-            self.costs[stage - 1].out_row_bytes,
-            self.dtype,
-            self.raw.num_train,
+    # -- transitions of the boundaries ----------------------------------------------------
+    def _plan_target(self, epoch: int, stage: int) -> None:
+        c = self.costs[stage - 1]
+        row = row_bytes_in(self.ctx.dtype, c.out_row_bytes)
+        test_batches = len(batch_slices(self.raw.num_test, self.cfg.batch_size))
+        decision = self.governor.choose(
+            self.raw.num_train * row,
             self.views,
-            len(self.raw.ds.test_x),
+            self.raw.num_test * row,
+            prefix_seconds(self.costs, stage, self.raw.batches_per_epoch + test_batches),
+            c.compress_ratio,
         )
-        prefix_s = self.raw.batches_per_epoch * sum(c.fwd_s for c in self.costs[:stage])
-        decision = self.governor.choose(nbytes, prefix_s)
-        self.events.append(
-            {
-                "epoch": epoch,
-                "event": "boundary",
-                "stage": stage,
-                "tier": decision.tier,
-                "bytes": nbytes,
-                "reason": decision.reason,
-            }
+        self.ctx.event(
+            epoch,
+            "boundary",
+            stage=stage,
+            tier=decision.tier,
+            bytes=decision.bytes,
+            compress_ratio=round(c.compress_ratio, 3),
+            reason=decision.reason,
         )
         log.info(
             "epoch %d: boundary at stage %d -> %s (%s)",
@@ -314,93 +254,122 @@ class PrefastFeed:
             decision.tier,
             decision.reason,
         )
-        if decision.tier != "recompute":
-            self.target = (stage, decision.tier)
+        if decision.tier == "recompute":
+            return
+        name = f"train@{stage}"
+        self.governor.hold(name, decision.tier, decision.bytes)
+        self.target = BoundaryCache(
+            name, stage, decision.tier, self.views, self.ctx.root, self.governor.release
+        )
 
-    def _open_view_writer(self, epoch: int, view: int) -> None:
-        assert self.target is not None
-        stage, tier = self.target
-        key = self._key("train", stage, epoch if self.cfg.augment == "standard" else None)
-        if tier in ("mmap", "zarr") and self.root.is_complete(key):
-            try:
-                self.target_readers[view] = open_reader(self.root, key)
-                self.events.append({"epoch": epoch, "event": "reused", "key": key})
-                return
-            except CacheError as exc:
-                log.warning("not reusing cache %s: %s", key, exc)
-        shape = self.costs[stage - 1].out_shape
-        spec = CacheSpec(key, self.raw.num_train, shape, self.dtype, self._attrs("train", stage))
-        self.writer = self._writer(tier, spec)
-        self.sink_boundary = stage
-        if self.writer is None:
-            self._abandon(epoch, "could not open a writer")
-
-    def _writer(self, tier: str, spec: CacheSpec) -> Writer | None:
+    def _prepare_view(self, epoch: int) -> None:
+        """Reuse this epoch's view if a complete cache has its key, else open its writer."""
+        t = self.target
+        assert t is not None
+        view = t.missing_view(epoch)
+        if view is None:
+            return
+        key = self.ctx.key("train", t.stage, epoch if self.cfg.augment == "standard" else None)
+        shape = self.costs[t.stage - 1].out_shape
+        spec = self.ctx.spec(key, "train", t.stage, self.raw.num_train, shape)
         try:
-            return open_writer(tier, spec, self.root, self.device)
+            opened = self.ctx.open_view(t.tier, spec, epoch)
         except (CacheError, OSError) as exc:
-            log.warning("cannot write cache %s (%s): continuing without it", spec.key, exc)
-            return None
+            self._abandon(epoch, f"cannot open a writer for cache {key}: {exc}")
+            return
+        if isinstance(opened, Reader):
+            t.reuse_view(view, opened)
+        else:
+            t.begin_view(view, opened)
+
+    def _promote(self, epoch: int) -> None:
+        assert self.target is not None
+        if self.current is not None:
+            self.current.supersede()
+        self.current, self.target = self.target, None
+        self.ctx.event(epoch, "complete", stage=self.current.stage, tier=self.current.tier)
+        if self.cfg.augment == "standard" and self.views == 1 and not self.warned_fixed_aug:
+            log.warning(
+                "augmentation is fixed from stage %d on (one cached view); "
+                "use --cache-views K for K views",
+                self.current.stage,
+            )
+            self.warned_fixed_aug = True
 
     def _abandon(self, epoch: int, why: str) -> None:
         """Give up the boundary being materialized; training goes on as FreezeOut."""
         log.warning("abandoning cache boundary: %s", why)
-        self.events.append({"epoch": epoch, "event": "abandoned", "detail": why})
-        self._close_readers(self.target_readers, delete=True)
-        self.target, self.target_readers = None, {}
+        self.ctx.event(epoch, "abandoned", detail=why)
+        if self.target is not None:
+            self.target.abandon(why)
+            self.target = None
 
-    def _spill_if_pressed(self, epoch: int) -> None:
-        if not self.governor.ram_pressure():
+    def _corrupted(self, epoch: int, source: BoundaryCache, exc: CacheCorruptedError) -> None:
+        """Never train on garbage: drop the boundary; rebuild it next epoch unless a
+        boundary being written this epoch replaces it anyway."""
+        log.warning("%s; serving the rest of the epoch from raw data", exc)
+        self.ctx.event(epoch, "corrupted", stage=source.stage, detail=str(exc))
+        source.corrupt(str(exc))
+        if source is self.current:
+            self.current = None
+            self.test.drop()
+        if source is self.target:
+            self.target = None
+        if self.target is None and epoch + 1 < self.cfg.epochs - 1:
+            self.plan[epoch + 1] = source.stage
+
+    # -- memory pressure ------------------------------------------------------------------
+    def _relieve_pressure(self, epoch: int) -> None:
+        b = self.current
+        if b is None or b.tier not in ("gpu", "ram") or not self.governor.pressure_on(b.tier):
             return
-        for view, reader in list(self.readers.items()):
-            if reader.tier not in ("ram", "gpu"):
-                continue
-            spec = copy.copy(reader.spec)
-            writer = self._writer("zarr", spec)
-            if writer is None:
-                continue
+        nbytes = self.governor.ledger.get(b.name, (b.tier, 0))[1]
+        ratio = self.costs[b.stage - 1].compress_ratio
+        dest = self.governor.spill_target(nbytes, b.tier, ratio)
+        if dest is None:
+            self.ctx.event(epoch, "spill_failed", stage=b.stage, detail="no room in any lower tier")
+            log.warning(
+                "%s memory is short, but no lower tier has room for stage %d's cache",
+                b.tier,
+                b.stage,
+            )
+            return
+        self.test.drop()  # rebuilt at the next evaluation, in the boundary's new tier
+        copies: dict[int, Reader] = {}
+        try:
+            for view, reader in b.readers.items():
+                copies[view] = self._copy(reader, dest, epoch)
+        except (CacheError, OSError) as exc:
+            for r in copies.values():
+                r.close()
+                self.ctx.root.remove(r.spec.key)
+            self.ctx.event(epoch, "spill_failed", stage=b.stage, to=dest, detail=str(exc))
+            log.warning(
+                "could not spill stage %d's cache to %s (%s); it stays in %s",
+                b.stage,
+                dest,
+                exc,
+                b.tier,
+            )
+            return
+        old = b.tier
+        for view, r in copies.items():
+            b.spill(view, r, dest)
+        self.governor.hold(b.name, dest, nbytes)
+        self.ctx.event(epoch, "spilled", stage=b.stage, **{"from": old, "to": dest})
+        log.warning("%s pressure: spilled stage %d's cache to %s", old, b.stage, dest)
+
+    def _copy(self, reader: Reader, tier: str, epoch: int) -> Reader:
+        spec = copy.copy(reader.spec)
+        reused = self.ctx.reuse(tier, spec.key, epoch)
+        if reused is not None:
+            return reused
+        writer = open_writer(tier, spec, self.ctx.root, self.device)
+        with writer:  # aborts on error
             for sl in batch_slices(spec.rows, 1024):
                 writer.append(*reader.read_rows(np.arange(sl.start, sl.stop)))
-            self.readers[view] = writer.finish()
-            reader.close()
-            self.events.append(
-                {"epoch": epoch, "event": "spilled", "from": reader.tier, "to": "zarr"}
-            )
-            log.warning("RAM pressure: spilled cache %s to zarr on disk", spec.key)
+            return writer.finish()
 
-    # -- helpers -------------------------------------------------------------------------
-    def _compute_dtype(self, acts: torch.Tensor) -> torch.Tensor:
-        acts = acts.to(self.device, non_blocking=True)
-        return acts if self.device.type == "cuda" else acts.float()
-
-    def _key(self, split: str, stage: int, aug_epoch: int | None) -> str:
-        return cache_key(
-            {
-                "prefix": self.model.prefix_digest(stage),
-                "data": self.raw.ds.identity,
-                "split": split,
-                "augment": self.cfg.augment if split == "train" else "none",
-                "aug_epoch": aug_epoch,
-                "seed": self.cfg.seed,
-                "boundary": stage,
-                "dtype": self.dtype,
-                "model": self.model.name,
-            }
-        )
-
-    def _attrs(self, split: str, stage: int) -> dict:
-        return {
-            "model": self.model.name,
-            "boundary": stage,
-            "split": split,
-            "dataset": self.raw.ds.name,
-            "augment": self.cfg.augment,
-            "seed": self.cfg.seed,
-        }
-
-    def _close_readers(self, readers: dict[int, Reader], delete: bool = False) -> None:
-        for reader in readers.values():
-            reader.close()
-            if delete and reader.tier in ("mmap", "zarr"):  # superseded: free the disk
-                self.root.remove(reader.spec.key)
-        readers.clear()
+    def _reset_stats(self) -> None:
+        self.stats: dict[str, Any] = {"cache_tier": None, "cache_stage": None, "cached_batches": 0}
+        self.ctx.io_s = {"write_s": 0.0, "read_s": 0.0}

@@ -2,12 +2,14 @@
 
 - ``baseline``: every stage trains the whole run (plain cosine annealing).
 - ``freezeout``: FreezeOut's per-stage schedule; frozen stages run forward
-  under ``no_grad`` in eval mode and leave the optimizer.
+  only (no parameter needs a gradient) in eval mode and leave the optimizer.
 - ``prefast``: like freezeout, but the frozen prefix's output is materialized
   once into the activation store and later epochs start from the cache, so the
   prefix is not computed at all (see ``prefast/materialize.py``).
 
-Sample order per epoch is ``epoch_order(seed, epoch)`` in every mode.
+Sample order per epoch is ``epoch_order(seed, epoch)`` in every mode. The
+loop knows nothing about caches: it asks its feed (``prefast/feed.py``) for
+batches and runs ``model(x, start=batch.start)``.
 """
 
 from __future__ import annotations
@@ -20,55 +22,19 @@ import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from prefast.build import load_for, model_for, resolve_device, schedule_for
 from prefast.config import TrainConfig
-from prefast.data import load_dataset
+from prefast.costmodel import StageCost
+from prefast.data import Dataset
 from prefast.errors import ConfigError
-from prefast.feed import Batch, RawFeed
-from prefast.models import StagedModel, build_model
-from prefast.schedule import FreezeOutSchedule
+from prefast.feed import Batch, Feed, RawFeed
+from prefast.models import StagedModel
 
 log = logging.getLogger("prefast")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "--device cuda was asked for but no CUDA GPU is visible: use --device cpu"
-        )
-    return torch.device(name)
-
-
-def model_for(cfg: TrainConfig, ds_shape: tuple[int, int, int], num_classes: int) -> StagedModel:
-    c, h, _ = ds_shape
-    return build_model(
-        cfg.model,
-        in_channels=c,
-        num_classes=num_classes,
-        image_size=h,
-        depth=cfg.depth,
-        growth_rate=cfg.growth_rate,
-        width=cfg.width,
-    )
-
-
-def schedule_for(cfg: TrainConfig, num_stages: int, batches_per_epoch: int) -> FreezeOutSchedule:
-    # Baseline = t0 of 1: no stage freezes early, every stage anneals over the run.
-    baseline = cfg.mode == "baseline"
-    return FreezeOutSchedule(
-        num_stages,
-        cfg.epochs * batches_per_epoch,
-        t0=1.0 if baseline else cfg.t0,
-        scale=cfg.scale,
-        scale_lr=cfg.scale_lr and not baseline,
-        base_lr=cfg.lr,
-    )
 
 
 def make_optimizer(model: StagedModel, lr: float) -> torch.optim.SGD:
@@ -89,13 +55,24 @@ def peak_rss_mb() -> float:
 
 
 class Trainer:
-    """Owns model, optimizer, schedule and feed for one run. Use :func:`train`."""
+    """Owns model, optimizer, schedule and feed for one run. Use :func:`train`.
 
-    def __init__(self, cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None):
+    ``data`` is an already loaded dataset (``prefast compare`` loads it once for
+    every mode); ``costs`` are per-stage costs measured beforehand, so the
+    prefast feed does not probe again.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        on_epoch: Callable[[dict], None] | None = None,
+        data: Dataset | None = None,
+        costs: list[StageCost] | None = None,
+    ):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset, cfg.seed, cfg.synthetic_size)
+        ds = data if data is not None else load_for(cfg)
         self.raw = RawFeed(ds, cfg.batch_size, cfg.seed, cfg.augment, self.device)
         self.model = model_for(cfg, ds.shape, ds.num_classes).to(self.device)
         self.cuda = self.device.type == "cuda"
@@ -107,16 +84,18 @@ class Trainer:
         self.on_epoch = on_epoch
         self.history: list[dict] = []
         self.start_epoch = 0
-        self.feed: Any = self.raw
+        if cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists():
+            self._load_checkpoint(Path(cfg.checkpoint))
+        self.feed: Feed = self.raw
         self.feed_setup_s = 0.0  # counted in wall_s: it is part of what prefast costs
         if cfg.mode == "prefast":
             from prefast.materialize import PrefastFeed
 
             t = time.perf_counter()
-            self.feed = PrefastFeed(cfg, self.raw, self.model, self.schedule, self.device)
+            self.feed = PrefastFeed(
+                cfg, self.raw, self.model, self.schedule, self.device, self._autocast, costs
+            )
             self.feed_setup_s = time.perf_counter() - t
-        if cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists():
-            self._load_checkpoint(Path(cfg.checkpoint))
 
     # -- one iteration -------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -135,21 +114,14 @@ class Trainer:
         return self.model.num_frozen
 
     def _step(self, batch: Batch, it: int) -> float:
-        frozen = self._apply_schedule(it)
-        x, start = batch.x, batch.start
+        self._apply_schedule(it)
+        x = batch.x
         if self.cuda and x.dim() == 4:  # match the model's channels_last layout
             x = x.contiguous(memory_format=torch.channels_last)
+        # Frozen stages past batch.start run here too: their parameters need no
+        # gradient and they stay in eval mode, so autograd records nothing for them.
         with self._autocast():
-            if start < frozen or self.feed.sink is not None:
-                with torch.no_grad():  # frozen prefix: forward only, eval mode
-                    if self.feed.sink is not None:
-                        boundary = self.feed.sink_boundary
-                        x = self.model.run_range(x, start, boundary)
-                        self.feed.sink(x, batch)
-                        start = boundary
-                    x = self.model.run_range(x, start, frozen)
-                    start = max(start, frozen)
-            out = self.model(x, start=start)
+            out = self.model(x, start=batch.start)
             loss = self.loss_fn(out.float(), batch.y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,46 +133,55 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         correct = total = 0
-        with self._autocast():
-            for batch in self.feed.test_batches():
+        with self._autocast(), contextlib.closing(self.feed.test_batches()) as batches:
+            for batch in batches:
                 pred = self.model(batch.x, start=batch.start).argmax(1)
                 correct += int((pred == batch.y).sum())
                 total += len(batch.y)
         self.model.train()
         return correct / max(1, total)
 
-    def run(self, progress: bool = False) -> dict:
+    def run_epoch(self, epoch: int, progress: bool = False) -> dict:
         from prefast.progress import epoch_bar
 
-        t_start = time.perf_counter()
         bpe = self.raw.batches_per_epoch
+        t0 = time.perf_counter()
+        # Freeze first, so the feed hashes and caches the prefix's final weights.
+        self.feed.begin_epoch(epoch, self._apply_schedule(epoch * bpe))
+        loss_sum, steps, samples = 0.0, 0, 0
+        with (
+            epoch_bar(epoch, self.cfg.epochs, bpe, enabled=progress) as advance,
+            contextlib.closing(self.feed.train_batches(epoch)) as batches,
+        ):
+            for batch in batches:
+                loss_sum += self._step(batch, epoch * bpe + steps)
+                steps, samples = steps + 1, samples + len(batch.y)
+                advance()
+        self.feed.end_epoch(epoch)
+        t_eval = time.perf_counter()
+        test_acc = self.evaluate()
+        t_end = time.perf_counter()
+        return {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(1, steps),
+            "test_acc": test_acc,
+            "time_s": t_end - t0,
+            # Where the epoch went; cache I/O is included in train_s/eval_s.
+            "train_s": t_eval - t0,
+            "eval_s": t_end - t_eval,
+            "steps": steps,
+            "samples": samples,
+            "frozen_stages": self.model.num_frozen,
+            # cache_tier: what the epoch's training batches were read from (None: raw data)
+            **self.feed.take_epoch_stats(),
+        }
+
+    def run(self, progress: bool = False) -> dict:
+        t_start = time.perf_counter()
         self.model.train()
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
-                t0 = time.perf_counter()
-                # Freeze first, so the feed hashes and caches the prefix's final weights.
-                tier = self.feed.begin_epoch(epoch, self._apply_schedule(epoch * bpe))
-                loss_sum = 0.0
-                with epoch_bar(epoch, self.cfg.epochs, bpe, enabled=progress) as advance:
-                    for b, batch in enumerate(self.feed.train_batches(epoch)):
-                        loss_sum += self._step(batch, epoch * bpe + b)
-                        advance()
-                self.feed.end_epoch(epoch)
-                t_eval = time.perf_counter()
-                test_acc = self.evaluate()
-                t_end = time.perf_counter()
-                record = {
-                    "epoch": epoch,
-                    "train_loss": loss_sum / bpe,
-                    "test_acc": test_acc,
-                    "time_s": t_end - t0,
-                    # Where the epoch went; cache I/O is included in train_s/eval_s.
-                    "train_s": t_eval - t0,
-                    "eval_s": t_end - t_eval,
-                    **self.feed.take_io_seconds(),
-                    "frozen_stages": self.model.num_frozen,
-                    "cache_tier": tier,
-                }
+                record = self.run_epoch(epoch, progress)
                 self.history.append(record)
                 if self.on_epoch:
                     self.on_epoch(record)
@@ -208,7 +189,6 @@ class Trainer:
                     self._save_checkpoint(Path(self.cfg.checkpoint), epoch + 1)
         finally:
             self.feed.close()
-        extra: dict = self.feed.report() if hasattr(self.feed, "report") else {}
         return {
             "config": self.cfg.to_json(),
             "model": {"name": self.model.name, "num_stages": self.model.num_stages},
@@ -218,11 +198,11 @@ class Trainer:
                 "wall_s": time.perf_counter() - t_start + self.feed_setup_s,
                 "feed_setup_s": self.feed_setup_s,
                 "peak_rss_mb": peak_rss_mb(),
-                "batches_per_epoch": bpe,
+                "batches_per_epoch": self.raw.batches_per_epoch,
                 "freeze_iters": [
                     self.schedule.freeze_iter(i) for i in range(self.model.num_stages)
                 ],
-                **extra,
+                **self.feed.report(),
             },
         }
 
@@ -263,7 +243,10 @@ class Trainer:
 
 
 def train(
-    cfg: TrainConfig, progress: bool = False, on_epoch: Callable[[dict], None] | None = None
+    cfg: TrainConfig,
+    progress: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+    data: Dataset | None = None,
 ) -> dict:
     """Train with ``cfg`` and return the run record (the ``--json-out`` document)."""
-    return Trainer(cfg, on_epoch=on_epoch).run(progress=progress)
+    return Trainer(cfg, on_epoch=on_epoch, data=data).run(progress=progress)

@@ -10,6 +10,7 @@ value for an absent chunk by design; here an absent or damaged chunk is a
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -79,6 +80,7 @@ class DiskReader(Reader):
         """Chunk ``i`` decoded and checked against the marker's checksum."""
         chunk = self._load_chunk(i)
         if checksum(chunk) != self.chunk_crcs[i]:
+            del chunk  # an mmap view: the traceback must not keep the mapping open
             raise CacheCorruptedError(
                 self.key,
                 f"chunk {i} of activations does not match its checksum (missing or damaged)",
@@ -212,8 +214,10 @@ class MmapReader(DiskReader):
 
     def close(self) -> None:
         if hasattr(self, "_map") and not self._map.closed:
-            del self.mm  # release the buffer export before closing the map
-            self._map.close()
+            self.__dict__.pop("mm", None)  # release our buffer export before closing the map
+            # A batch still viewing the map keeps it open until that batch is freed.
+            with contextlib.suppress(BufferError):
+                self._map.close()
         super().close()
 
 

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from prefast.store.bench import run_store_bench
+from prefast.benchmarks.store_bench import run_store_bench
+from prefast.benchmarks.train_bench import OVERHEAD_PARTS, overhead_breakdown, summarize
 
-from prefast.bench_train import OVERHEAD_PARTS, overhead_breakdown, summarize
-from prefast.plan import StageCost, plan_boundaries, predict_epochs
+from prefast.costmodel import StageCost, plan_boundaries, predict_epochs
 from prefast.schedule import FreezeOutSchedule
 
 COSTS = [

@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-
-from .base import CacheSpec
-from .disk_writer import ZarrWriter
-from .layout import CacheRoot
-from .loader import PrefetchLoader
+from prefast.store.base import CacheSpec
+from prefast.store.disk_writer import ZarrWriter
+from prefast.store.layout import CacheRoot
+from prefast.store.loader import PrefetchLoader
 
 MB = 1e6
 ROW_SHAPE = (64, 16, 16)  # a DenseNet-like boundary: 32 KiB per row at fp16
@@ -72,7 +71,7 @@ def _timed(fn) -> float:  # type: ignore[no-untyped-def]
 
 
 def bench_tier(tier: str, codec: str, data: torch.Tensor, workdir: Path, batch: int = 256) -> dict:
-    from . import open_writer
+    from prefast.store import open_writer
 
     root = CacheRoot(workdir / f"{tier}-{codec}")
     spec = CacheSpec(f"bench-{tier}-{codec}", len(data), ROW_SHAPE, "float16")

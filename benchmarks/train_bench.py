@@ -173,7 +173,7 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run every (seed, t0, mode), write ``out``.json/.md/.png, return the document."""
-    from prefast.store.bench import machine
+    from prefast.benchmarks.store_bench import machine
 
     baselines: list[dict] = []
     runs: dict[float, list[dict[str, dict]]] = {}

@@ -1,0 +1,121 @@
+"""What the materializer's parts share: where caches live, how they are keyed,
+opened and timed, and the run's log of cache events."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prefast.errors import CacheCorruptedError, CacheError, CacheExistsError
+from prefast.governor import Governor
+from prefast.models import StagedModel
+from prefast.store import CacheRoot, CacheSpec, Reader, Writer, cache_key, open_reader, open_writer
+from prefast.store.base import TORCH_DTYPES
+
+log = logging.getLogger("prefast.materialize")
+DISK_TIERS = ("mmap", "zarr")
+
+
+@dataclass
+class CacheContext:
+    root: CacheRoot
+    governor: Governor
+    model: StagedModel
+    device: torch.device
+    dtype: str
+    identity: dict[str, Any]  # what else determines the values: data, augmentation, seed
+    events: list[dict] = field(default_factory=list)
+    io_s: dict[str, float] = field(default_factory=lambda: {"write_s": 0.0, "read_s": 0.0})
+
+    def key(self, split: str, stage: int, aug_epoch: int | None) -> str:
+        """Content address of a cache: the prefix's weights and everything else that matters."""
+        return cache_key(
+            {
+                **self.identity,
+                "augment": self.identity["augment"] if split == "train" else "none",
+                "prefix": self.model.prefix_digest(stage),
+                "split": split,
+                "aug_epoch": aug_epoch,
+                "boundary": stage,
+                "dtype": self.dtype,
+                "model": self.model.name,
+            }
+        )
+
+    def spec(
+        self, key: str, split: str, stage: int, rows: int, shape: tuple[int, ...]
+    ) -> CacheSpec:
+        attrs = {
+            "model": self.model.name,
+            "boundary": stage,
+            "split": split,
+            "dataset": self.identity["data_name"],
+            "augment": self.identity["augment"],
+            "seed": self.identity["seed"],
+        }
+        return CacheSpec(key, rows, shape, self.dtype, attrs)
+
+    def writer(self, tier: str, spec: CacheSpec) -> Writer:
+        """A writer, or CacheError/OSError (the caller abandons what it was writing)."""
+        return open_writer(tier, spec, self.root, self.device)
+
+    def reuse(self, tier: str, key: str, epoch: int | None) -> Reader | None:
+        """A complete disk cache with this key, or None. A corrupted one is deleted."""
+        if tier not in DISK_TIERS or not self.root.is_complete(key):
+            return None
+        try:
+            reader = open_reader(self.root, key)
+        except CacheCorruptedError as exc:
+            self.event(epoch, "corrupted", key=key, detail=str(exc))
+            log.warning("%s; rebuilding it", exc)
+            self.root.remove(key)
+            return None
+        except CacheError as exc:
+            log.warning("not reusing cache %s: %s", key, exc)
+            return None
+        self.event(epoch, "reused", key=key)
+        return reader
+
+    def open_view(self, tier: str, spec: CacheSpec, epoch: int | None) -> Reader | Writer:
+        """Reuse a complete cache of ``spec.key`` or open a writer for it."""
+        reader = self.reuse(tier, spec.key, epoch)
+        if reader is not None:
+            return reader
+        try:
+            return self.writer(tier, spec)
+        except CacheExistsError:  # completed by another process since we looked
+            reader = self.reuse(tier, spec.key, epoch)
+            if reader is None:
+                raise
+            return reader
+
+    def event(self, epoch: int | None, name: str, **fields: Any) -> None:
+        self.events.append({"epoch": epoch, "event": name, **fields})
+
+    @contextlib.contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        """Count the seconds the trainer waits on cache I/O (``write_s``/``read_s``)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.io_s[kind] += time.perf_counter() - t
+
+    def as_stored(self, acts: torch.Tensor) -> torch.Tensor:
+        """``acts`` rounded to the cache dtype, as later epochs will read them back.
+
+        Write-through epochs train and evaluate on these, so a run gives the same
+        numbers whether its caches were written in this run or reused from another.
+        """
+        return self.to_compute(acts.detach().to(TORCH_DTYPES[self.dtype]))
+
+    def to_compute(self, acts: torch.Tensor) -> torch.Tensor:
+        """Cached activations -> the dtype and device the model runs in."""
+        acts = acts.to(self.device, non_blocking=True)
+        return acts if self.device.type == "cuda" else acts.float()

@@ -1,0 +1,138 @@
+"""The test set's cache at the current boundary: read in order, or materialized once.
+
+Evaluation is exact (no augmentation), so one cache per boundary serves every
+later evaluation. The first evaluation at a new boundary reads the previous
+boundary's test cache (or the raw test set), runs the newly frozen stages and
+writes through. Nothing here can stop training: a writer that cannot open is
+not retried for that boundary, a failing write is aborted and evaluation
+goes on from the computed activations, a damaged chunk sends the rest of the
+evaluation to raw data, and an evaluation that raises aborts its writer, so
+no thread, lock or partial directory is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from prefast.cachectx import DISK_TIERS, CacheContext
+from prefast.errors import CacheCorruptedError, CacheError
+from prefast.feed import Batch, BatchStream, RawFeed
+from prefast.store import Reader, Writer
+from prefast.store.order import batch_slices
+
+log = logging.getLogger("prefast.materialize")
+RunPrefix = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+class TestCache:
+    def __init__(self, ctx: CacheContext, raw: RawFeed, run_prefix: RunPrefix):
+        self.ctx, self.raw, self.run_prefix = ctx, raw, run_prefix
+        self.reader: Reader | None = None
+        self.stage = 0  # the boundary self.reader holds (0: none)
+        self.writer: Writer | None = None
+        self.failed_stage: int | None = None  # a boundary whose test cache could not be written
+
+    def batches(self, stage: int, tier: str, epoch: int | None) -> BatchStream:
+        """The test set as input of stage ``stage``, in row order."""
+        if self.reader is not None and self.stage == stage:
+            yield from self._read(self.reader, stage, epoch)
+            return
+        if self.failed_stage != stage:
+            reused = self.ctx.reuse(tier, self.ctx.key("test", stage, None), epoch)
+            if reused is not None:
+                self._replace(reused, stage)
+                yield from self._read(reused, stage, epoch)
+                return
+        yield from self._materialize(stage, tier, epoch)
+
+    def _materialize(self, stage: int, tier: str, epoch: int | None) -> BatchStream:
+        old = self.reader if self.reader is not None and self.stage < stage else None
+        source = self._read(old, self.stage, epoch) if old is not None else self.raw.test_batches()
+        opened = self.failed_stage == stage  # do not retry a boundary that failed
+        try:
+            for batch in source:
+                x = self.run_prefix(batch.x, batch.start, stage)
+                if not opened:
+                    opened = True
+                    self._open(stage, tier, tuple(x.shape[1:]), epoch)
+                if self.writer is not None:
+                    x = self.ctx.as_stored(x)  # what later evaluations will read
+                    try:
+                        with self.ctx.timed("write_s"):
+                            self.writer.append(x, batch.y, batch.ids)
+                    except CacheError as exc:  # the writer aborted itself
+                        self.writer = None
+                        self._failed(stage, epoch, exc)
+                yield Batch(x, batch.y, batch.ids, stage)
+            if self.writer is not None:
+                writer, self.writer = self.writer, None
+                try:
+                    with self.ctx.timed("write_s"):
+                        reader = writer.finish()
+                except CacheError as exc:
+                    self._failed(stage, epoch, exc)
+                else:
+                    self._replace(reader, stage)
+        finally:
+            if self.writer is not None:  # evaluation raised or stopped early
+                self.writer.abort()
+                self.writer = None
+
+    def _open(self, stage: int, tier: str, shape: tuple[int, ...], epoch: int | None) -> None:
+        key = self.ctx.key("test", stage, None)
+        spec = self.ctx.spec(key, "test", stage, self.raw.num_test, shape)
+        try:
+            self.writer = self.ctx.writer(tier, spec)
+        except (CacheError, OSError) as exc:
+            self._failed(stage, epoch, exc)
+
+    def _failed(self, stage: int, epoch: int | None, exc: BaseException) -> None:
+        log.warning("not caching the test set at stage %d: %s", stage, exc)
+        self.ctx.event(epoch, "test_cache_failed", stage=stage, detail=str(exc))
+        self.failed_stage = stage
+
+    def _read(self, reader: Reader, start: int, epoch: int | None) -> BatchStream:
+        """Rows in order, read in blocks of whole batches so a chunk is decoded once;
+        after a damaged chunk, the rest of the test set from raw data."""
+        bs = self.raw.batch_size
+        block = bs * max(1, getattr(reader, "chunk_rows", bs) // bs)
+        done = 0
+        try:
+            for blk in batch_slices(reader.spec.rows, block):
+                with self.ctx.timed("read_s"):
+                    acts, labels, ids = reader.read_rows(np.arange(blk.start, blk.stop))
+                for sl in batch_slices(len(ids), bs):
+                    x = self.ctx.to_compute(acts[sl])
+                    yield Batch(x, labels[sl].to(self.ctx.device), ids[sl], start, cached=True)
+                    done += len(ids[sl])
+        except CacheCorruptedError as exc:
+            log.warning("%s; evaluating the rest from raw data", exc)
+            self.ctx.event(epoch, "corrupted", split="test", stage=start, detail=str(exc))
+            if reader is self.reader:
+                self.drop()
+            yield from self.raw.test_batches(first_row=done)  # whole batches were served
+
+    def _replace(self, reader: Reader, stage: int) -> None:
+        self.drop()
+        self.reader, self.stage = reader, stage
+
+    def drop(self) -> None:
+        """Forget the test cache (superseded, damaged, or memory is short); deletes it on disk."""
+        if self.reader is not None:
+            reader, self.reader, self.stage = self.reader, None, 0
+            reader.close()
+            if reader.tier in DISK_TIERS and not self.ctx.root.remove(reader.spec.key):
+                log.info("kept cache %s: another process is reading it", reader.spec.key)
+
+    def close(self) -> None:
+        """End of run: abort a writer, close the reader (a complete disk cache stays)."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None

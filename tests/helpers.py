@@ -1,0 +1,156 @@
+"""Shared pieces of the training tests: configs, per-step recording, real corruption."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefast.store import CacheRoot, open_reader
+from prefast.store.manage import list_caches
+from prefast.store.order import rng_for
+
+from prefast.config import TrainConfig
+from prefast.trainer import Trainer
+
+# 1,437 training images, 23 batches of 64; stages freeze from epoch 2 on, and with
+# cache_boundaries="every" boundaries are materialized at epochs 2, 3, 4, 5, 6 and 8.
+DIGITS = dict(
+    model="densenet-bc",
+    dataset="digits",
+    depth=16,
+    growth_rate=12,
+    epochs=10,
+    batch_size=64,
+    t0=0.5,
+    augment="none",
+    cache_dtype="float32",
+    device="cpu",
+)
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    return max(
+        abs(x["train_loss"] - y["train_loss"]) / abs(y["train_loss"])
+        for x, y in zip(a["epochs"], b["epochs"], strict=True)
+    )
+
+
+def train_recording(cfg: TrainConfig, on_epoch=None) -> tuple[dict, dict[int, list[np.ndarray]]]:
+    """Train and record the sample ids of every optimizer step, per epoch."""
+    tr = Trainer(cfg, on_epoch=on_epoch)
+    bpe = tr.raw.batches_per_epoch
+    steps: dict[int, list[np.ndarray]] = defaultdict(list)
+    original = tr._step
+
+    def step(batch, it):
+        steps[it // bpe].append(batch.ids.numpy().copy())
+        return original(batch, it)
+
+    tr._step = step  # type: ignore[method-assign]
+    return tr.run(), steps
+
+
+def assert_every_sample_once_per_epoch(result: dict, steps: dict, n: int) -> None:
+    bpe = result["final"]["batches_per_epoch"]
+    for epoch, batches in steps.items():
+        ids = np.concatenate(batches)
+        assert len(batches) == bpe, f"epoch {epoch}: {len(batches)} steps, expected {bpe}"
+        assert sorted(ids.tolist()) == list(range(n)), f"epoch {epoch}: samples not seen once"
+    assert all(e["steps"] == bpe for e in result["epochs"])
+
+
+def train_cache_key(root: CacheRoot, boundary: int) -> str:
+    rows = [
+        r
+        for r in list_caches(root)
+        if r["split"] == "train" and r["boundary"] == boundary and r["status"] == "complete"
+    ]
+    assert len(rows) == 1, rows
+    return rows[0]["key"]
+
+
+def corrupt_chunk_read_mid_epoch(
+    root: CacheRoot, key: str, seed: int, epoch: int, batch_size: int, windowed: bool
+) -> int:
+    """Flip one byte of the chunk that the next epoch needs first, latest in the epoch.
+
+    Exact-order readers touch chunks as the (seed, epoch) order dictates; the
+    windowed zarr reader visits chunks in a seeded chunk order. Returns the chunk.
+    """
+    reader = open_reader(root, key)
+    try:
+        chunk_rows, num_chunks = reader.chunk_rows, reader.num_chunks
+        if windowed:
+            order = rng_for(seed, "chunk-shuffle", epoch).permutation(num_chunks)
+            chunk = int(order[num_chunks // 2])
+        else:
+            rows = reader.rows_in_epoch_order(seed, epoch)
+            first_batch = np.full(num_chunks, -1)
+            for b in range(len(rows) // batch_size - 1, -1, -1):  # last write wins: earliest batch
+                first_batch[rows[b * batch_size : (b + 1) * batch_size] // chunk_rows] = b
+            chunk = int(np.argmax(first_batch))
+            assert first_batch[chunk] >= 2, "no chunk is first needed mid-epoch"
+        tier, row_bytes = reader.tier, reader.spec.row_bytes
+        shape_tail = (0,) * len(reader.spec.shape)
+        name = (
+            reader.array.metadata.encode_chunk_key((chunk, *shape_tail)) if tier == "zarr" else None
+        )
+    finally:
+        reader.close()
+    d = root.dir_for(key)
+    if tier == "zarr":
+        path, offset = d / "activations" / str(name), None
+    else:
+        path, offset = d / "activations.bin", chunk * chunk_rows * row_bytes + 7
+    flip_byte(path, offset)
+    return chunk
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if offset is None else offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def run_with_deadline(fn, seconds: float):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it takes longer."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # re-raised below
+            out["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds:.0f} s: the trainer is blocked"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def prefast_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("prefast")]
+
+
+def leftovers(root: Path) -> list[str]:
+    """Partial cache directories and held locks under a cache root."""
+    cr = CacheRoot(root)
+    partial = [k for k in cr.cache_keys() if not cr.is_complete(k)]
+    held = []
+    for lock_file in (root / ".locks").glob("*.lock") if (root / ".locks").is_dir() else []:
+        lock = cr.lock(lock_file.stem)
+        if lock.try_acquire(shared=False):
+            lock.release()
+        else:
+            held.append(lock_file.stem)
+    return [f"partial {k}" for k in partial] + [f"locked {k}" for k in held]
+
+
+def relu_batch(rows: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.relu(torch.randn(rows, *shape))

@@ -1,0 +1,88 @@
+"""The shape of the code: no import cycles, the store stands alone, small modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {
+    "prefast": ROOT / "prefast",
+    "prefast.store": ROOT / "store",
+    "prefast.cli": ROOT / "cli",
+}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for pkg, path in PACKAGES.items():
+        for f in path.rglob("*.py"):
+            rel = f.relative_to(path).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            found[".".join([pkg, *parts])] = f
+    return found
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Modules of ours that ``name`` imports anywhere in its body (lazy imports count)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        out |= {t for t in targets if t in known and t != name}
+    return out
+
+
+def test_no_import_cycle_among_our_modules():
+    mods = modules()
+    graph = {m: imports_of(m, p, set(mods)) for m, p in mods.items()}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for dep in sorted(graph.get(m, ())):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep) :] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_the_store_imports_nothing_from_the_trainer_side():
+    for name, path in modules().items():
+        if not name.startswith("prefast.store"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                assert not (
+                    node.module.startswith("prefast")
+                    and not node.module.startswith("prefast.store")
+                ), f"{path.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    assert not a.name.startswith("prefast"), f"{path.name} imports {a.name}"
+
+
+def test_no_module_over_400_lines_and_a_short_trainer():
+    sizes = {p: len(p.read_text().splitlines()) for p in modules().values()}
+    big = {str(p.relative_to(ROOT)): n for p, n in sizes.items() if n > 400}
+    assert not big, big
+    assert sizes[ROOT / "prefast" / "trainer.py"] <= 350
