@@ -101,7 +101,7 @@ def test_writer_that_blocks_then_fails_never_blocks_the_trainer(
         except CacheWriteError as exc:
             outcome["error"], outcome["at"] = exc, time.perf_counter()
 
-    t = threading.Thread(target=trainer)
+    t = threading.Thread(target=trainer, daemon=True)  # a regression must not hang exit
     t.start()
     time.sleep(0.5)
     assert t.is_alive() and w.queue.full(), "the trainer should be waiting on a full queue"

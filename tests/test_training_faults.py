@@ -181,6 +181,7 @@ def test_test_cache_write_failure_leaves_training_running(tmp_path, monkeypatch,
         return original(self, start, rows)
 
     monkeypatch.setattr(ZarrWriter, "_write_chunk", full_for_test)
+    monkeypatch.setattr("prefast.store.base.CHUNK_BYTES", 64 * 1024)  # fails in append(), too
     result = train(prefast_cfg(tmp_path))
     failed = [e for e in result["final"]["cache_events"] if e["event"] == "test_cache_failed"]
     assert failed and "disk full" in failed[0]["detail"]
