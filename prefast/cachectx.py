@@ -73,7 +73,7 @@ class CacheContext:
             reader = open_reader(self.root, key)
         except CacheCorruptedError as exc:
             self.event(epoch, "corrupted", key=key, detail=str(exc))
-            log.warning("%s; rebuilding it", exc)
+            log.warning("cache %s is corrupted (%s): rebuilding it", exc.cache, exc.detail)
             self.root.remove(key)
             return None
         except CacheError as exc:

@@ -307,7 +307,11 @@ class PrefastFeed:
     def _corrupted(self, epoch: int, source: BoundaryCache, exc: CacheCorruptedError) -> None:
         """Never train on garbage: drop the boundary; rebuild it next epoch unless a
         boundary being written this epoch replaces it anyway."""
-        log.warning("%s; serving the rest of the epoch from raw data", exc)
+        log.warning(
+            "cache %s is corrupted (%s): the rest of the epoch comes from raw data",
+            exc.cache,
+            exc.detail,
+        )
         self.ctx.event(epoch, "corrupted", stage=source.stage, detail=str(exc))
         source.corrupt(str(exc))
         if source is self.current:

@@ -110,7 +110,11 @@ class TestCache:
                     yield Batch(x, labels[sl].to(self.ctx.device), ids[sl], start, cached=True)
                     done += len(ids[sl])
         except CacheCorruptedError as exc:
-            log.warning("%s; evaluating the rest from raw data", exc)
+            log.warning(
+                "cache %s is corrupted (%s): evaluating the rest from raw data",
+                exc.cache,
+                exc.detail,
+            )
             self.ctx.event(epoch, "corrupted", split="test", stage=start, detail=str(exc))
             if reader is self.reader:
                 self.drop()
