@@ -21,13 +21,13 @@ demo: install
 	    --cache-dir .prefast-cache/demo --json-out runs/demo.json
 
 lint: install
-	$(VENV)/bin/ruff check prefast store cli tests benchmarks
-	$(VENV)/bin/ruff format --check prefast store cli tests benchmarks
+	$(VENV)/bin/ruff check prefast store cli tests benchmarks examples
+	$(VENV)/bin/ruff format --check prefast store cli tests benchmarks examples
 	$(VENV)/bin/mypy
 
 format: install
-	$(VENV)/bin/ruff format prefast store cli tests benchmarks
-	$(VENV)/bin/ruff check --fix prefast store cli tests benchmarks
+	$(VENV)/bin/ruff format prefast store cli tests benchmarks examples
+	$(VENV)/bin/ruff check --fix prefast store cli tests benchmarks examples
 
 # pytest exits 5 when it collects nothing; make treats that as a failure.
 # bench-quick runs the whole benchmark pipeline at CI size and fails if any

@@ -40,7 +40,24 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     g.add_argument("--depth", type=int, help="network depth (DenseNet-BC default 76, WRN 16)")
     g.add_argument("--growth-rate", type=int, default=12, help="DenseNet growth rate k")
     g.add_argument("--width", type=int, default=4, help="WRN widening factor")
-    g.add_argument("--data-dir", default="data", help="where torchvision datasets live")
+    g.add_argument(
+        "--data-dir",
+        default="data",
+        help="where torchvision datasets live; for imagefolder the folder holding "
+        "train/<class>/* and val/<class>/* (or test/<class>/*)",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="imagefolder: resize images to N x N (default: the first image's size)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="DataLoader processes for imagefolder (default: cores - 1; 0: the main process)",
+    )
     g.add_argument("--subset", type=int, help="train on a seeded random subset of N samples")
     g.add_argument(
         "--synthetic-size",
@@ -52,7 +69,8 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         "--augment",
         default="standard",
         choices=AUGMENTS,
-        help="random crop + flip, or none (default: %(default)s)",
+        help="random crop (padding 1/8 of the side) + horizontal flip, or none "
+        "(default: %(default)s)",
     )
     s = p.add_argument_group("schedule")
     s.add_argument("--epochs", type=int, default=10)

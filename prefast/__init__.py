@@ -4,10 +4,12 @@ Public API::
 
     from prefast import TrainConfig, train, FreezeOutSchedule, build_model
     result = train(TrainConfig(mode="prefast", dataset="digits", model="densenet-bc", depth=16))
+    result = train(cfg, model=my_module, train_data=train_ds, test_data=test_ds)
 
 The activation store is :mod:`prefast.store`; the command line is :mod:`prefast.cli`.
 """
 
+from prefast.compare import compare
 from prefast.config import TrainConfig
 from prefast.errors import (
     CacheCorruptedError,
@@ -36,6 +38,7 @@ __all__ = [
     "StagedModel",
     "TrainConfig",
     "batch_slices",
+    "compare",
     "build_model",
     "epoch_order",
     "from_sequential",

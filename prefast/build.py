@@ -1,18 +1,27 @@
-"""Names to objects: the device, dataset, model and schedule a config asks for.
+"""Names to objects: the device, data, model and schedule of a run.
 
-The trainer, the planner and ``compare`` build their runs through these, so
-a config means the same run everywhere.
+``train(cfg)`` and ``train(cfg, model=..., train_data=..., test_data=...)``
+meet here: names from the config become the same kind of objects a user
+passes (a StagedModel, two map-style Datasets), and both go through
+:func:`build_run` into the one trainer.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 
 from prefast.config import TrainConfig
-from prefast.data import Dataset, load_dataset
+from prefast.data import Splits, TensorImageDataset, load_dataset
 from prefast.errors import ConfigError
-from prefast.models import StagedModel, build_model
+from prefast.feed import RawSource, TensorSource
+from prefast.models import StagedModel, as_staged_model, build_model
 from prefast.schedule import FreezeOutSchedule
+
+log = logging.getLogger("prefast")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,8 +34,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_for(cfg: TrainConfig) -> Dataset:
-    return load_dataset(cfg.dataset, cfg.data_dir, cfg.subset, cfg.seed, cfg.synthetic_size)
+def load_for(cfg: TrainConfig) -> Splits:
+    """The (train, test) datasets ``cfg.dataset`` names."""
+    return load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.subset,
+        cfg.seed,
+        cfg.synthetic_size,
+        image_size=cfg.image_size,
+        augment=cfg.augment,
+    )
+
+
+def source_for(
+    cfg: TrainConfig,
+    train: Dataset,
+    test: Dataset,
+    device: torch.device,
+    data_id: str | None = None,
+) -> RawSource:
+    """In-memory built-in splits are served from device memory; any other dataset
+    goes through a DataLoader."""
+    if isinstance(train, TensorImageDataset) and isinstance(test, TensorImageDataset):
+        return TensorSource(train, test, cfg.batch_size, cfg.seed, cfg.augment, device)
+    from prefast.loader_source import LoaderSource
+
+    return LoaderSource(train, test, cfg.batch_size, cfg.seed, device, cfg.workers, data_id)
 
 
 def model_for(cfg: TrainConfig, ds_shape: tuple[int, int, int], num_classes: int) -> StagedModel:
@@ -40,6 +74,53 @@ def model_for(cfg: TrainConfig, ds_shape: tuple[int, int, int], num_classes: int
         growth_rate=cfg.growth_rate,
         width=cfg.width,
     )
+
+
+def build_run(
+    cfg: TrainConfig,
+    model: nn.Module | None = None,
+    train_data: Dataset | None = None,
+    test_data: Dataset | None = None,
+    data_id: str | None = None,
+) -> tuple[TrainConfig, StagedModel, RawSource]:
+    """The run's config (as recorded), model on its device, and raw data source."""
+    device = resolve_device(cfg.device)
+    if (train_data is None) != (test_data is None):
+        raise ConfigError("pass both train_data and test_data (or neither, to use cfg.dataset)")
+    if train_data is None or test_data is None:
+        train_data, test_data = load_for(cfg)
+    elif (
+        not isinstance(train_data, TensorImageDataset)
+        and cfg.augment != "none"
+        and getattr(train_data, "augment_applied", None) != cfg.augment  # our imagefolder
+    ):
+        log.warning(
+            "augment=%r is ignored for your own datasets: their transform is the augmentation",
+            cfg.augment,
+        )
+        cfg = cfg.replace(augment="none")
+    source = source_for(cfg, train_data, test_data, device, data_id)
+    if model is None:
+        torch.manual_seed(cfg.seed)  # the same initial weights in every mode
+        staged = model_for(cfg, *shape_and_classes(train_data))
+    else:
+        staged = as_staged_model(model)
+    return cfg, staged.to(device), source
+
+
+def shape_and_classes(ds: Dataset) -> tuple[tuple[int, int, int], int]:
+    """Input shape and class count of a dataset, for building a zoo model on it."""
+    if isinstance(ds, TensorImageDataset):
+        return ds.shape, ds.num_classes
+    x, _ = ds[0]
+    classes = getattr(ds, "classes", None) or getattr(getattr(ds, "dataset", None), "classes", None)
+    if x.dim() != 3 or classes is None:
+        raise ConfigError(
+            "cannot build a zoo model for this dataset (items must be (C, H, W) images and the "
+            "dataset needs a .classes list): pass model= (a StagedModel or nn.Sequential)"
+        )
+    c, h, w = x.shape
+    return (int(c), int(h), int(w)), len(classes)
 
 
 def schedule_for(cfg: TrainConfig, num_stages: int, batches_per_epoch: int) -> FreezeOutSchedule:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+
+from torch import nn
+from torch.utils.data import Dataset
 
 from prefast.build import load_for
 from prefast.config import TrainConfig
@@ -15,17 +19,25 @@ def compare(
     modes: list[str],
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    *,
+    model: nn.Module | None = None,
+    train_data: Dataset | None = None,
+    test_data: Dataset | None = None,
+    data_id: str | None = None,
 ) -> dict[str, dict]:
     """Train ``cfg`` once per mode, one after another in this process.
 
-    Returns ``{mode: run record}``; each record gains ``final.predicted_s``
-    (the ideal cost model's prediction) so measured/ideal can be read off.
-    The dataset is loaded once and shared by the probe and every run; each
-    prefast run still times its own stages, as a standalone run would.
+    Takes what ``train`` takes; every mode starts from the same initial weights
+    (a given ``model`` is copied per mode). Returns ``{mode: run record}``; each
+    record gains ``final.predicted_s`` (the ideal cost model's prediction) so
+    measured/ideal can be read off. Named datasets are loaded once for the probe
+    and every run; each prefast run still times its own stages, as a standalone
+    run would.
     """
     runs: dict[str, dict] = {}
-    data = load_for(cfg)
-    plan = measure_and_plan(cfg.replace(mode="prefast"), data=data)
+    if train_data is None and test_data is None:
+        train_data, test_data = load_for(cfg)
+    plan = measure_and_plan(cfg.replace(mode="prefast"), model, train_data, test_data)
     for mode in modes:
         if log:
             log(f"--- {mode} ---")
@@ -37,7 +49,15 @@ def compare(
                     f"acc {r['test_acc']:.4f} {r['time_s']:.2f}s"
                 )
 
-        result = train(cfg.replace(mode=mode), progress=progress, on_epoch=on_epoch, data=data)
+        result = train(
+            cfg.replace(mode=mode),
+            progress=progress,
+            on_epoch=on_epoch,
+            model=copy.deepcopy(model) if model is not None else None,
+            train_data=train_data,
+            test_data=test_data,
+            data_id=data_id,
+        )
         result["final"]["predicted_s"] = plan["predicted_s"][mode]
         for record, ideal in zip(result["epochs"], plan["predicted_epochs"][mode], strict=True):
             record["predicted_train_s"] = ideal["train_s"]

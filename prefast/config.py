@@ -61,6 +61,8 @@ class TrainConfig:
     subset: int | None = None
     synthetic_size: tuple[int, int] = (50_000, 10_000)
     augment: str = "standard"
+    image_size: int | None = None  # imagefolder: resize to N x N
+    workers: int | None = None  # DataLoader processes for dataset objects (None: cores - 1)
     checkpoint: str | None = None
     resume: bool = False
     # prefast mode
@@ -100,6 +102,12 @@ class TrainConfig:
             raise ConfigError(f"--t0 {self.t0} must be in (0, 1]; FreezeOut's default is 0.8")
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr} must be positive")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(
+                f"--workers {self.workers} must be >= 0 (0: load in the main process)"
+            )
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"--image-size {self.image_size} must be a positive pixel count")
         if self.subset is not None and self.subset < 1:
             raise ConfigError(f"--subset {self.subset} must be a positive sample count")
         if self.resume and not self.checkpoint:

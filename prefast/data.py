@@ -1,59 +1,103 @@
-"""Datasets as in-memory uint8 tensors, plus batched augmentation.
+"""The built-in datasets, as in-memory uint8 tensors, plus batched augmentation.
 
-Keeping whole datasets as tensors (CIFAR-10 is 150 MB) lets data and
-augmentation live on the training device: no per-sample Python work, no
-DataLoader workers. ``synthetic`` and ``digits`` need no download and serve
-tests, the demo and CI.
+Every loader returns a (train, test) pair of map-style torch Datasets: the
+same kind of object a user passes to ``prefast.train(cfg, train_data=...,
+test_data=...)``. The built-in sets are :class:`TensorImageDataset`: keeping
+them as tensors lets data and augmentation live on the training device.
+``synthetic`` and ``digits`` need no download and serve tests, the demo and
+CI; ``imagefolder`` reads a torchvision ImageFolder tree (``prefast/imagefolder.py``).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Subset
 
 from prefast.errors import ConfigError, DataUnavailableError
 from prefast.store.order import rng_for
 
-DATASETS = ("synthetic", "digits", "cifar10", "cifar100", "mnist")
+DATASETS = ("synthetic", "digits", "cifar10", "cifar100", "mnist", "imagefolder")
 AUGMENTS = ("none", "standard")
 
 
-@dataclass
-class Dataset:
-    """Train and test images (N, C, H, W) uint8 with int64 labels."""
+class TensorImageDataset(TorchDataset):
+    """One split held in memory: (N, C, H, W) uint8 images and int64 labels.
 
-    name: str
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int
-    flip: bool  # horizontal flips preserve the label (not for digits)
+    A map-style torch ``Dataset`` (``ds[i]`` is a normalized float image and its
+    label), so it goes anywhere a Dataset goes. The trainer recognizes it and
+    serves whole batches from device memory with batched augmentation instead
+    of a DataLoader: CIFAR-10 is 150 MB, and per-sample Python work would cost
+    more than a small model's step.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        classes: list[str],
+        flip: bool,
+        norm: Normalizer | None = None,
+    ):
+        self.name, self.x, self.y, self.classes, self.flip = name, x, y, classes, flip
+        self.norm = norm or Normalizer(x)  # a test split shares its training split's
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.norm(self.x[i : i + 1])[0], int(self.y[i])
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train_x.shape[1:]
+        c, h, w = self.x.shape[1:]
         return int(c), int(h), int(w)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     @property
     def identity(self) -> str:
         """Short digest of the data itself: part of every cache key."""
         h = hashlib.sha256(self.name.encode())
-        for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+        for t in (self.x, self.y):
             h.update(str(tuple(t.shape)).encode())
             h.update(t[:: max(1, len(t) // 512)].cpu().numpy().tobytes())  # sampled rows: cheap
         return h.hexdigest()[:16]
 
-    def to(self, device: torch.device) -> Dataset:
-        tx, ty, vx, vy = (
-            t.to(device) for t in (self.train_x, self.train_y, self.test_x, self.test_y)
+    def to(self, device: torch.device) -> TensorImageDataset:
+        return TensorImageDataset(
+            self.name, self.x.to(device), self.y.to(device), self.classes, self.flip, self.norm
         )
-        return Dataset(self.name, tx, ty, vx, vy, self.num_classes, self.flip)
+
+    def subset(self, keep: torch.Tensor, name: str) -> TensorImageDataset:
+        return TensorImageDataset(
+            name, self.x[keep], self.y[keep], self.classes, self.flip, self.norm
+        )
+
+
+Splits = tuple[TorchDataset, TorchDataset]
+
+
+def tensor_splits(
+    name: str,
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    vx: torch.Tensor,
+    vy: torch.Tensor,
+    num_classes: int,
+    flip: bool,
+) -> tuple[TensorImageDataset, TensorImageDataset]:
+    classes = [str(c) for c in range(num_classes)]
+    train = TensorImageDataset(name, tx, ty, classes, flip)
+    return train, TensorImageDataset(name, vx, vy, classes, flip, train.norm)
 
 
 def load_dataset(
@@ -62,34 +106,56 @@ def load_dataset(
     subset: int | None = None,
     seed: int = 0,
     synthetic_size: tuple[int, int] = (50_000, 10_000),
-) -> Dataset:
-    """Load ``name``; ``subset`` keeps a seeded random subset of the training set."""
+    image_size: int | None = None,
+    augment: str = "none",
+) -> Splits:
+    """Training and test split of ``name``; ``subset`` keeps a seeded random subset
+    of the training set. Built-in sets come as :class:`TensorImageDataset`;
+    ``imagefolder`` as torchvision ``ImageFolder`` datasets (``augment`` and
+    ``image_size`` become their transforms)."""
+    if name == "imagefolder":
+        from prefast.imagefolder import imagefolder_splits
+
+        train, test = imagefolder_splits(Path(data_dir), image_size, augment)
+        train = _subset(train, subset, seed, name)
+        train.augment_applied = augment  # type: ignore[attr-defined]  # its transform has it
+        return train, test
     if name == "synthetic":
-        # A shallow copy of a memoized set: benchmarks build many runs on the same data,
-        # and nothing writes into a Dataset's tensors (subsets below rebind, not mutate).
-        ds = replace(_synthetic_memo(*synthetic_size, seed))
+        # Memoized: benchmarks build many runs on the same data, and nothing
+        # writes into a split's tensors (subsets below make new ones).
+        splits = _synthetic_memo(*synthetic_size, seed)
     elif name == "digits":
-        ds = digits()
+        splits = digits()
     elif name in ("cifar10", "cifar100", "mnist"):
-        ds = torchvision_dataset(name, Path(data_dir))
+        splits = torchvision_dataset(name, Path(data_dir))
     else:
         raise ConfigError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    if subset is not None:
-        n = len(ds.train_x)
-        if not 0 < subset <= n:
-            raise ConfigError(f"--subset {subset} must be between 1 and {n} for {name}")
-        keep = torch.from_numpy(np.sort(rng_for(seed, "subset").permutation(n)[:subset]))
-        ds.train_x, ds.train_y = ds.train_x[keep], ds.train_y[keep]
-        ds.name = f"{name}[subset={subset},seed={seed}]"
-    return ds
+    return _subset(splits[0], subset, seed, name), splits[1]
+
+
+def _subset(train: TorchDataset, subset: int | None, seed: int, name: str) -> TorchDataset:
+    if subset is None:
+        return train
+    n = len(train)  # type: ignore[arg-type]
+    if not 0 < subset <= n:
+        raise ConfigError(f"--subset {subset} must be between 1 and {n} for {name}")
+    keep = np.sort(rng_for(seed, "subset").permutation(n)[:subset])
+    label = f"{name}[subset={subset},seed={seed}]"
+    if isinstance(train, TensorImageDataset):
+        return train.subset(torch.from_numpy(keep), label)
+    return Subset(train, keep.tolist())
 
 
 @functools.lru_cache(maxsize=1)
-def _synthetic_memo(n_train: int, n_test: int, seed: int) -> Dataset:
+def _synthetic_memo(
+    n_train: int, n_test: int, seed: int
+) -> tuple[TensorImageDataset, TensorImageDataset]:
     return synthetic(n_train, n_test, seed)
 
 
-def synthetic(n_train: int = 50_000, n_test: int = 10_000, seed: int = 0) -> Dataset:
+def synthetic(
+    n_train: int = 50_000, n_test: int = 10_000, seed: int = 0
+) -> tuple[TensorImageDataset, TensorImageDataset]:
     """A learnable CIFAR-shaped set: 10 classes of smooth prototypes plus noise.
 
     Each class mixes two low-frequency colour patterns; samples get a random
@@ -115,10 +181,10 @@ def synthetic(n_train: int = 50_000, n_test: int = 10_000, seed: int = 0) -> Dat
 
     tx, ty = make(n_train, 1)
     vx, vy = make(n_test, 2)
-    return Dataset("synthetic", tx, ty, vx, vy, num_classes=10, flip=True)
+    return tensor_splits("synthetic", tx, ty, vx, vy, num_classes=10, flip=True)
 
 
-def digits() -> Dataset:
+def digits() -> tuple[TensorImageDataset, TensorImageDataset]:
     """scikit-learn's bundled 8x8 digits (1,797 images), fixed stratified 80/20 split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -129,7 +195,7 @@ def digits() -> Dataset:
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=0.2, stratify=d.target, random_state=0)
     tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
-    return Dataset("digits", x[tr], y[tr], x[te], y[te], num_classes=10, flip=False)
+    return tensor_splits("digits", x[tr], y[tr], x[te], y[te], num_classes=10, flip=False)
 
 
 _FILES = {
@@ -139,7 +205,7 @@ _FILES = {
 }
 
 
-def torchvision_dataset(name: str, root: Path) -> Dataset:
+def torchvision_dataset(name: str, root: Path) -> tuple[TensorImageDataset, TensorImageDataset]:
     import torchvision
 
     cls_name, files, num_classes, flip = _FILES[name]
@@ -161,7 +227,7 @@ def torchvision_dataset(name: str, root: Path) -> Dataset:
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
         splits += [x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)]
     tx, ty, vx, vy = splits
-    return Dataset(name, tx, ty, vx, vy, num_classes, flip)
+    return tensor_splits(name, tx, ty, vx, vy, num_classes, flip)
 
 
 class Normalizer:

@@ -8,6 +8,7 @@ computes or reads the frozen prefix itself and sets ``start`` at a boundary.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from prefast.data import Dataset, Normalizer, augment
+from prefast.data import TensorImageDataset, augment
 from prefast.store.order import batch_slices, epoch_order, rng_for, unseen
 
 
@@ -61,65 +62,52 @@ class Feed(Protocol):
         """Fields of the run record's ``final`` section."""
 
 
-class RawFeed:
-    """Batches from the in-memory dataset, augmented on the training device."""
+class RawSource:
+    """Batches of raw data, every sample once per epoch in the (seed, epoch) order.
 
-    def __init__(self, ds: Dataset, batch_size: int, seed: int, augment: str, device: torch.device):
-        self.ds = ds.to(device)
-        self.norm = Normalizer(ds.train_x)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.augment = augment
-        self.device = device
+    Also the whole feed of the baseline and freezeout modes (no per-epoch
+    state); the prefast feed reads it for anything its caches do not hold.
+    Subclasses: :class:`TensorSource` (in-memory built-in sets) and
+    ``LoaderSource`` (any map-style Dataset, through a DataLoader).
+    """
+
+    name: str
+    identity: str  # changes whenever the data (or its transform) changes: part of cache keys
+    batch_size: int
+    seed: int
+    device: torch.device
 
     @property
     def num_train(self) -> int:
-        return len(self.ds.train_x)
+        raise NotImplementedError
 
     @property
     def num_test(self) -> int:
-        return len(self.ds.test_x)
+        raise NotImplementedError
 
     @property
     def batches_per_epoch(self) -> int:
         return len(batch_slices(self.num_train, self.batch_size))
+
+    def order(self, epoch: int, seen: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """The epoch's order without the ``seen`` samples, and how many batches were served."""
+        order = unseen(epoch_order(self.seed, epoch, self.num_train), seen)
+        return order, (self.num_train - len(order)) // self.batch_size
 
     def train_batches(
         self, epoch: int, view: int | None = None, seen: np.ndarray | None = None
     ) -> BatchStream:
         """One epoch in the shared (seed, epoch) order, without the ``seen`` samples.
 
-        ``view`` fixes the augmentation stream independently of the epoch, so a
-        cached augmented view can be reproduced; by default it is the epoch.
-        Each batch draws its augmentation from its own index in the epoch, so
-        the rest of an epoch served after a fault is augmented exactly as the
-        same batches of an uninterrupted epoch.
+        After a fault mid-epoch the prefast feed asks for the rest this way: when
+        everything served so far was a prefix of the order, the rest continues
+        batch for batch as if nothing had happened.
         """
-        order = unseen(epoch_order(self.seed, epoch, self.num_train), seen)
-        first = (self.num_train - len(order)) // self.batch_size  # batches already served
-        stream = epoch if view is None else view
-        for b, sl in enumerate(batch_slices(len(order), self.batch_size), start=first):
-            ids = torch.from_numpy(order[sl])
-            dev_ids = ids.to(self.device)
-            x = self.norm(self.ds.train_x[dev_ids])
-            if self.augment == "standard":
-                gen = torch.Generator().manual_seed(
-                    int(rng_for(self.seed, "augment", stream, b).integers(2**62))
-                )
-                x = augment(x, gen, self.ds.flip)
-            yield Batch(x, self.ds.train_y[dev_ids], ids, 0)
+        raise NotImplementedError
 
     def test_batches(self, first_row: int = 0) -> BatchStream:
-        """The test set in order from row ``first_row`` (a multiple of the batch size).
-
-        Evaluation runs at the training batch size: the cost model times that
-        size, and on CPU a DenseNet at batch 512 costs ~3.7x more per sample than at 64.
-        """
-        for sl in batch_slices(self.num_test, self.batch_size):
-            if sl.start < first_row:
-                continue
-            ids = torch.arange(sl.start, sl.stop)
-            yield Batch(self.norm(self.ds.test_x[sl]), self.ds.test_y[sl], ids, 0)
+        """The test set in row order from ``first_row`` (a multiple of the batch size)."""
+        raise NotImplementedError
 
     # -- the rest of the feed protocol: raw data has no per-epoch state ------------------
     def begin_epoch(self, epoch: int, frozen_prefix: int) -> None:
@@ -142,3 +130,61 @@ class RawFeed:
 
     def report(self) -> dict[str, Any]:
         return {}
+
+
+class TensorSource(RawSource):
+    """Batches from in-memory splits, normalized and augmented on the training device."""
+
+    def __init__(
+        self,
+        train: TensorImageDataset,
+        test: TensorImageDataset,
+        batch_size: int,
+        seed: int,
+        augment: str,
+        device: torch.device,
+    ):
+        self.train, self.test = train.to(device), test.to(device)
+        self.norm = train.norm
+        self.name = train.name
+        self.identity = hashlib.sha256(f"{train.identity}/{test.identity}".encode()).hexdigest()[
+            :16
+        ]
+        self.batch_size, self.seed, self.augment, self.device = batch_size, seed, augment, device
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test)
+
+    def train_batches(
+        self, epoch: int, view: int | None = None, seen: np.ndarray | None = None
+    ) -> BatchStream:
+        """``view`` fixes the augmentation stream independently of the epoch, so a
+        cached augmented view can be reproduced; by default it is the epoch. Each
+        batch draws its augmentation from its own index in the epoch, so the rest
+        of an epoch served after a fault is augmented as in an uninterrupted one."""
+        order, first = self.order(epoch, seen)
+        stream = epoch if view is None else view
+        for b, sl in enumerate(batch_slices(len(order), self.batch_size), start=first):
+            ids = torch.from_numpy(order[sl])
+            dev_ids = ids.to(self.device)
+            x = self.norm(self.train.x[dev_ids])
+            if self.augment == "standard":
+                gen = torch.Generator().manual_seed(
+                    int(rng_for(self.seed, "augment", stream, b).integers(2**62))
+                )
+                x = augment(x, gen, self.train.flip)
+            yield Batch(x, self.train.y[dev_ids], ids, 0)
+
+    def test_batches(self, first_row: int = 0) -> BatchStream:
+        # Evaluate at the training batch size: the cost model times that size, and on
+        # CPU a DenseNet at batch 512 costs ~3.7x more per sample than at 64.
+        for sl in batch_slices(self.num_test, self.batch_size):
+            if sl.start < first_row:
+                continue
+            ids = torch.arange(sl.start, sl.stop)
+            yield Batch(self.norm(self.test.x[sl]), self.test.y[sl], ids, 0)

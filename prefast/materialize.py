@@ -40,7 +40,7 @@ from prefast.cachectx import DISK_TIERS, CacheContext
 from prefast.config import TrainConfig, default_cache_dir
 from prefast.costmodel import StageCost, plan_boundaries, prefix_seconds
 from prefast.errors import CacheCorruptedError, CacheError
-from prefast.feed import Batch, BatchStream, RawFeed
+from prefast.feed import Batch, BatchStream, RawSource
 from prefast.governor import Governor, cache_dtype, cache_views, row_bytes_in
 from prefast.models import StagedModel
 from prefast.probe import measure_stage_costs
@@ -57,7 +57,7 @@ class PrefastFeed:
     def __init__(
         self,
         cfg: TrainConfig,
-        raw: RawFeed,
+        raw: RawSource,
         model: StagedModel,
         schedule: FreezeOutSchedule,
         device: torch.device,
@@ -70,7 +70,8 @@ class PrefastFeed:
         self.views = cache_views(cfg.cache_views, cfg.augment)
         dtype = cache_dtype(cfg.cache_dtype, device)
         if costs is None:  # forward times and compression ratios are all planning needs
-            probe = next(iter(raw.train_batches(0))).x
+            with contextlib.closing(raw.train_batches(0)) as batches:
+                probe = next(batches).x
             costs = measure_stage_costs(
                 copy.deepcopy(model), probe, backward=False, cache_dtype=dtype
             )
@@ -86,8 +87,8 @@ class PrefastFeed:
         self.planned = {b.epoch: b.stage for b in planned}  # as planned, for the report
         self.plan = dict(self.planned)  # plus re-materializations after faults
         identity = {
-            "data": raw.ds.identity,
-            "data_name": raw.ds.name,
+            "data": raw.identity,
+            "data_name": raw.name,
             "augment": cfg.augment,
             "seed": cfg.seed,
         }

@@ -8,35 +8,44 @@ is loaded once.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 
-import torch
+from torch import nn
+from torch.utils.data import Dataset
 
-from prefast.build import load_for, model_for, resolve_device, schedule_for
+from prefast.build import build_run, schedule_for
 from prefast.config import TrainConfig
 from prefast.costmodel import plan_boundaries, predict_epochs, prefix_seconds
-from prefast.data import Dataset
-from prefast.feed import RawFeed
 from prefast.governor import Governor, cache_dtype, cache_views, row_bytes_in
 from prefast.probe import measure_stage_costs
 
 
-def measure_and_plan(cfg: TrainConfig, data: Dataset | None = None) -> dict:
-    """Per-stage costs, freeze points, boundaries with their tiers, predicted seconds."""
-    device = resolve_device(cfg.device)
-    ds = data if data is not None else load_for(cfg)
-    raw = RawFeed(ds, cfg.batch_size, cfg.seed, cfg.augment, device)
-    torch.manual_seed(cfg.seed)
-    model = model_for(cfg, ds.shape, ds.num_classes).to(device)
+def measure_and_plan(
+    cfg: TrainConfig,
+    model: nn.Module | None = None,
+    train_data: Dataset | None = None,
+    test_data: Dataset | None = None,
+) -> dict:
+    """Per-stage costs, freeze points, boundaries with their tiers, predicted seconds.
+
+    Takes what ``train`` takes; a given ``model`` is copied, never trained.
+    """
+    model = copy.deepcopy(model) if model is not None else None
+    cfg, staged, raw = build_run(cfg, model, train_data, test_data)
+    device = raw.device
     dtype = cache_dtype(cfg.cache_dtype, device)
-    costs = measure_stage_costs(model, next(iter(raw.train_batches(0))).x, cache_dtype=dtype)
+    with contextlib.closing(raw.train_batches(0)) as batches:
+        probe = next(batches).x
+    costs = measure_stage_costs(staged, probe, cache_dtype=dtype)
     bpe, rows = raw.batches_per_epoch, raw.num_train
-    sched_f = schedule_for(cfg.replace(mode="freezeout"), model.num_stages, bpe)
+    sched_f = schedule_for(cfg.replace(mode="freezeout"), staged.num_stages, bpe)
     boundaries = plan_boundaries(sched_f, bpe, cfg.epochs, costs, rows, policy=cfg.cache_boundaries)
     eval_batches = math.ceil(raw.num_test / cfg.batch_size)
     predicted, predicted_epochs = {}, {}
     for mode in ("baseline", "freezeout", "prefast"):
-        sched = schedule_for(cfg.replace(mode=mode), model.num_stages, bpe)
+        sched = schedule_for(cfg.replace(mode=mode), staged.num_stages, bpe)
         per_epoch = predict_epochs(mode, sched, bpe, cfg.epochs, costs, boundaries, eval_batches)
         predicted_epochs[mode] = per_epoch
         predicted[mode] = sum(e["train_s"] + e["eval_s"] for e in per_epoch)

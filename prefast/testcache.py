@@ -20,7 +20,7 @@ import torch
 
 from prefast.cachectx import DISK_TIERS, CacheContext
 from prefast.errors import CacheCorruptedError, CacheError
-from prefast.feed import Batch, BatchStream, RawFeed
+from prefast.feed import Batch, BatchStream, RawSource
 from prefast.store import Reader, Writer
 from prefast.store.order import batch_slices
 
@@ -29,7 +29,7 @@ RunPrefix = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
 class TestCache:
-    def __init__(self, ctx: CacheContext, raw: RawFeed, run_prefix: RunPrefix):
+    def __init__(self, ctx: CacheContext, raw: RawSource, run_prefix: RunPrefix):
         self.ctx, self.raw, self.run_prefix = ctx, raw, run_prefix
         self.reader: Reader | None = None
         self.stage = 0  # the boundary self.reader holds (0: none)

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from prefast.build import load_for, model_for, resolve_device, schedule_for
+from prefast.build import build_run, schedule_for
 from prefast.config import TrainConfig
 from prefast.costmodel import StageCost
-from prefast.data import Dataset
 from prefast.errors import ConfigError
-from prefast.feed import Batch, Feed, RawFeed
+from prefast.feed import Batch, Feed
 from prefast.models import StagedModel
 
 log = logging.getLogger("prefast")
@@ -57,24 +57,24 @@ def peak_rss_mb() -> float:
 class Trainer:
     """Owns model, optimizer, schedule and feed for one run. Use :func:`train`.
 
-    ``data`` is an already loaded dataset (``prefast compare`` loads it once for
-    every mode); ``costs`` are per-stage costs measured beforehand, so the
-    prefast feed does not probe again.
+    Takes what :func:`train` takes. ``costs`` are per-stage costs measured
+    beforehand, so the prefast feed does not probe again (tests use it).
     """
 
     def __init__(
         self,
         cfg: TrainConfig,
+        model: nn.Module | None = None,
+        train_data: Dataset | None = None,
+        test_data: Dataset | None = None,
+        *,
         on_epoch: Callable[[dict], None] | None = None,
-        data: Dataset | None = None,
+        data_id: str | None = None,
         costs: list[StageCost] | None = None,
     ):
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        ds = data if data is not None else load_for(cfg)
-        self.raw = RawFeed(ds, cfg.batch_size, cfg.seed, cfg.augment, self.device)
-        self.model = model_for(cfg, ds.shape, ds.num_classes).to(self.device)
+        cfg, self.model, self.raw = build_run(cfg, model, train_data, test_data, data_id)
+        self.cfg, self.device = cfg, self.raw.device
+        self.custom_model = model is not None
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -191,7 +191,11 @@ class Trainer:
             self.feed.close()
         return {
             "config": self.cfg.to_json(),
-            "model": {"name": self.model.name, "num_stages": self.model.num_stages},
+            "model": {
+                "name": "custom" if self.custom_model else self.model.name,
+                "num_stages": self.model.num_stages,
+            },
+            "data": {"name": self.raw.name, "train": self.raw.num_train, "test": self.raw.num_test},
             "epochs": self.history,
             "final": {
                 "test_acc": self.history[-1]["test_acc"] if self.history else None,
@@ -246,7 +250,28 @@ def train(
     cfg: TrainConfig,
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
-    data: Dataset | None = None,
+    *,
+    model: nn.Module | None = None,
+    train_data: Dataset | None = None,
+    test_data: Dataset | None = None,
+    data_id: str | None = None,
 ) -> dict:
-    """Train with ``cfg`` and return the run record (the ``--json-out`` document)."""
-    return Trainer(cfg, on_epoch=on_epoch, data=data).run(progress=progress)
+    """Train and return the run record (the ``--json-out`` document).
+
+    Parameters
+    ----------
+    cfg
+        The run configuration. ``cfg.model``/``depth``/``growth_rate``/``width``
+        are ignored when ``model`` is given, ``cfg.dataset`` when the data is.
+    model
+        Your own network: a :class:`~prefast.StagedModel`, an ``nn.Sequential``
+        (each child is a stage, the last is the head) or a torchvision ResNet.
+    train_data, test_data
+        Any map-style ``torch.utils.data.Dataset`` yielding ``(tensor, int)``;
+        its transform is the augmentation. Read through a DataLoader with
+        ``cfg.workers`` processes, in the same (seed, epoch) order as every mode.
+    data_id
+        Names the data in cache keys instead of a digest of it.
+    """
+    trainer = Trainer(cfg, model, train_data, test_data, on_epoch=on_epoch, data_id=data_id)
+    return trainer.run(progress=progress)

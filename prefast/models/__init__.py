@@ -5,7 +5,12 @@ from __future__ import annotations
 from prefast.errors import ConfigError
 from prefast.models.densenet import densenet_bc_stages
 from prefast.models.resnet import preact_resnet18_stages, wrn_stages
-from prefast.models.staged import StagedModel, from_sequential, from_torchvision_resnet
+from prefast.models.staged import (
+    StagedModel,
+    as_staged_model,
+    from_sequential,
+    from_torchvision_resnet,
+)
 from prefast.models.vgg import vgg16_stages
 
 MODELS = ("densenet-bc", "preact-resnet18", "wrn", "vgg16")
@@ -41,6 +46,7 @@ def build_model(
 __all__ = [
     "MODELS",
     "StagedModel",
+    "as_staged_model",
     "build_model",
     "from_sequential",
     "from_torchvision_resnet",

@@ -1,0 +1,72 @@
+"""``--dataset imagefolder``: a torchvision ImageFolder tree as (train, test) datasets.
+
+::
+
+    DIR/train/<class>/*.png|jpg|...
+    DIR/val/<class>/...          (or DIR/test/<class>/...)
+
+Images are resized to ``--image-size`` (default: the first training image's
+size), converted to tensors and standardized with per-channel statistics of
+up to 256 training images; ``--augment standard`` adds a random crop with
+padding (1/8 of the side) and a horizontal flip to the training transform.
+These are ordinary map-style datasets: the trainer reads them through a
+DataLoader, exactly as it reads a user's own dataset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from prefast.errors import DataUnavailableError
+
+
+def imagefolder_splits(root: Path, image_size: int | None, augment: str):  # type: ignore[no-untyped-def]
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    train_dir = root / "train"
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        missing = train_dir if not train_dir.is_dir() else root / "val"
+        raise DataUnavailableError(
+            f"--dataset imagefolder needs {missing} (layout: DIR/train/<class>/*.png and "
+            f"DIR/val/<class>/* or DIR/test/<class>/*); --data-dir is {root}"
+        )
+    probe = _folder(datasets, train_dir, None)
+    if image_size is None:
+        width, height = probe.loader(probe.samples[0][0]).size
+        size: tuple[int, int] = (height, width)
+    else:
+        size = (image_size, image_size)
+    base = [T.Resize(size), T.ToTensor()]
+    mean, std = _channel_stats(probe, T.Compose(base))
+    normalize = T.Normalize(mean, std)
+    train_tf = [*base]
+    if augment == "standard":
+        train_tf += [T.RandomCrop(size, padding=max(1, size[0] // 8)), T.RandomHorizontalFlip()]
+    train = _folder(datasets, train_dir, T.Compose([*train_tf, normalize]))
+    test = _folder(datasets, test_dir, T.Compose([*base, normalize]))
+    if test.classes != train.classes:
+        raise DataUnavailableError(
+            f"{test_dir} has classes {test.classes} but {train_dir} has {train.classes}: "
+            "the two splits need the same class folders"
+        )
+    return train, test
+
+
+def _folder(datasets, path: Path, transform):  # type: ignore[no-untyped-def]
+    try:
+        return datasets.ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, OSError) as exc:  # an empty class folder, or no classes
+        detail = str(exc).split(". Supported extensions")[0]
+        raise DataUnavailableError(f"{path}: {detail}") from None
+
+
+def _channel_stats(folder, transform) -> tuple[list[float], list[float]]:  # type: ignore[no-untyped-def]
+    """Per-channel mean and std of up to 256 evenly spaced training images."""
+    n = len(folder.samples)
+    picks = range(0, n, max(1, n // 256))
+    x = torch.stack([transform(folder.loader(folder.samples[i][0])) for i in picks])
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()

@@ -1,0 +1,169 @@
+"""Any map-style torch Dataset as a raw source, through a DataLoader.
+
+Batches come from a ``torch.utils.data.DataLoader`` whose batch sampler draws
+the same (seed, epoch) order as every other source, so the modes stay
+comparable; ``workers`` processes decode and transform in parallel
+(persistent across epochs), with pinned memory on CUDA. The dataset's own
+transform is its augmentation: nothing is added here. Once a prefast
+boundary is cached, this loader is not iterated for the cached part at all:
+no decode, no transform.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from prefast.errors import ConfigError
+from prefast.feed import Batch, BatchStream, RawSource
+from prefast.store.order import batch_slices
+
+log = logging.getLogger("prefast.data")
+
+
+def default_workers() -> int:
+    """DataLoader worker processes when --workers is not given: a core is left for training."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+class BatchOrder(torch.utils.data.Sampler[list[int]]):
+    """The batches of one pass, set before each pass (the DataLoader keeps this object)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def set(self, rows: np.ndarray, batch_size: int) -> None:
+        self.batches = [rows[sl].tolist() for sl in batch_slices(len(rows), batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class LoaderSource(RawSource):
+    def __init__(
+        self,
+        train: Dataset,
+        test: Dataset,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        workers: int | None = None,
+        data_id: str | None = None,
+    ):
+        for split, ds in (("train_data", train), ("test_data", test)):
+            if not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
+                raise ConfigError(
+                    f"{split} must be a map-style torch Dataset (with __len__ and __getitem__ "
+                    f"returning (tensor, int)); got {type(ds).__name__}"
+                )
+        self.train_ds, self.test_ds = train, test
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.workers = default_workers() if workers is None else workers
+        self.name = data_id or type(train).__name__
+        self.identity = (
+            hashlib.sha256(f"user:{data_id}".encode()).hexdigest()[:16]
+            if data_id
+            else hashlib.sha256(
+                f"{data_identity(train)}/{data_identity(test)}".encode()
+            ).hexdigest()[:16]
+        )
+        self.train_order, self.test_order = BatchOrder(), BatchOrder()
+        self.train_loader = self._loader(train, self.train_order)
+        self.test_loader = self._loader(test, self.test_order)
+
+    def _loader(self, ds: Dataset, order: BatchOrder) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_sampler=order,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_ds)  # type: ignore[arg-type]
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test_ds)  # type: ignore[arg-type]
+
+    def train_batches(
+        self, epoch: int, view: int | None = None, seen: np.ndarray | None = None
+    ) -> BatchStream:
+        order, _ = self.order(epoch, seen)
+        self.train_order.set(order, self.batch_size)
+        yield from self._batches(self.train_loader, self.train_order.batches)
+
+    def test_batches(self, first_row: int = 0) -> BatchStream:
+        self.test_order.set(np.arange(first_row, self.num_test), self.batch_size)
+        yield from self._batches(self.test_loader, self.test_order.batches)
+
+    def _batches(self, loader: DataLoader, rows: list[list[int]]) -> BatchStream:
+        # The loader keeps the sampler's order, so batch i holds the samples rows[i].
+        for ids, item in zip(rows, loader, strict=True):
+            x, y = _split_item(item)
+            yield Batch(
+                x.to(self.device, non_blocking=True),
+                torch.as_tensor(y, dtype=torch.int64).to(self.device, non_blocking=True),
+                torch.tensor(ids, dtype=torch.int64),
+                0,
+            )
+
+
+def _split_item(item: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], torch.Tensor):
+        return item[0], item[1]
+    raise ConfigError(
+        "a dataset item must be (tensor, int) (the image and its class); got a batch of "
+        f"{type(item).__name__}: wrap the dataset so __getitem__ returns (x, label)"
+    )
+
+
+def data_identity(ds: Dataset) -> str:
+    """A digest that changes when the data changes: size, classes, files or sampled items.
+
+    ImageFolder-like datasets digest their file list (path, size, mtime) and
+    transform; a ``Subset`` its indices and its dataset; anything else the
+    bytes of 16 evenly spaced items, drawn with torch's RNG fixed so random
+    transforms give the same items. Pass ``data_id=`` to name the data yourself.
+    """
+    h = hashlib.sha256(f"{type(ds).__name__}:{len(ds)}".encode())  # type: ignore[arg-type]
+    classes = getattr(ds, "classes", None)
+    if classes is not None:
+        h.update(json.dumps([str(c) for c in classes]).encode())
+    if isinstance(ds, Subset):
+        h.update(np.asarray(ds.indices, dtype=np.int64).tobytes())
+        h.update(data_identity(ds.dataset).encode())
+        return h.hexdigest()[:16]
+    samples = getattr(ds, "samples", None)
+    if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
+        for path, target in samples:
+            st = os.stat(path)
+            h.update(f"{path}|{target}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(repr(getattr(ds, "transform", None)).encode())
+        return h.hexdigest()[:16]
+    if isinstance(ds, TensorDataset):
+        for t in ds.tensors:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t[:: max(1, len(t) // 512)].cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+    n = len(ds)  # type: ignore[arg-type]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for i in np.linspace(0, n - 1, num=min(16, n)).astype(int):
+            x, y = _split_item(ds[int(i)])
+            h.update(x.detach().cpu().contiguous().numpy().tobytes())
+            h.update(str(int(y)).encode())
+    return h.hexdigest()[:16]

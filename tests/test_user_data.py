@@ -1,0 +1,295 @@
+"""Your own model and your own data: objects in, strings only at the CLI edge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import leftovers
+from prefast.store.order import batch_slices, epoch_order
+from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from prefast import StagedModel, TrainConfig, train
+from prefast.data import digits
+from prefast.errors import ConfigError
+from prefast.loader_source import data_identity
+
+CFG = dict(
+    epochs=6, batch_size=64, t0=0.5, augment="none", cache_dtype="float32", device="cpu",
+    workers=0, cache_boundaries="every",
+)  # fmt: skip
+
+
+def digits_tensors() -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn digits as plain float TensorDatasets (what a user would build)."""
+    train, test = digits()
+
+    def as_float(split):
+        x = (split.x.float() / 255.0 - 0.3) / 0.4
+        return TensorDataset(x, split.y.clone())
+
+    return as_float(train), as_float(test)
+
+
+def small_net() -> nn.Sequential:
+    torch.manual_seed(0)
+
+    def block(i, o, pool=False):
+        layers = [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+        return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+    return nn.Sequential(
+        block(1, 16),
+        block(16, 32),
+        block(32, 32, pool=True),
+        block(32, 64),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)),
+    )
+
+
+class Counting(Dataset):
+    """A real dataset that counts how often it is read."""
+
+    def __init__(self, inner: Dataset):
+        self.inner, self.reads = inner, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.inner[i]
+
+
+def test_own_sequential_and_dataset_prefast_equals_freezeout(tmp_path):
+    train_ds, test_ds = digits_tensors()
+    runs = {
+        mode: train(
+            TrainConfig(mode=mode, cache_dir=str(tmp_path), cache_tier="zarr", **CFG),
+            model=small_net(),
+            train_data=train_ds,
+            test_data=test_ds,
+        )
+        for mode in ("freezeout", "prefast")
+    }
+    fo, pf = runs["freezeout"], runs["prefast"]
+    assert pf["model"] == {"name": "custom", "num_stages": 5}
+    assert pf["data"] == {"name": "TensorDataset", "train": 1437, "test": 360}
+    assert [e["train_loss"] for e in pf["epochs"]] == pytest.approx(
+        [e["train_loss"] for e in fo["epochs"]], rel=1e-6
+    )
+    assert [e["test_acc"] for e in pf["epochs"]] == [e["test_acc"] for e in fo["epochs"]]
+    assert pf["epochs"][-1]["cached_batches"] == 23 and pf["epochs"][-1]["cache_tier"] == "zarr"
+    assert fo["final"]["test_acc"] > 0.8
+    assert not leftovers(tmp_path)
+
+
+def test_the_loader_serves_the_shared_seed_epoch_order():
+    train_ds, test_ds = digits_tensors()
+    cfg = TrainConfig(mode="freezeout", **{**CFG, "epochs": 2})
+    _, steps = train_recording_user(cfg, train_ds, test_ds)
+    for epoch, batches in steps.items():
+        order = epoch_order(cfg.seed, epoch, len(train_ds))
+        expected = [order[sl] for sl in batch_slices(len(order), cfg.batch_size)]
+        assert all(np.array_equal(a, b) for a, b in zip(batches, expected, strict=True))
+
+
+def train_recording_user(cfg, train_ds, test_ds):
+    from prefast.trainer import Trainer
+
+    tr = Trainer(cfg, small_net(), train_ds, test_ds)
+    steps: dict = {}
+    original = tr._step
+
+    def step(batch, it):
+        steps.setdefault(it // tr.raw.batches_per_epoch, []).append(batch.ids.numpy().copy())
+        return original(batch, it)
+
+    tr._step = step
+    return tr.run(), steps
+
+
+def test_after_the_boundary_the_dataset_is_not_read_at_all(tmp_path):
+    train_ds, test_ds = (Counting(d) for d in digits_tensors())
+    reads = []
+
+    def on_epoch(rec):
+        reads.append((rec["epoch"], train_ds.reads, test_ds.reads, rec["cached_batches"]))
+        train_ds.reads = test_ds.reads = 0
+
+    train(
+        TrainConfig(mode="prefast", cache_dir=str(tmp_path), cache_tier="ram", **CFG),
+        on_epoch=on_epoch,
+        model=small_net(),
+        train_data=train_ds,
+        test_data=test_ds,
+    )
+    # (epoch 0 also read the planning probe's batch and the items the data identity samples)
+    full_reads = [r for r in reads[1:] if r[3] == 0]
+    cached = [r for r in reads if r[3] == 23]
+    assert full_reads and all(r[1] == 1437 for r in full_reads), reads
+    # epochs that train from the cache read neither split (the test set is cached too)
+    assert cached and all(r[1] == 0 and r[2] == 0 for r in cached[1:]), reads
+
+
+def test_worker_processes_give_the_same_run():
+    train_ds, test_ds = digits_tensors()
+    cfg = TrainConfig(mode="freezeout", **{**CFG, "epochs": 2})
+    one = train(cfg, model=small_net(), train_data=train_ds, test_data=test_ds)
+    two = train(cfg.replace(workers=2), model=small_net(), train_data=train_ds, test_data=test_ds)
+    assert [e["train_loss"] for e in one["epochs"]] == pytest.approx(
+        [e["train_loss"] for e in two["epochs"]], rel=1e-6
+    )
+
+
+def test_a_torchvision_resnet_is_split_into_stages():
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(96, 3, 16, 16, generator=g), torch.randint(0, 4, (96,), generator=g)
+    )
+    run = train(
+        TrainConfig(mode="freezeout", **{**CFG, "epochs": 1, "batch_size": 32}),
+        model=torchvision.models.resnet18(num_classes=4),
+        train_data=Subset(data, range(64)),
+        test_data=Subset(data, range(64, 96)),
+    )
+    assert run["model"] == {"name": "custom", "num_stages": 10}  # stem, 8 blocks, head
+    assert run["epochs"][0]["steps"] == 2
+
+
+def test_a_model_that_cannot_be_split_says_how():
+    class Net(nn.Module):
+        def forward(self, x):
+            return x
+
+    train_ds, test_ds = digits_tensors()
+    with pytest.raises(ConfigError, match=r"prefast.StagedModel\(\[stage0, stage1, ..., head\]\)"):
+        train(TrainConfig(**CFG), model=Net(), train_data=train_ds, test_data=test_ds)
+    with pytest.raises(ConfigError, match="pass both train_data and test_data"):
+        train(TrainConfig(**CFG), model=small_net(), train_data=train_ds)
+    staged = StagedModel(list(small_net().children()))
+    run = train(
+        TrainConfig(mode="baseline", **{**CFG, "epochs": 1}),
+        model=staged,
+        train_data=train_ds,
+        test_data=test_ds,
+    )
+    assert run["model"]["num_stages"] == 5
+
+
+def test_data_identity_follows_the_data():
+    train_ds, _ = digits_tensors()
+    x, y = train_ds.tensors
+    changed = TensorDataset(x.clone(), y.clone())
+    changed.tensors[0][0] += 1.0  # row 0 is among the sampled rows
+    assert data_identity(train_ds) == data_identity(TensorDataset(x.clone(), y.clone()))
+    assert data_identity(train_ds) != data_identity(changed)
+    assert data_identity(Subset(train_ds, range(100))) != data_identity(
+        Subset(train_ds, range(1, 101))
+    )
+
+
+# -- ImageFolder through the CLI -----------------------------------------------------------
+def write_image_folder(root, per_class=(40, 12), classes=("zero", "one", "two")):
+    from PIL import Image
+
+    train, test = digits()
+    for split, (ds, n) in {"train": (train, per_class[0]), "val": (test, per_class[1])}.items():
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            rows = (ds.y == c).nonzero().flatten()[:n]
+            for r in rows.tolist():
+                Image.fromarray(ds.x[r, 0].numpy(), mode="L").convert("RGB").save(
+                    folder / f"{r}.png"
+                )
+    return root
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "prefast.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_imagefolder_trains_through_the_cli_and_caches(tmp_path):
+    data = write_image_folder(tmp_path / "imgs")
+    out = tmp_path / "run.json"
+    args = [
+        "train", "--mode", "prefast", "--dataset", "imagefolder", "--data-dir", str(data),
+        "--image-size", "12", "--model", "densenet-bc", "--depth", "10", "--epochs", "4",
+        "--t0", "0.3", "--batch-size", "32", "--augment", "standard", "--workers", "1",
+        "--cache-tier", "zarr", "--cache-boundaries", "every", "--device", "cpu",
+        "--cache-dir", str(tmp_path / "cache"), "--json-out", str(out),
+    ]  # fmt: skip
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert doc["data"]["train"] == 120 and doc["data"]["test"] == 36
+    assert doc["config"]["augment"] == "standard" and doc["config"]["image_size"] == 12
+    assert doc["epochs"][-1]["cache_tier"] == "zarr" and doc["epochs"][-1]["cached_batches"] == 4
+    plan = cli("plan", *args[3:-2], "--json")
+    assert plan.returncode == 0, plan.stderr
+    assert len(json.loads(plan.stdout)["stages"]) == doc["model"]["num_stages"]
+
+
+@pytest.mark.parametrize("problem", ["no val folder", "empty class"])
+def test_imagefolder_problems_are_one_line_errors(tmp_path, problem):
+    data = write_image_folder(tmp_path / "imgs", per_class=(3, 2))
+    if problem == "no val folder":
+        import shutil
+
+        shutil.rmtree(data / "val")
+        needle = str(data / "val")
+    else:
+        for f in (data / "train" / "one").iterdir():
+            f.unlink()
+        needle = str(data / "train")
+    res = cli("train", "--dataset", "imagefolder", "--data-dir", str(data), "--device", "cpu")
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_imagefolder_identity_changes_when_a_file_changes(tmp_path):
+    from prefast.imagefolder import imagefolder_splits
+
+    data = write_image_folder(tmp_path / "imgs", per_class=(3, 2))
+    before = data_identity(imagefolder_splits(data, 8, "none")[0])
+    img = next((data / "train" / "two").iterdir())
+    img.write_bytes(img.read_bytes() + b"\0")  # a different file, same name
+    assert data_identity(imagefolder_splits(data, 8, "none")[0]) != before
+    assert data_identity(imagefolder_splits(data, 10, "none")[0]) != before  # the transform too
+
+
+def test_the_example_script_runs(tmp_path):
+    data = write_image_folder(tmp_path / "imgs", per_class=(16, 6))
+    res = subprocess.run(
+        [sys.executable, "examples/own_model_imagefolder.py", str(data), "--epochs", "2",
+         "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "prefast vs freezeout" in res.stdout
+
+
+def test_the_readme_example_runs_and_prints_what_it_says(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(import torch\n.*?)```", readme, re.S).group(1)
+    code = code.replace("/tmp/prefast-example", str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    expected = re.search(r"# (\{'name': 'custom'.*)", code).group(1)
+    assert res.stdout.strip() == expected
