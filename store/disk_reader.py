@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import numcodecs
 import numpy as np
 import torch
 import zarr
+from zarr.codecs.bytes import Endian
 
 from .base import NUMPY_STORAGE, CacheSpec, Reader, TorchBatch, checksum, from_storage
+from .chunkio import ChunkPrefetcher
 from .errors import CacheCorruptedError, CacheNotFoundError
 from .layout import CacheRoot, KeyLock
+from .shuffle import chunk_visit_order, windowed_order
 
 
 class DiskReader(Reader):
@@ -78,17 +84,35 @@ class DiskReader(Reader):
 
     def read_chunk(self, i: int) -> np.ndarray:
         """Chunk ``i`` decoded and checked against the marker's checksum."""
-        chunk = self._load_chunk(i)
+        return self._load(i, None)
+
+    def _load(self, i: int, buf: np.ndarray | None) -> np.ndarray:
+        """Chunk ``i``, into ``buf`` when given; checked against the marker's crc32c.
+
+        Runs on the prefetcher's threads: it must not touch shared state.
+        """
+        chunk = self._load_chunk(i, buf)
         if checksum(chunk) != self.chunk_crcs[i]:
-            del chunk  # an mmap view: the traceback must not keep the mapping open
+            del chunk  # never keep a view into damaged data alive in the traceback
             raise CacheCorruptedError(
                 self.key,
                 f"chunk {i} of activations does not match its checksum (missing or damaged)",
             )
         return chunk
 
-    def _load_chunk(self, i: int) -> np.ndarray:
+    def _load_chunk(self, i: int, buf: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
+
+    def _rows_of(self, i: int) -> int:
+        return min(self.chunk_rows, self.spec.rows - i * self.chunk_rows)
+
+    def _full(self, buf: np.ndarray | None) -> np.ndarray:
+        """A whole chunk's buffer: ``buf`` when given (reused), else a new one."""
+        if buf is None:
+            buf = np.empty(
+                (self.chunk_rows, *self.spec.shape), dtype=NUMPY_STORAGE[self.spec.dtype]
+            )
+        return buf
 
     def _batch(self, acts: np.ndarray, rows: np.ndarray) -> TorchBatch:
         return (
@@ -109,6 +133,85 @@ class DiskReader(Reader):
     def read_rows(self, rows: np.ndarray) -> TorchBatch:
         # Random rows: decode (and check) each touched chunk once.
         return self._batch(self._gather(rows, self.read_chunk), rows)
+
+    def epoch_batches(
+        self, seed: int, epoch: int, batch_size: int, buffer_bytes: int = 256 * 2**20
+    ) -> Iterator[TorchBatch]:
+        """Every row once per epoch, chunks loaded ahead on a thread pool.
+
+        Exact (seed, epoch) order when the whole cache fits ``buffer_bytes``;
+        otherwise a seeded chunk order with rows shuffled inside windows of
+        chunks: the window being served plus the next one being read fit
+        ``buffer_bytes``. A damaged chunk surfaces at the first batch that needs it.
+        """
+        if self.spec.logical_bytes <= buffer_bytes:
+            yield from self._exact_epoch(seed, epoch, batch_size)
+            return
+        chunk_bytes = self.chunk_rows * self.spec.row_bytes
+        window = max(1, buffer_bytes // (2 * chunk_bytes))
+        order = chunk_visit_order(self.num_chunks, seed, epoch)
+        decoded: dict[int, np.ndarray] = {}
+        with ChunkPrefetcher(self._load, order, window, self._release) as pf:
+            for live, rows in windowed_order(
+                self.num_chunks, self.chunk_rows, self.spec.rows, window, batch_size, seed, epoch
+            ):
+                for c in [c for c in decoded if c not in live]:
+                    pf.done(c, decoded.pop(c))
+                for c in live:
+                    if c not in decoded:
+                        decoded[c] = pf.get(c)
+                # Group the batch by chunk (its order is random anyway) so each row is
+                # copied once, straight from its chunk into the batch.
+                rows = rows[np.argsort(rows // self.chunk_rows, kind="stable")]
+                yield self._batch(self._gather_grouped(rows, decoded), rows)
+
+    def _exact_epoch(self, seed: int, epoch: int, batch_size: int) -> Iterator[TorchBatch]:
+        """Exact batches out of the whole cache, its chunks loaded (and checked) in parallel."""
+        whole = self._whole()
+        copy = whole is None
+        if whole is None:
+            whole = np.empty(
+                (self.num_chunks * self.chunk_rows, *self.spec.shape),
+                dtype=NUMPY_STORAGE[self.spec.dtype],
+            )
+        loaded: set[int] = set()
+        with ChunkPrefetcher(
+            self._load, range(self.num_chunks), self.num_chunks, self._release
+        ) as pf:
+
+            def read(rows: np.ndarray) -> TorchBatch:
+                for c in np.unique(rows // self.chunk_rows).tolist():
+                    if c not in loaded:
+                        chunk = pf.get(c)
+                        if copy:  # into the whole array; the chunk's own memory is free again
+                            lo = c * self.chunk_rows
+                            whole[lo : lo + len(chunk)] = chunk
+                            pf.done(c, chunk)
+                        loaded.add(c)
+                return self._batch(np.take(whole, rows, axis=0), rows)
+
+            yield from self.exact_batches(seed, epoch, batch_size, read)
+            if not copy:  # the whole cache was read in place: let it leave resident memory
+                for c in range(self.num_chunks):
+                    self._release(c, whole)
+
+    def _whole(self) -> np.ndarray | None:
+        """The whole cache as one array without copying, where the tier allows it."""
+        return None
+
+    def _release(self, i: int, arr: np.ndarray) -> np.ndarray | None:
+        """Chunk ``i`` is no longer needed; return its buffer for reuse, if it owns one."""
+        return arr.base if isinstance(arr.base, np.ndarray) else None
+
+    def _gather_grouped(self, rows: np.ndarray, chunks: dict[int, np.ndarray]) -> np.ndarray:
+        """Rows sorted by chunk, each copied once from its chunk into the batch."""
+        out = np.empty((len(rows), *self.spec.shape), dtype=NUMPY_STORAGE[self.spec.dtype])
+        chunk_of = rows // self.chunk_rows
+        starts = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]])
+        for a, b in zip(starts.tolist(), [*starts[1:].tolist(), len(rows)], strict=True):
+            c = int(chunk_of[a])
+            np.take(chunks[c], rows[a:b] - c * self.chunk_rows, axis=0, out=out[a:b])
+        return out
 
     def close(self) -> None:
         """Release the shared lock; idempotent."""
@@ -140,44 +243,87 @@ class ZarrReader(DiskReader):
                 f"(first: activations/{missing[0]})",
             )
 
-    def _load_chunk(self, i: int) -> np.ndarray:
-        lo = i * self.chunk_rows
+        # The codec pipeline our writer uses: raw little-endian bytes, zstd or not, then a
+        # crc32c trailer. Such chunk files are read directly; anything else through zarr.
+        codecs: tuple[Any, ...] = tuple(getattr(array.metadata, "codecs", ()))
+        names = [type(c).__name__ for c in codecs]
+        little = bool(codecs) and getattr(codecs[0], "endian", None) in (None, Endian.little)
+        self.codec: str | None = (
+            {
+                ("BytesCodec", "Crc32cCodec"): "none",
+                ("BytesCodec", "ZstdCodec", "Crc32cCodec"): "zstd",
+            }.get(tuple(names))
+            if little
+            else None
+        )
+        self.zstd = numcodecs.Zstd()
+        self._maps: dict[int, mmap.mmap] = {}  # chunk -> its mapped file, while it is in use
+
+    def chunk_path(self, i: int) -> Path:
+        tail = (0,) * len(self.spec.shape)
+        return self.dir / "activations" / self.array.metadata.encode_chunk_key((i, *tail))
+
+    def _load_chunk(self, i: int, buf: np.ndarray | None) -> np.ndarray:
+        """One read of the chunk file: raw bytes (+ 4-byte crc32c) or a zstd frame (+ crc)."""
+        if self.codec is None:  # a codec pipeline we did not write: let zarr decode it
+            lo = i * self.chunk_rows
+            try:
+                return np.asarray(self.array[lo : lo + self.chunk_rows])
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise CacheCorruptedError(self.key, f"chunk {i} of activations: {exc}") from exc
+        # zarr stores the last chunk padded to a whole chunk; the marker's crc covers real rows.
+        # The file is mapped, not read: a read would copy every byte once more.
+        rows = self._rows_of(i)
+        full_bytes = self.chunk_rows * self.spec.row_bytes
         try:
-            return np.asarray(self.array[lo : lo + self.chunk_rows])
-        except (ValueError, RuntimeError, OSError) as exc:  # crc32c codec / undecodable zstd
-            raise CacheCorruptedError(self.key, f"chunk {i} of activations: {exc}") from exc
-
-    def epoch_batches(
-        self, seed: int, epoch: int, batch_size: int, buffer_bytes: int = 256 * 2**20
-    ) -> Iterator[TorchBatch]:
-        """Exact order when the whole cache fits the shuffle buffer; otherwise
-        a seeded chunk order with rows shuffled inside windows of chunks.
-        Chunks are decoded when a batch first needs them, so a damaged chunk
-        surfaces at the batch that would have used it."""
-        from .shuffle import windowed_order
-
-        decoded: dict[int, np.ndarray] = {}
-
-        def chunk(c: int) -> np.ndarray:
-            if c not in decoded:
-                decoded[c] = self.read_chunk(c)
-            return decoded[c]
-
-        if self.spec.logical_bytes <= buffer_bytes:
-            yield from self.exact_batches(
-                seed, epoch, batch_size, lambda rows: self._batch(self._gather(rows, chunk), rows)
+            with open(self.chunk_path(i), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 5 or (self.codec == "none" and size != full_bytes + 4):
+                    raise CacheCorruptedError(
+                        self.key, f"chunk {i} has {size} bytes, expected {full_bytes + 4}"
+                    )
+                mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise CacheCorruptedError(self.key, f"chunk file of chunk {i} is missing") from None
+        if self.codec == "none":
+            self._maps[i] = mapped  # closed by _release when the chunk leaves the window
+            flat = np.frombuffer(
+                mapped,
+                dtype=NUMPY_STORAGE[self.spec.dtype],
+                count=full_bytes // self.spec.row_bytes * int(np.prod(self.spec.shape)),
             )
-            return
-        window = max(1, buffer_bytes // (self.chunk_rows * self.spec.row_bytes))
-        for live, rows in windowed_order(
-            self.num_chunks, self.chunk_rows, self.spec.rows, window, batch_size, seed, epoch
-        ):
-            for c in [c for c in decoded if c not in live]:
-                del decoded[c]
-            yield self._batch(self._gather(rows, chunk), rows)
+            return flat.reshape(self.chunk_rows, *self.spec.shape)[:rows]
+        full = self._full(buf)
+        try:
+            self.zstd.decode(memoryview(mapped)[: size - 4], out=full.reshape(-1).view(np.uint8))
+        except Exception as exc:  # an undecodable frame
+            raise CacheCorruptedError(self.key, f"chunk {i} of activations: {exc}") from exc
+        finally:
+            with contextlib.suppress(BufferError):
+                mapped.close()
+        return full[:rows]
+
+    def _release(self, i: int, arr: np.ndarray) -> np.ndarray | None:
+        mapped = self._maps.pop(i, None)
+        if mapped is None:
+            return super()._release(i, arr)
+        del arr
+        with contextlib.suppress(BufferError):  # a view still alive: closed when it is freed
+            mapped.close()
+        return None
 
 
 class MmapReader(DiskReader):
+    """The raw tier: rows in one uncompressed file, memory-mapped.
+
+    A chunk is "loaded" by asking the kernel to read its range ahead
+    (``MADV_WILLNEED``) and checking its crc32c, which faults it in; batches
+    are gathered straight from the mapping, so each byte is copied once. When
+    a chunk leaves the shuffle window its pages leave this process's resident
+    memory (``MADV_DONTNEED``; they stay in the page cache), so ``--max-ram``
+    holds.
+    """
+
     tier = "mmap"
 
     def _open(self) -> None:
@@ -189,28 +335,31 @@ class MmapReader(DiskReader):
             raise CacheCorruptedError(
                 self.key, f"activations.bin has {size} bytes, expected {expected}"
             )
-        # Our own mapping (not np.memmap) so we can madvise it and close it.
         with open(path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.mm = np.frombuffer(self._map, dtype=NUMPY_STORAGE[self.spec.dtype]).reshape(
             self.spec.rows, *self.spec.shape
         )
-        self.verified = np.zeros(self.num_chunks, dtype=bool)
 
-    def _load_chunk(self, i: int) -> np.ndarray:
+    def _range(self, i: int) -> tuple[int, int]:
+        """Chunk ``i``'s bytes, widened to whole pages (madvise wants aligned ranges)."""
+        lo = i * self.chunk_rows * self.spec.row_bytes
+        hi = lo + self._rows_of(i) * self.spec.row_bytes
+        lo -= lo % mmap.PAGESIZE
+        return lo, hi - lo
+
+    def _load_chunk(self, i: int, buf: np.ndarray | None) -> np.ndarray:
+        self._map.madvise(mmap.MADV_WILLNEED, *self._range(i))
         lo = i * self.chunk_rows
-        return np.asarray(self.mm[lo : lo + self.chunk_rows])
+        return self.mm[lo : lo + self._rows_of(i)]
 
-    def read_rows(self, rows: np.ndarray) -> TorchBatch:
-        for c in np.unique(rows // self.chunk_rows):  # checksum each chunk on first touch
-            if not self.verified[c]:
-                self.read_chunk(int(c))
-                self.verified[c] = True
-        acts = self.mm[rows]  # fancy indexing copies out of the mapping
-        # Drop the mapped pages from our RSS: they stay in the page cache, but a
-        # RAM budget (--max-ram) counts resident pages of this process.
-        self._map.madvise(mmap.MADV_DONTNEED)
-        return self._batch(acts, rows)
+    def _release(self, i: int, arr: np.ndarray) -> np.ndarray | None:
+        if not self._map.closed:
+            self._map.madvise(mmap.MADV_DONTNEED, *self._range(i))
+        return None
+
+    def _whole(self) -> np.ndarray | None:
+        return self.mm
 
     def close(self) -> None:
         if hasattr(self, "_map") and not self._map.closed:

@@ -15,6 +15,12 @@ import numpy as np
 from .order import rng_for
 
 
+def chunk_visit_order(num_chunks: int, seed: int, epoch: int) -> np.ndarray:
+    """The order ``windowed_order`` visits chunks in: known before the epoch starts,
+    so a reader can load the next chunks while the current ones are served."""
+    return rng_for(seed, "chunk-shuffle", epoch).permutation(num_chunks)
+
+
 def windowed_order(
     num_chunks: int,
     chunk_rows: int,

@@ -114,3 +114,15 @@ def test_compare_and_plan_and_cache_ls(tmp_path):
     plan = json.loads(prefast("plan", *DIGITS, "--epochs", "6", "--t0", "0.5", "--json").stdout)
     assert plan["predicted_s"]["prefast"] < plan["predicted_s"]["baseline"]
     assert plan["boundaries"]
+
+
+def test_bench_store_dir_is_created_or_a_one_line_error(tmp_path):
+    from prefast.benchmarks.store_bench import make_workdir
+
+    work = make_workdir(tmp_path / "new" / "nested")
+    assert work.is_dir() and work.parent == tmp_path / "new" / "nested"
+    res = prefast("bench", "store", "--quick", "--dir", "/proc/prefast-cannot-create", timeout=120)
+    assert (
+        res.returncode == 2 and "--dir /proc/prefast-cannot-create cannot be created" in res.stderr
+    )
+    assert len(res.stderr.strip().splitlines()) == 1

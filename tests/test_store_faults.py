@@ -58,15 +58,28 @@ def test_missing_chunk_file_is_corruption_never_zeros(tmp_path):
     assert res.returncode == 1 and "c  CORRUPTED" in res.stdout, res.stdout
 
 
-def test_chunk_vanishing_under_an_open_reader_fails_its_checksum(tmp_path):
+def test_chunk_vanishing_under_an_open_reader_is_detected(tmp_path):
     root = CacheRoot(tmp_path)
     make_cache(root)
     reader = open_reader(root, "c")
     (tmp_path / "c" / "activations" / "c" / "2" / "0" / "0" / "0").unlink()  # zarr would give zeros
     reader.read_chunk(0)
-    with pytest.raises(CacheCorruptedError, match="chunk 2 .* does not match its checksum"):
+    with pytest.raises(CacheCorruptedError, match="chunk 2 is missing"):
         reader.read_chunk(2)
     reader.close()
+
+
+def test_a_swapped_chunk_fails_the_markers_checksum(tmp_path):
+    """A well-formed chunk file in the wrong place: zarr's own crc32c is happy, the marker's is not."""
+    root = CacheRoot(tmp_path)
+    make_cache(root, rows=3 * 2048)  # three full chunks of equal size
+    chunks = tmp_path / "c" / "activations" / "c"
+    (chunks / "1" / "0" / "0" / "0").write_bytes((chunks / "0" / "0" / "0" / "0").read_bytes())
+    reader = open_reader(root, "c")
+    with pytest.raises(CacheCorruptedError, match="chunk 1 .* does not match its checksum"):
+        reader.read_chunk(1)
+    reader.close()
+    assert any("chunk 1" in p for p in verify(root, "c"))
 
 
 @pytest.mark.parametrize("tier", ["zarr", "mmap"])

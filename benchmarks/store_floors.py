@@ -1,0 +1,179 @@
+"""What the hardware allows: the floors each store tier is measured against.
+
+All on the same logical bytes, in the same run, cold (page cache dropped):
+
+- ``raw_file_write_mb_s``: one sequential file written and fsynced;
+- ``raw_file_read_mb_s``: that file read sequentially in 8 MiB reads;
+- ``memmap_read_mb_s``: that file read through ``np.memmap`` in 256-row copies;
+- ``zstd_chunk_read_mb_s``: a minimal reader of the zarr/zstd tier's own chunk
+  files: ``os.read`` + numcodecs zstd decode + crc32c check on a pool of
+  ``os.cpu_count()`` threads, in a shuffled chunk order;
+- ``torch_load_per_sample_mb_s``: one ``torch.save`` file per sample (AutoFreeze's layout).
+
+And the GIL question: how much a training loop slows down while a disk-tier
+epoch is read on the same cores (``trainer_slowdown``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import crc32c
+import numcodecs
+import numpy as np
+import torch
+
+MB = 1e6
+
+
+def evict(path: Path) -> bool | None:
+    """Drop ``path``'s files from the page cache; True if verified empty after."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if not shutil.which("fincore"):
+        return None
+    out = subprocess.run(
+        ["fincore", "-b", "-n", "-o", "RES", *map(str, files)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    return all(v.strip() == "0" for v in out) if out else None
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def raw_file_floors(arr: np.ndarray, workdir: Path) -> dict:
+    """Sequential write (+fsync), cold sequential read, cold np.memmap read."""
+    raw = workdir / "raw.bin"
+
+    def write() -> None:
+        with open(raw, "wb", buffering=0) as f:
+            view = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
+            for s in range(0, len(view), 8 * 2**20):
+                f.write(view[s : s + 8 * 2**20])
+            os.fsync(f.fileno())
+
+    write_s = timed(write)
+    evicted = evict(raw)
+
+    def read() -> None:
+        buf = bytearray(8 * 2**20)
+        with open(raw, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+    read_s = timed(read)
+    evict(raw)
+    mapped = np.memmap(raw, dtype=arr.dtype, mode="r", shape=arr.shape)
+
+    def read_memmap() -> None:
+        for s in range(0, len(arr), 256):
+            np.array(mapped[s : s + 256])
+
+    mm_s = timed(read_memmap)
+    raw.unlink()
+    return {
+        "raw_file_write_mb_s": arr.nbytes / write_s / MB,
+        "raw_file_read_mb_s": arr.nbytes / read_s / MB,
+        "memmap_read_mb_s": arr.nbytes / mm_s / MB,
+        "raw_cold_evicted": evicted,
+    }
+
+
+def zstd_chunk_floor(chunk_files: list[Path], logical_bytes: int) -> float:
+    """The minimal reader of zarr/zstd chunk files (zstd payload + 4-byte crc32c), cold."""
+    zstd = numcodecs.Zstd()
+    order = np.random.default_rng(0).permutation(len(chunk_files))
+
+    def load(i: int) -> int:
+        fd = os.open(chunk_files[i], os.O_RDONLY)
+        try:
+            data = os.read(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        payload, trailer = data[:-4], data[-4:]
+        if crc32c.crc32c(payload) != int.from_bytes(trailer, "little"):
+            raise ValueError(f"chunk {chunk_files[i]} fails its crc32c")
+        return len(zstd.decode(payload))
+
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        t = time.perf_counter()
+        decoded = sum(pool.map(load, order.tolist()))
+        seconds = time.perf_counter() - t
+    assert decoded == logical_bytes, (decoded, logical_bytes)
+    return logical_bytes / seconds / MB
+
+
+def per_sample_floor(data: torch.Tensor, workdir: Path, n_max: int = 2000) -> float:
+    n = min(n_max, len(data))  # one file per sample: capped, throughput scales
+    per = workdir / "per_sample"
+    per.mkdir()
+    for i in range(n):
+        torch.save(data[i].clone(), per / f"{i}.pt")
+    evict(per)
+    order = np.random.default_rng(0).permutation(n)
+    seconds = timed(lambda: [torch.load(per / f"{i}.pt") for i in order])
+    shutil.rmtree(per)
+    return n * data[0].numel() * data.element_size() / seconds / MB
+
+
+def trainer_slowdown(read_epoch: Callable[[], None], steps: int = 60) -> dict:
+    """Step time of a small CNN training loop alone, then while a disk-tier epoch is
+    read on the same cores (a loader thread + its decode pool, as in training)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(64, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 3, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 64, 16, 16), torch.randint(0, 10, (64,))
+
+    def step_times(n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(time.perf_counter() - t)
+        return out
+
+    step_times(5)  # warm up
+    alone = float(np.median(step_times(steps)))
+    import threading
+
+    reader = threading.Thread(target=read_epoch, name="prefast-bench-read")
+    reader.start()
+    during: list[float] = []
+    while reader.is_alive() and len(during) < 10 * steps:
+        during += step_times(1)
+    reader.join()
+    with_read = float(np.median(during)) if during else alone
+    return {
+        "step_ms_alone": alone * 1e3,
+        "step_ms_while_reading": with_read * 1e3,
+        "steps_while_reading": len(during),
+        "slowdown": with_read / alone - 1.0,
+    }

@@ -1,0 +1,95 @@
+"""Reading chunks at the disk's speed: a thread pool that loads them ahead, in a known order.
+
+An epoch's chunk order is known before it starts (``shuffle.windowed_order``
+draws it from the seed), so the reader can keep the next chunks in flight
+while the current ones are served: each chunk is read with one call into a
+reused buffer, decoded (zstd releases the GIL) and checked against its
+crc32c on a pool of ``os.cpu_count()`` threads. Zarr itself would read the
+same files, but through its async machinery one request at a time; reading
+the files directly, several at once, is what reaches the floors in
+``benchmarks/store_floors.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+# Load chunk i, into ``buf`` when one is given (a free buffer of a full chunk's size).
+LoadChunk = Callable[[int, "np.ndarray | None"], np.ndarray]
+# Chunk i is no longer needed: free what it holds; return a buffer to reuse, if any.
+ReleaseChunk = Callable[[int, np.ndarray], "np.ndarray | None"]
+
+
+def io_workers() -> int:
+    """Threads reading and decoding chunks: twice the cores, so reads waiting on the
+    disk overlap decodes (zstd releases the GIL, so decodes run on every core)."""
+    return int(os.environ.get("PREFAST_IO_WORKERS", 0)) or max(4, 2 * (os.cpu_count() or 2))
+
+
+class ChunkPrefetcher:
+    """Loads chunks in ``order`` on a thread pool, at most ``ahead`` not yet taken.
+
+    ``get(c)`` returns chunk ``c`` (waiting for it, or loading it now if it was
+    not scheduled) and re-raises the loader's error, e.g. CacheCorruptedError.
+    ``done(c, arr)`` says no batch needs chunk ``c`` any more: ``release`` frees it
+    (a memory map is closed) or hands its buffer back for the next load.
+    ``close()`` cancels what is pending and joins the threads; idempotent.
+    """
+
+    def __init__(
+        self,
+        load: LoadChunk,
+        order: Iterable[int],
+        ahead: int,
+        release: ReleaseChunk | None = None,
+        workers: int | None = None,
+    ):
+        self.load, self.release = load, release
+        self.order = [int(c) for c in order]
+        self.ahead = max(1, ahead)
+        self.pool = ThreadPoolExecutor(workers or io_workers(), thread_name_prefix="prefast-chunks")
+        self.pending: dict[int, Future[np.ndarray]] = {}
+        self.free: list[np.ndarray] = []
+        self.next = 0
+        self._fill()
+
+    def _submit(self, c: int) -> None:
+        buf = self.free.pop() if self.free else None
+        self.pending[c] = self.pool.submit(self.load, c, buf)
+
+    def _fill(self) -> None:
+        while self.next < len(self.order) and len(self.pending) < self.ahead:
+            c = self.order[self.next]
+            self.next += 1
+            if c not in self.pending:
+                self._submit(c)
+
+    def get(self, c: int) -> np.ndarray:
+        if c not in self.pending:
+            self._submit(c)
+        future = self.pending.pop(c)
+        try:
+            return future.result()
+        finally:
+            self._fill()
+
+    def done(self, c: int, arr: np.ndarray) -> None:
+        buf = self.release(c, arr) if self.release is not None else None
+        if buf is not None:
+            self.free.append(buf)
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
+
+    def __enter__(self) -> ChunkPrefetcher:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
