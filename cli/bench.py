@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "per-sample torch.load baselines",
         description="Generates fp16 ReLU-like activations and measures each tier.",
     )
-    s.add_argument("--quick", action="store_true", help="64 MB, one trial (under a minute)")
+    s.add_argument("--quick", action="store_true", help="256 MB, one trial (about a minute)")
     s.add_argument("--size", default="2GB", help="logical bytes to write and read (default 2GB)")
     s.add_argument("--trials", type=int, default=3)
     s.add_argument("--dir", help="directory on the disk to measure (default: system temp)")
@@ -44,7 +44,7 @@ def run_store(args: argparse.Namespace) -> int:
 
     from prefast.config import parse_size
 
-    size = parse_size("64MB" if args.quick else args.size, "--size")
+    size = parse_size("256MB" if args.quick else args.size, "--size")
     doc = run_store_bench(
         size, Path(args.dir) if args.dir else None, 1 if args.quick else args.trials
     )

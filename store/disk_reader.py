@@ -24,7 +24,7 @@ import zarr
 from zarr.codecs.bytes import Endian
 
 from .base import NUMPY_STORAGE, CacheSpec, Reader, TorchBatch, checksum, from_storage
-from .chunkio import ChunkPrefetcher
+from .chunkio import ChunkPrefetcher, io_workers
 from .errors import CacheCorruptedError, CacheNotFoundError
 from .layout import CacheRoot, KeyLock
 from .shuffle import chunk_visit_order, windowed_order
@@ -151,7 +151,10 @@ class DiskReader(Reader):
         window = max(1, buffer_bytes // (2 * chunk_bytes))
         order = chunk_visit_order(self.num_chunks, seed, epoch)
         decoded: dict[int, np.ndarray] = {}
-        with ChunkPrefetcher(self._load, order, window, self._release) as pf:
+        # Read ahead one window, and never fewer chunks than keep every I/O thread busy
+        # (with a small window that is up to 2 x io_workers() chunks past the buffer).
+        ahead = max(window, 2 * io_workers())
+        with ChunkPrefetcher(self._load, order, ahead, self._release) as pf:
             for live, rows in windowed_order(
                 self.num_chunks, self.chunk_rows, self.spec.rows, window, batch_size, seed, epoch
             ):
@@ -285,6 +288,7 @@ class ZarrReader(DiskReader):
                 mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
         except FileNotFoundError:
             raise CacheCorruptedError(self.key, f"chunk file of chunk {i} is missing") from None
+        mapped.madvise(mmap.MADV_WILLNEED)  # one large read-ahead, not a fault per page
         if self.codec == "none":
             self._maps[i] = mapped  # closed by _release when the chunk leaves the window
             flat = np.frombuffer(
