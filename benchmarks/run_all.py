@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py               # `make bench`: every table and plot (about 45 min on 2 cores)
     python benchmarks/run_all.py --quick       # `make bench-quick`: the same pipeline, CI-sized (minutes)
-    python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits, store)
+    python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits, store, ddp)
 
 Writes JSON + markdown (+ PNG) per benchmark, then ``bench_run.json`` with the
 machine and the run time per section (a section rerun with ``--only`` replaces
@@ -110,11 +110,23 @@ def store(out: Path, quick: bool, cache: str) -> list[Path]:
     return [out / f"store.{ext}" for ext in ("json", "md", "png")]
 
 
+def ddp(out: Path, quick: bool, cache: str) -> list[Path]:
+    """torchrun with 1 and 2 gloo ranks: cache bytes per rank, exactness (same in quick mode)."""
+    from prefast.benchmarks.ddp_bench import markdown as ddp_markdown
+    from prefast.benchmarks.ddp_bench import run_ddp_bench
+
+    doc = run_ddp_bench()
+    (out / "ddp_digits.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "ddp_digits.md").write_text(ddp_markdown(doc))
+    return [out / "ddp_digits.json", out / "ddp_digits.md"]
+
+
 SECTIONS = {
     "train_subset": train_subset,
     "train_full": train_full,
     "digits": digits,
     "store": store,
+    "ddp": ddp,
 }
 
 

@@ -215,10 +215,7 @@ def run_store_bench(
                 row["read_vs_floor"] = row["read_mb_s"] / base[FLOOR[name]]
             if row["tier"] in ("mmap", "zarr"):
                 row["write_vs_floor"] = row["write_mb_s"] / base["raw_file_write_mb_s"]
-        log(
-            "floors: "
-            + ", ".join(f"{k} {v:.0f}" for k, v in base.items() if k.endswith("_mb_s"))
-        )
+        log("floors: " + ", ".join(f"{k} {v:.0f}" for k, v in base.items() if k.endswith("_mb_s")))
         slowdown = slowdown_while_reading(data, workdir, buffer_bytes)
         log(
             f"trainer step {slowdown['step_ms_alone']:.1f} ms alone, "

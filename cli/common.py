@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -125,6 +126,20 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     c.add_argument("--max-ram", help="host RAM budget for caches, e.g. 4GB")
     c.add_argument("--max-gpu-mem", help="GPU memory budget for caches, e.g. 10GB")
     c.add_argument("--max-disk", help="disk budget for caches, e.g. 50GB")
+    d = p.add_argument_group("torchrun (data parallel; see README)")
+    d.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds a collective may wait for the other ranks before the run fails "
+        "(default: %(default)s)",
+    )
+    d.add_argument(
+        "--check-replicas",
+        action="store_true",
+        help="after every epoch, check that all ranks hold identical weights",
+    )
 
 
 def config_from_args(args: argparse.Namespace, mode: str | None = None) -> TrainConfig:
@@ -183,6 +198,15 @@ def epoch_line(rec: dict, epochs: int) -> str:
         f"test_acc {rec['test_acc']:.4f}  time {rec['time_s']:.2f}s  "
         f"frozen {rec['frozen_stages']}  cache {tier}"
     )
+
+
+def is_main_rank() -> bool:
+    """Rank 0 under torchrun (or the only process): it alone prints and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def stderr_is_tty() -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 
 from prefast.errors import PrefastError
@@ -32,18 +34,44 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(  # under torchrun only rank 0 logs decisions; others warnings and errors
+        level=logging.INFO if args.verbose and rank == 0 else logging.WARNING,
+        format=("%(levelname)s %(name)s: %(message)s" if "RANK" not in os.environ
+                else f"%(levelname)s [rank {rank}] %(name)s: %(message)s"),
+    )  # fmt: skip
+    # torchrun stops the other ranks with SIGTERM when one fails: unwind (abort writers,
+    # release locks) instead of dying mid-write, and say why.
+    signal.signal(signal.SIGTERM, _terminated)
+    prefix = f"prefast[rank {rank}]" if "RANK" in os.environ else "prefast"
+    clean = False
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        clean = True
+        return code
     except PrefastError as exc:
-        print(f"prefast: error: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("prefast: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(
+            f"{prefix}: terminated (SIGTERM; under torchrun: another rank failed)", file=sys.stderr
+        )
+        return 143
+    finally:
+        from prefast.distributed import shutdown
+
+        shutdown(clean)
+
+
+class Terminated(Exception):
+    """SIGTERM arrived."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_train_flags, config_from_args, epoch_line, stderr_is_tty, write_json
+from .common import (
+    add_train_flags,
+    config_from_args,
+    epoch_line,
+    is_main_rank,
+    stderr_is_tty,
+    world_size,
+    write_json,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,19 +46,26 @@ def run_train(args: argparse.Namespace) -> int:
     from prefast.trainer import train
 
     cfg = config_from_args(args)
-    print(f"training {cfg.model} on {cfg.dataset} ({cfg.mode}, {cfg.epochs} epochs)")
+    say = print if is_main_rank() else _quiet  # under torchrun, rank 0 speaks for all
+    world = f", {world_size()} ranks" if world_size() > 1 else ""
+    say(f"training {cfg.model} on {cfg.dataset} ({cfg.mode}, {cfg.epochs} epochs{world})")
     result = train(
         cfg,
-        progress=stderr_is_tty(),
-        on_epoch=lambda r: print(epoch_line(r, cfg.epochs), flush=True),
+        progress=stderr_is_tty() and is_main_rank(),
+        on_epoch=lambda r: say(epoch_line(r, cfg.epochs), flush=True),
     )
     final = result["final"]
-    print(
+    say(
         f"done: test_acc {final['test_acc']:.4f}  wall {final['wall_s']:.1f}s  "
         f"peak_rss {final['peak_rss_mb']:.0f} MiB"
     )
-    write_json(args.json_out, result)
+    if is_main_rank():
+        write_json(args.json_out, result)
     return 0
+
+
+def _quiet(*_: object, **__: object) -> None:
+    pass
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -64,7 +79,9 @@ def run_compare(args: argparse.Namespace) -> int:
             f"--modes {args.modes!r}: use a comma list of baseline, freezeout, prefast"
         )
     cfg = config_from_args(args, mode=modes[0])
-    runs = compare(cfg, modes, progress=stderr_is_tty(), log=print)
-    print(format_table(runs))
-    write_json(args.json_out, {"runs": runs})
+    main = is_main_rank()
+    runs = compare(cfg, modes, progress=stderr_is_tty() and main, log=print if main else None)
+    if main:
+        print(format_table(runs))
+        write_json(args.json_out, {"runs": runs})
     return 0

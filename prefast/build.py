@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from prefast.config import TrainConfig
 from prefast.data import Splits, TensorImageDataset, load_dataset
+from prefast.distributed import SINGLE, Dist
 from prefast.errors import ConfigError
 from prefast.feed import RawSource, TensorSource
 from prefast.models import StagedModel, as_staged_model, build_model
@@ -53,14 +54,18 @@ def source_for(
     test: Dataset,
     device: torch.device,
     data_id: str | None = None,
+    ctx: Dist = SINGLE,
 ) -> RawSource:
     """In-memory built-in splits are served from device memory; any other dataset
-    goes through a DataLoader."""
+    goes through a DataLoader. Under torchrun each rank reads only its shard."""
+    r, w = ctx.rank, ctx.world
     if isinstance(train, TensorImageDataset) and isinstance(test, TensorImageDataset):
-        return TensorSource(train, test, cfg.batch_size, cfg.seed, cfg.augment, device)
+        return TensorSource(train, test, cfg.batch_size, cfg.seed, cfg.augment, device, r, w)
     from prefast.loader_source import LoaderSource
 
-    return LoaderSource(train, test, cfg.batch_size, cfg.seed, device, cfg.workers, data_id)
+    return LoaderSource(
+        train, test, cfg.batch_size, cfg.seed, device, cfg.workers, data_id, rank=r, world=w
+    )
 
 
 def model_for(cfg: TrainConfig, ds_shape: tuple[int, int, int], num_classes: int) -> StagedModel:
@@ -82,9 +87,12 @@ def build_run(
     train_data: Dataset | None = None,
     test_data: Dataset | None = None,
     data_id: str | None = None,
+    ctx: Dist = SINGLE,
 ) -> tuple[TrainConfig, StagedModel, RawSource]:
     """The run's config (as recorded), model on its device, and raw data source."""
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)  # one GPU per rank
     if (train_data is None) != (test_data is None):
         raise ConfigError("pass both train_data and test_data (or neither, to use cfg.dataset)")
     if train_data is None or test_data is None:
@@ -99,7 +107,7 @@ def build_run(
             cfg.augment,
         )
         cfg = cfg.replace(augment="none")
-    source = source_for(cfg, train_data, test_data, device, data_id)
+    source = source_for(cfg, train_data, test_data, device, data_id, ctx)
     if model is None:
         torch.manual_seed(cfg.seed)  # the same initial weights in every mode
         staged = model_for(cfg, *shape_and_classes(train_data))

@@ -58,6 +58,8 @@ class CacheContext:
             "dataset": self.identity["data_name"],
             "augment": self.identity["augment"],
             "seed": self.identity["seed"],
+            "rank": self.identity["rank"],
+            "world": self.identity["world"],
         }
         return CacheSpec(key, rows, shape, self.dtype, attrs)
 

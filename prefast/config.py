@@ -74,6 +74,9 @@ class TrainConfig:
     max_ram: int | None = None
     max_gpu_mem: int | None = None
     max_disk: int | None = None
+    # torchrun
+    dist_timeout: float = 300.0  # seconds a collective may wait before the run fails
+    check_replicas: bool = False  # compare every rank's weights after each epoch
 
     def __post_init__(self) -> None:
         choices = {
@@ -100,6 +103,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if not 0.0 < self.t0 <= 1.0:
             raise ConfigError(f"--t0 {self.t0} must be in (0, 1]; FreezeOut's default is 0.8")
+        if self.dist_timeout <= 0:
+            raise ConfigError(
+                f"--dist-timeout {self.dist_timeout} must be a positive number of seconds"
+            )
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr} must be positive")
         if self.workers is not None and self.workers < 0:

@@ -17,7 +17,15 @@ import numpy as np
 import torch
 
 from prefast.data import TensorImageDataset, augment
-from prefast.store.order import batch_slices, epoch_order, rng_for, unseen
+from prefast.store.order import (
+    batch_slices,
+    epoch_order,
+    order_seed,
+    rng_for,
+    shard_rows,
+    test_rows,
+    unseen,
+)
 
 
 @dataclass
@@ -76,22 +84,36 @@ class RawSource:
     batch_size: int
     seed: int
     device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    def set_shards(self, n_train: int, n_test: int, rank: int, world: int) -> None:
+        """This rank's rows for the whole run (all of them in a single process).
+
+        A batch's ``ids`` are *positions* in the rank's shard (with one process:
+        dataset rows); caches store those, so each rank's cache holds its shard only.
+        """
+        self.rank, self.world = rank, world
+        self.shard = shard_rows(n_train, self.seed, rank, world)
+        self.test_shard = test_rows(n_test, rank, world)
+        self.order_seed = order_seed(self.seed, rank, world)
 
     @property
     def num_train(self) -> int:
-        raise NotImplementedError
+        return len(self.shard)
 
     @property
     def num_test(self) -> int:
-        raise NotImplementedError
+        return len(self.test_shard)
 
     @property
     def batches_per_epoch(self) -> int:
         return len(batch_slices(self.num_train, self.batch_size))
 
     def order(self, epoch: int, seen: np.ndarray | None) -> tuple[np.ndarray, int]:
-        """The epoch's order without the ``seen`` samples, and how many batches were served."""
-        order = unseen(epoch_order(self.seed, epoch, self.num_train), seen)
+        """The epoch's order (shard positions) without the ``seen`` ones, and how many
+        batches were served."""
+        order = unseen(epoch_order(self.order_seed, epoch, self.num_train), seen)
         return order, (self.num_train - len(order)) // self.batch_size
 
     def train_batches(
@@ -143,22 +165,17 @@ class TensorSource(RawSource):
         seed: int,
         augment: str,
         device: torch.device,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.train, self.test = train.to(device), test.to(device)
         self.norm = train.norm
         self.name = train.name
-        self.identity = hashlib.sha256(f"{train.identity}/{test.identity}".encode()).hexdigest()[
-            :16
-        ]
+        digest = hashlib.sha256(f"{train.identity}/{test.identity}".encode())
+        self.identity = digest.hexdigest()[:16]
         self.batch_size, self.seed, self.augment, self.device = batch_size, seed, augment, device
-
-    @property
-    def num_train(self) -> int:
-        return len(self.train)
-
-    @property
-    def num_test(self) -> int:
-        return len(self.test)
+        self.set_shards(len(train), len(test), rank, world)
+        self.shard_dev = torch.from_numpy(self.shard).to(device)
 
     def train_batches(
         self, epoch: int, view: int | None = None, seen: np.ndarray | None = None
@@ -170,21 +187,23 @@ class TensorSource(RawSource):
         order, first = self.order(epoch, seen)
         stream = epoch if view is None else view
         for b, sl in enumerate(batch_slices(len(order), self.batch_size), start=first):
-            ids = torch.from_numpy(order[sl])
-            dev_ids = ids.to(self.device)
-            x = self.norm(self.train.x[dev_ids])
+            ids = torch.from_numpy(order[sl])  # shard positions
+            rows = self.shard_dev[ids.to(self.device)]
+            x = self.norm(self.train.x[rows])
             if self.augment == "standard":
                 gen = torch.Generator().manual_seed(
-                    int(rng_for(self.seed, "augment", stream, b).integers(2**62))
+                    int(rng_for(self.order_seed, "augment", stream, b).integers(2**62))
                 )
                 x = augment(x, gen, self.train.flip)
-            yield Batch(x, self.train.y[dev_ids], ids, 0)
+            yield Batch(x, self.train.y[rows], ids, 0)
 
     def test_batches(self, first_row: int = 0) -> BatchStream:
         # Evaluate at the training batch size: the cost model times that size, and on
         # CPU a DenseNet at batch 512 costs ~3.7x more per sample than at 64.
+        base = int(self.test_shard[0]) if self.num_test else 0  # a contiguous block of rows
         for sl in batch_slices(self.num_test, self.batch_size):
             if sl.start < first_row:
                 continue
+            rows = slice(base + sl.start, base + sl.stop)
             ids = torch.arange(sl.start, sl.stop)
-            yield Batch(self.norm(self.test.x[sl]), self.test.y[sl], ids, 0)
+            yield Batch(self.norm(self.test.x[rows]), self.test.y[rows], ids, 0)

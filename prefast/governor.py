@@ -43,6 +43,7 @@ class Budgets:
     max_gpu_mem: int | None = None
     max_disk: int | None = None
     tier: str = "auto"  # a tier forced by --cache-tier
+    share: int = 1  # processes on this node splitting host RAM and disk (LOCAL_WORLD_SIZE)
 
     def __post_init__(self) -> None:
         if self.tier not in FORCEABLE:
@@ -88,11 +89,13 @@ class Governor:
         self.budgets = budgets
         self.device = device
         self.ledger: dict[str, tuple[str, int]] = {}  # cache name -> (tier, bytes)
+        self.peak = 0  # most bytes the live caches held at once, all tiers
 
     # -- the ledger -----------------------------------------------------------------------
     def hold(self, name: str, tier: str, nbytes: int) -> None:
         """Record that cache ``name`` holds ``nbytes`` in ``tier`` (replaces any entry)."""
         self.ledger[name] = (tier, int(nbytes))
+        self.peak = max(self.peak, sum(b for _, b in self.ledger.values()))
 
     def release(self, name: str) -> None:
         self.ledger.pop(name, None)
@@ -118,7 +121,12 @@ class Governor:
         return int(shutil.disk_usage(probe).free)
 
     def room(self, tier: str) -> int:
-        """Bytes a new cache may take in ``tier`` now."""
+        """Bytes a new cache may take in ``tier`` now (this process's share of the node)."""
+        if tier == "gpu":
+            return self._room(tier)
+        return self._room(tier) // self.budgets.share
+
+    def _room(self, tier: str) -> int:
         b = self.budgets
         if tier == "gpu":
             if self.device.type != "cuda":
@@ -128,15 +136,17 @@ class Governor:
             return max(0, int(self.gpu_free() * 0.8) - GIB)
         if tier == "ram":
             if b.max_ram is not None:
-                return b.max_ram - self.used("ram")
+                return b.max_ram - self.used("ram") * b.share
             return self.host_available() // 2
         if b.max_disk is not None:
-            return b.max_disk - self.used("zarr")
+            return b.max_disk - self.used("zarr") * b.share
         return max(0, int(self.disk_free() * 0.9) - GIB)
 
     def ram_budget(self) -> int:
         """The host RAM budget as a whole (also bounds the disk readers' shuffle buffer)."""
-        return self.budgets.max_ram if self.budgets.max_ram is not None else self.room("ram")
+        if self.budgets.max_ram is not None:
+            return self.budgets.max_ram // self.budgets.share
+        return self.room("ram")
 
     def report(self) -> dict[str, int]:
         return {"ram": self.room("ram"), "gpu": self.room("gpu"), "disk": self.room("disk")}
@@ -217,7 +227,7 @@ class Governor:
         """True when ``tier`` is nearly exhausted: time to spill its caches."""
         if tier == "ram":
             vm = psutil.virtual_memory()
-            over = self.budgets.max_ram is not None and self.used("ram") > self.budgets.max_ram
+            over = self.budgets.max_ram is not None and self.used("ram") > self.ram_budget()
             return over or self.host_available() < max(GIB // 2, int(0.05 * vm.total))
         if tier == "gpu" and self.device.type == "cuda":
             _, total = torch.cuda.mem_get_info(self.device)

@@ -59,6 +59,8 @@ class LoaderSource(RawSource):
         device: torch.device,
         workers: int | None = None,
         data_id: str | None = None,
+        rank: int = 0,
+        world: int = 1,
     ):
         for split, ds in (("train_data", train), ("test_data", test)):
             if not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
@@ -77,6 +79,7 @@ class LoaderSource(RawSource):
                 f"{data_identity(train)}/{data_identity(test)}".encode()
             ).hexdigest()[:16]
         )
+        self.set_shards(len(train), len(test), rank, world)  # type: ignore[arg-type]
         self.train_order, self.test_order = BatchOrder(), BatchOrder()
         self.train_loader = self._loader(train, self.train_order)
         self.test_loader = self._loader(test, self.test_order)
@@ -91,33 +94,28 @@ class LoaderSource(RawSource):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    @property
-    def num_train(self) -> int:
-        return len(self.train_ds)  # type: ignore[arg-type]
-
-    @property
-    def num_test(self) -> int:
-        return len(self.test_ds)  # type: ignore[arg-type]
-
     def train_batches(
         self, epoch: int, view: int | None = None, seen: np.ndarray | None = None
     ) -> BatchStream:
         order, _ = self.order(epoch, seen)
-        self.train_order.set(order, self.batch_size)
-        yield from self._batches(self.train_loader, self.train_order.batches)
+        self.train_order.set(self.shard[order], self.batch_size)
+        yield from self._batches(self.train_loader, order)
 
     def test_batches(self, first_row: int = 0) -> BatchStream:
-        self.test_order.set(np.arange(first_row, self.num_test), self.batch_size)
-        yield from self._batches(self.test_loader, self.test_order.batches)
+        positions = np.arange(first_row, self.num_test)
+        self.test_order.set(self.test_shard[positions], self.batch_size)
+        yield from self._batches(self.test_loader, positions)
 
-    def _batches(self, loader: DataLoader, rows: list[list[int]]) -> BatchStream:
-        # The loader keeps the sampler's order, so batch i holds the samples rows[i].
-        for ids, item in zip(rows, loader, strict=True):
+    def _batches(self, loader: DataLoader, positions: np.ndarray) -> BatchStream:
+        # The loader keeps the sampler's order: batch i holds the rows of positions' slice i.
+        slices = batch_slices(len(positions), self.batch_size)
+        for sl, item in zip(slices, loader, strict=True):
+            ids = positions[sl]
             x, y = _split_item(item)
             yield Batch(
                 x.to(self.device, non_blocking=True),
                 torch.as_tensor(y, dtype=torch.int64).to(self.device, non_blocking=True),
-                torch.tensor(ids, dtype=torch.int64),
+                torch.from_numpy(ids.astype(np.int64)),
                 0,
             )
 

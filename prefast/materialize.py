@@ -30,15 +30,18 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from prefast import distributed
 from prefast.boundary import BoundaryCache, State
 from prefast.cachectx import DISK_TIERS, CacheContext
 from prefast.config import TrainConfig, default_cache_dir
 from prefast.costmodel import StageCost, plan_boundaries, prefix_seconds
+from prefast.distributed import SINGLE, Dist
 from prefast.errors import CacheCorruptedError, CacheError
 from prefast.feed import Batch, BatchStream, RawSource
 from prefast.governor import Governor, cache_dtype, cache_views, row_bytes_in
@@ -63,24 +66,28 @@ class PrefastFeed:
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         costs: list[StageCost] | None = None,
+        ctx: Dist = SINGLE,
     ):
         self.cfg, self.raw, self.model, self.device = cfg, raw, model, device
         self.autocast = autocast
-        self.governor = Governor(cfg.budgets(), device)
+        # Host RAM and disk are the node's: its ranks share them; a GPU is a rank's own.
+        self.governor = Governor(replace(cfg.budgets(), share=ctx.local_world), device)
         self.views = cache_views(cfg.cache_views, cfg.augment)
         dtype = cache_dtype(cfg.cache_dtype, device)
-        if costs is None:  # forward times and compression ratios are all planning needs
+        if (
+            costs is None and ctx.is_main
+        ):  # forward times and compression ratios: all planning needs
             with contextlib.closing(raw.train_batches(0)) as batches:
                 probe = next(batches).x
             costs = measure_stage_costs(
                 copy.deepcopy(model), probe, backward=False, cache_dtype=dtype
             )
-        self.costs = costs
+        self.costs: list[StageCost] = distributed.broadcast(ctx, costs)  # one plan for all ranks
         planned = plan_boundaries(
             schedule,
             raw.batches_per_epoch,
             cfg.epochs,
-            costs,
+            self.costs,
             raw.num_train,
             policy=cfg.cache_boundaries,
         )
@@ -91,6 +98,8 @@ class PrefastFeed:
             "data_name": raw.name,
             "augment": cfg.augment,
             "seed": cfg.seed,
+            "rank": ctx.rank,  # a rank caches its own shard
+            "world": ctx.world,
         }
         root = CacheRoot(cfg.cache_dir or default_cache_dir())
         self.ctx = CacheContext(root, self.governor, model, device, dtype, identity)
@@ -171,6 +180,7 @@ class PrefastFeed:
             "planned_boundaries": self.planned,
             "cache_dtype": self.ctx.dtype,
             "cache_views": self.views,
+            "cache_peak_bytes": self.governor.peak,
         }
 
     # -- batches -------------------------------------------------------------------------
@@ -187,7 +197,7 @@ class PrefastFeed:
         buffer = min(256 * 2**20, self.governor.ram_budget() // 4)
 
         def batches() -> Iterator[TorchBatch]:
-            return reader.epoch_batches(self.cfg.seed, epoch, self.cfg.batch_size, buffer)
+            return reader.epoch_batches(self.raw.order_seed, epoch, self.cfg.batch_size, buffer)
 
         # The loader thread pays off when there is work to overlap: disk decode, or a
         # host-to-GPU copy. A CPU run reading RAM does better in this thread: the

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from prefast import distributed
 from prefast.build import build_run, schedule_for
 from prefast.config import TrainConfig
 from prefast.costmodel import StageCost
@@ -72,12 +73,15 @@ class Trainer:
         data_id: str | None = None,
         costs: list[StageCost] | None = None,
     ):
-        cfg, self.model, self.raw = build_run(cfg, model, train_data, test_data, data_id)
+        self.dist = distributed.from_env()
+        distributed.init(self.dist, cfg.dist_timeout)
+        cfg, self.model, self.raw = build_run(cfg, model, train_data, test_data, data_id, self.dist)
         self.cfg, self.device = cfg, self.raw.device
         self.custom_model = model is not None
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.replicas = distributed.Replicas(self.dist, self.model, lambda: self.model.num_frozen)
         self.opt = make_optimizer(self.model, cfg.lr)
         self.schedule = schedule_for(cfg, self.model.num_stages, self.raw.batches_per_epoch)
         self.loss_fn = nn.CrossEntropyLoss()
@@ -93,7 +97,14 @@ class Trainer:
 
             t = time.perf_counter()
             self.feed = PrefastFeed(
-                cfg, self.raw, self.model, self.schedule, self.device, self._autocast, costs
+                cfg,
+                self.raw,
+                self.model,
+                self.schedule,
+                self.device,
+                self._autocast,
+                costs,
+                self.dist,
             )
             self.feed_setup_s = time.perf_counter() - t
 
@@ -121,7 +132,7 @@ class Trainer:
         # Frozen stages past batch.start run here too: their parameters need no
         # gradient and they stay in eval mode, so autograd records nothing for them.
         with self._autocast():
-            out = self.model(x, start=batch.start)
+            out = self.replicas.module()(x, start=batch.start)  # DDP under torchrun
             loss = self.loss_fn(out.float(), batch.y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,7 +150,8 @@ class Trainer:
                 correct += int((pred == batch.y).sum())
                 total += len(batch.y)
         self.model.train()
-        return correct / max(1, total)
+        hits, seen = distributed.all_sum(self.dist, correct, total)  # every test row once
+        return hits / max(1, seen)
 
     def run_epoch(self, epoch: int, progress: bool = False) -> dict:
         from prefast.progress import epoch_bar
@@ -158,12 +170,14 @@ class Trainer:
                 steps, samples = steps + 1, samples + len(batch.y)
                 advance()
         self.feed.end_epoch(epoch)
+        self.replicas.sync_buffers()
         t_eval = time.perf_counter()
         test_acc = self.evaluate()
         t_end = time.perf_counter()
+        loss_all, steps_all = distributed.all_sum(self.dist, loss_sum, steps)
         return {
             "epoch": epoch,
-            "train_loss": loss_sum / max(1, steps),
+            "train_loss": loss_all / max(1, steps_all),  # over every rank's steps
             "test_acc": test_acc,
             "time_s": t_end - t0,
             # Where the epoch went; cache I/O is included in train_s/eval_s.
@@ -174,7 +188,17 @@ class Trainer:
             "frozen_stages": self.model.num_frozen,
             # cache_tier: what the epoch's training batches were read from (None: raw data)
             **self.feed.take_epoch_stats(),
+            **self._check_replicas(),
         }
+
+    def _check_replicas(self) -> dict:
+        """--check-replicas: every rank's weights and buffers must be identical."""
+        if not (self.dist.enabled and self.cfg.check_replicas):
+            return {}
+        digests = distributed.gather(self.dist, distributed.state_digest(self.model))
+        if len(set(digests)) != 1:
+            raise distributed.DistributedError(f"replicas diverged: weight digests {digests}")
+        return {"replicas_in_sync": True, "weights_digest": digests[0]}
 
     def run(self, progress: bool = False) -> dict:
         t_start = time.perf_counter()
@@ -185,10 +209,13 @@ class Trainer:
                 self.history.append(record)
                 if self.on_epoch:
                     self.on_epoch(record)
-                if self.cfg.checkpoint:
+                if self.cfg.checkpoint and self.dist.is_main:  # rank 0 alone writes
                     self._save_checkpoint(Path(self.cfg.checkpoint), epoch + 1)
+        except RuntimeError as exc:
+            raise distributed.lost(self.dist, exc) from exc
         finally:
             self.feed.close()
+        report = self.feed.report()
         return {
             "config": self.cfg.to_json(),
             "model": {
@@ -206,7 +233,11 @@ class Trainer:
                 "freeze_iters": [
                     self.schedule.freeze_iter(i) for i in range(self.model.num_stages)
                 ],
-                **self.feed.report(),
+                "world_size": self.dist.world,
+                "rank_cache_bytes": distributed.gather(
+                    self.dist, report.get("cache_peak_bytes", 0)
+                ),
+                **report,
             },
         }
 
@@ -229,7 +260,8 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=False)
-        ignore = ("resume", "checkpoint", "epochs")  # more epochs may be asked for on resume
+        # more epochs may be asked for on resume; the rest changes nothing that was trained
+        ignore = ("resume", "checkpoint", "epochs", "dist_timeout", "check_replicas", "workers")
         saved = json.loads(json.dumps(state["config"]))
         mine = json.loads(json.dumps(self.cfg.to_json()))
         changed = sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])

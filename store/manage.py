@@ -31,6 +31,8 @@ def describe(root: CacheRoot, key: str) -> dict:
         "model": attrs.get("model"),
         "boundary": attrs.get("boundary"),
         "split": attrs.get("split"),
+        "rank": attrs.get("rank", 0),
+        "world": attrs.get("world", 1),
         "rows": attrs.get("rows"),
         "shape": attrs.get("shape"),
         "dtype": attrs.get("dtype"),

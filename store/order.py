@@ -35,3 +35,32 @@ def unseen(order: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
     tiers), the rest continues batch for batch as if nothing had happened.
     """
     return order if seen is None else order[~seen[order]]
+
+
+def order_seed(seed: int, rank: int = 0, world: int = 1) -> int:
+    """The seed a rank draws its epoch orders from: ``seed`` itself in a single process,
+    so a one-process run is the same run as before; else one stream per (rank, world)."""
+    if world == 1:
+        return seed
+    digest = hashlib.sha256(repr((seed, "rank", rank, world)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def shard_rows(n: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """The training rows rank ``rank`` of ``world`` owns for the whole run.
+
+    A seeded permutation of ``0..n-1`` dealt out round-robin. When ``world`` does
+    not divide ``n`` the permutation is *padded* with its own first rows, so
+    every rank owns ``ceil(n / world)`` rows and runs the same number of steps;
+    at most one row per rank is a repeat.
+    """
+    if world == 1:
+        return np.arange(n)
+    perm = rng_for(seed, "shard", world).permutation(n)
+    total = -(-n // world) * world
+    return np.concatenate([perm, perm[: total - n]])[rank::world]
+
+
+def test_rows(n: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """The test rows rank ``rank`` evaluates: contiguous blocks, every row exactly once."""
+    return np.array_split(np.arange(n), world)[rank]

@@ -1,0 +1,127 @@
+"""Data parallelism through the real launcher: torchrun, 2 ranks, gloo on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from prefast.store import CacheRoot
+from prefast.store.manage import list_caches, verify
+
+PREFAST = str(Path(sys.executable).parent / "prefast")
+DIGITS = [
+    "--dataset", "digits", "--model", "densenet-bc", "--depth", "10", "--epochs", "4",
+    "--t0", "0.3", "--batch-size", "64", "--augment", "none", "--device", "cpu",
+]  # fmt: skip
+
+
+def torchrun(*args: str, timeout: float = 300, popen: bool = False):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "--monitor-interval", "0.5", PREFAST, *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_ranks_stay_identical_cache_their_shards_and_match_freezeout(tmp_path):
+    runs = {}
+    for mode in ("freezeout", "prefast"):
+        out = tmp_path / f"{mode}.json"
+        res = torchrun(
+            "train", "--mode", mode, *DIGITS, "--cache-tier", "zarr", "--cache-dtype", "float32",
+            "--cache-boundaries", "every", "--cache-dir", str(tmp_path / "cache"),
+            "--check-replicas", "--json-out", str(out),
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.count("training densenet-bc") == 1, "rank 0 alone prints"
+        runs[mode] = json.loads(out.read_text())
+    fo, pf = runs["freezeout"], runs["prefast"]
+    for run in (fo, pf):
+        assert run["final"]["world_size"] == 2
+        assert all(e["replicas_in_sync"] for e in run["epochs"]), "ranks' weights diverged"
+        assert all(e["steps"] == 12 for e in run["epochs"])  # ceil(1437 / 2) = 719 rows, batch 64
+    for a, b in zip(fo["epochs"], pf["epochs"], strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * abs(a["train_loss"])
+        assert a["test_acc"] == b["test_acc"]
+    assert pf["epochs"][-1]["cached_batches"] == 12
+    caches = [c for c in list_caches(CacheRoot(tmp_path / "cache")) if c["split"] == "train"]
+    last = max(c["boundary"] for c in caches)
+    final = sorted((c["rank"], c["world"], c["rows"]) for c in caches if c["boundary"] == last)
+    assert final == [(0, 2, 719), (1, 2, 719)]  # 1,437 rows + 1 padded, half per rank
+    assert all(c["status"] == "complete" for c in caches)
+    bytes_per_rank = pf["final"]["rank_cache_bytes"]
+    assert len(bytes_per_rank) == 2 and all(b > 0 for b in bytes_per_rank)
+
+
+def test_a_killed_rank_ends_the_run_in_bounded_time_and_a_rerun_completes(tmp_path):
+    args = [
+        "train", "--mode", "prefast", "--dataset", "synthetic", "--synthetic-size", "4096,512",
+        "--model", "densenet-bc", "--depth", "10", "--epochs", "30", "--t0", "0.2",
+        "--batch-size", "128", "--augment", "none", "--device", "cpu", "--cache-tier", "zarr",
+        "--cache-boundaries", "every", "--cache-dir", str(tmp_path / "cache"),
+        "--dist-timeout", "30",
+    ]  # fmt: skip
+    proc = torchrun(*args, popen=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # rank 0 prints an epoch line: both ranks are training
+            if line.startswith("epoch"):
+                break
+        workers = [
+            p for p in psutil.Process(proc.pid).children(recursive=True) if "RANK" in _env(p)
+        ]
+        victim = next(p for p in workers if _env(p)["RANK"] == "1")
+        survivor = next(p for p in workers if _env(p)["RANK"] == "0")
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        rc = proc.wait(timeout=90)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    assert rc != 0 and elapsed < 60, (rc, elapsed)
+    assert not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE
+    assert "rank 1" in stderr or "prefast[rank 0]" in stderr, stderr[-2000:]
+    root = CacheRoot(tmp_path / "cache")
+    for c in list_caches(root):  # whatever is complete is sound; the rest stays partial
+        if c["status"] == "complete":
+            assert not verify(root, c["key"]), c
+    rerun = torchrun(*[a if a != "30" else "3" for a in args])  # a shorter run, same caches
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+
+
+def _env(p: psutil.Process) -> dict:
+    try:
+        return p.environ()
+    except (psutil.AccessDenied, psutil.NoSuchProcess):
+        return {}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_cover_the_training_set_with_at_most_one_pad_per_rank(world):
+    import numpy as np
+    from prefast.store.order import shard_rows, test_rows
+
+    n = 1437
+    shards = [shard_rows(n, 0, r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1, "every rank runs the same number of steps"
+    every = np.concatenate(shards)
+    assert set(every.tolist()) == set(range(n)) and len(every) - n < world
+    tests = np.concatenate([test_rows(360, r, world) for r in range(world)])
+    assert sorted(tests.tolist()) == list(range(360))
