@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prefast import distributed
+import prefast.distributed as distributed
 from prefast.boundary import BoundaryCache, State
 from prefast.cachectx import DISK_TIERS, CacheContext
 from prefast.config import TrainConfig, default_cache_dir
