@@ -106,6 +106,44 @@ def test_a_killed_rank_ends_the_run_in_bounded_time_and_a_rerun_completes(tmp_pa
     assert rerun.returncode == 0, rerun.stderr[-3000:]
 
 
+def test_a_hung_rank_fails_the_others_after_the_process_group_timeout(tmp_path):
+    """SIGSTOP keeps the peer's connections open: only the timeout can end the wait."""
+    args = [
+        "train", "--mode", "freezeout", "--dataset", "synthetic", "--synthetic-size", "4096,512",
+        "--model", "densenet-bc", "--depth", "10", "--epochs", "30", "--batch-size", "128",
+        "--augment", "none", "--device", "cpu", "--dist-timeout", "10",
+    ]  # fmt: skip
+    proc = torchrun(*args, popen=True)
+    stopped = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("epoch"):
+                break
+        workers = [
+            p for p in psutil.Process(proc.pid).children(recursive=True) if "RANK" in _env(p)
+        ]
+        stopped = next(p for p in workers if _env(p)["RANK"] == "1")
+        survivor = next(p for p in workers if _env(p)["RANK"] == "0")
+        stopped_at = time.monotonic()
+        stopped.suspend()
+        survivor.wait(timeout=90)  # the timeout (10 s) ends its collective; it exits
+        elapsed = time.monotonic() - stopped_at
+        stopped.kill()  # torchrun would only SIGTERM it after a grace period
+        rc = proc.wait(timeout=60)
+    finally:
+        if stopped is not None and stopped.is_running():
+            stopped.kill()
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    assert rc != 0 and elapsed < 60, (rc, elapsed)  # 10 s timeout + unwinding
+    assert "prefast[rank 0]: error: rank 0 of 2 lost the process group" in stderr, stderr[-2000:]
+
+
 def _env(p: psutil.Process) -> dict:
     try:
         return p.environ()
