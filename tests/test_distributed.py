@@ -75,15 +75,7 @@ def test_a_killed_rank_ends_the_run_in_bounded_time_and_a_rerun_completes(tmp_pa
     ]  # fmt: skip
     proc = torchrun(*args, popen=True)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # rank 0 prints an epoch line: both ranks are training
-            if line.startswith("epoch"):
-                break
-        workers = [
-            p for p in psutil.Process(proc.pid).children(recursive=True) if "RANK" in _env(p)
-        ]
-        victim = next(p for p in workers if _env(p)["RANK"] == "1")
-        survivor = next(p for p in workers if _env(p)["RANK"] == "0")
+        survivor, victim = ranks_once_training(proc)
         killed_at = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
         rc = proc.wait(timeout=90)
@@ -116,15 +108,7 @@ def test_a_hung_rank_fails_the_others_after_the_process_group_timeout(tmp_path):
     proc = torchrun(*args, popen=True)
     stopped = None
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("epoch"):
-                break
-        workers = [
-            p for p in psutil.Process(proc.pid).children(recursive=True) if "RANK" in _env(p)
-        ]
-        stopped = next(p for p in workers if _env(p)["RANK"] == "1")
-        survivor = next(p for p in workers if _env(p)["RANK"] == "0")
+        survivor, stopped = ranks_once_training(proc)
         stopped_at = time.monotonic()
         stopped.suspend()
         survivor.wait(timeout=90)  # the timeout (10 s) ends its collective; it exits
@@ -142,6 +126,20 @@ def test_a_hung_rank_fails_the_others_after_the_process_group_timeout(tmp_path):
             pipe.close()
     assert rc != 0 and elapsed < 60, (rc, elapsed)  # 10 s timeout + unwinding
     assert "prefast[rank 0]: error: rank 0 of 2 lost the process group" in stderr, stderr[-2000:]
+
+
+def ranks_once_training(proc: subprocess.Popen) -> tuple[psutil.Process, psutil.Process]:
+    """Ranks 0 and 1 of a torchrun job, once rank 0 printed an epoch line (both are training)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("epoch"):
+            break
+    workers = {
+        _env(p)["RANK"]: p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "RANK" in _env(p)
+    }
+    return workers["0"], workers["1"]
 
 
 def _env(p: psutil.Process) -> dict:
