@@ -73,13 +73,6 @@ def row_bytes_in(dtype: str, row_bytes_fp32: int) -> int:
     return row_bytes_fp32 // 4 * (4 if dtype == "float32" else 2)
 
 
-def boundary_cache_bytes(
-    row_bytes_fp32: int, dtype: str, train_rows: int, views: int, test_rows: int
-) -> int:
-    """Logical bytes of one boundary: ``views`` training copies plus the test set."""
-    return (train_rows * views + test_rows) * row_bytes_in(dtype, row_bytes_fp32)
-
-
 def _mib(n: float) -> str:
     return f"{n / MIB:.0f} MiB"
 

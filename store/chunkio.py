@@ -27,7 +27,7 @@ ReleaseChunk = Callable[[int, np.ndarray], "np.ndarray | None"]
 def io_workers() -> int:
     """Threads reading and decoding chunks: twice the cores, so reads waiting on the
     disk overlap decodes (zstd releases the GIL, so decodes run on every core)."""
-    return int(os.environ.get("PREFAST_IO_WORKERS", 0)) or max(4, 2 * (os.cpu_count() or 2))
+    return max(4, 2 * (os.cpu_count() or 2))
 
 
 class ChunkPrefetcher:
