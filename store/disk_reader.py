@@ -30,6 +30,12 @@ from .layout import CacheRoot, KeyLock
 from .shuffle import chunk_visit_order, windowed_order
 
 
+def chunk_file(cache_dir: Path, array: zarr.Array, i: int) -> Path:
+    """The file of chunk ``i`` of a cache's ``activations`` array (chunked along rows only)."""
+    tail = (0,) * (len(array.shape) - 1)
+    return cache_dir / "activations" / array.metadata.encode_chunk_key((i, *tail))
+
+
 class DiskReader(Reader):
     def __init__(self, root: CacheRoot, key: str, lock: KeyLock | None = None):
         self.root, self.key, self.dir = root, key, root.dir_for(key)
@@ -233,17 +239,12 @@ class ZarrReader(DiskReader):
         if not isinstance(array, zarr.Array):
             raise CacheCorruptedError(self.key, "'activations' is not an array")
         self.array = array
-        tail = (0,) * len(self.spec.shape)
-        missing = [
-            key
-            for key in (array.metadata.encode_chunk_key((i, *tail)) for i in range(self.num_chunks))
-            if not (self.dir / "activations" / key).is_file()
-        ]
+        missing = [i for i in range(self.num_chunks) if not self.chunk_path(i).is_file()]
         if missing:
             raise CacheCorruptedError(
                 self.key,
                 f"{len(missing)} of {self.num_chunks} chunk files are missing "
-                f"(first: activations/{missing[0]})",
+                f"(first: {self.chunk_path(missing[0]).relative_to(self.dir)})",
             )
 
         # The codec pipeline our writer uses: raw little-endian bytes, zstd or not, then a
@@ -263,8 +264,7 @@ class ZarrReader(DiskReader):
         self._maps: dict[int, mmap.mmap] = {}  # chunk -> its mapped file, while it is in use
 
     def chunk_path(self, i: int) -> Path:
-        tail = (0,) * len(self.spec.shape)
-        return self.dir / "activations" / self.array.metadata.encode_chunk_key((i, *tail))
+        return chunk_file(self.dir, self.array, i)
 
     def _load_chunk(self, i: int, buf: np.ndarray | None) -> np.ndarray:
         """One read of the chunk file: raw bytes (+ 4-byte crc32c) or a zstd frame (+ crc)."""

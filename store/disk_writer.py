@@ -34,7 +34,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .base import NUMPY_STORAGE, CacheSpec, Writer, checksum, to_storage
-from .disk_reader import DiskReader, open_reader
+from .disk_reader import DiskReader, chunk_file, open_reader
 from .errors import CacheExistsError, CacheWriteError, DiskFullError
 from .layout import MARKER, CacheRoot, atomic_write_json, fsync_tree
 
@@ -331,11 +331,7 @@ class ZarrWriter(DiskWriter):
     def _encode_and_write(self, i: int, rows: np.ndarray) -> None:
         raw = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
         payload = self.zstd.encode(raw) if self.use_zstd else raw.data
-        path = (
-            self.dir
-            / "activations"
-            / self.array.metadata.encode_chunk_key((i,) + (0,) * (rows.ndim - 1))
-        )
+        path = chunk_file(self.dir, self.array, i)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
