@@ -31,6 +31,14 @@ from prefast.store import CacheRoot, Reader, Writer
 log = logging.getLogger("prefast.boundary")
 
 
+def discard(reader: Reader, root: CacheRoot | None) -> None:
+    """Close ``reader`` and delete its disk cache, unless another process still reads it."""
+    reader.close()
+    on_disk = reader.tier in ("mmap", "zarr")
+    if on_disk and root is not None and not root.remove(reader.spec.key):
+        log.info("kept cache %s: another process is reading it", reader.spec.key)
+
+
 class State(enum.Enum):
     PLANNED = "planned"
     WRITING = "writing"
@@ -166,10 +174,7 @@ class BoundaryCache:
             self.writer.abort()
             self.writer, self.writing_view = None, None
         for reader in self.readers.values():
-            reader.close()
-            on_disk = reader.tier in ("mmap", "zarr")
-            if on_disk and self.root is not None and not self.root.remove(reader.spec.key):
-                log.info("kept cache %s: another process is reading it", reader.spec.key)
+            discard(reader, self.root)
         self.readers = {}
         self.state, self.why = state, why
         self.on_release(self.name)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import prefast.distributed as distributed
-from prefast.boundary import BoundaryCache, State
+from prefast.boundary import BoundaryCache, State, discard
 from prefast.cachectx import DISK_TIERS, CacheContext
 from prefast.config import TrainConfig, default_cache_dir
 from prefast.costmodel import StageCost, plan_boundaries, prefix_seconds
@@ -48,7 +48,7 @@ from prefast.governor import Governor, cache_dtype, cache_views, row_bytes_in
 from prefast.models import StagedModel
 from prefast.probe import measure_stage_costs
 from prefast.schedule import FreezeOutSchedule
-from prefast.store import CacheRoot, PrefetchLoader, Reader, open_writer
+from prefast.store import CacheRoot, PrefetchLoader, Reader
 from prefast.store.base import TorchBatch
 from prefast.store.order import batch_slices
 from prefast.testcache import TestCache
@@ -356,8 +356,7 @@ class PrefastFeed:
                 copies[view] = self._copy(reader, dest, epoch)
         except (CacheError, OSError) as exc:
             for r in copies.values():
-                r.close()
-                self.ctx.root.remove(r.spec.key)
+                discard(r, self.ctx.root)
             self.ctx.event(epoch, "spill_failed", stage=b.stage, to=dest, detail=str(exc))
             log.warning(
                 "could not spill stage %d's cache to %s (%s); it stays in %s",
@@ -375,11 +374,10 @@ class PrefastFeed:
         log.warning("%s pressure: spilled stage %d's cache to %s", old, b.stage, dest)
 
     def _copy(self, reader: Reader, tier: str, epoch: int) -> Reader:
-        spec = copy.copy(reader.spec)
-        reused = self.ctx.reuse(tier, spec.key, epoch)
-        if reused is not None:
-            return reused
-        writer = open_writer(tier, spec, self.ctx.root, self.device)
+        opened = self.ctx.open_view(tier, copy.copy(reader.spec), epoch)
+        if isinstance(opened, Reader):  # that copy exists already (same content key)
+            return opened
+        spec, writer = opened.spec, opened
         with writer:  # aborts on error
             for sl in batch_slices(spec.rows, 1024):
                 writer.append(*reader.read_rows(np.arange(sl.start, sl.stop)))

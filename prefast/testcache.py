@@ -18,7 +18,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from prefast.cachectx import DISK_TIERS, CacheContext
+from prefast.boundary import discard
+from prefast.cachectx import CacheContext
 from prefast.errors import CacheCorruptedError, CacheError
 from prefast.feed import Batch, BatchStream, RawSource
 from prefast.store import Reader, Writer
@@ -128,9 +129,7 @@ class TestCache:
         """Forget the test cache (superseded, damaged, or memory is short); deletes it on disk."""
         if self.reader is not None:
             reader, self.reader, self.stage = self.reader, None, 0
-            reader.close()
-            if reader.tier in DISK_TIERS and not self.ctx.root.remove(reader.spec.key):
-                log.info("kept cache %s: another process is reading it", reader.spec.key)
+            discard(reader, self.ctx.root)
 
     def close(self) -> None:
         """End of run: abort a writer, close the reader (a complete disk cache stays)."""
