@@ -26,6 +26,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from prefast.costmodel import StageCost, prefix_seconds
+
 log = logging.getLogger("prefast.governor")
 GIB = 2**30
 MIB = 2**20
@@ -206,6 +208,29 @@ class Governor:
                 f"{_mib(total)} exceeds the RAM budget ({_mib(ram)} left); {codec}; {tier} on "
                 f"disk reads an epoch in ~{read_s:.1f}s vs {prefix_epoch_s:.1f}s to compute",
             )
+        )
+
+    def choose_boundary(
+        self,
+        costs: list[StageCost],
+        stage: int,
+        dtype: str,
+        rows: tuple[int, int],
+        views: int,
+        batches_per_epoch: float,
+    ) -> Decision:
+        """:meth:`choose` for the boundary before ``stage``, from the probe's costs.
+
+        ``rows`` is (training rows, test rows); ``batches_per_epoch`` counts the
+        training and the test batches, which the prefix would otherwise compute.
+        """
+        row = row_bytes_in(dtype, costs[stage - 1].out_row_bytes)
+        return self.choose(
+            rows[0] * row,
+            views,
+            rows[1] * row,
+            prefix_seconds(costs, stage, batches_per_epoch),
+            costs[stage - 1].compress_ratio,
         )
 
     def spill_target(self, nbytes: int, from_tier: str, compress_ratio: float) -> str | None:

@@ -40,11 +40,11 @@ import prefast.distributed as distributed
 from prefast.boundary import BoundaryCache, State, discard
 from prefast.cachectx import DISK_TIERS, CacheContext
 from prefast.config import TrainConfig, default_cache_dir
-from prefast.costmodel import StageCost, plan_boundaries, prefix_seconds
+from prefast.costmodel import StageCost, plan_boundaries
 from prefast.distributed import SINGLE, Dist
 from prefast.errors import CacheCorruptedError, CacheError
 from prefast.feed import Batch, BatchStream, RawSource
-from prefast.governor import Governor, cache_dtype, cache_views, row_bytes_in
+from prefast.governor import Governor, cache_dtype, cache_views
 from prefast.models import StagedModel
 from prefast.probe import measure_stage_costs
 from prefast.schedule import FreezeOutSchedule
@@ -239,15 +239,14 @@ class PrefastFeed:
 
     # -- transitions of the boundaries ----------------------------------------------------
     def _plan_target(self, epoch: int, stage: int) -> None:
-        c = self.costs[stage - 1]
-        row = row_bytes_in(self.ctx.dtype, c.out_row_bytes)
         test_batches = len(batch_slices(self.raw.num_test, self.cfg.batch_size))
-        decision = self.governor.choose(
-            self.raw.num_train * row,
+        decision = self.governor.choose_boundary(
+            self.costs,
+            stage,
+            self.ctx.dtype,
+            (self.raw.num_train, self.raw.num_test),
             self.views,
-            self.raw.num_test * row,
-            prefix_seconds(self.costs, stage, self.raw.batches_per_epoch + test_batches),
-            c.compress_ratio,
+            self.raw.batches_per_epoch + test_batches,
         )
         self.ctx.event(
             epoch,
@@ -255,7 +254,7 @@ class PrefastFeed:
             stage=stage,
             tier=decision.tier,
             bytes=decision.bytes,
-            compress_ratio=round(c.compress_ratio, 3),
+            compress_ratio=round(self.costs[stage - 1].compress_ratio, 3),
             reason=decision.reason,
         )
         log.info(

@@ -17,8 +17,8 @@ from torch.utils.data import Dataset
 
 from prefast.build import build_run, schedule_for
 from prefast.config import TrainConfig
-from prefast.costmodel import plan_boundaries, predict_epochs, prefix_seconds
-from prefast.governor import Governor, cache_dtype, cache_views, row_bytes_in
+from prefast.costmodel import plan_boundaries, predict_epochs
+from prefast.governor import Governor, cache_dtype, cache_views
 from prefast.probe import measure_stage_costs
 
 
@@ -53,13 +53,8 @@ def measure_and_plan(
     views = cache_views(cfg.cache_views, cfg.augment)
     decisions, held = [], None
     for b in boundaries:  # as in training: the current boundary is held while the next is chosen
-        row = row_bytes_in(dtype, b.row_bytes)
-        d = governor.choose(
-            rows * row,
-            views,
-            raw.num_test * row,
-            prefix_seconds(costs, b.stage, bpe + eval_batches),
-            costs[b.stage - 1].compress_ratio,
+        d = governor.choose_boundary(
+            costs, b.stage, dtype, (rows, raw.num_test), views, bpe + eval_batches
         )
         decisions.append(
             {
