@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -150,6 +152,16 @@ def leftovers(root: Path) -> list[str]:
         else:
             held.append(lock_file.stem)
     return [f"partial {k}" for k in partial] + [f"locked {k}" for k in held]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real ``prefast`` entry point in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "prefast.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def relu_batch(rows: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -83,10 +83,7 @@ def test_a_killed_rank_ends_the_run_in_bounded_time_and_a_rerun_completes(tmp_pa
     finally:
         if proc.poll() is None:
             proc.kill()
-    stderr = proc.stderr.read() if proc.stderr else ""
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
+    stderr = drain(proc)
     assert rc != 0 and elapsed < 60, (rc, elapsed)
     assert not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE
     assert "rank 1" in stderr or "prefast[rank 0]" in stderr, stderr[-2000:]
@@ -120,12 +117,18 @@ def test_a_hung_rank_fails_the_others_after_the_process_group_timeout(tmp_path):
             stopped.kill()
         if proc.poll() is None:
             proc.kill()
+    stderr = drain(proc)
+    assert rc != 0 and elapsed < 60, (rc, elapsed)  # 10 s timeout + unwinding
+    assert "prefast[rank 0]: error: rank 0 of 2 lost the process group" in stderr, stderr[-2000:]
+
+
+def drain(proc: subprocess.Popen) -> str:
+    """The ended job's stderr; both pipes closed (an open one is a ResourceWarning)."""
     stderr = proc.stderr.read() if proc.stderr else ""
     for pipe in (proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
-    assert rc != 0 and elapsed < 60, (rc, elapsed)  # 10 s timeout + unwinding
-    assert "prefast[rank 0]: error: rank 0 of 2 lost the process group" in stderr, stderr[-2000:]
+    return stderr
 
 
 def ranks_once_training(proc: subprocess.Popen) -> tuple[psutil.Process, psutil.Process]:

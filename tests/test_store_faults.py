@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import errno
 import json
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
+from helpers import cli
 from prefast.store import CacheRoot, CacheSpec, open_reader, open_writer
 from prefast.store.disk_writer import ZarrWriter
 from prefast.store.errors import (
@@ -25,15 +24,6 @@ from prefast.store.errors import (
 from prefast.store.manage import verify
 
 SHAPE = (8, 8, 8)
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "prefast.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def make_cache(root, key="c", tier="zarr", rows=5000):
@@ -54,7 +44,7 @@ def test_missing_chunk_file_is_corruption_never_zeros(tmp_path):
     with pytest.raises(CacheCorruptedError, match="1 of 3 chunk files are missing"):
         open_reader(root, "c")
     assert verify(root, "c") and "missing" in verify(root, "c")[0]
-    res = cli("cache", "verify", "--all", "--cache-dir", str(tmp_path))
+    res = cli("cache", "verify", "--all", "--cache-dir", str(tmp_path), timeout=120)
     assert res.returncode == 1 and "c  CORRUPTED" in res.stdout, res.stdout
 
 
@@ -146,13 +136,13 @@ def test_purge_skips_a_cache_held_open_by_a_reader(tmp_path):
     make_cache(root, "held")
     make_cache(root, "free")
     reader = open_reader(root, "held")
-    res = cli("cache", "purge", "--all", "--yes", "--cache-dir", str(tmp_path))
+    res = cli("cache", "purge", "--all", "--yes", "--cache-dir", str(tmp_path), timeout=120)
     assert res.returncode == 0, res.stderr
     assert "skipped held" in res.stdout and "deleted 1 cache(s)" in res.stdout
     assert root.is_complete("held") and not root.dir_for("free").exists()
     reader.read_chunk(0)  # still readable
     reader.close()
-    res = cli("cache", "purge", "--all", "--yes", "--cache-dir", str(tmp_path))
+    res = cli("cache", "purge", "--all", "--yes", "--cache-dir", str(tmp_path), timeout=120)
     assert "deleted 1 cache(s)" in res.stdout and root.cache_keys() == []
 
 

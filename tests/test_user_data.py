@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import leftovers
+from helpers import cli, leftovers
 from prefast.store.order import batch_slices, epoch_order
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -211,15 +211,6 @@ def write_image_folder(root, per_class=(40, 12), classes=("zero", "one", "two"))
                     folder / f"{r}.png"
                 )
     return root
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "prefast.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_imagefolder_trains_through_the_cli_and_caches(tmp_path):
