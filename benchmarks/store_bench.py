@@ -33,7 +33,7 @@ from prefast.benchmarks.store_floors import (
     trainer_slowdown,
     zstd_chunk_floor,
 )
-from prefast.store.base import CacheSpec
+from prefast.store.base import SHUFFLE_BUFFER_BYTES, CacheSpec, chunk_bytes_for
 from prefast.store.disk_writer import ZarrWriter
 from prefast.store.layout import CacheRoot
 from prefast.store.loader import PrefetchLoader
@@ -68,7 +68,9 @@ def bench_tier(
     from prefast.store import open_writer
 
     root = CacheRoot(workdir / f"{tier}-{codec}")
-    spec = CacheSpec(f"bench-{tier}-{codec}", len(data), ROW_SHAPE, "float16")
+    # Chunks as a run with this shuffle buffer writes them (cachectx.spec).
+    chunk = chunk_bytes_for(buffer_bytes)
+    spec = CacheSpec(f"bench-{tier}-{codec}", len(data), ROW_SHAPE, "float16", chunk_bytes=chunk)
     labels = torch.zeros(len(data), dtype=torch.int64)
     ids = torch.arange(len(data))
 
@@ -100,7 +102,8 @@ def bench_tier(
     if tier == "zarr" and codec == "zstd":  # the minimal reader of these same chunk files
         evict(root.dir_for(spec.key))
         files = [reader.chunk_path(i) for i in range(reader.num_chunks)]
-        out["zstd_chunk_read_mb_s"] = zstd_chunk_floor(files, nbytes)
+        full_chunk = reader.chunk_rows * spec.row_bytes
+        out["zstd_chunk_read_mb_s"] = zstd_chunk_floor(files, full_chunk, nbytes)
     reader.close()
     shutil.rmtree(root.path, ignore_errors=True)
     return out
@@ -109,7 +112,8 @@ def bench_tier(
 def slowdown_while_reading(data: torch.Tensor, workdir: Path, buffer_bytes: int) -> dict:
     """trainer_slowdown with a zarr/zstd epoch read (the tier that decodes most)."""
     root = CacheRoot(workdir / "slowdown")
-    spec = CacheSpec("bench-slowdown", len(data), ROW_SHAPE, "float16")
+    chunk = chunk_bytes_for(buffer_bytes)
+    spec = CacheSpec("bench-slowdown", len(data), ROW_SHAPE, "float16", chunk_bytes=chunk)
     w = ZarrWriter(root, spec, codec="zstd")
     ids = torch.arange(len(data))
     for s in range(0, len(data), 256):
@@ -163,6 +167,34 @@ def _mean_std(vals: list[float]) -> tuple[float, float]:
     return float(np.mean(vals)), float(np.std(vals))
 
 
+def paired_ratios(run: dict, floors: dict) -> None:
+    """A tier's read and write against the floors measured in the same trial."""
+    name = "mmap" if run["tier"] == "mmap" else f"{run['tier']}/{run['codec']}"
+    if name in FLOOR:
+        run["read_floor"] = FLOOR[name]
+        run["read_vs_floor"] = run["read_mb_s"] / floors[FLOOR[name]]
+    if run["tier"] in ("mmap", "zarr"):
+        run["write_vs_floor"] = run["write_mb_s"] / floors["raw_file_write_mb_s"]
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One tier over its trials: mean ± std of MB/s and of the paired ratios, every trial kept."""
+    row = {k: runs[0][k] for k in ("tier", "codec", "ratio", "cold_evicted")}
+    for m in ("write_mb_s", "read_mb_s"):
+        vals = [r[m] for r in runs]
+        row[m], row[m.replace("_mb_s", "_std")] = _mean_std(vals)
+        # every trial kept: the spread's source stays visible (e.g. a slow first trial)
+        row[m.replace("_mb_s", "_trials_mb_s")] = [round(v, 1) for v in vals]
+    for m in ("read_vs_floor", "write_vs_floor"):
+        if m in runs[0]:
+            vals = [r[m] for r in runs]
+            row[m], row[m + "_std"] = _mean_std(vals)
+            row[m + "_trials"] = [round(v, 3) for v in vals]
+    if "read_floor" in runs[0]:
+        row["read_floor"] = runs[0]["read_floor"]
+    return row
+
+
 def run_store_bench(
     size_bytes: int, directory: Path | None = None, trials: int = 1, log=print
 ) -> dict:  # type: ignore[no-untyped-def]
@@ -172,49 +204,49 @@ def run_store_bench(
     nbytes = data.numel() * 2
     # The trainer's shuffle buffer: min(256 MiB, RAM budget / 4); a quarter of the cache
     # here at most, so every disk tier takes the chunk-shuffle + window path.
-    buffer_bytes = min(256 * 2**20, nbytes // 4)
+    buffer_bytes = min(SHUFFLE_BUFFER_BYTES, nbytes // 4)
     tiers = [("ram", "none"), ("mmap", "none"), ("zarr", "none"), ("zarr", "zstd")]
     if torch.cuda.is_available():
         tiers.insert(0, ("gpu", "none"))
-    results, floor_trials = [], []
+    trial_runs: list[dict[tuple[str, str], dict]] = []
+    floor_trials: list[dict] = []
     try:
+        # Trials are the outer loop, and each tier is compared with the floors of its own
+        # trial: this VM's disk drifts by 2x within minutes, so only paired ratios say
+        # how far a tier is from the hardware.
         for trial in range(trials):
-            floor_trials.append(raw_file_floors(data.numpy(), workdir))
+            floors = raw_file_floors(data.numpy(), workdir)
             log(
-                f"trial {trial + 1}: raw file write {floor_trials[-1]['raw_file_write_mb_s']:.0f} MB/s, "
-                f"read {floor_trials[-1]['raw_file_read_mb_s']:.0f} MB/s, "
-                f"np.memmap read {floor_trials[-1]['memmap_read_mb_s']:.0f} MB/s"
+                f"trial {trial + 1}: raw file write {floors['raw_file_write_mb_s']:.0f} MB/s, "
+                f"read {floors['raw_file_read_mb_s']:.0f} MB/s, "
+                f"np.memmap read {floors['memmap_read_mb_s']:.0f} MB/s"
             )
-        for tier, codec in tiers:
-            runs = [bench_tier(tier, codec, data, workdir, buffer_bytes) for _ in range(trials)]
-            row = {k: runs[0][k] for k in ("tier", "codec", "ratio", "cold_evicted")}
-            for m in ("write_mb_s", "read_mb_s"):
-                vals = [r[m] for r in runs]
-                row[m], row[m.replace("_mb_s", "_std")] = _mean_std(vals)
-                # every trial kept: the spread's source stays visible (e.g. a slow first trial)
-                row[m.replace("_mb_s", "_trials_mb_s")] = [round(v, 1) for v in vals]
-            if "zstd_chunk_read_mb_s" in runs[0]:
-                vals = [r["zstd_chunk_read_mb_s"] for r in runs]
-                floor_trials_zstd = vals
-            results.append(row)
-            log(
-                f"{tier:>5}/{codec:<5} write {row['write_mb_s']:8.0f} MB/s  read {row['read_mb_s']:8.0f} MB/s  ratio {row['ratio']:.2f}"
-            )
+            runs = {}
+            for tier, codec in tiers:
+                r = runs[tier, codec] = bench_tier(tier, codec, data, workdir, buffer_bytes)
+                if "zstd_chunk_read_mb_s" in r:  # measured on the zstd tier's own chunk files
+                    floors["zstd_chunk_read_mb_s"] = r["zstd_chunk_read_mb_s"]
+                log(
+                    f"{tier:>5}/{codec:<5} write {r['write_mb_s']:8.0f} MB/s  "
+                    f"read {r['read_mb_s']:8.0f} MB/s  ratio {r['ratio']:.2f}"
+                )
+            for r in runs.values():
+                paired_ratios(r, floors)
+            floor_trials.append(floors)
+            trial_runs.append(runs)
+        results = [summarize([runs[t] for runs in trial_runs]) for t in tiers]
         base = {
             k: _mean_std([f[k] for f in floor_trials])[0]
-            for k in ("raw_file_write_mb_s", "raw_file_read_mb_s", "memmap_read_mb_s")
+            for k in (
+                "raw_file_write_mb_s",
+                "raw_file_read_mb_s",
+                "memmap_read_mb_s",
+                "zstd_chunk_read_mb_s",
+            )
         }
-        base["zstd_chunk_read_mb_s"] = _mean_std(floor_trials_zstd)[0]
         base["raw_cold_evicted"] = floor_trials[0]["raw_cold_evicted"]
         base["torch_load_per_sample_mb_s"] = per_sample_floor(data, workdir)
         base["per_sample_files"] = min(2000, len(data))
-        for row in results:
-            name = "mmap" if row["tier"] == "mmap" else f"{row['tier']}/{row['codec']}"
-            if name in FLOOR:
-                row["read_floor"] = FLOOR[name]
-                row["read_vs_floor"] = row["read_mb_s"] / base[FLOOR[name]]
-            if row["tier"] in ("mmap", "zarr"):
-                row["write_vs_floor"] = row["write_mb_s"] / base["raw_file_write_mb_s"]
         log("floors: " + ", ".join(f"{k} {v:.0f}" for k, v in base.items() if k.endswith("_mb_s")))
         slowdown = slowdown_while_reading(data, workdir, buffer_bytes)
         log(
@@ -232,6 +264,7 @@ def run_store_bench(
         "dtype": "float16",
         "trials": trials,
         "shuffle_buffer_bytes": buffer_bytes,
+        "chunk_bytes": chunk_bytes_for(buffer_bytes),
         "results": results,
         "baselines": base,
         "trainer_slowdown": slowdown,
@@ -244,8 +277,10 @@ def markdown(doc: dict) -> str:
         f"Storage benchmark: {doc['logical_bytes'] / 1e9:.2f} GB logical fp16, rows "
         f"{doc['row_shape']}, {doc['trials']} trial(s); {m['cores']} cores, {m['ram_gb']} GB RAM, "
         f"GPU {m['gpu']}; torch {m['torch']}, zarr {m['zarr']}, numcodecs {m['numcodecs']}. "
-        f"Reads are one shuffled epoch (chunk shuffle, {doc['shuffle_buffer_bytes'] / 2**20:.0f} MiB "
-        "window), cold, through the loader thread; floors are measured in the same run.",
+        f"Reads are one shuffled epoch ({doc['chunk_bytes'] / 2**20:.0f} MiB chunks, chunk shuffle, "
+        f"{doc['shuffle_buffer_bytes'] / 2**20:.0f} MiB buffer), cold, through the loader thread. "
+        "Each trial measures the floors, then every tier; ratios are per trial (paired), "
+        "then averaged.",
         "",
         "| tier | codec | write MB/s | write / raw write | cold read MB/s | read / floor | floor | "
         "ratio | page cache evicted | write, read per trial |",
@@ -255,8 +290,10 @@ def markdown(doc: dict) -> str:
         writes, reads = (
             ", ".join(f"{v:.0f}" for v in r.get(f"{m}_trials_mb_s", [])) for m in ("write", "read")
         )
-        wvf = f"{r['write_vs_floor']:.2f}" if "write_vs_floor" in r else "-"
-        rvf = f"{r['read_vs_floor']:.2f}" if "read_vs_floor" in r else "-"
+        wvf, rvf = (
+            f"{r[m]:.2f} ± {r[m + '_std']:.2f}" if m in r else "-"
+            for m in ("write_vs_floor", "read_vs_floor")
+        )
         lines.append(
             f"| {r['tier']} | {r['codec']} | {r['write_mb_s']:.0f} ± {r['write_std']:.0f} | {wvf} | "
             f"{r['read_mb_s']:.0f} ± {r['read_std']:.0f} | {rvf} | {r.get('read_floor', '-')} | "
@@ -271,7 +308,7 @@ def markdown(doc: dict) -> str:
         f"| raw sequential file write + fsync | {b['raw_file_write_mb_s']:.0f} |",
         f"| raw sequential file read (cold) | {b['raw_file_read_mb_s']:.0f} |",
         f"| np.memmap read (cold) | {b['memmap_read_mb_s']:.0f} |",
-        f"| minimal zstd chunk reader (os.read + zstd + crc32c, {m['cores']} threads, cold) | {b['zstd_chunk_read_mb_s']:.0f} |",
+        f"| minimal zstd chunk reader (os.readv + zstd + crc32c, reused buffers, {m['cores']} threads, cold) | {b['zstd_chunk_read_mb_s']:.0f} |",
         f"| torch.load, one file per sample ({b['per_sample_files']} files, cold) | {b['torch_load_per_sample_mb_s']:.0f} |",
     ]
     t = doc["trainer_slowdown"]

@@ -16,7 +16,7 @@ from prefast.errors import CacheCorruptedError, CacheError, CacheExistsError
 from prefast.governor import Governor
 from prefast.models import StagedModel
 from prefast.store import CacheRoot, CacheSpec, Reader, Writer, cache_key, open_reader, open_writer
-from prefast.store.base import TORCH_DTYPES
+from prefast.store.base import TORCH_DTYPES, chunk_bytes_for, shuffle_buffer_bytes
 
 log = logging.getLogger("prefast.materialize")
 DISK_TIERS = ("mmap", "zarr")
@@ -61,7 +61,9 @@ class CacheContext:
             "rank": self.identity["rank"],
             "world": self.identity["world"],
         }
-        return CacheSpec(key, rows, shape, self.dtype, attrs)
+        # Chunk size follows the RAM budget, so reading the cache back fits it.
+        chunk = chunk_bytes_for(shuffle_buffer_bytes(self.governor.ram_budget()))
+        return CacheSpec(key, rows, shape, self.dtype, attrs, chunk_bytes=chunk)
 
     def writer(self, tier: str, spec: CacheSpec) -> Writer:
         """A writer, or CacheError/OSError (the caller abandons what it was writing)."""

@@ -49,7 +49,7 @@ from prefast.models import StagedModel
 from prefast.probe import measure_stage_costs
 from prefast.schedule import FreezeOutSchedule
 from prefast.store import CacheRoot, PrefetchLoader, Reader
-from prefast.store.base import TorchBatch
+from prefast.store.base import TorchBatch, shuffle_buffer_bytes
 from prefast.store.order import batch_slices
 from prefast.testcache import TestCache
 
@@ -194,7 +194,7 @@ class PrefastFeed:
     def _cached(self, source: BoundaryCache, epoch: int) -> BatchStream:
         reader = source.reader_for(epoch)
         assert reader is not None
-        buffer = min(256 * 2**20, self.governor.ram_budget() // 4)
+        buffer = shuffle_buffer_bytes(self.governor.ram_budget())
 
         def batches() -> Iterator[TorchBatch]:
             return reader.epoch_batches(self.raw.order_seed, epoch, self.cfg.batch_size, buffer)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 
 from .base import TIERS, CacheSpec, Reader, Writer
-from .disk_reader import open_reader
 from .errors import ConfigError
 from .layout import CacheRoot, cache_key
 from .loader import PrefetchLoader
 from .memory import MemoryWriter
+from .readers import open_reader
 
 
 def open_writer(

@@ -1,8 +1,9 @@
 """Writers of the on-disk tiers: ``zarr`` (chunked, crc32c, zstd when it pays) and ``mmap``.
 
 Writes go through one background thread with a bounded queue, so the trainer
-only waits on disk when the queue is full. Rows are grouped into ~4 MiB chunks
-and each chunk is written whole (no read-modify-write).
+only waits on disk when the queue is full. Rows are grouped into chunks of the
+spec's ``chunk_bytes`` (up to 32 MiB) and each chunk is written whole (no
+read-modify-write).
 
 Life of a writer: *open* (holding the key's exclusive lock) -> *finished*
 (``finish()`` fsynced the data, atomically wrote the completion marker with
@@ -34,9 +35,10 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .base import NUMPY_STORAGE, CacheSpec, Writer, checksum, to_storage
-from .disk_reader import DiskReader, chunk_file, open_reader
+from .disk_reader import DiskReader, chunk_file
 from .errors import CacheExistsError, CacheWriteError, DiskFullError
 from .layout import MARKER, CacheRoot, atomic_write_json, fsync_tree
+from .readers import open_reader
 
 log = logging.getLogger("prefast.store")
 _STOP = object()
@@ -324,7 +326,9 @@ class ZarrWriter(DiskWriter):
             padded = np.zeros((self.chunk_rows, *rows.shape[1:]), dtype=rows.dtype)
             padded[: len(rows)] = rows
             rows = padded
-        while len(self.in_flight) >= 2 * self.workers:  # bounded: --max-ram holds
+        # Bounded in bytes as the queue is, so --max-ram holds whatever the chunk size.
+        max_in_flight = max(1, min(2 * self.workers, QUEUE_BYTES // max(1, rows.nbytes)))
+        while len(self.in_flight) >= max_in_flight:
             self.in_flight.popleft().result()
         self.in_flight.append(self.pool.submit(self._encode_and_write, i, rows))
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .disk_reader import DiskReader, open_reader
+from .disk_reader import DiskReader
 from .errors import CacheCorruptedError, CacheError, CacheLockedError
 from .layout import MARKER, CacheRoot, disk_usage
+from .readers import open_reader
 
 
 def describe(root: CacheRoot, key: str) -> dict:

@@ -30,11 +30,11 @@ def windowed_order(
     seed: int,
     epoch: int,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Yield ``(live chunks, row indices)`` per batch.
+    """Yield ``(window chunks, row indices)`` per batch.
 
-    ``live chunks`` are the chunks of the current window plus those of rows
-    carried over: the reader keeps exactly these decoded, so memory stays at
-    about ``window + 1`` chunks and each chunk is decoded once per epoch.
+    ``window chunks`` are the current window's; a batch may also hold rows
+    carried over from the window before (at most ``batch_size - 1``, served
+    first). Each chunk is decoded once per epoch.
     """
     rng = rng_for(seed, "chunk-shuffle", epoch)
     chunk_order = rng.permutation(num_chunks)
@@ -44,11 +44,11 @@ def windowed_order(
         rows = np.concatenate(
             [np.arange(c * chunk_rows, min((c + 1) * chunk_rows, total_rows)) for c in chunks]
         )
-        live = sorted({int(c) for c in chunks} | {int(r) // chunk_rows for r in carry})
+        window_chunks = [int(c) for c in chunks]
         pool = np.concatenate([carry, rng.permutation(rows)])
         last = w + window >= num_chunks
         full = len(pool) if last else (len(pool) // batch_size) * batch_size
         for s in range(0, full, batch_size):
             batch = pool[s : min(s + batch_size, full)]
-            yield live, batch
+            yield window_chunks, batch
         carry = pool[full:]

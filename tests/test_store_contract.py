@@ -124,6 +124,44 @@ def test_disk_writer_queue_is_bounded_in_bytes(tier, tmp_path, no_thread_leak):
     w.finish().close()
 
 
+@pytest.mark.parametrize("tier", ["mmap", "zarr"])
+def test_a_shuffled_disk_epoch_holds_at_most_its_buffer(tier, tmp_path, no_thread_leak):
+    """Chunks being served plus chunks read ahead stay within ``buffer_bytes``, with the
+    chunk size a run under that budget writes (``chunk_bytes_for``)."""
+    import threading
+
+    from prefast.store.base import chunk_bytes_for
+
+    buffer = 8 * 2**20
+    rows, shape = 200, (16, 32, 32)  # 64 KiB per row at float32: 13 chunks of 1 MiB
+    spec = CacheSpec(f"w-{tier}", rows, shape, "float32", chunk_bytes=chunk_bytes_for(buffer))
+    w = open_writer(tier, spec, CacheRoot(tmp_path))
+    ids = torch.arange(rows)
+    w.append(torch.relu(torch.randn(rows, *shape)), ids, ids)
+    reader = w.finish()
+    live, peak, lock = set(), [0], threading.Lock()
+    load, release = reader._load, reader._release
+
+    def counted_load(i, buf):
+        with lock:
+            live.add(i)
+            peak[0] = max(peak[0], len(live))
+        return load(i, buf)
+
+    def counted_release(i, arr):
+        with lock:
+            live.discard(i)
+        return release(i, arr)
+
+    reader._load, reader._release = counted_load, counted_release
+    served = torch.cat([b[2] for b in epoch(reader, 0, 1, buffer)])
+    assert sorted(served.tolist()) == list(range(rows))
+    chunk = reader.chunk_rows * spec.row_bytes
+    assert reader.num_chunks > buffer // chunk, "the cache must not fit the buffer"
+    assert peak[0] * chunk <= buffer, (peak[0], chunk)
+    reader.close()
+
+
 @pytest.mark.parametrize("codec", ["none", "zstd"])
 def test_zarr_python_reads_what_the_parallel_writer_wrote(codec, tmp_path, no_thread_leak):
     """Chunk files are written by PreFast's own encoder: they must stay plain Zarr v3."""
@@ -132,7 +170,8 @@ def test_zarr_python_reads_what_the_parallel_writer_wrote(codec, tmp_path, no_th
 
     rows = 3000  # 2 chunks of 2,048 rows at 2 KiB: the last one padded, as zarr does
     x = torch.relu(torch.randn(rows, 8, 8, 8))
-    w = ZarrWriter(CacheRoot(tmp_path), CacheSpec("z", rows, (8, 8, 8), "float32"), codec=codec)
+    spec = CacheSpec("z", rows, (8, 8, 8), "float32", chunk_bytes=4 * 2**20)
+    w = ZarrWriter(CacheRoot(tmp_path), spec, codec=codec)
     for s in range(0, rows, 256):
         w.append(
             x[s : s + 256],

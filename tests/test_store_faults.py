@@ -26,6 +26,12 @@ from prefast.store.manage import verify
 SHAPE = (8, 8, 8)
 
 
+@pytest.fixture(autouse=True)
+def four_mib_chunks(monkeypatch):
+    """These faults need caches of several chunks: 4 MiB ones, not the 32 MiB default."""
+    monkeypatch.setattr("prefast.store.base.CHUNK_BYTES", 4 * 2**20)
+
+
 def make_cache(root, key="c", tier="zarr", rows=5000):
     w = open_writer(tier, CacheSpec(key, rows, SHAPE, "float32"), root)
     w.append(

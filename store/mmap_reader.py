@@ -1,0 +1,69 @@
+"""The mmap tier's reader: rows in one raw file, memory-mapped."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+
+import numpy as np
+
+from .base import NUMPY_STORAGE
+from .disk_reader import DiskReader
+from .errors import CacheCorruptedError
+
+
+class MmapReader(DiskReader):
+    """The raw tier: rows in one uncompressed file, memory-mapped.
+
+    A chunk is "loaded" by asking the kernel to read its range ahead
+    (``MADV_WILLNEED``) and checking its crc32c, which faults it in; batches
+    are gathered straight from the mapping, so each byte is copied once. When
+    a chunk leaves the shuffle window its pages leave this process's resident
+    memory (``MADV_DONTNEED``; they stay in the page cache), so ``--max-ram``
+    holds.
+    """
+
+    tier = "mmap"
+
+    def _open(self) -> None:
+        super()._open()
+        path = self.dir / "activations.bin"
+        expected = self.spec.logical_bytes
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected:
+            raise CacheCorruptedError(
+                self.key, f"activations.bin has {size} bytes, expected {expected}"
+            )
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.mm = np.frombuffer(self._map, dtype=NUMPY_STORAGE[self.spec.dtype]).reshape(
+            self.spec.rows, *self.spec.shape
+        )
+
+    def _range(self, i: int) -> tuple[int, int]:
+        """Chunk ``i``'s bytes, widened to whole pages (madvise wants aligned ranges)."""
+        lo = i * self.chunk_rows * self.spec.row_bytes
+        hi = lo + self._rows_of(i) * self.spec.row_bytes
+        lo -= lo % mmap.PAGESIZE
+        return lo, hi - lo
+
+    def _load_chunk(self, i: int, buf: np.ndarray | None) -> np.ndarray:
+        self._map.madvise(mmap.MADV_WILLNEED, *self._range(i))
+        lo = i * self.chunk_rows
+        return self.mm[lo : lo + self._rows_of(i)]
+
+    def _release(self, i: int, arr: np.ndarray) -> np.ndarray | None:
+        if not self._map.closed:
+            self._map.madvise(mmap.MADV_DONTNEED, *self._range(i))
+        return None
+
+    def _whole(self) -> np.ndarray | None:
+        return self.mm
+
+    def close(self) -> None:
+        if hasattr(self, "_map") and not self._map.closed:
+            self.__dict__.pop("mm", None)  # release our buffer export before closing the map
+            # A batch still viewing the map keeps it open until that batch is freed.
+            with contextlib.suppress(BufferError):
+                self._map.close()
+        super().close()

@@ -1,0 +1,34 @@
+"""Open a complete disk cache with the reader of the tier its marker names."""
+
+from __future__ import annotations
+
+from .disk_reader import DiskReader
+from .errors import CacheCorruptedError, CacheNotFoundError
+from .layout import CacheRoot, KeyLock
+from .mmap_reader import MmapReader
+from .zarr_reader import ZarrReader
+
+
+def open_reader(root: CacheRoot, key: str, lock: KeyLock | None = None) -> DiskReader:
+    """Open a complete disk cache (a partial one is never read).
+
+    Raises CacheNotFoundError (missing or partial), CacheLockedError (being
+    written or deleted) or CacheCorruptedError (metadata, marker or chunk
+    files do not add up).
+    """
+    lock = lock or root.acquire(key, shared=True)
+    try:
+        if not root.is_complete(key):
+            raise CacheNotFoundError(f"cache {key} under {root.path} is missing or partial")
+        tier = root.marker(key).get("tier")
+    except (OSError, ValueError) as exc:
+        lock.release()
+        raise CacheCorruptedError(key, f"unreadable completion marker ({exc})") from exc
+    except BaseException:
+        lock.release()
+        raise
+    cls = {"zarr": ZarrReader, "mmap": MmapReader}.get(str(tier))
+    if cls is None:
+        lock.release()
+        raise CacheCorruptedError(key, f"the completion marker names an unknown tier {tier!r}")
+    return cls(root, key, lock=lock)
