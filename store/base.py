@@ -22,7 +22,7 @@ from .order import batch_slices, epoch_order
 
 TIERS = ("gpu", "ram", "mmap", "zarr")
 # The largest chunk: one chunk is one disk read, and on this project's VM disk a
-# shuffled epoch of 32 MiB reads ran 1.5-2.4x faster than of 4 MiB ones (uncompressed;
+# shuffled epoch of 32 MiB reads ran 1.4-2.5x faster than of 4 MiB ones (uncompressed;
 # zstd is decode-bound either way). A run with a small RAM budget writes smaller
 # chunks (``chunk_bytes_for``) so its shuffle window still holds several.
 # Module-level so a test can shrink it.
