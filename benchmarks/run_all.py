@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py               # `make bench`: every table and plot (about 45 min on 2 cores)
     python benchmarks/run_all.py --quick       # `make bench-quick`: the same pipeline, CI-sized (minutes)
-    python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits, store, ddp)
+    python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits, store, chunk_size, ddp)
 
 Writes JSON + markdown (+ PNG) per benchmark, then ``bench_run.json`` with the
 machine and the run time per section (a section rerun with ``--only`` replaces
@@ -110,6 +110,20 @@ def store(out: Path, quick: bool, cache: str) -> list[Path]:
     return [out / f"store.{ext}" for ext in ("json", "md", "png")]
 
 
+def chunk_size(out: Path, quick: bool, cache: str) -> list[Path]:
+    """Shuffled-epoch reads at 4, 16 and 32 MiB chunks (quick: 1 and 4 MiB, 64 MB)."""
+    from prefast.benchmarks.chunk_bench import markdown as chunk_markdown
+    from prefast.benchmarks.chunk_bench import run_chunk_bench
+
+    if quick:
+        doc = run_chunk_bench(64 * 2**20, [1, 4], trials=1, buffer_bytes=16 * 2**20)
+    else:
+        doc = run_chunk_bench(2 * 2**30, [4, 16, 32], trials=3)
+    (out / "chunk_size.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "chunk_size.md").write_text(chunk_markdown(doc))
+    return [out / "chunk_size.json", out / "chunk_size.md"]
+
+
 def ddp(out: Path, quick: bool, cache: str) -> list[Path]:
     """torchrun with 1 and 2 gloo ranks: cache bytes per rank, exactness (same in quick mode)."""
     from prefast.benchmarks.ddp_bench import markdown as ddp_markdown
@@ -126,6 +140,7 @@ SECTIONS = {
     "train_full": train_full,
     "digits": digits,
     "store": store,
+    "chunk_size": chunk_size,
     "ddp": ddp,
 }
 

@@ -61,15 +61,21 @@ FLOOR = {  # what each tier's reads are measured against
 
 
 def bench_tier(
-    tier: str, codec: str, data: torch.Tensor, workdir: Path, buffer_bytes: int, batch: int = 256
+    tier: str,
+    codec: str,
+    data: torch.Tensor,
+    workdir: Path,
+    buffer_bytes: int,
+    batch: int = 256,
+    chunk_bytes: int | None = None,
 ) -> dict:
     """Write ``data`` through the tier's writer, then read one shuffled epoch cold,
     the way the trainer does (chunk-order shuffle + window, through the loader thread)."""
     from prefast.store import open_writer
 
     root = CacheRoot(workdir / f"{tier}-{codec}")
-    # Chunks as a run with this shuffle buffer writes them (cachectx.spec).
-    chunk = chunk_bytes_for(buffer_bytes)
+    # Chunks as a run with this shuffle buffer writes them (cachectx.spec), unless given.
+    chunk = chunk_bytes or chunk_bytes_for(buffer_bytes)
     spec = CacheSpec(f"bench-{tier}-{codec}", len(data), ROW_SHAPE, "float16", chunk_bytes=chunk)
     labels = torch.zeros(len(data), dtype=torch.int64)
     ids = torch.arange(len(data))

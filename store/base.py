@@ -21,11 +21,11 @@ from .errors import ConfigError
 from .order import batch_slices, epoch_order
 
 TIERS = ("gpu", "ram", "mmap", "zarr")
-# The largest chunk: one chunk is one disk read, and on this project's VM disk a
-# shuffled epoch of 32 MiB reads ran 1.4-2.5x faster than of 4 MiB ones (uncompressed;
-# zstd is decode-bound either way). A run with a small RAM budget writes smaller
-# chunks (``chunk_bytes_for``) so its shuffle window still holds several.
-# Module-level so a test can shrink it.
+# The largest chunk: one chunk is one disk read, and on this project's VM a cold
+# shuffled epoch of 32 MiB chunks read 1.5-2.1x (zarr/none), 1.2-1.4x (mmap) and
+# 1.1-1.2x (zstd) faster than of 4 MiB ones (benchmarks/results/chunk_size.md).
+# A run with a small RAM budget writes smaller chunks (``chunk_bytes_for``) so its
+# shuffle window still holds several. Module-level so a test can shrink it.
 CHUNK_BYTES = 32 * 2**20
 SHUFFLE_BUFFER_BYTES = 256 * 2**20  # a disk reader's default shuffle buffer
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
