@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 from prefast.benchmarks.store_bench import (
-    FLOOR,
     ROW_SHAPE,
     activation_like,
     bench_tier,
     machine,
     make_workdir,
+    paired_ratios,
+    summarize,
 )
 from prefast.benchmarks.store_floors import raw_file_floors
 from prefast.store.base import SHUFFLE_BUFFER_BYTES
@@ -46,18 +47,10 @@ def run_chunk_bench(
                     r = bench_tier(
                         tier, codec, data, workdir, buffer_bytes, chunk_bytes=mib * 2**20
                     )
-                    floor = floors.get(
-                        FLOOR.get("mmap" if tier == "mmap" else f"{tier}/{codec}", "")
-                    )
-                    floor = r.get("zstd_chunk_read_mb_s", floor)
-                    runs.append(
-                        {
-                            **r,
-                            "trial": trial,
-                            "chunk_mib": mib,
-                            "read_vs_floor": r["read_mb_s"] / floor,
-                        }
-                    )
+                    if "zstd_chunk_read_mb_s" in r:  # measured on this tier's own files
+                        floors["zstd_chunk_read_mb_s"] = r["zstd_chunk_read_mb_s"]
+                    paired_ratios(r, floors)
+                    runs.append({**r, "trial": trial, "chunk_mib": mib})
                     log(
                         f"trial {trial + 1} {mib:>3} MiB {tier}/{codec}: read {r['read_mb_s']:.0f} MB/s"
                     )
@@ -75,18 +68,9 @@ def run_chunk_bench(
                 if (r["tier"], r["codec"], r["chunk_mib"]) == (tier, codec, chunk_mib[0])
             ]
             speedup = [a["read_mb_s"] / b["read_mb_s"] for a, b in zip(mine, base, strict=True)]
-            rows_out.append(
-                {
-                    "tier": tier,
-                    "codec": codec,
-                    "chunk_mib": mib,
-                    "read_trials_mb_s": [round(r["read_mb_s"], 1) for r in mine],
-                    "read_mb_s": float(np.mean([r["read_mb_s"] for r in mine])),
-                    "read_vs_floor": float(np.mean([r["read_vs_floor"] for r in mine])),
-                    "speedup_trials": [round(v, 3) for v in speedup],
-                    "write_mb_s": float(np.mean([r["write_mb_s"] for r in mine])),
-                }
-            )
+            row = summarize(mine)
+            row["chunk_mib"], row["speedup_trials"] = mib, [round(v, 3) for v in speedup]
+            rows_out.append(row)
     return {
         "machine": machine(),
         "logical_bytes": data.numel() * 2,
