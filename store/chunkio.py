@@ -12,6 +12,8 @@ the files directly, several at once, is what reaches the floors in
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +24,25 @@ import numpy as np
 LoadChunk = Callable[[int, "np.ndarray | None"], np.ndarray]
 # Chunk i is no longer needed: free what it holds; return a buffer to reuse, if any.
 ReleaseChunk = Callable[[int, np.ndarray], "np.ndarray | None"]
+
+
+def map_for_reading(fileno: int, size: int = 0) -> mmap.mmap:
+    """A read-only map of a file whose page faults read and map 2 MiB folios.
+
+    ``MADV_HUGEPAGE`` on a file mapping makes a fault read ahead in PMD-sized
+    folios and map each whole, so the crc32c pass, the zstd decode and the
+    gathers take 512x fewer faults and TLB misses. No ``MADV_WILLNEED``: its
+    forced read-ahead fills the page cache with small pages and undoes that.
+    On this project's VM (1 GB cold shuffled epochs, 5-6 rounds each, every
+    round against the floors of fresh files) the median went from 2,070 to
+    2,630 MB/s (mmap tier), 1,689 to 2,268 (zarr/none) and 672 to 856 (zstd).
+    """
+    mapped = mmap.mmap(fileno, size, access=mmap.ACCESS_READ)
+    # Linux only, and refused (EINVAL) by a kernel built without THP: then pages stay 4 KiB.
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            mapped.madvise(mmap.MADV_HUGEPAGE)
+    return mapped
 
 
 def io_workers() -> int:

@@ -8,6 +8,7 @@ import mmap
 import numpy as np
 
 from .base import NUMPY_STORAGE
+from .chunkio import map_for_reading
 from .disk_reader import DiskReader
 from .errors import CacheCorruptedError
 
@@ -15,9 +16,9 @@ from .errors import CacheCorruptedError
 class MmapReader(DiskReader):
     """The raw tier: rows in one uncompressed file, memory-mapped.
 
-    A chunk is "loaded" by asking the kernel to read its range ahead
-    (``MADV_WILLNEED``) and checking its crc32c, which faults it in; batches
-    are gathered straight from the mapping, so each byte is copied once. When
+    A chunk is "loaded" by checking its crc32c, which faults it in (in 2 MiB
+    folios: ``chunkio.map_for_reading``); batches are gathered straight from
+    the mapping, so each byte is copied once. When
     a chunk leaves the shuffle window its pages leave this process's resident
     memory (``MADV_DONTNEED``; they stay in the page cache), so ``--max-ram``
     holds.
@@ -35,7 +36,7 @@ class MmapReader(DiskReader):
                 self.key, f"activations.bin has {size} bytes, expected {expected}"
             )
         with open(path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._map = map_for_reading(f.fileno())
         self.mm = np.frombuffer(self._map, dtype=NUMPY_STORAGE[self.spec.dtype]).reshape(
             self.spec.rows, *self.spec.shape
         )
@@ -48,7 +49,6 @@ class MmapReader(DiskReader):
         return lo, hi - lo
 
     def _load_chunk(self, i: int, buf: np.ndarray | None) -> np.ndarray:
-        self._map.madvise(mmap.MADV_WILLNEED, *self._range(i))
         lo = i * self.chunk_rows
         return self.mm[lo : lo + self._rows_of(i)]
 

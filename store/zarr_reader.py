@@ -19,6 +19,7 @@ import zarr
 from zarr.codecs.bytes import Endian
 
 from .base import NUMPY_STORAGE
+from .chunkio import map_for_reading
 from .disk_reader import DiskReader, chunk_file
 from .errors import CacheCorruptedError
 
@@ -81,10 +82,9 @@ class ZarrReader(DiskReader):
                     raise CacheCorruptedError(
                         self.key, f"chunk {i} has {size} bytes, expected {full_bytes + 4}"
                     )
-                mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+                mapped = map_for_reading(f.fileno(), size)
         except FileNotFoundError:
             raise CacheCorruptedError(self.key, f"chunk file of chunk {i} is missing") from None
-        mapped.madvise(mmap.MADV_WILLNEED)  # one large read-ahead, not a fault per page
         if self.codec == "none":
             self._maps[i] = mapped  # closed by _release when the chunk leaves the window
             flat = np.frombuffer(

@@ -1,5 +1,7 @@
 """One contract for every tier: round trip, order, once per epoch, clean shutdown."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,39 @@ def test_zarr_python_reads_what_the_parallel_writer_wrote(codec, tmp_path, no_th
     assert np.array_equal(
         np.asarray(zarr.open_array(str(tmp_path / "z" / "ids"), mode="r")[:]), np.arange(rows)
     )
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds ``address`` (from /proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_disk_readers_map_files_for_huge_page_faults(tmp_path, no_thread_leak):
+    """The mmap tier's file and zarr's chunk files are mapped with MADV_HUGEPAGE: faults then
+    read and map 2 MiB folios, which made 1 GB cold epochs 1.3x faster here
+    (``chunkio.map_for_reading``); a forgotten advice would go unnoticed otherwise."""
+    from prefast.store.disk_writer import ZarrWriter
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.is_file() or "[never]" in thp.read_text():
+        pytest.skip("this kernel has transparent huge pages off: the advice is a no-op")
+    mmap_reader, _, _ = write("mmap", "float32", CacheRoot(tmp_path / "m"))
+    spec = CacheSpec("z", N, SHAPE, "float32")
+    w = ZarrWriter(CacheRoot(tmp_path / "z"), spec, codec="none")
+    w.append(torch.ones(N, *SHAPE), torch.zeros(N, dtype=torch.int64), torch.arange(N))
+    zarr_reader = w.finish()
+    chunk = zarr_reader.read_chunk(0)  # held: its map stays open until released
+    for name, mapped in (("mmap", mmap_reader._map), ("zarr/none", zarr_reader._maps[0])):
+        address = np.frombuffer(mapped, dtype=np.uint8).ctypes.data
+        assert "hg" in _vm_flags(address), f"{name}: the mapping has no MADV_HUGEPAGE"
+    del chunk
+    mmap_reader.close()
+    zarr_reader.close()
