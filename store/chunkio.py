@@ -104,8 +104,12 @@ class ChunkPrefetcher:
             self.free.append(buf)
 
     def close(self) -> None:
-        for future in self.pending.values():
-            future.cancel()
+        """Cancel what has not started; what was loaded but never taken is released
+        (an epoch stopped early must not leave its read-ahead mapped)."""
+        for c, future in self.pending.items():
+            if not future.cancel() and self.release is not None:
+                with contextlib.suppress(Exception):  # a failed load holds nothing
+                    self.release(c, future.result())
         self.pending.clear()
         self.pool.shutdown(wait=True)
 

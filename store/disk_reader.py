@@ -170,24 +170,29 @@ class DiskReader(Reader):
                     decoded[c] = pf.get(c)
                 return decoded[c]
 
-            for chunks, rows in windowed_order(
+            plan = windowed_order(
                 self.num_chunks, self.chunk_rows, self.spec.rows, window, batch_size, seed, epoch
-            ):
-                # Rows carried over from earlier windows first, then this window's; each
-                # group by chunk (a batch's order is random anyway), so every row is
-                # copied once, straight from its chunk into the batch.
-                chunk_of = rows // self.chunk_rows
-                fresh = np.isin(chunk_of, chunks)
-                rows = rows[np.lexsort((chunk_of, fresh))]
-                carried = int(len(rows) - fresh.sum())
-                out = self._empty(len(rows))
-                self._gather_grouped(rows[:carried], out[:carried], take)
-                # The carried rows are copied: earlier windows' chunks can go before this
-                # window's are taken, so the buffer never holds three windows.
-                for c in [c for c in decoded if c not in chunks]:
+            )
+            try:
+                for chunks, rows in plan:
+                    # Rows carried over from earlier windows first, then this window's; each
+                    # group by chunk (a batch's order is random anyway), so every row is
+                    # copied once, straight from its chunk into the batch.
+                    chunk_of = rows // self.chunk_rows
+                    fresh = np.isin(chunk_of, chunks)
+                    rows = rows[np.lexsort((chunk_of, fresh))]
+                    carried = int(len(rows) - fresh.sum())
+                    out = self._empty(len(rows))
+                    self._gather_grouped(rows[:carried], out[:carried], take)
+                    # The carried rows are copied: earlier windows' chunks can go before this
+                    # window's are taken, so the buffer never holds three windows.
+                    for c in [c for c in decoded if c not in chunks]:
+                        pf.done(c, decoded.pop(c))
+                    self._gather_grouped(rows[carried:], out[carried:], take)
+                    yield self._batch(out, rows)
+            finally:  # the last window (or, when stopped early, the current one) lets go too
+                for c in list(decoded):
                     pf.done(c, decoded.pop(c))
-                self._gather_grouped(rows[carried:], out[carried:], take)
-                yield self._batch(out, rows)
 
     def _exact_epoch(self, seed: int, epoch: int, batch_size: int) -> Iterator[TorchBatch]:
         """Exact batches out of the whole cache, its chunks loaded (and checked) in parallel."""
@@ -211,10 +216,12 @@ class DiskReader(Reader):
                         loaded.add(c)
                 return self._batch(np.take(whole, rows, axis=0), rows)
 
-            yield from self.exact_batches(seed, epoch, batch_size, read)
-            if not copy:  # the whole cache was read in place: let it leave resident memory
-                for c in range(self.num_chunks):
-                    self._release(c, whole)
+            try:
+                yield from self.exact_batches(seed, epoch, batch_size, read)
+            finally:
+                if not copy:  # the cache was read in place: let it leave resident memory
+                    for c in loaded:
+                        pf.done(c, whole)
 
     def _whole(self) -> np.ndarray | None:
         """The whole cache as one array without copying, where the tier allows it."""

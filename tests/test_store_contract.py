@@ -161,6 +161,12 @@ def test_a_shuffled_disk_epoch_holds_at_most_its_buffer(tier, tmp_path, no_threa
     chunk = reader.chunk_rows * spec.row_bytes
     assert reader.num_chunks > buffer // chunk, "the cache must not fit the buffer"
     assert peak[0] * chunk <= buffer, (peak[0], chunk)
+    assert not live, f"chunks still held after the epoch: {sorted(live)}"
+    for buffer_bytes in (buffer, 2**30):  # an epoch stopped early (windowed, then exact)
+        batches = reader.epoch_batches(0, 2, 64, buffer_bytes)
+        next(batches)
+        batches.close()
+        assert not live, f"chunks still held after a stopped epoch: {sorted(live)}"
     reader.close()
 
 
