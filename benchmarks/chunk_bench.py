@@ -1,9 +1,16 @@
-"""Chunk size against shuffled-epoch read speed: why the store writes chunks of up to 32 MiB.
+"""How chunks are read against shuffled-epoch read speed, one setting at a time.
+
+Two sections of ``run_all.py`` use it:
+
+- ``chunk_size``: why the store writes chunks of up to 32 MiB (4, 16, 32 MiB);
+- ``map_advice``: why the readers map files with ``MADV_HUGEPAGE``
+  (``store/chunkio.py: map_for_reading``): 32 MiB chunks read with 4 KiB
+  page faults, then with 2 MiB ones.
 
 Each trial measures the raw-file floors, then writes and cold-reads the same
-activations through every disk tier once per chunk size, with the trainer's
-256 MiB shuffle buffer; a tier's speed-up is taken against the smallest chunk
-size *in the same trial* (this VM's disk drifts too much for anything else).
+activations through every disk tier once per setting, with the trainer's
+256 MiB shuffle buffer; a tier's speed-up is taken against the first setting
+*in the same trial* (this VM's disk drifts too much for anything else).
 """
 
 from __future__ import annotations
@@ -22,14 +29,30 @@ from prefast.benchmarks.store_bench import (
     summarize,
 )
 from prefast.benchmarks.store_floors import raw_file_floors
+from prefast.store import chunkio
 from prefast.store.base import SHUFFLE_BUFFER_BYTES
 
 TIERS = [("mmap", "none"), ("zarr", "none"), ("zarr", "zstd")]
 
 
+def setting(chunk_mib: int, huge_page_faults: bool = True) -> dict:
+    """One way of writing and reading chunks."""
+    return {"chunk_mib": chunk_mib, "huge_page_faults": huge_page_faults}
+
+
+def _read_once(tier: str, codec: str, data, workdir: Path, buffer_bytes: int, s: dict) -> dict:  # type: ignore[no-untyped-def]
+    chunkio.HUGE_PAGE_FAULTS = s["huge_page_faults"]
+    try:
+        return bench_tier(
+            tier, codec, data, workdir, buffer_bytes, chunk_bytes=s["chunk_mib"] * 2**20
+        )
+    finally:
+        chunkio.HUGE_PAGE_FAULTS = True
+
+
 def run_chunk_bench(
     size_bytes: int,
-    chunk_mib: list[int],
+    settings: list[dict],
     trials: int,
     buffer_bytes: int = SHUFFLE_BUFFER_BYTES,
     directory: Path | None = None,
@@ -42,34 +65,28 @@ def run_chunk_bench(
     try:
         for trial in range(trials):
             floors = raw_file_floors(data.numpy(), workdir)
-            for mib in chunk_mib:
+            for i, s in enumerate(settings):
                 for tier, codec in TIERS:
-                    r = bench_tier(
-                        tier, codec, data, workdir, buffer_bytes, chunk_bytes=mib * 2**20
-                    )
+                    r = _read_once(tier, codec, data, workdir, buffer_bytes, s)
                     if "zstd_chunk_read_mb_s" in r:  # measured on this tier's own files
                         floors["zstd_chunk_read_mb_s"] = r["zstd_chunk_read_mb_s"]
                     paired_ratios(r, floors)
-                    runs.append({**r, "trial": trial, "chunk_mib": mib})
-                    log(
-                        f"trial {trial + 1} {mib:>3} MiB {tier}/{codec}: read {r['read_mb_s']:.0f} MB/s"
-                    )
+                    runs.append({**r, **s, "trial": trial, "setting": i})
+                    log(f"trial {trial + 1} {s} {tier}/{codec}: read {r['read_mb_s']:.0f} MB/s")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows_out = []
     for tier, codec in TIERS:
-        for mib in chunk_mib:
-            mine = [
-                r for r in runs if (r["tier"], r["codec"], r["chunk_mib"]) == (tier, codec, mib)
+        mine_of = {
+            i: [r for r in runs if (r["tier"], r["codec"], r["setting"]) == (tier, codec, i)]
+            for i in range(len(settings))
+        }
+        for i, s in enumerate(settings):
+            speedup = [
+                a["read_mb_s"] / b["read_mb_s"] for a, b in zip(mine_of[i], mine_of[0], strict=True)
             ]
-            base = [
-                r
-                for r in runs
-                if (r["tier"], r["codec"], r["chunk_mib"]) == (tier, codec, chunk_mib[0])
-            ]
-            speedup = [a["read_mb_s"] / b["read_mb_s"] for a, b in zip(mine, base, strict=True)]
-            row = summarize(mine)
-            row["chunk_mib"], row["speedup_trials"] = mib, [round(v, 3) for v in speedup]
+            row = summarize(mine_of[i])
+            row.update(s, speedup_trials=[round(v, 3) for v in speedup])
             rows_out.append(row)
     return {
         "machine": machine(),
@@ -80,20 +97,22 @@ def run_chunk_bench(
     }
 
 
-def markdown(doc: dict) -> str:
+def markdown(doc: dict, title: str) -> str:
     m = doc["machine"]
     lines = [
-        f"Chunk size: {doc['logical_bytes'] / 1e9:.2f} GB fp16 activations, one shuffled epoch per "
-        f"tier and chunk size, cold, {doc['shuffle_buffer_bytes'] / 2**20:.0f} MiB shuffle buffer, "
-        f"{doc['trials']} trial(s); {m['cores']} cores. Speed-up is against the smallest chunk "
-        "size in the same trial.",
+        f"{title}: {doc['logical_bytes'] / 1e9:.2f} GB fp16 activations, one shuffled epoch per "
+        f"tier and setting, cold, {doc['shuffle_buffer_bytes'] / 2**20:.0f} MiB shuffle buffer, "
+        f"{doc['trials']} trial(s); {m['cores']} cores. Speed-up is against the first setting "
+        "in the same trial.",
         "",
-        "| tier | codec | chunk MiB | cold read MB/s (per trial) | read / floor | speed-up (per trial) | write MB/s |",
-        "|---|---|---:|---|---:|---|---:|",
+        "| tier | codec | chunk MiB | huge-page faults | cold read MB/s (per trial) | "
+        "read / floor | speed-up (per trial) | write MB/s |",
+        "|---|---|---:|---|---|---:|---|---:|",
     ]
     for r in doc["results"]:
         lines.append(
-            f"| {r['tier']} | {r['codec']} | {r['chunk_mib']} | {r['read_mb_s']:.0f} "
+            f"| {r['tier']} | {r['codec']} | {r['chunk_mib']} | "
+            f"{'yes' if r['huge_page_faults'] else 'no'} | {r['read_mb_s']:.0f} "
             f"({', '.join(f'{v:.0f}' for v in r['read_trials_mb_s'])}) | {r['read_vs_floor']:.2f} | "
             f"{', '.join(f'{v:.2f}' for v in r['speedup_trials'])} | {r['write_mb_s']:.0f} |"
         )

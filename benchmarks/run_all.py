@@ -1,8 +1,8 @@
 """Regenerate every benchmark result under benchmarks/results/.
 
-    python benchmarks/run_all.py               # `make bench`: every table and plot (about 45 min on 2 cores)
+    python benchmarks/run_all.py               # `make bench`: every table and plot (about 65 min on 2 cores)
     python benchmarks/run_all.py --quick       # `make bench-quick`: the same pipeline, CI-sized (minutes)
-    python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits, store, chunk_size, ddp)
+    python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits, store, chunk_size, map_advice, ddp)
 
 Writes JSON + markdown (+ PNG) per benchmark, then ``bench_run.json`` with the
 machine and the run time per section (a section rerun with ``--only`` replaces
@@ -112,16 +112,35 @@ def store(out: Path, quick: bool, cache: str) -> list[Path]:
 
 def chunk_size(out: Path, quick: bool, cache: str) -> list[Path]:
     """Shuffled-epoch reads at 4, 16 and 32 MiB chunks (quick: 1 and 4 MiB, 64 MB)."""
+    from prefast.benchmarks.chunk_bench import setting
+
+    if quick:
+        settings, size, trials, buffer = [setting(1), setting(4)], 64 * 2**20, 1, 16 * 2**20
+    else:
+        settings, size, trials, buffer = [setting(m) for m in (4, 16, 32)], 2 * 2**30, 3, None
+    return _chunk_section(out, "chunk_size", "Chunk size", settings, size, trials, buffer)
+
+
+def map_advice(out: Path, quick: bool, cache: str) -> list[Path]:
+    """32 MiB chunks read with 4 KiB page faults, then 2 MiB ones (quick: 4 MiB chunks, 64 MB)."""
+    from prefast.benchmarks.chunk_bench import setting
+
+    mib, size, trials, buffer = (4, 64 * 2**20, 1, 16 * 2**20) if quick else (32, 2**30, 5, None)
+    settings = [setting(mib, huge_page_faults=False), setting(mib)]
+    title = "Page-fault size (MADV_HUGEPAGE on the mapped files)"
+    return _chunk_section(out, "map_advice", title, settings, size, trials, buffer)
+
+
+def _chunk_section(
+    out: Path, name: str, title: str, settings: list, size: int, trials: int, buffer: int | None
+) -> list[Path]:
     from prefast.benchmarks.chunk_bench import markdown as chunk_markdown
     from prefast.benchmarks.chunk_bench import run_chunk_bench
 
-    if quick:
-        doc = run_chunk_bench(64 * 2**20, [1, 4], trials=1, buffer_bytes=16 * 2**20)
-    else:
-        doc = run_chunk_bench(2 * 2**30, [4, 16, 32], trials=3)
-    (out / "chunk_size.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (out / "chunk_size.md").write_text(chunk_markdown(doc))
-    return [out / "chunk_size.json", out / "chunk_size.md"]
+    doc = run_chunk_bench(size, settings, trials, **({"buffer_bytes": buffer} if buffer else {}))
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / f"{name}.md").write_text(chunk_markdown(doc, title))
+    return [out / f"{name}.json", out / f"{name}.md"]
 
 
 def ddp(out: Path, quick: bool, cache: str) -> list[Path]:
@@ -141,6 +160,7 @@ SECTIONS = {
     "digits": digits,
     "store": store,
     "chunk_size": chunk_size,
+    "map_advice": map_advice,
     "ddp": ddp,
 }
 

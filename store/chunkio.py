@@ -2,9 +2,9 @@
 
 An epoch's chunk order is known before it starts (``shuffle.windowed_order``
 draws it from the seed), so the reader can keep the next chunks in flight
-while the current ones are served: each chunk is read with one call into a
-reused buffer, decoded (zstd releases the GIL) and checked against its
-crc32c on a pool of ``os.cpu_count()`` threads. Zarr itself would read the
+while the current ones are served: each chunk's file is mapped
+(``map_for_reading``), decoded into a reused buffer (zstd releases the GIL)
+and checked against its crc32c on a pool of threads. Zarr itself would read the
 same files, but through its async machinery one request at a time; reading
 the files directly, several at once, is what reaches the floors in
 ``benchmarks/store_floors.py``.
@@ -26,6 +26,10 @@ LoadChunk = Callable[[int, "np.ndarray | None"], np.ndarray]
 ReleaseChunk = Callable[[int, np.ndarray], "np.ndarray | None"]
 
 
+# Module-level so the map_advice benchmark (benchmarks/chunk_bench.py) can measure without it.
+HUGE_PAGE_FAULTS = True
+
+
 def map_for_reading(fileno: int, size: int = 0) -> mmap.mmap:
     """A read-only map of a file whose page faults read and map 2 MiB folios.
 
@@ -33,13 +37,11 @@ def map_for_reading(fileno: int, size: int = 0) -> mmap.mmap:
     folios and map each whole, so the crc32c pass, the zstd decode and the
     gathers take 512x fewer faults and TLB misses. No ``MADV_WILLNEED``: its
     forced read-ahead fills the page cache with small pages and undoes that.
-    On this project's VM (1 GB cold shuffled epochs, 5-6 rounds each, every
-    round against the floors of fresh files) the median went from 2,070 to
-    2,630 MB/s (mmap tier), 1,689 to 2,268 (zarr/none) and 672 to 856 (zstd).
+    Measured: ``benchmarks/results/map_advice.md``.
     """
     mapped = mmap.mmap(fileno, size, access=mmap.ACCESS_READ)
     # Linux only, and refused (EINVAL) by a kernel built without THP: then pages stay 4 KiB.
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    if HUGE_PAGE_FAULTS and hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):
             mapped.madvise(mmap.MADV_HUGEPAGE)
     return mapped
