@@ -18,10 +18,9 @@ class MmapReader(DiskReader):
 
     A chunk is "loaded" by checking its crc32c, which faults it in (in 2 MiB
     folios: ``chunkio.map_for_reading``); batches are gathered straight from
-    the mapping, so each byte is copied once. When
-    a chunk leaves the shuffle window its pages leave this process's resident
-    memory (``MADV_DONTNEED``; they stay in the page cache), so ``--max-ram``
-    holds.
+    the mapping, so each byte is copied once. When a chunk leaves the shuffle
+    window its pages leave this process's resident memory (``MADV_DONTNEED``;
+    they stay in the page cache), so ``--max-ram`` holds.
     """
 
     tier = "mmap"
