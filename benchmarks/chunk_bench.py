@@ -18,10 +18,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 from prefast.benchmarks.store_bench import (
-    ROW_SHAPE,
-    activation_like,
+    activations_of_size,
     bench_tier,
     machine,
     make_workdir,
@@ -58,8 +56,7 @@ def run_chunk_bench(
     directory: Path | None = None,
     log=print,  # type: ignore[no-untyped-def]
 ) -> dict:
-    rows = max(256, size_bytes // (int(np.prod(ROW_SHAPE)) * 2))
-    data = activation_like(rows)
+    data = activations_of_size(size_bytes)
     workdir = make_workdir(directory)
     runs = []
     try:

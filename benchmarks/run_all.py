@@ -22,6 +22,7 @@ from pathlib import Path
 
 from prefast.benchmarks.store_bench import machine, markdown, plot, run_store_bench
 from prefast.benchmarks.train_bench import accuracy_table, run_sweep
+from prefast.store.base import SHUFFLE_BUFFER_BYTES
 
 from prefast.config import TrainConfig
 
@@ -117,7 +118,8 @@ def chunk_size(out: Path, quick: bool, cache: str) -> list[Path]:
     if quick:
         settings, size, trials, buffer = [setting(1), setting(4)], 64 * 2**20, 1, 16 * 2**20
     else:
-        settings, size, trials, buffer = [setting(m) for m in (4, 16, 32)], 2 * 2**30, 3, None
+        settings = [setting(m) for m in (4, 16, 32)]
+        size, trials, buffer = 2 * 2**30, 3, SHUFFLE_BUFFER_BYTES
     return _chunk_section(out, "chunk_size", "Chunk size", settings, size, trials, buffer)
 
 
@@ -125,19 +127,20 @@ def map_advice(out: Path, quick: bool, cache: str) -> list[Path]:
     """32 MiB chunks read with 4 KiB page faults, then 2 MiB ones (quick: 4 MiB chunks, 64 MB)."""
     from prefast.benchmarks.chunk_bench import setting
 
-    mib, size, trials, buffer = (4, 64 * 2**20, 1, 16 * 2**20) if quick else (32, 2**30, 5, None)
+    quick_run, full_run = (4, 64 * 2**20, 1, 16 * 2**20), (32, 2**30, 5, SHUFFLE_BUFFER_BYTES)
+    mib, size, trials, buffer = quick_run if quick else full_run
     settings = [setting(mib, huge_page_faults=False), setting(mib)]
     title = "Page-fault size (MADV_HUGEPAGE on the mapped files)"
     return _chunk_section(out, "map_advice", title, settings, size, trials, buffer)
 
 
 def _chunk_section(
-    out: Path, name: str, title: str, settings: list, size: int, trials: int, buffer: int | None
+    out: Path, name: str, title: str, settings: list, size: int, trials: int, buffer: int
 ) -> list[Path]:
     from prefast.benchmarks.chunk_bench import markdown as chunk_markdown
     from prefast.benchmarks.chunk_bench import run_chunk_bench
 
-    doc = run_chunk_bench(size, settings, trials, **({"buffer_bytes": buffer} if buffer else {}))
+    doc = run_chunk_bench(size, settings, trials, buffer_bytes=buffer)
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / f"{name}.md").write_text(chunk_markdown(doc, title))
     return [out / f"{name}.json", out / f"{name}.md"]

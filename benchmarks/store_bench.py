@@ -42,6 +42,11 @@ MB = 1e6
 ROW_SHAPE = (64, 16, 16)  # a DenseNet-like boundary: 32 KiB per row at fp16
 
 
+def activations_of_size(size_bytes: int) -> torch.Tensor:
+    """``activation_like`` rows adding up to ``size_bytes`` of fp16 (at least 256 rows)."""
+    return activation_like(max(256, size_bytes // (int(np.prod(ROW_SHAPE)) * 2)))
+
+
 def activation_like(rows: int, seed: int = 0) -> torch.Tensor:
     """fp16 rows shaped like post-ReLU activations: about half exact zeros."""
     g = torch.Generator().manual_seed(seed)
@@ -204,9 +209,8 @@ def summarize(runs: list[dict]) -> dict:
 def run_store_bench(
     size_bytes: int, directory: Path | None = None, trials: int = 1, log=print
 ) -> dict:  # type: ignore[no-untyped-def]
-    rows = max(256, size_bytes // (int(np.prod(ROW_SHAPE)) * 2))
     workdir = make_workdir(directory)
-    data = activation_like(rows)
+    data = activations_of_size(size_bytes)
     nbytes = data.numel() * 2
     # The trainer's shuffle buffer: min(256 MiB, RAM budget / 4); a quarter of the cache
     # here at most, so every disk tier takes the chunk-shuffle + window path.
@@ -265,7 +269,7 @@ def run_store_bench(
     return {
         "machine": machine(),
         "logical_bytes": nbytes,
-        "rows": rows,
+        "rows": len(data),
         "row_shape": list(ROW_SHAPE),
         "dtype": "float16",
         "trials": trials,

@@ -181,8 +181,6 @@ def trainer_slowdown(read_epoch: Callable[[], None], steps: int = 60) -> dict:
 
     step_times(5)  # warm up
     alone = float(np.median(step_times(steps)))
-    import threading
-
     reader = threading.Thread(target=read_epoch, name="prefast-bench-read")
     reader.start()
     during: list[float] = []
