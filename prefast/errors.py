@@ -4,6 +4,7 @@ errors only the trainer side raises."""
 from __future__ import annotations
 
 from prefast.store.errors import (
+    CacheAllocationError,
     CacheCorruptedError,
     CacheError,
     CacheExistsError,
@@ -28,6 +29,7 @@ class BoundaryStateError(PrefastError, RuntimeError):
 
 __all__ = [
     "BoundaryStateError",
+    "CacheAllocationError",
     "CacheCorruptedError",
     "CacheError",
     "CacheExistsError",

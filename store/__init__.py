@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .base import TIERS, CacheSpec, Reader, Writer
+from .device import is_accelerator
 from .errors import ConfigError
 from .layout import CacheRoot, cache_key
 from .loader import PrefetchLoader
@@ -32,18 +33,22 @@ def open_writer(
     root: CacheRoot | None = None,
     device: torch.device | str | None = None,
 ) -> Writer:
-    """A writer for ``tier`` (gpu, ram, mmap or zarr).
+    """A writer for ``tier`` (gpu, ram, mmap or zarr); ``device`` is the training device
+    (the ``gpu`` tier's home).
 
     Disk tiers raise CacheLockedError when another process holds the key and
     CacheExistsError when a complete cache with the key exists (open it with
     :func:`open_reader` instead).
     """
     if tier == "gpu":
-        if not torch.cuda.is_available():
-            raise ConfigError("cache tier 'gpu' needs a CUDA GPU: use --cache-tier ram")
-        return MemoryWriter(spec, device or "cuda")
+        if device is None or not is_accelerator(device):
+            raise ConfigError(
+                "cache tier 'gpu' keeps the cache in the training device's memory: it needs "
+                "a GPU training device (--device cuda); on a CPU use --cache-tier ram"
+            )
+        return MemoryWriter(spec, device)
     if tier == "ram":
-        return MemoryWriter(spec, "cpu", pin=torch.cuda.is_available())
+        return MemoryWriter(spec, "cpu")
     if tier in ("mmap", "zarr"):
         if root is None:
             raise ConfigError(f"cache tier {tier!r} needs a cache directory (--cache-dir)")

@@ -56,3 +56,16 @@ class CacheWriteError(CacheError):
 
 class DiskFullError(CacheWriteError, OSError):
     """The disk filled up while writing a cache; the partial cache was removed."""
+
+
+class CacheAllocationError(CacheError):
+    """A memory tier's allocator refused a cache (CUDA or host out of memory, a failed
+    pin): the governor takes the next tier."""
+
+    def __init__(self, what: str, nbytes: int, where: str, cause: BaseException):
+        self.what, self.nbytes, self.where = what, nbytes, where
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(
+            f"could not allocate {nbytes / 2**20:.1f} MiB on {where} for {what} "
+            f"({type(cause).__name__}: {first[:160]}); the next tier is used instead"
+        )

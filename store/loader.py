@@ -1,9 +1,11 @@
 """Prefetching loader: a background thread fills a bounded queue of batches.
 
 Decoding (zstd, crc32c, numpy gathers) releases the GIL for most of its time,
-so a reader thread overlaps it with the trainer's compute. On CUDA the batch
-is pinned and copied with ``non_blocking=True`` on a side stream so the copy
-overlaps the previous step's kernels.
+so a reader thread overlaps it with the trainer's compute. For an accelerator
+the thread also starts each batch's copy to the device (``store/device.py``:
+staged in the loader's own reused buffers, pinned on CUDA, copied on a side
+stream); the consumer gets the batch once the compute stream waits on it.
+Sample ids never leave the host.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from .base import TorchBatch
+from .device import Uploader
 
 _DONE = object()
 
@@ -26,11 +29,13 @@ class PrefetchLoader:
     Parameters
     ----------
     make_batches
-        Called once in the thread; yields ``(acts, labels, ids)`` CPU or device tensors.
+        Called once in the thread; yields ``(acts, labels, ids)``, ids on the host.
     device
-        Where batches should end up.
+        Where activations and labels should end up (ids stay on the host).
     depth
         Queue bound: at most this many batches are decoded ahead.
+    on_note
+        Told ``(event, detail)`` when staging falls back (no pinned memory).
     """
 
     def __init__(
@@ -38,28 +43,19 @@ class PrefetchLoader:
         make_batches: Callable[[], Iterable[TorchBatch]],
         device: torch.device | str = "cpu",
         depth: int = 4,
+        on_note: Callable[[str, str], None] | None = None,
     ):
         self.device = torch.device(device)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
-        self.stream = torch.cuda.Stream() if self.device.type == "cuda" else None
+        # The ring has a slot more than the queue holds, so the thread never waits
+        # on a copy the trainer has not even dequeued.
+        self.uploader = Uploader(self.device, slots=depth + 2, on_note=on_note)
         self.thread = threading.Thread(
             target=self._run, args=(make_batches,), name="prefast-loader", daemon=True
         )
         self.thread.start()
         self.closed = False
-
-    def _to_device(self, batch: TorchBatch) -> TorchBatch:
-        if self.stream is None or all(t.device == self.device for t in batch):
-            return batch
-        with torch.cuda.stream(self.stream):
-            moved = tuple(
-                t if t.device == self.device else t.pin_memory().to(self.device, non_blocking=True)
-                for t in batch
-            )
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return moved[0], moved[1], moved[2], event  # type: ignore[return-value]
 
     def _put(self, item: object) -> bool:
         while not self.stop.is_set():
@@ -72,8 +68,8 @@ class PrefetchLoader:
 
     def _run(self, make_batches: Callable[[], Iterable[TorchBatch]]) -> None:
         try:
-            for batch in make_batches():
-                if not self._put(self._to_device(batch)):
+            for acts, labels, ids in make_batches():
+                if not self._put((self.uploader.upload(acts, labels), ids, labels)):
                     return
         except BaseException as exc:  # re-raised in the consumer
             self._put(exc)
@@ -81,6 +77,12 @@ class PrefetchLoader:
         self._put(_DONE)
 
     def __iter__(self) -> Iterator[TorchBatch]:
+        """``(acts, labels, ids)``: activations and labels on the device, ids on the host."""
+        for acts, labels, ids, _ in self.batches():
+            yield acts, labels, ids
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """``(acts, labels, ids, host_labels)``: also the labels as the host read them."""
         try:
             while True:
                 item = self.queue.get()
@@ -88,10 +90,9 @@ class PrefetchLoader:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                if len(item) == 4:  # wait for the side-stream copy, on the compute stream
-                    torch.cuda.current_stream().wait_event(item[3])
-                    item = item[:3]
-                yield item
+                transfer, ids, host_labels = item
+                acts, labels = transfer.wait()  # the compute stream waits, not the host
+                yield acts, labels, ids, host_labels
         finally:
             self.close()
 
