@@ -5,9 +5,59 @@ import subprocess
 import threading
 
 import pytest
+import strict_device
 import torch
 
 torch.set_num_threads(2)
+
+# One test body per training device: the strict test device stands in for a GPU on
+# a machine without one (tests/strict_device.py); real CUDA runs where there is one
+# (`pytest -m cuda`, benchmarks/gpu_check.sh). Registered, the strict backend would
+# become the process's accelerator and take pinned memory away from CUDA, so it is
+# not used where CUDA is.
+CUDA = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+STRICT = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a real GPU is here: the strict stand-in is not needed"
+)
+ACCELERATORS = [pytest.param("strict", marks=STRICT), pytest.param("cuda", marks=CUDA)]
+if not torch.cuda.is_available():
+    # Before any backward pass: autograd's engine sizes its per-device queues once.
+    strict_device.device()
+
+
+@pytest.fixture(params=["cpu", *ACCELERATORS])
+def device(request):
+    """Each training device in turn (the strict one entered with fresh counters)."""
+    if request.param != "strict":
+        yield torch.device(request.param)
+        return
+    with strict_device.strict_device() as memory:
+        yield memory.device
+
+
+@pytest.fixture(params=ACCELERATORS)
+def accelerator(request, monkeypatch):
+    """An accelerator as the training device of every run in the test: yields
+    (device, the strict device's Memory or None on CUDA)."""
+    if request.param == "cuda":
+        yield torch.device("cuda"), None
+        return
+    with strict_device.strict_device() as memory:
+        monkeypatch.setattr("prefast.build.resolve_device", lambda name: memory.device)
+        yield memory.device, memory
+
+
+@pytest.fixture
+def strict(monkeypatch):
+    """The strict device as the training device, for tests that turn its knobs."""
+    if torch.cuda.is_available():
+        pytest.skip("a real GPU is here: the strict stand-in is not needed")
+    with strict_device.strict_device() as memory:
+        monkeypatch.setattr("prefast.build.resolve_device", lambda name: memory.device)
+        yield memory
 
 
 @pytest.fixture
