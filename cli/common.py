@@ -126,6 +126,25 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     c.add_argument("--max-ram", help="host RAM budget for caches, e.g. 4GB")
     c.add_argument("--max-gpu-mem", help="GPU memory budget for caches, e.g. 10GB")
     c.add_argument("--max-disk", help="disk budget for caches, e.g. 50GB")
+    gpu = p.add_argument_group("GPU habits (CUDA only; on by default)")
+    gpu.add_argument(
+        "--no-amp",
+        dest="amp",
+        action="store_false",
+        help="no bf16 autocast (the step, evaluation and cache writes run in float32)",
+    )
+    gpu.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="keep the model and inputs in the default (NCHW) memory layout",
+    )
+    gpu.add_argument(
+        "--no-cudnn-benchmark",
+        dest="cudnn_benchmark",
+        action="store_false",
+        help="do not let cuDNN time and pick its fastest kernels",
+    )
     d = p.add_argument_group("torchrun (data parallel; see README)")
     d.add_argument(
         "--dist-timeout",

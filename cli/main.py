@@ -60,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{prefix}: terminated (SIGTERM; under torchrun: another rank failed)", file=sys.stderr
         )
         return 143
+    except Exception as exc:
+        if "RANK" not in os.environ:
+            raise
+        # Under torchrun, this rank's own error (not a lost peer): say which rank, keep the
+        # error's own words; the traceback follows.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"{prefix}: error: {type(exc).__name__}: {first[:300]}", file=sys.stderr)
+        raise
     finally:
         from prefast.distributed import shutdown
 

@@ -21,6 +21,7 @@ from prefast.errors import ConfigError
 from prefast.feed import RawSource, TensorSource
 from prefast.models import StagedModel, as_staged_model, build_model
 from prefast.schedule import FreezeOutSchedule
+from prefast.store.device import is_accelerator
 
 log = logging.getLogger("prefast")
 
@@ -33,6 +34,33 @@ def resolve_device(name: str) -> torch.device:
             "--device cuda was asked for but no CUDA GPU is visible: use --device cpu"
         )
     return torch.device(name)
+
+
+def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
+    """Options that need a GPU fail here, before any data is loaded or epoch trained."""
+    if is_accelerator(device):
+        return
+    where = "no CUDA GPU is visible" if not torch.cuda.is_available() else "--device is cpu"
+    if cfg.cache_tier == "gpu":
+        raise ConfigError(
+            f"--cache-tier gpu keeps caches in the training GPU's memory, but {where}: "
+            "use --cache-tier ram (or auto)"
+        )
+    if cfg.max_gpu_mem is not None:
+        raise ConfigError(
+            f"--max-gpu-mem budgets the training GPU's memory, but {where}: drop it "
+            "(--max-ram and --max-disk budget the other tiers)"
+        )
+
+
+def check_not_empty(train: Dataset, test: Dataset, name: str | None = None) -> None:
+    """An empty split would train nothing or report accuracy 0.0: refuse it, naming it."""
+    for split, ds in (("training", train), ("test", test)):
+        if len(ds) == 0:  # type: ignore[arg-type]
+            raise ConfigError(
+                f"the {split} set of {name or type(ds).__name__} is empty (0 samples): give it "
+                "at least one sample (for synthetic data, --synthetic-size TRAIN,TEST, both > 0)"
+            )
 
 
 def load_for(cfg: TrainConfig) -> Splits:
@@ -93,20 +121,24 @@ def build_run(
     device = resolve_device(cfg.device)
     if device.type == "cuda" and ctx.enabled:
         device = torch.device("cuda", ctx.local_rank)  # one GPU per rank
+    check_device_options(cfg, device)
     if (train_data is None) != (test_data is None):
         raise ConfigError("pass both train_data and test_data (or neither, to use cfg.dataset)")
     if train_data is None or test_data is None:
         train_data, test_data = load_for(cfg)
-    elif (
-        not isinstance(train_data, TensorImageDataset)
-        and cfg.augment != "none"
-        and getattr(train_data, "augment_applied", None) != cfg.augment  # our imagefolder
-    ):
-        log.warning(
-            "augment=%r is ignored for your own datasets: their transform is the augmentation",
-            cfg.augment,
-        )
-        cfg = cfg.replace(augment="none")
+        check_not_empty(train_data, test_data, cfg.dataset)
+    else:
+        check_not_empty(train_data, test_data, data_id)
+        if (
+            not isinstance(train_data, TensorImageDataset)
+            and cfg.augment != "none"
+            and getattr(train_data, "augment_applied", None) != cfg.augment  # our imagefolder
+        ):
+            log.warning(
+                "augment=%r is ignored for your own datasets: their transform is the augmentation",
+                cfg.augment,
+            )
+            cfg = cfg.replace(augment="none")
     source = source_for(cfg, train_data, test_data, device, data_id, ctx)
     if model is None:
         torch.manual_seed(cfg.seed)  # the same initial weights in every mode

@@ -17,6 +17,7 @@ from prefast.governor import Governor
 from prefast.models import StagedModel
 from prefast.store import CacheRoot, CacheSpec, Reader, Writer, cache_key, open_reader, open_writer
 from prefast.store.base import TORCH_DTYPES, chunk_bytes_for, shuffle_buffer_bytes
+from prefast.store.device import to_device
 
 log = logging.getLogger("prefast.materialize")
 DISK_TIERS = ("mmap", "zarr")
@@ -30,6 +31,7 @@ class CacheContext:
     device: torch.device
     dtype: str
     identity: dict[str, Any]  # what else determines the values: data, augmentation, seed
+    autocast: bool = False  # the model runs under autocast: feed it the cache dtype as is
     events: list[dict] = field(default_factory=list)
     io_s: dict[str, float] = field(default_factory=lambda: {"write_s": 0.0, "read_s": 0.0})
 
@@ -120,6 +122,7 @@ class CacheContext:
         return self.to_compute(acts.detach().to(TORCH_DTYPES[self.dtype]))
 
     def to_compute(self, acts: torch.Tensor) -> torch.Tensor:
-        """Cached activations -> the dtype and device the model runs in."""
-        acts = acts.to(self.device, non_blocking=True)
-        return acts if self.device.type == "cuda" else acts.float()
+        """Cached activations -> the device (a no-op when they came through a reader's
+        staging) and the dtype the model runs in: as stored under autocast, else float32."""
+        acts = to_device(acts, self.device)
+        return acts if self.autocast else acts.float()

@@ -74,6 +74,10 @@ class TrainConfig:
     max_ram: int | None = None
     max_gpu_mem: int | None = None
     max_disk: int | None = None
+    # GPU habits (CUDA only; each can be switched off)
+    amp: bool = True  # bf16 autocast for the step, evaluation and the prefix run
+    channels_last: bool = True  # model and inputs in channels_last layout
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for the fixed shapes
     # torchrun
     dist_timeout: float = 300.0  # seconds a collective may wait before the run fails
     check_replicas: bool = False  # compare every rank's weights after each epoch
@@ -117,6 +121,12 @@ class TrainConfig:
             raise ConfigError(f"--image-size {self.image_size} must be a positive pixel count")
         if self.subset is not None and self.subset < 1:
             raise ConfigError(f"--subset {self.subset} must be a positive sample count")
+        if min(self.synthetic_size) < 1:
+            train, test = self.synthetic_size
+            raise ConfigError(
+                f"--synthetic-size {train},{test}: the training and the test set each need at "
+                "least one sample, e.g. --synthetic-size 2048,512"
+            )
         if self.resume and not self.checkpoint:
             raise ConfigError("--resume needs --checkpoint PATH (the file to resume from)")
         for name in ("max_ram", "max_gpu_mem", "max_disk"):

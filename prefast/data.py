@@ -20,6 +20,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Subset
 
 from prefast.errors import ConfigError, DataUnavailableError
+from prefast.store.device import to_device
 from prefast.store.order import rng_for
 
 DATASETS = ("synthetic", "digits", "cifar10", "cifar100", "mnist", "imagefolder")
@@ -74,7 +75,12 @@ class TensorImageDataset(TorchDataset):
 
     def to(self, device: torch.device) -> TensorImageDataset:
         return TensorImageDataset(
-            self.name, self.x.to(device), self.y.to(device), self.classes, self.flip, self.norm
+            self.name,
+            to_device(self.x, device),
+            to_device(self.y, device),
+            self.classes,
+            self.flip,
+            self.norm,
         )
 
     def subset(self, keep: torch.Tensor, name: str) -> TensorImageDataset:
@@ -237,10 +243,14 @@ class Normalizer:
         x = train_x[:: max(1, len(train_x) // 10_000)].float() / 255.0
         self.mean = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
         self.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, -1, 1, 1)
+        self.on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # per device, once
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device not in self.on:
+            self.on[x.device] = (to_device(self.mean, x.device), to_device(self.std, x.device))
+        mean, std = self.on[x.device]
         x = x.float() / 255.0
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return (x - mean) / std
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
@@ -252,14 +262,15 @@ def augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
     b, c, h, w = x.shape
     pad = max(1, h // 8)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+    # Drawn on the host (one seeded generator for every device), then moved.
+    oy = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=gen), x.device)
+    ox = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=gen), x.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B,1,H,1)
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B,1,1,W)
     bi = torch.arange(b, device=x.device)[:, None, None, None]
     ci = torch.arange(c, device=x.device)[None, :, None, None]
     out = padded[bi, ci, rows, cols]
     if flip:
-        mask = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+        mask = to_device(torch.rand(b, generator=gen) < 0.5, x.device)
         out = torch.where(mask[:, None, None, None], out.flip(3), out)
     return out

@@ -152,6 +152,29 @@ class DistributedError(PrefastError):
     """The process group failed: another rank died, was killed, or timed out."""
 
 
+# What gloo and NCCL say when a peer died, hung or closed its connection.
+_PEER_LOST = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "timed out",
+    "timeout",
+    "broken pipe",
+    "nccl",
+    "gloo",
+    "processgroup",
+    "aborted",
+)
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """A collective that timed out or was aborted, as opposed to this rank's own error
+    (a CUDA out-of-memory, a bad batch): only the first is "lost the process group"."""
+    if isinstance(exc, dist.DistError):  # DistBackendError, DistNetworkError, DistStoreError
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(s in text for s in _PEER_LOST)
+
+
 def lost(ctx: Dist, exc: RuntimeError) -> RuntimeError:
     """A collective's failure, said plainly (outside torchrun: ``exc`` unchanged)."""
     if not ctx.enabled or isinstance(exc, PrefastError):

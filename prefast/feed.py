@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from prefast.data import TensorImageDataset, augment
+from prefast.store.device import to_device
 from prefast.store.order import (
     batch_slices,
     epoch_order,
@@ -30,9 +31,13 @@ from prefast.store.order import (
 
 @dataclass
 class Batch:
+    """One training or test batch. Bookkeeping (``ids``, ``labels``) is on the host,
+    always; what the model and the loss read (``x``, ``y``) is on the training device."""
+
     x: torch.Tensor  # input of stage `start`, on the training device
-    y: torch.Tensor  # (B,) int64 labels
-    ids: torch.Tensor  # (B,) int64 sample ids (rows of the dataset split)
+    y: torch.Tensor  # (B,) int64 labels, on the training device (for the loss)
+    ids: torch.Tensor  # (B,) int64 sample ids (rows of the dataset split), on the host
+    labels: torch.Tensor  # (B,) int64 labels on the host: what a cache writer stores
     start: int = 0
     cached: bool = False  # read from an activation cache (for the epoch record)
 
@@ -168,6 +173,7 @@ class TensorSource(RawSource):
         rank: int = 0,
         world: int = 1,
     ):
+        self.train_labels, self.test_labels = train.y, test.y  # host copies: cache bookkeeping
         self.train, self.test = train.to(device), test.to(device)
         self.norm = train.norm
         self.name = train.name
@@ -175,7 +181,6 @@ class TensorSource(RawSource):
         self.identity = digest.hexdigest()[:16]
         self.batch_size, self.seed, self.augment, self.device = batch_size, seed, augment, device
         self.set_shards(len(train), len(test), rank, world)
-        self.shard_dev = torch.from_numpy(self.shard).to(device)
 
     def train_batches(
         self, epoch: int, view: int | None = None, seen: np.ndarray | None = None
@@ -186,16 +191,18 @@ class TensorSource(RawSource):
         of an epoch served after a fault is augmented as in an uninterrupted one."""
         order, first = self.order(epoch, seen)
         stream = epoch if view is None else view
+        rows_host = torch.from_numpy(self.shard[order])  # dataset rows, in visit order
+        rows_dev = to_device(rows_host, self.device)  # the epoch's order crosses once
         for b, sl in enumerate(batch_slices(len(order), self.batch_size), start=first):
-            ids = torch.from_numpy(order[sl])  # shard positions
-            rows = self.shard_dev[ids.to(self.device)]
+            rows = rows_dev[sl]
             x = self.norm(self.train.x[rows])
             if self.augment == "standard":
                 gen = torch.Generator().manual_seed(
                     int(rng_for(self.order_seed, "augment", stream, b).integers(2**62))
                 )
                 x = augment(x, gen, self.train.flip)
-            yield Batch(x, self.train.y[rows], ids, 0)
+            ids = torch.from_numpy(order[sl])  # shard positions
+            yield Batch(x, self.train.y[rows], ids, self.train_labels[rows_host[sl]], 0)
 
     def test_batches(self, first_row: int = 0) -> BatchStream:
         # Evaluate at the training batch size: the cost model times that size, and on
@@ -206,4 +213,5 @@ class TensorSource(RawSource):
                 continue
             rows = slice(base + sl.start, base + sl.stop)
             ids = torch.arange(sl.start, sl.stop)
-            yield Batch(self.norm(self.test.x[rows]), self.test.y[rows], ids, 0)
+            x, y = self.norm(self.test.x[rows]), self.test.y[rows]
+            yield Batch(x, y, ids, self.test_labels[rows], 0)

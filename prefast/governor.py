@@ -12,8 +12,11 @@ governor records what each live cache holds per tier and a new cache gets
 only what is left. Without one, the budget is read from the machine (half of
 available host RAM, 80 % of free GPU memory less 1 GiB, 90 % of free disk
 less 1 GiB); the caches already held are reflected in those readings.
-:meth:`Governor.pressure` is checked every epoch; under pressure the
+:meth:`Governor.pressure_on` is checked every epoch; under pressure the
 materializer spills caches to a lower tier instead of risking the OOM killer.
+An allocation that fails anyway (:meth:`Governor.allocation_failed`) teaches
+the governor that the tier cannot hold a cache that size: it is not offered
+again for one, and the boundary goes to the next tier down.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import psutil
 import torch
 
 from prefast.costmodel import StageCost, prefix_seconds
+from prefast.store.device import is_accelerator, memory_info
 
 log = logging.getLogger("prefast.governor")
 GIB = 2**30
@@ -34,6 +38,7 @@ MIB = 2**20
 DISK_READ_BW = {"mmap": 1.5e9, "zarr": 1.0e9}  # bytes/s, logical; DESIGN.md §5 measurements
 ZSTD_PAYS = 1.10  # the store's own codec threshold (store.disk_writer.ZSTD_MIN_RATIO)
 FORCEABLE = ("auto", "gpu", "ram", "mmap", "zarr")
+LEVEL = {"gpu": 0, "ram": 1, "mmap": 2, "zarr": 2, "recompute": 3}  # preference, best first
 
 
 @dataclass(frozen=True)
@@ -59,11 +64,12 @@ class Decision:
     reason: str
 
 
-def cache_dtype(requested: str, device: torch.device) -> str:
-    """--cache-dtype auto: bfloat16 on CUDA (matches autocast), float16 on CPU."""
+def cache_dtype(requested: str, device: torch.device, autocast: bool = True) -> str:
+    """--cache-dtype auto: bfloat16 under CUDA's bf16 autocast (what the model computes
+    in), float16 elsewhere."""
     if requested != "auto":
         return requested
-    return "bfloat16" if device.type == "cuda" else "float16"
+    return "bfloat16" if device.type == "cuda" and autocast else "float16"
 
 
 def cache_views(views: int, augment: str) -> int:
@@ -85,6 +91,7 @@ class Governor:
         self.device = device
         self.ledger: dict[str, tuple[str, int]] = {}  # cache name -> (tier, bytes)
         self.peak = 0  # most bytes the live caches held at once, all tiers
+        self.limits: dict[str, int] = {}  # tier -> largest cache it may still be offered
 
     # -- the ledger -----------------------------------------------------------------------
     def hold(self, name: str, tier: str, nbytes: int) -> None:
@@ -94,6 +101,10 @@ class Governor:
 
     def release(self, name: str) -> None:
         self.ledger.pop(name, None)
+
+    def allocation_failed(self, tier: str, nbytes: int) -> None:
+        """``tier``'s allocator refused ``nbytes``: offer it only smaller caches from now on."""
+        self.limits[tier] = min(self.limits.get(tier, nbytes), nbytes) - 1
 
     def used(self, tier: str) -> int:
         disk = tier in ("mmap", "zarr")
@@ -106,8 +117,9 @@ class Governor:
         return int(psutil.virtual_memory().available)
 
     def gpu_free(self) -> int:
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return int(free)
+        """Free memory of the training device (0 when it cannot be read)."""
+        info = memory_info(self.device)
+        return info[0] if info is not None else 0
 
     def disk_free(self) -> int:
         probe = Path(self.budgets.cache_dir)
@@ -117,14 +129,13 @@ class Governor:
 
     def room(self, tier: str) -> int:
         """Bytes a new cache may take in ``tier`` now (this process's share of the node)."""
-        if tier == "gpu":
-            return self._room(tier)
-        return self._room(tier) // self.budgets.share
+        room = self._room(tier) if tier == "gpu" else self._room(tier) // self.budgets.share
+        return min(room, self.limits.get(tier, room))
 
     def _room(self, tier: str) -> int:
         b = self.budgets
         if tier == "gpu":
-            if self.device.type != "cuda":
+            if not is_accelerator(self.device):
                 return 0
             if b.max_gpu_mem is not None:
                 return b.max_gpu_mem - self.used("gpu")
@@ -141,7 +152,7 @@ class Governor:
         """The host RAM budget as a whole (also bounds the disk readers' shuffle buffer)."""
         if self.budgets.max_ram is not None:
             return self.budgets.max_ram // self.budgets.share
-        return self.room("ram")
+        return self._room("ram") // self.budgets.share  # a failed cache allocation aside
 
     def report(self) -> dict[str, int]:
         return {"ram": self.room("ram"), "gpu": self.room("gpu"), "disk": self.room("disk")}
@@ -154,6 +165,7 @@ class Governor:
         test_bytes: int,
         prefix_epoch_s: float,
         compress_ratio: float,
+        below: str | None = None,
     ) -> Decision:
         """Tier for a boundary of ``views`` training views of ``view_bytes`` plus the test set.
 
@@ -161,18 +173,24 @@ class Governor:
         one epoch (training and test set); an epoch reads one view plus the
         test set, so that is what a disk tier must read faster than computing.
         ``compress_ratio`` is the measured zstd-1 ratio of the boundary's output.
+        ``below``: only tiers after this one (its allocation just failed).
         """
         total = views * view_bytes + test_bytes
         forced = self.budgets.tier
-        if forced != "auto":
+        offered = [t for t in ("gpu", "ram") if below is None or LEVEL[t] > LEVEL[below]]
+        if forced != "auto" and (below is None or LEVEL[forced] > LEVEL[below]):
             return self._log(Decision(forced, total, f"forced by --cache-tier {forced}"))
-        gpu, ram, disk = self.room("gpu"), self.room("ram"), self.room("disk")
+        gpu = self.room("gpu") if "gpu" in offered else 0
+        ram = self.room("ram") if "ram" in offered else 0
+        disk = self.room("disk") if below is None or LEVEL[below] < LEVEL["mmap"] else 0
         if total <= gpu:
             return self._log(
                 Decision("gpu", total, f"{_mib(total)} fits the GPU budget ({_mib(gpu)} left)")
             )
         if total <= ram:
-            why = "no GPU" if self.device.type != "cuda" else "over the GPU budget"
+            why = "no GPU" if not is_accelerator(self.device) else "over the GPU budget"
+            if below == "gpu":
+                why = "the GPU could not allocate it"
             return self._log(
                 Decision(
                     "ram", total, f"{_mib(total)}, {why}; fits the RAM budget ({_mib(ram)} left)"
@@ -218,6 +236,7 @@ class Governor:
         rows: tuple[int, int],
         views: int,
         batches_per_epoch: float,
+        below: str | None = None,
     ) -> Decision:
         """:meth:`choose` for the boundary before ``stage``, from the probe's costs.
 
@@ -231,15 +250,20 @@ class Governor:
             rows[1] * row,
             prefix_seconds(costs, stage, batches_per_epoch),
             costs[stage - 1].compress_ratio,
+            below,
         )
 
-    def spill_target(self, nbytes: int, from_tier: str, compress_ratio: float) -> str | None:
-        """Where a cache of ``nbytes`` in ``from_tier`` can go under pressure, or None."""
-        if from_tier == "gpu" and nbytes <= self.room("ram") and not self.pressure_on("ram"):
-            return "ram"
-        tier = "zarr" if compress_ratio >= ZSTD_PAYS else "mmap"
-        on_disk = nbytes / compress_ratio if tier == "zarr" else nbytes
-        return tier if on_disk <= self.room("disk") else None
+    def lower_tiers(self, nbytes: int, below: str, compress_ratio: float) -> list[str]:
+        """Tiers after ``below`` with room for a cache of ``nbytes``, best first: where a
+        cache goes under pressure (spill) or when its tier could not allocate it."""
+        found = []
+        if below == "gpu" and nbytes <= self.room("ram") and not self.pressure_on("ram"):
+            found.append("ram")
+        disk = "zarr" if compress_ratio >= ZSTD_PAYS else "mmap"
+        on_disk = nbytes / compress_ratio if disk == "zarr" else nbytes
+        if LEVEL[below] < LEVEL[disk] and on_disk <= self.room("disk"):
+            found.append(disk)
+        return found
 
     def pressure_on(self, tier: str) -> bool:
         """True when ``tier`` is nearly exhausted: time to spill its caches."""
@@ -247,9 +271,10 @@ class Governor:
             vm = psutil.virtual_memory()
             over = self.budgets.max_ram is not None and self.used("ram") > self.ram_budget()
             return over or self.host_available() < max(GIB // 2, int(0.05 * vm.total))
-        if tier == "gpu" and self.device.type == "cuda":
-            _, total = torch.cuda.mem_get_info(self.device)
-            return self.gpu_free() < max(GIB // 2, int(0.05 * total))
+        info = memory_info(self.device) if tier == "gpu" else None
+        if info is not None:
+            free, total = info
+            return free < max(GIB // 2, int(0.05 * total))
         return False
 
     def _log(self, d: Decision) -> Decision:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from prefast.errors import ConfigError
 from prefast.feed import Batch, BatchStream, RawSource
+from prefast.store.device import pins_host_memory, to_device
 from prefast.store.order import batch_slices
 
 log = logging.getLogger("prefast.data")
@@ -89,7 +90,7 @@ class LoaderSource(RawSource):
             ds,
             batch_sampler=order,
             num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=pins_host_memory(self.device),  # PyTorch's pin thread: async copies
             persistent_workers=self.workers > 0,
             generator=torch.Generator().manual_seed(self.seed),
         )
@@ -112,10 +113,12 @@ class LoaderSource(RawSource):
         for sl, item in zip(slices, loader, strict=True):
             ids = positions[sl]
             x, y = _split_item(item)
+            labels = torch.as_tensor(y, dtype=torch.int64)
             yield Batch(
-                x.to(self.device, non_blocking=True),
-                torch.as_tensor(y, dtype=torch.int64).to(self.device, non_blocking=True),
+                to_device(x, self.device),
+                to_device(labels, self.device),
                 torch.from_numpy(ids.astype(np.int64)),
+                labels,
                 0,
             )
 

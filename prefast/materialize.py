@@ -20,8 +20,15 @@ of the epoch comes from raw data, exactly the samples not yet served, in the
 same order, so every sample is seen once and the epoch has its usual number
 of steps; the boundary is materialized again next epoch. A writer that fails
 (full disk, I/O error) *abandons* the boundary and the run goes on as
-FreezeOut. Memory pressure spills a boundary to a lower tier; a spill that
-fails leaves the cache where it was.
+FreezeOut. A memory tier whose allocator refuses the cache (CUDA or host out
+of memory) is a tier decision: the boundary is planned again, at once, in the
+next tier down. Memory pressure spills a boundary to a lower tier
+(``prefast/spill.py``); a spill that fails leaves the cache where it was.
+
+Device boundary: batches read from a cache cross to the training device
+through the reader's staging buffers (``store/device.py``); sample ids and
+labels for the writers stay on the host, so this feed never reads a device
+tensor back.
 """
 
 from __future__ import annotations
@@ -37,19 +44,21 @@ import numpy as np
 import torch
 
 import prefast.distributed as distributed
-from prefast.boundary import BoundaryCache, State, discard
+from prefast.boundary import BoundaryCache, State
 from prefast.cachectx import DISK_TIERS, CacheContext
 from prefast.config import TrainConfig, default_cache_dir
 from prefast.costmodel import StageCost, plan_boundaries
 from prefast.distributed import SINGLE, Dist
-from prefast.errors import CacheCorruptedError, CacheError
+from prefast.errors import CacheAllocationError, CacheCorruptedError, CacheError
 from prefast.feed import Batch, BatchStream, RawSource
 from prefast.governor import Governor, cache_dtype, cache_views
 from prefast.models import StagedModel
 from prefast.probe import measure_stage_costs
 from prefast.schedule import FreezeOutSchedule
+from prefast.spill import relieve_pressure
 from prefast.store import CacheRoot, PrefetchLoader, Reader
 from prefast.store.base import TorchBatch, shuffle_buffer_bytes
+from prefast.store.device import Uploader, is_accelerator
 from prefast.store.order import batch_slices
 from prefast.testcache import TestCache
 
@@ -67,13 +76,14 @@ class PrefastFeed:
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         costs: list[StageCost] | None = None,
         ctx: Dist = SINGLE,
+        amp: bool = False,
     ):
         self.cfg, self.raw, self.model, self.device = cfg, raw, model, device
-        self.autocast = autocast
+        self.autocast = autocast  # ``amp``: it is an autocast (the model takes the cache dtype)
         # Host RAM and disk are the node's: its ranks share them; a GPU is a rank's own.
         self.governor = Governor(replace(cfg.budgets(), share=ctx.local_world), device)
         self.views = cache_views(cfg.cache_views, cfg.augment)
-        dtype = cache_dtype(cfg.cache_dtype, device)
+        dtype = cache_dtype(cfg.cache_dtype, device, amp)
         if (
             costs is None and ctx.is_main
         ):  # forward times and compression ratios: all planning needs
@@ -102,10 +112,12 @@ class PrefastFeed:
             "world": ctx.world,
         }
         root = CacheRoot(cfg.cache_dir or default_cache_dir())
-        self.ctx = CacheContext(root, self.governor, model, device, dtype, identity)
+        self.ctx = CacheContext(root, self.governor, model, device, dtype, identity, autocast=amp)
         self.current: BoundaryCache | None = None  # complete: later epochs read it
         self.target: BoundaryCache | None = None  # being materialized
-        self.test = TestCache(self.ctx, raw, self._run_prefix)
+        self.test = TestCache(
+            self.ctx, raw, self._run_prefix, lambda stage: self.costs[stage - 1].compress_ratio
+        )
         self.epoch: int | None = None
         self.warned_fixed_aug = False
         self._reset_stats()
@@ -122,7 +134,9 @@ class PrefastFeed:
             # Resumed past a boundary: materialize (or reuse by key) at once instead of
             # computing the frozen prefix until the next planned boundary.
             self.plan[epoch] = frozen_prefix
-        self._relieve_pressure(epoch)
+        b = self.current
+        if b is not None and relieve_pressure(b, self.ctx, self._ratio(b.stage), epoch):
+            self.test.drop()  # rebuilt at the next evaluation, in the boundary's new tier
         stage = self.current.stage if self.current else 0
         if self.target is None and epoch in self.plan and frozen_prefix > stage:
             self._plan_target(epoch, frozen_prefix)
@@ -134,7 +148,7 @@ class PrefastFeed:
     def train_batches(self, epoch: int) -> BatchStream:
         writing = self.target if self.target and self.target.state is State.WRITING else None
         source = self._source(epoch)
-        seen = np.zeros(self.raw.num_train, dtype=bool)
+        seen = np.zeros(self.raw.num_train, dtype=bool)  # host bookkeeping, like the ids
         try:
             batches = self._cached(source, epoch) if source else self.raw.train_batches(epoch)
             for batch in batches:
@@ -199,24 +213,33 @@ class PrefastFeed:
         def batches() -> Iterator[TorchBatch]:
             return reader.epoch_batches(self.raw.order_seed, epoch, self.cfg.batch_size, buffer)
 
+        def note(event: str, detail: str) -> None:  # the loader could not pin its staging
+            self.ctx.event(epoch, event, stage=source.stage, tier=reader.tier, detail=detail)
+
         # The loader thread pays off when there is work to overlap: disk decode, or a
-        # host-to-GPU copy. A CPU run reading RAM does better in this thread: the
+        # host-to-device copy. A CPU run reading RAM does better in this thread: the
         # hand-off from a loader thread measured ~6 ms per batch (GIL switching) on
-        # 2 cores, more than the gather itself.
-        overlap = reader.tier in DISK_TIERS or (reader.tier == "ram" and self.device.type == "cuda")
-        loader = PrefetchLoader(batches, self.device) if overlap else None
-        stream = iter(loader) if loader is not None else batches()
+        # 2 cores, more than the gather itself. A gpu-tier cache is read on the device.
+        accelerator = is_accelerator(self.device)
+        overlap = reader.tier in DISK_TIERS or (reader.tier == "ram" and accelerator)
+        loader = PrefetchLoader(batches, self.device, on_note=note) if overlap else None
+        uploader = Uploader(self.device, on_note=note)  # read in this thread: moves here
+        stream = (
+            loader.batches()
+            if loader is not None
+            else ((*uploader.upload(a, y).wait(), i, y) for a, y, i in batches())
+        )
         try:
             while True:
                 with self.ctx.timed("read_s"):  # the time the trainer waits for its batch
                     item = next(stream, None)
                 if item is None:
                     return
-                acts, labels, ids = item
+                acts, y, ids, labels = item  # y on the device, labels and ids on the host
                 self.stats["cache_tier"], self.stats["cache_stage"] = reader.tier, source.stage
                 self.stats["cached_batches"] += 1
                 x = self.ctx.to_compute(acts)
-                yield Batch(x, labels.to(self.device), ids, source.stage, cached=True)
+                yield Batch(x, y, ids, labels, source.stage, cached=True)
         finally:
             if loader is not None:
                 loader.close()
@@ -228,17 +251,20 @@ class PrefastFeed:
         x = self.ctx.as_stored(self._run_prefix(batch.x, batch.start, writing.stage))
         try:
             with self.ctx.timed("write_s"):
-                writing.write(x, batch.y, batch.ids)
+                writing.write(x, batch.labels, batch.ids)
         except CacheError as exc:  # the writer removed its partial cache
             self._abandon(epoch, str(exc))
-        return Batch(x, batch.y, batch.ids, writing.stage, batch.cached)
+        return Batch(x, batch.y, batch.ids, batch.labels, writing.stage, batch.cached)
 
     def _run_prefix(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         with torch.no_grad(), self.autocast():  # frozen: eval mode, no graph
             return self.model.run_range(x, start, stop)
 
+    def _ratio(self, stage: int) -> float:
+        return self.costs[stage - 1].compress_ratio
+
     # -- transitions of the boundaries ----------------------------------------------------
-    def _plan_target(self, epoch: int, stage: int) -> None:
+    def _plan_target(self, epoch: int, stage: int, below: str | None = None) -> None:
         test_batches = len(batch_slices(self.raw.num_test, self.cfg.batch_size))
         decision = self.governor.choose_boundary(
             self.costs,
@@ -247,6 +273,7 @@ class PrefastFeed:
             (self.raw.num_train, self.raw.num_test),
             self.views,
             self.raw.batches_per_epoch + test_batches,
+            below,
         )
         self.ctx.event(
             epoch,
@@ -284,6 +311,9 @@ class PrefastFeed:
         spec = self.ctx.spec(key, "train", t.stage, self.raw.num_train, shape)
         try:
             opened = self.ctx.open_view(t.tier, spec, epoch)
+        except CacheAllocationError as exc:
+            self._out_of_memory(epoch, t, exc)
+            return
         except (CacheError, OSError) as exc:
             self._abandon(epoch, f"cannot open a writer for cache {key}: {exc}")
             return
@@ -305,6 +335,29 @@ class PrefastFeed:
                 self.current.stage,
             )
             self.warned_fixed_aug = True
+
+    def _out_of_memory(self, epoch: int, t: BoundaryCache, exc: CacheAllocationError) -> None:
+        """The tier's allocator refused the view: plan the boundary in the next tier down,
+        at once when nothing was written yet (else from the next epoch)."""
+        log.warning("stage %d's cache does not fit the %s tier: %s", t.stage, t.tier, exc)
+        self.ctx.event(
+            epoch,
+            "allocation_failed",
+            stage=t.stage,
+            tier=t.tier,
+            bytes=exc.nbytes,
+            detail=str(exc),
+        )
+        self.governor.allocation_failed(t.tier, exc.nbytes)
+        written = bool(t.readers)
+        t.abandon(str(exc))
+        self.target = None
+        if written:  # views of the old tier are gone with it: write them all again
+            self.plan[epoch + 1] = t.stage
+            return
+        self._plan_target(epoch, t.stage, below=t.tier)
+        if self.target is not None:
+            self._prepare_view(epoch)
 
     def _abandon(self, epoch: int, why: str) -> None:
         """Give up the boundary being materialized; training goes on as FreezeOut."""
@@ -331,56 +384,6 @@ class PrefastFeed:
             self.target = None
         if self.target is None and epoch + 1 < self.cfg.epochs - 1:
             self.plan[epoch + 1] = source.stage
-
-    # -- memory pressure ------------------------------------------------------------------
-    def _relieve_pressure(self, epoch: int) -> None:
-        b = self.current
-        if b is None or b.tier not in ("gpu", "ram") or not self.governor.pressure_on(b.tier):
-            return
-        nbytes = self.governor.ledger.get(b.name, (b.tier, 0))[1]
-        ratio = self.costs[b.stage - 1].compress_ratio
-        dest = self.governor.spill_target(nbytes, b.tier, ratio)
-        if dest is None:
-            self.ctx.event(epoch, "spill_failed", stage=b.stage, detail="no room in any lower tier")
-            log.warning(
-                "%s memory is short, but no lower tier has room for stage %d's cache",
-                b.tier,
-                b.stage,
-            )
-            return
-        self.test.drop()  # rebuilt at the next evaluation, in the boundary's new tier
-        copies: dict[int, Reader] = {}
-        try:
-            for view, reader in b.readers.items():
-                copies[view] = self._copy(reader, dest, epoch)
-        except (CacheError, OSError) as exc:
-            for r in copies.values():
-                discard(r, self.ctx.root)
-            self.ctx.event(epoch, "spill_failed", stage=b.stage, to=dest, detail=str(exc))
-            log.warning(
-                "could not spill stage %d's cache to %s (%s); it stays in %s",
-                b.stage,
-                dest,
-                exc,
-                b.tier,
-            )
-            return
-        old = b.tier
-        for view, r in copies.items():
-            b.spill(view, r, dest)
-        self.governor.hold(b.name, dest, nbytes)
-        self.ctx.event(epoch, "spilled", stage=b.stage, **{"from": old, "to": dest})
-        log.warning("%s pressure: spilled stage %d's cache to %s", old, b.stage, dest)
-
-    def _copy(self, reader: Reader, tier: str, epoch: int) -> Reader:
-        opened = self.ctx.open_view(tier, copy.copy(reader.spec), epoch)
-        if isinstance(opened, Reader):  # that copy exists already (same content key)
-            return opened
-        spec, writer = opened.spec, opened
-        with writer:  # aborts on error
-            for sl in batch_slices(spec.rows, 1024):
-                writer.append(*reader.read_rows(np.arange(sl.start, sl.stop)))
-            return writer.finish()
 
     def _reset_stats(self) -> None:
         self.stats: dict[str, Any] = {"cache_tier": None, "cache_stage": None, "cached_batches": 0}

@@ -14,6 +14,7 @@ from torch import nn
 
 from prefast.costmodel import StageCost
 from prefast.store.base import to_storage
+from prefast.store.device import synchronize
 from prefast.store.disk_writer import trial_ratio
 
 
@@ -45,7 +46,7 @@ def measure_stage_costs(
                 t = time.perf_counter()
                 out = stage(inp)
                 out.float().sum().backward()
-                _sync(x)
+                synchronize(x.device)
                 times_fb.append(time.perf_counter() - t)
             stage.zero_grad(set_to_none=True)
             fwd_bwd = min(times_fb[1:])
@@ -55,7 +56,7 @@ def measure_stage_costs(
             for _ in range(reps + 1):
                 t = time.perf_counter()
                 out = stage(x)
-                _sync(x)
+                synchronize(x.device)
                 times_f.append(time.perf_counter() - t)
         ratio = trial_ratio(to_storage(out, cache_dtype)) if out.dim() > 1 else 1.0
         shape = tuple(out.shape[1:])
@@ -63,8 +64,3 @@ def measure_stage_costs(
         x = out.detach()
     model.train(was_training)
     return costs
-
-
-def _sync(x: torch.Tensor) -> None:
-    if x.is_cuda:
-        torch.cuda.synchronize()

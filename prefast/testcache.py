@@ -4,7 +4,8 @@ Evaluation is exact (no augmentation), so one cache per boundary serves every
 later evaluation. The first evaluation at a new boundary reads the previous
 boundary's test cache (or the raw test set), runs the newly frozen stages and
 writes through. Nothing here can stop training: a writer that cannot open is
-not retried for that boundary, a failing write is aborted and evaluation
+not retried for that boundary, a writer whose tier cannot allocate the cache
+is opened in the next tier down, a failing write is aborted and evaluation
 goes on from the computed activations, a damaged chunk sends the rest of the
 evaluation to raw data, and an evaluation that raises aborts its writer, so
 no thread, lock or partial directory is left behind.
@@ -20,9 +21,10 @@ import torch
 
 from prefast.boundary import discard
 from prefast.cachectx import CacheContext
-from prefast.errors import CacheCorruptedError, CacheError
+from prefast.errors import CacheAllocationError, CacheCorruptedError, CacheError
 from prefast.feed import Batch, BatchStream, RawSource
 from prefast.store import Reader, Writer
+from prefast.store.device import Uploader
 from prefast.store.order import batch_slices
 
 log = logging.getLogger("prefast.materialize")
@@ -30,8 +32,15 @@ RunPrefix = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
 class TestCache:
-    def __init__(self, ctx: CacheContext, raw: RawSource, run_prefix: RunPrefix):
+    def __init__(
+        self,
+        ctx: CacheContext,
+        raw: RawSource,
+        run_prefix: RunPrefix,
+        ratio_of: Callable[[int], float] = lambda stage: 1.0,
+    ):
         self.ctx, self.raw, self.run_prefix = ctx, raw, run_prefix
+        self.ratio_of = ratio_of  # a boundary's measured zstd ratio (picks a disk tier)
         self.reader: Reader | None = None
         self.stage = 0  # the boundary self.reader holds (0: none)
         self.writer: Writer | None = None
@@ -64,11 +73,11 @@ class TestCache:
                     x = self.ctx.as_stored(x)  # what later evaluations will read
                     try:
                         with self.ctx.timed("write_s"):
-                            self.writer.append(x, batch.y, batch.ids)
+                            self.writer.append(x, batch.labels, batch.ids)
                     except CacheError as exc:  # the writer aborted itself
                         self.writer = None
                         self._failed(stage, epoch, exc)
-                yield Batch(x, batch.y, batch.ids, stage)
+                yield Batch(x, batch.y, batch.ids, batch.labels, stage)
             if self.writer is not None:
                 writer, self.writer = self.writer, None
                 try:
@@ -84,12 +93,33 @@ class TestCache:
                 self.writer = None
 
     def _open(self, stage: int, tier: str, shape: tuple[int, ...], epoch: int | None) -> None:
+        """A writer in ``tier``, else (its allocator refused) in the next tier down."""
         key = self.ctx.key("test", stage, None)
         spec = self.ctx.spec(key, "test", stage, self.raw.num_test, shape)
-        try:
-            self.writer = self.ctx.writer(tier, spec)
-        except (CacheError, OSError) as exc:
-            self._failed(stage, epoch, exc)
+        governor = self.ctx.governor
+        while True:
+            try:
+                self.writer = self.ctx.writer(tier, spec)
+                return
+            except CacheAllocationError as exc:
+                governor.allocation_failed(tier, exc.nbytes)
+                self.ctx.event(
+                    epoch,
+                    "allocation_failed",
+                    split="test",
+                    stage=stage,
+                    tier=tier,
+                    detail=str(exc),
+                )
+                lower = governor.lower_tiers(spec.logical_bytes, tier, self.ratio_of(stage))
+                if not lower:
+                    self._failed(stage, epoch, exc)
+                    return
+                log.warning("test cache at stage %d: %s; trying %s", stage, exc, lower[0])
+                tier = lower[0]
+            except (CacheError, OSError) as exc:
+                self._failed(stage, epoch, exc)
+                return
 
     def _failed(self, stage: int, epoch: int | None, exc: BaseException) -> None:
         log.warning("not caching the test set at stage %d: %s", stage, exc)
@@ -101,14 +131,16 @@ class TestCache:
         after a damaged chunk, the rest of the test set from raw data."""
         bs = self.raw.batch_size
         block = bs * max(1, getattr(reader, "chunk_rows", bs) // bs)
+        uploader = Uploader(self.ctx.device)  # one staging ring per evaluation
         done = 0
         try:
             for blk in batch_slices(reader.spec.rows, block):
                 with self.ctx.timed("read_s"):
                     acts, labels, ids = reader.read_rows(np.arange(blk.start, blk.stop))
                 for sl in batch_slices(len(ids), bs):
-                    x = self.ctx.to_compute(acts[sl])
-                    yield Batch(x, labels[sl].to(self.ctx.device), ids[sl], start, cached=True)
+                    x, y = uploader.upload(acts[sl], labels[sl]).wait()
+                    x = self.ctx.to_compute(x)
+                    yield Batch(x, y, ids[sl], labels[sl], start, cached=True)
                     done += len(ids[sl])
         except CacheCorruptedError as exc:
             log.warning(

@@ -9,7 +9,8 @@
 
 Sample order per epoch is ``epoch_order(seed, epoch)`` in every mode. The
 loop knows nothing about caches: it asks its feed (``prefast/feed.py``) for
-batches and runs ``model(x, start=batch.start)``.
+batches and runs ``model(x, start=batch.start)``. A step never waits for the
+device: losses and hit counts add up on it and are read once per epoch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.utils.data import Dataset
 
 import prefast.distributed as distributed
@@ -34,6 +36,7 @@ from prefast.costmodel import StageCost
 from prefast.errors import ConfigError
 from prefast.feed import Batch, Feed
 from prefast.models import StagedModel
+from prefast.store.device import to_host
 
 log = logging.getLogger("prefast")
 
@@ -78,8 +81,13 @@ class Trainer:
         cfg, self.model, self.raw = build_run(cfg, model, train_data, test_data, data_id, self.dist)
         self.cfg, self.device = cfg, self.raw.device
         self.custom_model = model is not None
-        self.cuda = self.device.type == "cuda"
-        if self.cuda:
+        # GPU habits, each switchable: bf16 autocast, channels_last, cuDNN autotuning.
+        cuda = self.device.type == "cuda"
+        self.amp = cuda and cfg.amp
+        self.channels_last = cuda and cfg.channels_last
+        if cuda:
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: tune once
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.replicas = distributed.Replicas(self.dist, self.model, lambda: self.model.num_frozen)
         self.opt = make_optimizer(self.model, cfg.lr)
@@ -105,12 +113,14 @@ class Trainer:
                 self._autocast,
                 costs,
                 self.dist,
+                amp=self.amp,
             )
             self.feed_setup_s = time.perf_counter() - t
 
     # -- one iteration -------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cuda:
+        """bf16 autocast on CUDA: the step, evaluation and the prefix run that fills a cache."""
+        if self.amp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -124,10 +134,11 @@ class Trainer:
             group["lr"] = self.schedule.lr(group["stage"], it)
         return self.model.num_frozen
 
-    def _step(self, batch: Batch, it: int) -> float:
+    def _step(self, batch: Batch, it: int) -> torch.Tensor:
+        """One optimizer step; returns the loss, detached, on the device (no host sync)."""
         self._apply_schedule(it)
         x = batch.x
-        if self.cuda and x.dim() == 4:  # match the model's channels_last layout
+        if self.channels_last and x.dim() == 4:  # match the model's layout
             x = x.contiguous(memory_format=torch.channels_last)
         # Frozen stages past batch.start run here too: their parameters need no
         # gradient and they stay in eval mode, so autograd records nothing for them.
@@ -137,20 +148,22 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return float(loss.detach())
+        return loss.detach()
 
     # -- epochs ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        correct = total = 0
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)  # summed on the device
+        total = 0
         with self._autocast(), contextlib.closing(self.feed.test_batches()) as batches:
             for batch in batches:
                 pred = self.model(batch.x, start=batch.start).argmax(1)
-                correct += int((pred == batch.y).sum())
-                total += len(batch.y)
+                correct += (pred == batch.y).sum()
+                total += len(batch.ids)
         self.model.train()
-        hits, seen = distributed.all_sum(self.dist, correct, total)  # every test row once
+        mine = int(to_host(correct))  # the evaluation's one read of the device
+        hits, seen = distributed.all_sum(self.dist, mine, total)  # every test row once
         return hits / max(1, seen)
 
     def run_epoch(self, epoch: int, progress: bool = False) -> dict:
@@ -160,15 +173,18 @@ class Trainer:
         t0 = time.perf_counter()
         # Freeze first, so the feed hashes and caches the prefix's final weights.
         self.feed.begin_epoch(epoch, self._apply_schedule(epoch * bpe))
-        loss_sum, steps, samples = 0.0, 0, 0
+        # float64 on the device: adding a step's loss never waits for the step to finish
+        losses = torch.zeros((), dtype=torch.float64, device=self.device)
+        steps, samples = 0, 0
         with (
             epoch_bar(epoch, self.cfg.epochs, bpe, enabled=progress) as advance,
             contextlib.closing(self.feed.train_batches(epoch)) as batches,
         ):
             for batch in batches:
-                loss_sum += self._step(batch, epoch * bpe + steps)
-                steps, samples = steps + 1, samples + len(batch.y)
+                losses += self._step(batch, epoch * bpe + steps)
+                steps, samples = steps + 1, samples + len(batch.ids)
                 advance()
+        loss_sum = float(to_host(losses))  # the epoch's one read of the device
         self.feed.end_epoch(epoch)
         self.replicas.sync_buffers()
         t_eval = time.perf_counter()
@@ -212,7 +228,9 @@ class Trainer:
                 if self.cfg.checkpoint and self.dist.is_main:  # rank 0 alone writes
                     self._save_checkpoint(Path(self.cfg.checkpoint), epoch + 1)
         except RuntimeError as exc:
-            raise distributed.lost(self.dist, exc) from exc
+            if distributed.is_collective_failure(exc):  # not a local error: say so plainly
+                raise distributed.lost(self.dist, exc) from exc
+            raise
         finally:
             self.feed.close()
         report = self.feed.report()
@@ -243,11 +261,13 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def _save_checkpoint(self, path: Path, next_epoch: int) -> None:
+        host = lambda t: to_host(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
         state = {
             "next_epoch": next_epoch,
             "num_frozen": self.model.num_frozen,
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            # Host copies: a checkpoint loads on any device (map_location is the host).
+            "model": {k: host(v) for k, v in self.model.state_dict().items()},
+            "optimizer": tree_map(host, self.opt.state_dict()),
             "history": self.history,
             "config": self.cfg.to_json(),
         }
@@ -259,7 +279,7 @@ class Trainer:
         os.replace(tmp, path)  # a crash leaves the previous checkpoint intact
 
     def _load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
         # more epochs may be asked for on resume; the rest changes nothing that was trained
         ignore = ("resume", "checkpoint", "epochs", "dist_timeout", "check_replicas", "workers")
         saved = json.loads(json.dumps(state["config"]))

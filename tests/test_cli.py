@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 
 
 def prefast(*args, timeout=600):
@@ -43,6 +46,22 @@ DIGITS = [
             "Put cifar-10-batches-py",
         ),
         (["train", "--max-ram", "lots"], "--max-ram='lots' is not a size"),
+        (["train", "--synthetic-size", "100,0"], "--synthetic-size 100,0: the training and"),
+        # Options that need a GPU fail before the first epoch, not at the first boundary.
+        pytest.param(
+            ["train", "--mode", "prefast", "--cache-tier", "gpu", "--epochs", "1"],
+            "--cache-tier gpu keeps caches in the training GPU's memory, but no CUDA GPU",
+            marks=NO_CUDA,
+        ),
+        (
+            ["train", "--mode", "prefast", "--cache-tier", "gpu", "--device", "cpu"],
+            "--cache-tier gpu keeps caches in the training GPU's memory, but",
+        ),
+        (
+            ["train", "--mode", "prefast", "--max-gpu-mem", "1GB", "--device", "cpu"],
+            "--max-gpu-mem",
+        ),
+        pytest.param(["train", "--device", "cuda"], "no CUDA GPU is visible", marks=NO_CUDA),
     ],
 )
 def test_bad_arguments_one_line_exit_2(args, needle):
@@ -50,6 +69,7 @@ def test_bad_arguments_one_line_exit_2(args, needle):
     assert res.returncode == 2, res.stderr
     assert needle in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not any(line.startswith("epoch") for line in res.stdout.splitlines()), res.stdout
 
 
 def test_help_explains_every_command():

@@ -12,20 +12,22 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from prefast.store import CacheRoot
 from prefast.store.manage import list_caches, verify
 
 PREFAST = str(Path(sys.executable).parent / "prefast")
+TEST_PREFAST = str(Path(__file__).parent / "run_prefast.py")  # test-only options, then `--`
 DIGITS = [
     "--dataset", "digits", "--model", "densenet-bc", "--depth", "10", "--epochs", "4",
     "--t0", "0.3", "--batch-size", "64", "--augment", "none", "--device", "cpu",
 ]  # fmt: skip
 
 
-def torchrun(*args: str, timeout: float = 300, popen: bool = False):
+def torchrun(*args: str, timeout: float = 300, popen: bool = False, program=(PREFAST,)):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "--monitor-interval", "0.5", PREFAST, *args,
+        "--monitor-interval", "0.5", *program, *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if popen:
@@ -63,6 +65,62 @@ def test_two_ranks_stay_identical_cache_their_shards_and_match_freezeout(tmp_pat
     assert all(c["status"] == "complete" for c in caches)
     bytes_per_rank = pf["final"]["rank_cache_bytes"]
     assert len(bytes_per_rank) == 2 and all(b > 0 for b in bytes_per_rank)
+
+
+def test_two_ranks_on_the_strict_device_match_two_ranks_on_the_cpu(tmp_path):
+    """DDP over gloo accepts the strict test device: the whole data-parallel prefast path
+    (gpu-tier caches, all-reduced evaluation, checkpoints) runs with device tensors that
+    refuse host reads, and gives the CPU's numbers."""
+    runs = {}
+    for name, program, tier in (
+        ("cpu", (PREFAST,), "ram"),
+        ("strict", (TEST_PREFAST, "--strict", "--"), "gpu"),
+    ):
+        out = tmp_path / f"{name}.json"
+        res = torchrun(
+            "train", "--mode", "prefast", *DIGITS, "--cache-tier", tier, "--cache-dtype",
+            "float32", "--cache-boundaries", "every", "--cache-dir", str(tmp_path / name),
+            "--check-replicas", "--checkpoint", str(tmp_path / f"{name}.pt"),
+            "--json-out", str(out), program=program,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = json.loads(out.read_text())
+    cpu, strict = runs["cpu"], runs["strict"]
+    assert all(e["replicas_in_sync"] for e in strict["epochs"])
+    assert [e["train_loss"] for e in strict["epochs"]] == [e["train_loss"] for e in cpu["epochs"]]
+    assert [e["test_acc"] for e in strict["epochs"]] == [e["test_acc"] for e in cpu["epochs"]]
+    assert strict["epochs"][-1]["cache_tier"] == "gpu" and strict["epochs"][-1]["cached_batches"]
+
+
+def test_a_local_error_under_torchrun_keeps_its_message_and_rank(tmp_path):
+    """Only a collective that fails says "lost the process group"; a rank's own error
+    (here a CUDA out-of-memory message raised on rank 1) is reported as itself."""
+    res = torchrun(
+        "train", *DIGITS, "--dist-timeout", "30",
+        program=(TEST_PREFAST, "--fail-rank", "1", "--fail-step", "3", "--"),
+    )  # fmt: skip
+    assert res.returncode != 0
+    own = "prefast[rank 1]: error: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert own in res.stderr, res.stderr[-3000:]
+    assert "rank 1 of 2 lost the process group" not in res.stderr
+    # rank 0 waited in a collective for rank 1: it lost the group, or torchrun stopped it
+    assert (
+        "prefast[rank 0]: error: rank 0 of 2 lost the process group" in res.stderr
+        or "prefast[rank 0]: terminated" in res.stderr
+    ), res.stderr[-3000:]
+
+
+def test_only_collective_failures_count_as_a_lost_process_group():
+    from torch.distributed import DistBackendError
+
+    from prefast.distributed import is_collective_failure
+
+    assert is_collective_failure(DistBackendError("NCCL communicator was aborted"))
+    assert is_collective_failure(
+        RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]")
+    )
+    assert not is_collective_failure(torch.OutOfMemoryError("CUDA out of memory."))
+    assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def test_a_killed_rank_ends_the_run_in_bounded_time_and_a_rerun_completes(tmp_path):

@@ -184,6 +184,15 @@ def test_a_model_that_cannot_be_split_says_how():
     assert run["model"]["num_stages"] == 5
 
 
+@pytest.mark.parametrize("empty", ["train_data", "test_data"])
+def test_an_empty_dataset_is_refused_before_training(empty):
+    data = {"train_data": digits_tensors()[0], "test_data": digits_tensors()[1]}
+    data[empty] = Subset(data[empty], [])
+    split = "training" if empty == "train_data" else "test"
+    with pytest.raises(ConfigError, match=f"the {split} set of Subset is empty"):
+        train(TrainConfig(**CFG), model=small_net(), **data)
+
+
 def test_data_identity_follows_the_data():
     train_ds, _ = digits_tensors()
     x, y = train_ds.tensors

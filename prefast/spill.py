@@ -1,0 +1,98 @@
+"""Moving a complete boundary's cache to a lower tier when its memory runs short.
+
+Checked at every epoch start for the boundary being read, when it lives in
+``gpu`` or ``ram``. Every view is copied into the best lower tier with room
+(``Governor.lower_tiers``: gpu -> ram -> disk). A tier whose allocator refuses
+the copy is remembered by the governor and the next one is tried; any other
+failure (a full disk) ends the attempt. The copies replace the originals only
+when every view was copied; otherwise the copies this spill wrote are deleted
+(a complete cache with the same key that another run wrote stays) and the
+cache stays where it was. Nothing here can stop training.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+
+from prefast.boundary import BoundaryCache, discard
+from prefast.cachectx import CacheContext
+from prefast.errors import CacheAllocationError, CacheError
+from prefast.store import Reader
+from prefast.store.order import batch_slices
+
+log = logging.getLogger("prefast.materialize")
+
+
+def relieve_pressure(b: BoundaryCache, ctx: CacheContext, ratio: float, epoch: int) -> bool:
+    """Spill ``b`` if its tier is under pressure; True when it moved."""
+    governor = ctx.governor
+    if b.tier not in ("gpu", "ram") or not governor.pressure_on(b.tier):
+        return False
+    nbytes = governor.ledger.get(b.name, (b.tier, 0))[1]
+    targets = governor.lower_tiers(nbytes, b.tier, ratio)
+    if not targets:
+        ctx.event(epoch, "spill_failed", stage=b.stage, detail="no room in any lower tier")
+        log.warning(
+            "%s memory is short, but no lower tier has room for stage %d's cache", b.tier, b.stage
+        )
+        return False
+    for dest in targets:
+        try:
+            copies = _copy_views(b, dest, ctx, epoch)
+        except CacheAllocationError as exc:
+            governor.allocation_failed(dest, exc.nbytes)
+            ctx.event(epoch, "allocation_failed", stage=b.stage, tier=dest, detail=str(exc))
+            continue
+        except (CacheError, OSError) as exc:
+            ctx.event(epoch, "spill_failed", stage=b.stage, to=dest, detail=str(exc))
+            log.warning(
+                "could not spill stage %d's cache to %s (%s); it stays in %s",
+                b.stage,
+                dest,
+                exc,
+                b.tier,
+            )
+            return False
+        old = b.tier
+        for view, reader in copies.items():
+            b.spill(view, reader, dest)
+        governor.hold(b.name, dest, nbytes)
+        ctx.event(epoch, "spilled", stage=b.stage, **{"from": old, "to": dest})
+        log.warning("%s pressure: spilled stage %d's cache to %s", old, b.stage, dest)
+        return True
+    ctx.event(epoch, "spill_failed", stage=b.stage, detail="no lower tier could allocate it")
+    return False
+
+
+def _copy_views(b: BoundaryCache, tier: str, ctx: CacheContext, epoch: int) -> dict[int, Reader]:
+    """Every view of ``b`` in ``tier``; on failure the copies written here are deleted."""
+    copies: dict[int, Reader] = {}
+    written: list[Reader] = []
+    try:
+        for view, reader in b.readers.items():
+            copies[view], wrote = _copy(reader, tier, ctx, epoch)
+            if wrote:
+                written.append(copies[view])
+    except BaseException:
+        for r in copies.values():
+            if r in written:
+                discard(r, ctx.root)
+            else:
+                r.close()  # reused, not ours: keep it on disk
+        raise
+    return copies
+
+
+def _copy(reader: Reader, tier: str, ctx: CacheContext, epoch: int) -> tuple[Reader, bool]:
+    """``reader``'s cache in ``tier``, and whether this call wrote it (False: reused)."""
+    opened = ctx.open_view(tier, copy.copy(reader.spec), epoch)
+    if isinstance(opened, Reader):  # that copy exists already (same content key)
+        return opened, False
+    spec, writer = opened.spec, opened
+    with writer:  # aborts on error
+        for sl in batch_slices(spec.rows, 1024):
+            writer.append(*reader.read_rows(np.arange(sl.start, sl.stop)))
+        return writer.finish(), True

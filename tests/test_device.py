@@ -1,0 +1,297 @@
+"""The GPU path, on a device that refuses host reads the way CUDA does.
+
+Each test body runs with an accelerator as the training device: the strict test
+device here (``tests/strict_device.py``), and real CUDA where there is one
+(``pytest -m cuda``; ``benchmarks/gpu_check.sh``). Tests that drive the strict
+device's own knobs (free memory, allocator failures) run on it alone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    DIGITS,
+    assert_every_sample_once_per_epoch,
+    corrupt_chunk_read_mid_epoch,
+    leftovers,
+    rel_diff,
+    train_cache_key,
+)
+from prefast.store import CacheRoot
+from strict_device import HostReadError
+
+from prefast.config import TrainConfig
+from prefast.trainer import Trainer, train
+
+N_DIGITS = 1437
+MIB = 2**20
+_REFERENCE: dict[str, dict] = {}
+
+
+def config(device: torch.device, **kw) -> TrainConfig:
+    # On CUDA: float32 without autotuning, so FreezeOut and PreFast run the same kernels.
+    gpu = dict(device="cuda", amp=False, cudnn_benchmark=False) if device.type == "cuda" else {}
+    return TrainConfig(**{**DIGITS, "epochs": 6, "cache_boundaries": "every", **gpu, **kw})
+
+
+def reference(device: torch.device) -> dict:
+    """FreezeOut on the same device (on the strict device: a CPU run's numbers)."""
+    if device.type not in _REFERENCE:
+        _REFERENCE[device.type] = train(config(device, mode="freezeout"))
+    return _REFERENCE[device.type]
+
+
+def tolerance(device: torch.device) -> float:
+    return 1e-6 if device.type != "cuda" else 1e-4  # CUDA's backward sums in any order
+
+
+class StepWatch:
+    """Records each step's sample ids and the device reads of the training thread made
+    inside steps and between them (while the feed produced the next batch)."""
+
+    def __init__(self, tr: Trainer, memory):
+        self.ids: dict[int, list[np.ndarray]] = defaultdict(list)
+        self.reads_in_steps = 0
+        self.reads_between: dict[int, int] = defaultdict(int)
+        last: list = [None]
+        step, bpe = tr._step, tr.raw.batches_per_epoch
+
+        def reads() -> int:
+            return memory.host_reads["MainThread"] if memory is not None else 0
+
+        def watched(batch, it):
+            epoch, before = it // bpe, reads()
+            if last[0] is not None and last[0][0] == epoch:
+                self.reads_between[epoch] += before - last[0][1]
+            self.ids[epoch].append(batch.ids.numpy().copy())  # host ids: no device read
+            loss = step(batch, it)
+            self.reads_in_steps += reads() - before
+            last[0] = (epoch, reads())
+            return loss
+
+        tr._step = watched  # type: ignore[method-assign]
+
+
+def cached_epochs(run: dict) -> list[int]:
+    bpe = run["final"]["batches_per_epoch"]
+    return [e["epoch"] for e in run["epochs"] if e["cached_batches"] == bpe]
+
+
+def events(run: dict, name: str) -> list[dict]:
+    return [e for e in run["final"]["cache_events"] if e["event"] == name]
+
+
+# -- the test device itself ----------------------------------------------------------------
+def test_the_strict_device_refuses_what_cuda_refuses(strict):
+    strict.capacity = 64 * 2**10
+    x = torch.arange(6.0).to(strict.device)
+    for read in (x.numpy, x.tolist, x.sum().item, lambda: float(x.sum())):
+        with pytest.raises(HostReadError):
+            read()
+    with pytest.raises(HostReadError, match="__array__"):
+        np.zeros(10)[x.long()]  # indexing a numpy array with a device tensor
+    with pytest.raises(RuntimeError, match="same device"):
+        x + torch.ones(6)  # mixing a device and a host tensor in one op
+    assert (x + torch.tensor(1.0)).device == strict.device  # a host scalar passes, as on CUDA
+    assert x.cpu().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert strict.host_reads["MainThread"] == 1
+    with pytest.raises(torch.OutOfMemoryError):
+        torch.empty(2**20, device=strict.device)  # 4 MiB on a 64 KiB device
+    free, total = torch.strict.mem_get_info()  # type: ignore[attr-defined]
+    assert total == 64 * 2**10 and free == total - 6 * 4
+    with pytest.raises(RuntimeError):
+        torch.empty(4, pin_memory=True)  # no pinned memory on this backend
+
+
+# -- prefast mode end to end -----------------------------------------------------------------
+@pytest.mark.parametrize("tier", ["gpu", "ram", "mmap", "zarr"])
+def test_prefast_on_an_accelerator_matches_freezeout_and_never_reads_the_device_per_step(
+    tier, accelerator, tmp_path
+):
+    device, memory = accelerator
+    tr = Trainer(config(device, mode="prefast", cache_tier=tier, cache_dir=str(tmp_path)))
+    watch = StepWatch(tr, memory)
+    run = tr.run()
+    assert rel_diff(run, reference(device)) <= tolerance(device)
+    read = cached_epochs(run)
+    assert read == [2, 3, 4, 5]  # boundaries complete at the end of epochs 1..4
+    assert all(e["cache_tier"] == tier for e in run["epochs"] if e["cached_batches"])
+    assert [e["tier"] for e in events(run, "boundary")] == [tier] * 4
+    result_steps = {e: batches for e, batches in watch.ids.items()}
+    assert_every_sample_once_per_epoch(run, result_steps, N_DIGITS)
+    assert watch.reads_in_steps == 0, "a training step read the device back"
+    # Reading a cache never reads the device back. Writing a ram cache copies rows to the
+    # host: asynchronous on CUDA (store.device.HostCopies), a counted read on this
+    # synchronous device; so for ram only the epochs that write nothing are checked.
+    writing = {e["epoch"] for e in events(run, "boundary")}
+    quiet = [e for e in read if tier != "ram" or e not in writing]
+    assert quiet and all(watch.reads_between[e] == 0 for e in quiet), dict(watch.reads_between)
+    assert not leftovers(tmp_path)
+
+
+def test_resume_on_an_accelerator_reads_the_cache_from_its_first_epoch(accelerator, tmp_path):
+    device, _ = accelerator
+    cfg = config(
+        device,
+        mode="prefast",
+        cache_tier="zarr",
+        cache_dir=str(tmp_path),
+        checkpoint=str(tmp_path / "ck.pt"),
+    )
+
+    def crash(record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt  # the checkpoint holds epochs 0..2
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_epoch=crash)
+    resumed = train(cfg.replace(resume=True))
+    first = resumed["epochs"][3]
+    assert first["cache_tier"] == "zarr" and first["cached_batches"] == 23
+    assert events(resumed, "reused")
+    assert rel_diff(resumed, reference(device)) <= tolerance(device)
+
+
+def test_corruption_mid_epoch_on_an_accelerator_serves_the_unseen_samples(
+    accelerator, tmp_path, monkeypatch
+):
+    device, _ = accelerator
+    monkeypatch.setattr("prefast.store.base.CHUNK_BYTES", 64 * 1024)  # many chunks
+    root = CacheRoot(tmp_path)
+    cfg = config(device, mode="prefast", cache_tier="mmap", cache_dir=str(tmp_path))
+    hit = {}
+
+    def on_epoch(rec):
+        if rec["epoch"] == 3:  # boundary 4 completed now; epoch 4 reads it
+            stage = max(e["stage"] for e in root_events(tr))
+            hit["chunk"] = corrupt_chunk_read_mid_epoch(
+                root, train_cache_key(root, stage), cfg.seed, 4, cfg.batch_size, False
+            )
+
+    def root_events(trainer):
+        return [e for e in trainer.feed.report()["cache_events"] if e["event"] == "complete"]
+
+    tr = Trainer(cfg, on_epoch=on_epoch)
+    watch = StepWatch(tr, None)
+    run = tr.run()
+    faulted = run["epochs"][4]
+    assert "chunk" in hit and 0 < faulted["cached_batches"] < 23
+    assert [e["epoch"] for e in events(run, "corrupted")] == [4]
+    assert_every_sample_once_per_epoch(run, dict(watch.ids), N_DIGITS)
+    assert rel_diff(run, reference(device)) <= tolerance(device)
+
+
+def test_gpu_memory_pressure_spills_the_cache_to_ram(strict, tmp_path):
+    """Real pressure: the device's free memory (what the governor reads) drops mid-run."""
+
+    def squeeze(rec):
+        if rec["epoch"] == 2:  # another process takes all but 256 MiB of the device
+            strict.occupied = strict.capacity - strict.used - 256 * MIB
+
+    run = train(config(strict.device, mode="prefast", cache_dir=str(tmp_path)), on_epoch=squeeze)
+    assert events(run, "boundary")[0]["tier"] == "gpu"
+    spilled = events(run, "spilled")
+    assert spilled and (spilled[0]["epoch"], spilled[0]["from"], spilled[0]["to"]) == (
+        3,
+        "gpu",
+        "ram",
+    )
+    assert run["epochs"][3]["cache_tier"] == "ram"
+    assert rel_diff(run, reference(strict.device)) <= 1e-6
+
+
+# -- allocation failures are tier decisions ------------------------------------------------
+def refuse_large_host_allocations(monkeypatch, limit: int = 4 * MIB) -> list[int]:
+    """Host RAM refuses any tensor over ``limit`` bytes, with PyTorch's own error."""
+    real, refused = torch.empty, []
+
+    def empty(*size, **kw):
+        t = real(*size, **{**kw, "device": "meta", "pin_memory": False})  # size only
+        nbytes = t.numel() * t.element_size()
+        if torch.device(kw.get("device") or "cpu").type == "cpu" and nbytes > limit:
+            refused.append(nbytes)
+            raise RuntimeError(
+                f"[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                f"memory: you tried to allocate {nbytes} bytes. Error code 12"
+            )
+        return real(*size, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    return refused
+
+
+def test_a_gpu_view_that_cannot_allocate_goes_to_ram(strict, tmp_path):
+    strict.refuse = lambda nbytes: nbytes > 4 * MIB  # the device has no 4 MiB left in one piece
+    run = train(config(strict.device, mode="prefast", cache_tier="gpu", cache_dir=str(tmp_path)))
+    failed = events(run, "allocation_failed")
+    assert failed and failed[0]["tier"] == "gpu" and failed[0]["bytes"] > 4 * MIB
+    first = [e for e in run["final"]["cache_events"] if e["epoch"] == failed[0]["epoch"]]
+    assert [(e["event"], e.get("tier")) for e in first][:3] == [
+        ("boundary", "gpu"),
+        ("allocation_failed", "gpu"),
+        ("boundary", "ram"),
+    ]
+    assert run["epochs"][failed[0]["epoch"] + 1]["cache_tier"] == "ram"
+    assert rel_diff(run, reference(strict.device)) <= 1e-6
+
+
+def test_a_ram_view_that_cannot_allocate_goes_to_disk(strict, tmp_path, monkeypatch):
+    refused = refuse_large_host_allocations(monkeypatch)
+    run = train(config(strict.device, mode="prefast", cache_tier="ram", cache_dir=str(tmp_path)))
+    failed = events(run, "allocation_failed")
+    assert refused and failed and all(e["tier"] == "ram" for e in failed)
+    for f in failed:  # planned again at once, below RAM: disk, or recompute where reading
+        # the disk would be slower than computing the prefix
+        again = [e for e in events(run, "boundary") if e["epoch"] == f["epoch"]]
+        assert [e["tier"] for e in again][0] == "ram"
+        assert again[-1]["tier"] in ("mmap", "zarr", "recompute")
+    on_disk = [e for e in events(run, "complete") if e["tier"] in ("mmap", "zarr")]
+    assert on_disk, "no boundary went to disk"
+    assert run["epochs"][on_disk[0]["epoch"] + 1]["cache_tier"] == on_disk[0]["tier"]
+    assert rel_diff(run, reference(strict.device)) <= 1e-6
+    assert not leftovers(tmp_path)
+
+
+def test_pinned_staging_that_cannot_allocate_falls_back_to_pageable(strict, tmp_path, monkeypatch):
+    # Ask for pinned staging as on CUDA; the strict backend has no pinned memory.
+    monkeypatch.setattr("prefast.store.device.pins_host_memory", lambda device: True)
+    run = train(config(strict.device, mode="prefast", cache_tier="ram", cache_dir=str(tmp_path)))
+    notes = events(run, "staging_unpinned")
+    assert notes and "pinned staging unavailable" in notes[0]["detail"]
+    assert cached_epochs(run) == [2, 3, 4, 5]
+    assert rel_diff(run, reference(strict.device)) <= 1e-6
+
+
+def test_a_test_cache_that_cannot_allocate_goes_to_the_next_tier(strict, tmp_path):
+    tr = Trainer(config(strict.device, mode="prefast", cache_tier="gpu", cache_dir=str(tmp_path)))
+    test_rows = tr.raw.num_test
+    test_views = {test_rows * c.out_row_bytes for c in tr.feed.costs}  # float32 rows
+    strict.refuse = lambda nbytes: nbytes in test_views
+    tiers = []
+    tr.on_epoch = lambda rec: tiers.append(tr.feed.test.reader and tr.feed.test.reader.tier)
+    run = tr.run()
+    failed = [e for e in events(run, "allocation_failed") if e.get("split") == "test"]
+    assert failed and all(e["tier"] == "gpu" for e in failed)
+    assert not events(run, "test_cache_failed")
+    assert tiers[-1] == "ram"  # evaluation read the test set's cache from RAM
+    assert [e["test_acc"] for e in run["epochs"]] == [
+        e["test_acc"] for e in reference(strict.device)["epochs"]
+    ]
+
+
+def test_a_spill_whose_target_cannot_allocate_goes_one_tier_further(strict, tmp_path, monkeypatch):
+    def squeeze(rec):
+        if rec["epoch"] == 2:
+            strict.occupied = strict.capacity - strict.used - 256 * MIB
+            refuse_large_host_allocations(monkeypatch, MIB)  # and host RAM refuses the copy
+
+    run = train(config(strict.device, mode="prefast", cache_dir=str(tmp_path)), on_epoch=squeeze)
+    failed, spilled = events(run, "allocation_failed"), events(run, "spilled")
+    assert failed and failed[0]["tier"] == "ram" and failed[0]["epoch"] == 3
+    assert spilled and spilled[0]["from"] == "gpu" and spilled[0]["to"] in ("mmap", "zarr")
+    assert run["epochs"][3]["cache_tier"] in ("mmap", "zarr")
+    assert rel_diff(run, reference(strict.device)) <= 1e-6
