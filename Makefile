@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_FLAGS := --dataset synthetic --subset 2048 --synthetic-size 50000,2000 --model densenet-bc \
               --depth 16 --growth-rate 12 --epochs 5 --batch-size 64 --t0 0.5 --device cpu
 
-.PHONY: install demo test lint format bench bench-quick clean
+.PHONY: install demo test lint format bench bench-quick bench-gpu gpu-wheels clean
 
 install: $(STAMP)
 
@@ -41,6 +41,14 @@ bench: install
 
 bench-quick: install
 	$(PY) -u benchmarks/run_all.py --quick --out runs/bench-quick
+
+# The one-shot GPU check (on a CUDA machine with PyTorch and the wheels in .whl/);
+# `make gpu-wheels` downloads those wheels here first.
+bench-gpu:
+	benchmarks/gpu_check.sh
+
+gpu-wheels: install
+	$(PY) benchmarks/gpu_wheels.py fetch .whl
 
 clean:
 	rm -rf $(VENV) .prefast-cache runs *.egg-info

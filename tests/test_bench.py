@@ -97,3 +97,59 @@ def test_store_bench_keeps_every_trial_and_its_mean(tmp_path):
             assert len(trials) == 2 and all(v > 0 for v in trials)
             assert row[f"{m}_mb_s"] == pytest.approx(np.mean(trials), rel=1e-3)
     assert list(tmp_path.iterdir()) == [], "the benchmark's scratch files must be removed"
+
+
+def _wheel(folder, filename: str, requires: list[str]) -> None:
+    import zipfile
+
+    name, version = filename.split("-")[:2]
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(folder / filename, "w") as z:
+        z.writestr(f"{name}-{version}.dist-info/METADATA", meta)
+
+
+def test_the_gpu_check_dry_run_checks_its_wheels_and_states_its_budget(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run, with wheels built here to the pinned versions."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    pins = dict(
+        re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (root / "constraints.txt").read_text(), re.M)
+    )
+    linux = "cp312-cp312-manylinux_2_17_x86_64"
+    wheels = {
+        "zarr": ("py3-none-any", ["numcodecs>=0.14", "donfig>=0.8", "google-crc32c>=1.5",
+                                  "numpy>=2.0", "packaging>=22.0"]),
+        "numcodecs": (linux, ["numpy>=1.24", "typing_extensions", 'pywin32; sys_platform=="win32"']),
+        "crc32c": (linux, []),
+        "donfig": ("py3-none-any", ["pyyaml"]),
+        "google_crc32c": (linux, []),
+    }  # fmt: skip
+
+    def dry_run():
+        env = {"PREFAST_WHEELS": str(tmp_path), "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+        cmd = [str(root / "benchmarks" / "gpu_check.sh"), "--dry-run"]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+
+    for name, (tags, requires) in wheels.items():
+        version = pins[name.replace("_", "-")]
+        _wheel(tmp_path, f"{name}-{version}-{tags}.whl", requires)
+    ok = dry_run()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "budget 480s of wall-clock" in ok.stdout and "pytest -m cuda" in ok.stdout
+    assert "gpu_full.{json,md,png}" in ok.stdout
+
+    (tmp_path / f"crc32c-{pins['crc32c']}-{linux}.whl").unlink()
+    _wheel(tmp_path, f"crc32c-{pins['crc32c']}-cp312-cp312-manylinux_2_17_aarch64.whl", [])
+    _wheel(tmp_path, f"donfig-{pins['donfig']}-py3-none-any.whl", ["pyyaml", "leftpad"])
+    bad = dry_run()
+    assert bad.returncode == 1
+    assert "crc32c-2.9.post0-cp312-cp312-manylinux_2_17_aarch64.whl: not for CPython 3.12" in (
+        bad.stdout
+    )
+    assert "leftpad (needed by donfig) is neither carried nor on the image" in bad.stdout
+    assert "make gpu-wheels" in bad.stdout

@@ -1,0 +1,170 @@
+"""The GPU check's measurements (run by ``benchmarks/gpu_check.sh`` on one CUDA GPU).
+
+Claims under test, each printed with the figure that proves it:
+
+1. **Exactness on CUDA**: with an fp32 cache and no augmentation, prefast gives
+   FreezeOut's losses and accuracies with its cache in gpu, ram, mmap and zarr
+   (scikit-learn digits, float32 without autotuning, so both modes run the
+   same kernels). Written to ``gpu_exactness.{json,md}``.
+2. **Full-size speed**: the synthetic CIFAR-shaped set at full size (50,000
+   training / 10,000 test images), DenseNet-BC k=12 at the largest depth and
+   epoch count the time budget allows, t0 0.6, baseline / freezeout / prefast
+   side by side (bf16 autocast, channels_last, cuDNN autotuning). The size is
+   chosen from a short timing of baseline steps at each candidate depth.
+   Written to ``gpu_full.{json,md,png}`` by the training benchmark's own code.
+
+Usage: ``python -u benchmarks/gpu_bench.py --out DIR --budget-s SECONDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefast.benchmarks.train_bench import run_sweep
+
+from prefast.config import TrainConfig
+from prefast.data import load_dataset
+from prefast.models import build_model
+
+DEPTHS = (100, 76, 52, 40, 28)  # DenseNet-BC depths, largest first
+MODES_COST = 2.4  # baseline + freezeout + prefast at t0 0.6, in baseline runs (conservative)
+TIERS = ("gpu", "ram", "mmap", "zarr")
+
+
+def exactness(out: Path, cache_dir: Path) -> dict:
+    """prefast vs freezeout per tier on CUDA (fp32 cache, augment none)."""
+    from prefast.trainer import train
+
+    common: dict[str, Any] = dict(
+        dataset="digits", model="densenet-bc", depth=16, epochs=6, batch_size=64, t0=0.5,
+        augment="none", cache_dtype="float32", device="cuda", amp=False, cudnn_benchmark=False,
+        cache_boundaries="every", workers=0,
+    )  # fmt: skip
+    ref = train(TrainConfig(mode="freezeout", **common))
+    rows = []
+    for tier in TIERS:
+        run = train(
+            TrainConfig(mode="prefast", cache_tier=tier, cache_dir=str(cache_dir / tier), **common)
+        )
+        diffs = [
+            abs(a["train_loss"] - b["train_loss"]) / abs(b["train_loss"])
+            for a, b in zip(run["epochs"], ref["epochs"], strict=True)
+        ]
+        bpe = run["final"]["batches_per_epoch"]
+        rows.append(
+            {
+                "tier": tier,
+                "max_rel_loss_diff": max(diffs),
+                "same_test_acc": [e["test_acc"] for e in run["epochs"]]
+                == [e["test_acc"] for e in ref["epochs"]],
+                "cached_epochs": [e["epoch"] for e in run["epochs"] if e["cached_batches"] == bpe],
+                "tiers_read": sorted({e["cache_tier"] for e in run["epochs"] if e["cache_tier"]}),
+            }
+        )
+        print(f"exactness {tier}: {rows[-1]}", flush=True)
+    doc: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "config": common,
+        "rows": rows,
+    }
+    (out / "gpu_exactness.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = [
+        f"Exactness on {doc['gpu']} (torch {doc['torch']}): prefast vs freezeout, digits, "
+        "DenseNet-BC depth 16, 6 epochs, fp32 cache, augment none, float32, no autotuning.",
+        "",
+        "| tier | max relative loss difference | same test accuracy | epochs read from cache |",
+        "|---|---:|---|---|",
+    ]
+    lines += [
+        f"| {r['tier']} | {r['max_rel_loss_diff']:.2e} | {r['same_test_acc']} | "
+        f"{r['cached_epochs']} |"
+        for r in rows
+    ]
+    (out / "gpu_exactness.md").write_text("\n".join(lines) + "\n")
+    return doc
+
+
+def step_seconds(depth: int, batch: int, steps: int = 20) -> float:
+    """Seconds per baseline training step of DenseNet-BC ``depth`` on CIFAR-shaped input,
+    with the run's GPU habits (bf16 autocast, channels_last, cuDNN autotuning)."""
+    torch.backends.cudnn.benchmark = True
+    model = build_model("densenet-bc", in_channels=3, num_classes=10, image_size=32, depth=depth)
+    model = model.cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    x = torch.randn(batch, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(5):  # warm-up: autotuning, allocator
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+def choose_size(budget_s: float, batch: int, n_train: int, n_test: int) -> dict:
+    """The largest depth, then the most epochs (4..30), whose three runs fit ``budget_s``."""
+    steps = -(-n_train // batch) + 0.4 * -(-n_test // batch)  # evaluation ~ 0.4 of a step
+    timings = {}
+    for depth in DEPTHS:
+        timings[depth] = step_seconds(depth, batch)
+        epoch_s = timings[depth] * steps
+        epochs = int(budget_s / (MODES_COST * epoch_s))
+        print(f"sizing: depth {depth}: {timings[depth] * 1e3:.1f} ms/step, "
+              f"{epoch_s:.1f} s/epoch -> {epochs} epochs fit", flush=True)  # fmt: skip
+        if epochs >= 4:
+            return {"depth": depth, "epochs": min(epochs, 30), "step_s": timings}
+    return {"depth": DEPTHS[-1], "epochs": 4, "step_s": timings}
+
+
+def full_size(out: Path, cache_dir: Path, budget_s: float, batch: int) -> dict:
+    load_dataset("synthetic", synthetic_size=(50_000, 10_000))  # generated once, memoized
+    size = choose_size(budget_s, batch, 50_000, 10_000)
+    cfg = TrainConfig(
+        dataset="synthetic", model="densenet-bc", depth=size["depth"], growth_rate=12,
+        epochs=size["epochs"], batch_size=batch, t0=0.6, device="cuda", workers=0,
+        cache_dir=str(cache_dir / "full"),
+    )  # fmt: skip
+    print(f"full size: depth {cfg.depth}, {cfg.epochs} epochs, batch {batch}", flush=True)
+    doc = run_sweep(cfg, [0.6], [0], ["baseline", "freezeout", "prefast"], str(out / "gpu_full"))
+    doc["sizing"] = size
+    (out / "gpu_full.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    return doc
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/gpu", help="results folder (default: %(default)s)")
+    p.add_argument("--budget-s", type=float, default=300.0, help="seconds for the full-size part")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--cache-dir", default="/tmp/prefast-gpu-cache")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_bench: no CUDA GPU is visible")
+    out, cache = Path(args.out), Path(args.cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    exactness(out, cache)
+    left = args.budget_s - (time.perf_counter() - t)
+    full_size(out, cache, max(60.0, left), args.batch_size)
+    print(f"gpu_bench: done in {time.perf_counter() - t:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
