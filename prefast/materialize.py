@@ -134,9 +134,10 @@ class PrefastFeed:
             # Resumed past a boundary: materialize (or reuse by key) at once instead of
             # computing the frozen prefix until the next planned boundary.
             self.plan[epoch] = frozen_prefix
-        b = self.current
-        if b is not None and relieve_pressure(b, self.ctx, self._ratio(b.stage), epoch):
-            self.test.drop()  # rebuilt at the next evaluation, in the boundary's new tier
+        if self.current is not None:  # the test cache is rebuilt at the next evaluation
+            relieve_pressure(
+                self.current, self.ctx, self._ratio(self.current.stage), epoch, self.test.drop
+            )
         stage = self.current.stage if self.current else 0
         if self.target is None and epoch in self.plan and frozen_prefix > stage:
             self._plan_target(epoch, frozen_prefix)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -26,8 +27,15 @@ from prefast.store.order import batch_slices
 log = logging.getLogger("prefast.materialize")
 
 
-def relieve_pressure(b: BoundaryCache, ctx: CacheContext, ratio: float, epoch: int) -> bool:
-    """Spill ``b`` if its tier is under pressure; True when it moved."""
+def relieve_pressure(
+    b: BoundaryCache,
+    ctx: CacheContext,
+    ratio: float,
+    epoch: int,
+    free_rebuildable: Callable[[], None] = lambda: None,
+) -> bool:
+    """Spill ``b`` if its tier is under pressure; True when it moved. ``free_rebuildable``
+    drops what the next evaluation rebuilds anyway (the test cache) before copying."""
     governor = ctx.governor
     if b.tier not in ("gpu", "ram") or not governor.pressure_on(b.tier):
         return False
@@ -39,6 +47,7 @@ def relieve_pressure(b: BoundaryCache, ctx: CacheContext, ratio: float, epoch: i
             "%s memory is short, but no lower tier has room for stage %d's cache", b.tier, b.stage
         )
         return False
+    free_rebuildable()
     for dest in targets:
         try:
             copies = _copy_views(b, dest, ctx, epoch)
