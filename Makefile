@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_FLAGS := --dataset synthetic --subset 2048 --synthetic-size 50000,2000 --model densenet-bc \
               --depth 16 --growth-rate 12 --epochs 5 --batch-size 64 --t0 0.5 --device cpu
 
-.PHONY: install demo test lint format bench bench-quick bench-gpu gpu-wheels clean
+.PHONY: install demo test check lint format bench bench-quick bench-gpu gpu-wheels clean
 
 install: $(STAMP)
 
@@ -30,10 +30,14 @@ format: install
 	$(VENV)/bin/ruff check --fix prefast store cli tests benchmarks examples
 
 # pytest exits 5 when it collects nothing; make treats that as a failure.
-# bench-quick runs the whole benchmark pipeline at CI size and fails if any
-# results file is missing.
+# `make test` is the fast loop (tests not marked slow); `make check` runs every
+# test (torchrun jobs, real full disks, long runs) and the whole benchmark
+# pipeline at CI size (bench-quick fails if any results file is missing).
 test: lint
 	$(PY) -m pytest -q -m "not slow"
+
+check: lint
+	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory bench-quick
 
 bench: install

@@ -46,6 +46,7 @@ fi
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU is visible'; \
 print('gpu_check:', torch.__version__, torch.cuda.get_device_name())"
 mkdir -p "$OUT"
+rm -rf "$SITE"  # a warm machine's earlier install must not shadow this checkout
 $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl
 $PY -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target "$SITE" .
 # PYTHONSAFEPATH: the checkout's own prefast/ folder must not shadow the installed package.

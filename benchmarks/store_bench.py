@@ -86,7 +86,10 @@ def bench_tier(
     ids = torch.arange(len(data))
 
     def write():  # type: ignore[no-untyped-def]
-        w = ZarrWriter(root, spec, codec=codec) if tier == "zarr" else open_writer(tier, spec, root)
+        if tier == "zarr":
+            w = ZarrWriter(root, spec, codec=codec)
+        else:  # the gpu tier lives on the GPU that trains
+            w = open_writer(tier, spec, root, "cuda" if tier == "gpu" else None)
         for s in range(0, len(data), batch):
             w.append(data[s : s + batch], labels[s : s + batch], ids[s : s + batch])
         return w.finish()

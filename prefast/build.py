@@ -21,19 +21,19 @@ from prefast.errors import ConfigError
 from prefast.feed import RawSource, TensorSource
 from prefast.models import StagedModel, as_staged_model, build_model
 from prefast.schedule import FreezeOutSchedule
-from prefast.store.device import is_accelerator
+from prefast.store.device import canonical, is_accelerator
 
 log = logging.getLogger("prefast")
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "--device cuda was asked for but no CUDA GPU is visible: use --device cpu"
         )
-    return torch.device(name)
+    return canonical(name)  # cuda:N, as its tensors report themselves
 
 
 def check_device_options(cfg: TrainConfig, device: torch.device) -> None:

@@ -64,7 +64,7 @@ class Decision:
     reason: str
 
 
-def cache_dtype(requested: str, device: torch.device, autocast: bool = True) -> str:
+def cache_dtype(requested: str, device: torch.device, autocast: bool) -> str:
     """--cache-dtype auto: bfloat16 under CUDA's bf16 autocast (what the model computes
     in), float16 elsewhere."""
     if requested != "auto":
@@ -100,7 +100,9 @@ class Governor:
         self.peak = max(self.peak, sum(b for _, b in self.ledger.values()))
 
     def release(self, name: str) -> None:
-        self.ledger.pop(name, None)
+        tier, _ = self.ledger.pop(name, (None, 0))
+        if tier is not None:  # memory came back: the tier may hold what it refused before
+            self.limits.pop(tier, None)
 
     def allocation_failed(self, tier: str, nbytes: int) -> None:
         """``tier``'s allocator refused ``nbytes``: offer it only smaller caches from now on."""
@@ -178,7 +180,8 @@ class Governor:
         total = views * view_bytes + test_bytes
         forced = self.budgets.tier
         offered = [t for t in ("gpu", "ram") if below is None or LEVEL[t] > LEVEL[below]]
-        if forced != "auto" and (below is None or LEVEL[forced] > LEVEL[below]):
+        allowed = below is None or LEVEL[forced] > LEVEL[below]
+        if forced != "auto" and allowed and total <= self.limits.get(forced, total):
             return self._log(Decision(forced, total, f"forced by --cache-tier {forced}"))
         gpu = self.room("gpu") if "gpu" in offered else 0
         ram = self.room("ram") if "ram" in offered else 0

@@ -224,12 +224,11 @@ class PrefastFeed:
         accelerator = is_accelerator(self.device)
         overlap = reader.tier in DISK_TIERS or (reader.tier == "ram" and accelerator)
         loader = PrefetchLoader(batches, self.device, on_note=note) if overlap else None
-        uploader = Uploader(self.device, on_note=note)  # read in this thread: moves here
-        stream = (
-            loader.batches()
-            if loader is not None
-            else ((*uploader.upload(a, y).wait(), i, y) for a, y, i in batches())
-        )
+        if loader is not None:
+            stream = loader.batches()
+        else:  # read in this thread: the uploader moves what is not on the device yet
+            uploader = Uploader(self.device, on_note=note)
+            stream = ((*uploader.upload(a, y).wait(), i, y) for a, y, i in batches())
         try:
             while True:
                 with self.ctx.timed("read_s"):  # the time the trainer waits for its batch
@@ -349,10 +348,10 @@ class PrefastFeed:
             bytes=exc.nbytes,
             detail=str(exc),
         )
-        self.governor.allocation_failed(t.tier, exc.nbytes)
         written = bool(t.readers)
-        t.abandon(str(exc))
+        t.abandon(str(exc))  # releases its ledger entry first: the refusal must outlive it
         self.target = None
+        self.governor.allocation_failed(t.tier, exc.nbytes)
         if written:  # views of the old tier are gone with it: write them all again
             self.plan[epoch + 1] = t.stage
             return

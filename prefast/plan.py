@@ -35,7 +35,7 @@ def measure_and_plan(
     model = copy.deepcopy(model) if model is not None else None
     cfg, staged, raw = build_run(cfg, model, train_data, test_data)
     device = raw.device
-    dtype = cache_dtype(cfg.cache_dtype, device)
+    dtype = cache_dtype(cfg.cache_dtype, device, cfg.amp)
     with contextlib.closing(raw.train_batches(0)) as batches:
         probe = next(batches).x
     costs = measure_stage_costs(staged, probe, cache_dtype=dtype)

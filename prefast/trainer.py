@@ -54,6 +54,13 @@ def drop_from_optimizer(opt: torch.optim.Optimizer, stages: list[int]) -> None:
         opt.param_groups.remove(group)
 
 
+def host_state(state: dict) -> dict:
+    """A state dict with host copies of its tensors (and its module versions kept)."""
+    out = type(state)((k, to_host(v)) for k, v in state.items())
+    out._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    return out
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
@@ -173,8 +180,10 @@ class Trainer:
         t0 = time.perf_counter()
         # Freeze first, so the feed hashes and caches the prefix's final weights.
         self.feed.begin_epoch(epoch, self._apply_schedule(epoch * bpe))
-        # float64 on the device: adding a step's loss never waits for the step to finish
-        losses = torch.zeros((), dtype=torch.float64, device=self.device)
+        # Summed on the device: adding a step's loss never waits for the step to finish
+        # (float64 where the device has it).
+        wide = torch.float32 if self.device.type == "mps" else torch.float64
+        losses = torch.zeros((), dtype=wide, device=self.device)
         steps, samples = 0, 0
         with (
             epoch_bar(epoch, self.cfg.epochs, bpe, enabled=progress) as advance,
@@ -266,7 +275,7 @@ class Trainer:
             "next_epoch": next_epoch,
             "num_frozen": self.model.num_frozen,
             # Host copies: a checkpoint loads on any device (map_location is the host).
-            "model": {k: host(v) for k, v in self.model.state_dict().items()},
+            "model": host_state(self.model.state_dict()),
             "optimizer": tree_map(host, self.opt.state_dict()),
             "history": self.history,
             "config": self.cfg.to_json(),

@@ -24,9 +24,11 @@ How they cross (each a function or class below, nothing else moves tensors):
   read), and :func:`to_host`, an explicit sync for what the trainer reads once
   per epoch. Disk writers call ``.cpu()`` on their own thread.
 
-Who may synchronize with the device: a loader thread waiting for its own
-staging copy to finish before reusing the buffer, a cache writer finishing,
-and the trainer once per epoch (:func:`to_host`). Nothing in a training step does.
+Who may synchronize with the device: whoever stages a batch (a loader thread,
+or the training thread when it reads a test cache) waits for that slot's last
+copy to finish before reusing its buffer; a cache writer waits when it
+finishes; the trainer reads the device once per epoch (:func:`to_host`).
+Nothing in a training step does.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import CacheAllocationError
+
+
+def canonical(device: torch.device | str) -> torch.device:
+    """``device`` with its index: ``cuda`` becomes ``cuda:N`` (the current GPU), as the
+    tensors on it report themselves, so ``t.device == device`` means what it says."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def is_accelerator(device: torch.device | str) -> bool:
@@ -117,6 +128,8 @@ def memory_info(device: torch.device | str) -> tuple[int, int] | None:
     if get is None:
         return None
     free, total = get(device)
+    if device.type == "cuda":  # blocks PyTorch's allocator holds but does not use are free too
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return int(free), int(total)
 
 
@@ -160,7 +173,7 @@ class Uploader:
         slots: int = 3,
         on_note: Callable[[str, str], None] | None = None,
     ):
-        self.device = torch.device(device)
+        self.device = canonical(device)
         self.moves = is_accelerator(self.device)
         self.pinned = pins_host_memory(self.device)
         self.on_note = on_note
@@ -223,9 +236,13 @@ class HostCopies:
         if src.device.type != "cuda" or dest.device.type != "cpu":
             dest.copy_(src)  # on one device (queued on its stream), or a synchronous device
             return
-        staged = src.to("cpu", non_blocking=True)  # pinned by PyTorch's host allocator
+        try:
+            staged = src.to("cpu", non_blocking=True)  # pinned by PyTorch's host allocator
+        except RuntimeError:  # no pinned memory left: a synchronous copy, still correct
+            dest.copy_(src)
+            return
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(src.device))
         self.pending.append((event, staged, dest))
         self._land(block=False)
 

@@ -48,8 +48,8 @@ class PrefetchLoader:
         self.device = torch.device(device)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
-        # The ring has a slot more than the queue holds, so the thread never waits
-        # on a copy the trainer has not even dequeued.
+        # The ring holds what the queue holds, the batch the trainer is using and the
+        # one being staged, so the thread never waits on a copy not yet dequeued.
         self.uploader = Uploader(self.device, slots=depth + 2, on_note=on_note)
         self.thread = threading.Thread(
             target=self._run, args=(make_batches,), name="prefast-loader", daemon=True

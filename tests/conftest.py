@@ -7,6 +7,7 @@ import threading
 import pytest
 import strict_device
 import torch
+from prefast.store.device import canonical
 
 torch.set_num_threads(2)
 
@@ -32,7 +33,7 @@ if not torch.cuda.is_available():
 def device(request):
     """Each training device in turn (the strict one entered with fresh counters)."""
     if request.param != "strict":
-        yield torch.device(request.param)
+        yield canonical(request.param)  # cuda:N, as its tensors report themselves
         return
     with strict_device.strict_device() as memory:
         yield memory.device
@@ -43,7 +44,7 @@ def accelerator(request, monkeypatch):
     """An accelerator as the training device of every run in the test: yields
     (device, the strict device's Memory or None on CUDA)."""
     if request.param == "cuda":
-        yield torch.device("cuda"), None
+        yield canonical("cuda"), None
         return
     with strict_device.strict_device() as memory:
         monkeypatch.setattr("prefast.build.resolve_device", lambda name: memory.device)

@@ -40,7 +40,10 @@ DIGITS = [
     [
         (["train", "--model", "resnet9000"], "--model 'resnet9000' is not valid"),
         (["train", "--t0", "1.5"], "--t0 1.5 must be in (0, 1]"),
-        (["train", "--depth", "17"], "--depth 17 cannot build a DenseNet-BC"),
+        (
+            ["train", "--depth", "17", "--synthetic-size", "64,64"],
+            "--depth 17 cannot build a DenseNet-BC",
+        ),
         (
             ["train", "--dataset", "cifar10", "--data-dir", "/nonexistent/prefast-data"],
             "Put cifar-10-batches-py",
@@ -79,6 +82,7 @@ def test_help_explains_every_command():
     assert "--cache-views" in prefast("train", "--help").stdout
 
 
+@pytest.mark.slow
 def test_digits_accuracy_baseline_and_freezeout(tmp_path):
     """Issue acceptance: both modes reach >= 0.90 on digits; freezeout freezes stages."""
     for mode in ("baseline", "freezeout"):
@@ -92,6 +96,7 @@ def test_digits_accuracy_baseline_and_freezeout(tmp_path):
             assert doc["epochs"][-1]["frozen_stages"] > 0
 
 
+@pytest.mark.slow
 def test_compare_and_plan_and_cache_ls(tmp_path):
     out = tmp_path / "cmp.json"
     cache = tmp_path / "cache"

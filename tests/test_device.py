@@ -68,7 +68,13 @@ class StepWatch:
             if last[0] is not None and last[0][0] == epoch:
                 self.reads_between[epoch] += before - last[0][1]
             self.ids[epoch].append(batch.ids.numpy().copy())  # host ids: no device read
-            loss = step(batch, it)
+            if batch.x.is_cuda:  # on a real GPU, CUDA itself refuses a synchronizing call
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                loss = step(batch, it)
+            finally:
+                if batch.x.is_cuda:
+                    torch.cuda.set_sync_debug_mode("default")
             self.reads_in_steps += reads() - before
             last[0] = (epoch, reads())
             return loss
@@ -108,7 +114,15 @@ def test_the_strict_device_refuses_what_cuda_refuses(strict):
 
 
 # -- prefast mode end to end -----------------------------------------------------------------
-@pytest.mark.parametrize("tier", ["gpu", "ram", "mmap", "zarr"])
+@pytest.mark.parametrize(
+    "tier",
+    [
+        "gpu",
+        pytest.param("ram", marks=pytest.mark.slow),
+        "mmap",
+        pytest.param("zarr", marks=pytest.mark.slow),
+    ],
+)
 def test_prefast_on_an_accelerator_matches_freezeout_and_never_reads_the_device_per_step(
     tier, accelerator, tmp_path
 ):
@@ -133,6 +147,7 @@ def test_prefast_on_an_accelerator_matches_freezeout_and_never_reads_the_device_
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_on_an_accelerator_reads_the_cache_from_its_first_epoch(accelerator, tmp_path):
     device, _ = accelerator
     cfg = config(
@@ -156,6 +171,7 @@ def test_resume_on_an_accelerator_reads_the_cache_from_its_first_epoch(accelerat
     assert rel_diff(resumed, reference(device)) <= tolerance(device)
 
 
+@pytest.mark.slow
 def test_corruption_mid_epoch_on_an_accelerator_serves_the_unseen_samples(
     accelerator, tmp_path, monkeypatch
 ):
@@ -185,6 +201,7 @@ def test_corruption_mid_epoch_on_an_accelerator_serves_the_unseen_samples(
     assert rel_diff(run, reference(device)) <= tolerance(device)
 
 
+@pytest.mark.slow
 def test_gpu_memory_pressure_spills_the_cache_to_ram(strict, tmp_path):
     """Real pressure: the device's free memory (what the governor reads) drops mid-run."""
 
@@ -239,6 +256,7 @@ def test_a_gpu_view_that_cannot_allocate_goes_to_ram(strict, tmp_path):
     assert rel_diff(run, reference(strict.device)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_a_ram_view_that_cannot_allocate_goes_to_disk(strict, tmp_path, monkeypatch):
     refused = refuse_large_host_allocations(monkeypatch)
     run = train(config(strict.device, mode="prefast", cache_tier="ram", cache_dir=str(tmp_path)))
@@ -256,6 +274,7 @@ def test_a_ram_view_that_cannot_allocate_goes_to_disk(strict, tmp_path, monkeypa
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_pinned_staging_that_cannot_allocate_falls_back_to_pageable(strict, tmp_path, monkeypatch):
     # Ask for pinned staging as on CUDA; the strict backend has no pinned memory.
     monkeypatch.setattr("prefast.store.device.pins_host_memory", lambda device: True)
@@ -266,6 +285,7 @@ def test_pinned_staging_that_cannot_allocate_falls_back_to_pageable(strict, tmp_
     assert rel_diff(run, reference(strict.device)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_a_test_cache_that_cannot_allocate_goes_to_the_next_tier(strict, tmp_path):
     tr = Trainer(config(strict.device, mode="prefast", cache_tier="gpu", cache_dir=str(tmp_path)))
     test_rows = tr.raw.num_test
@@ -283,6 +303,7 @@ def test_a_test_cache_that_cannot_allocate_goes_to_the_next_tier(strict, tmp_pat
     ]
 
 
+@pytest.mark.slow
 def test_a_spill_whose_target_cannot_allocate_goes_one_tier_further(strict, tmp_path, monkeypatch):
     def squeeze(rec):
         if rec["epoch"] == 2:

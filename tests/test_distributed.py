@@ -37,6 +37,7 @@ def torchrun(*args: str, timeout: float = 300, popen: bool = False, program=(PRE
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_ranks_stay_identical_cache_their_shards_and_match_freezeout(tmp_path):
     runs = {}
     for mode in ("freezeout", "prefast"):
@@ -67,6 +68,7 @@ def test_two_ranks_stay_identical_cache_their_shards_and_match_freezeout(tmp_pat
     assert len(bytes_per_rank) == 2 and all(b > 0 for b in bytes_per_rank)
 
 
+@pytest.mark.slow
 def test_two_ranks_on_the_strict_device_match_two_ranks_on_the_cpu(tmp_path):
     """DDP over gloo accepts the strict test device: the whole data-parallel prefast path
     (gpu-tier caches, all-reduced evaluation, checkpoints) runs with device tensors that
@@ -92,6 +94,7 @@ def test_two_ranks_on_the_strict_device_match_two_ranks_on_the_cpu(tmp_path):
     assert strict["epochs"][-1]["cache_tier"] == "gpu" and strict["epochs"][-1]["cached_batches"]
 
 
+@pytest.mark.slow
 def test_a_local_error_under_torchrun_keeps_its_message_and_rank(tmp_path):
     """Only a collective that fails says "lost the process group"; a rank's own error
     (here a CUDA out-of-memory message raised on rank 1) is reported as itself."""
@@ -123,6 +126,7 @@ def test_only_collective_failures_count_as_a_lost_process_group():
     assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_run_in_bounded_time_and_a_rerun_completes(tmp_path):
     args = [
         "train", "--mode", "prefast", "--dataset", "synthetic", "--synthetic-size", "4096,512",
@@ -153,6 +157,7 @@ def test_a_killed_rank_ends_the_run_in_bounded_time_and_a_rerun_completes(tmp_pa
     assert rerun.returncode == 0, rerun.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_others_after_the_process_group_timeout(tmp_path):
     """SIGSTOP keeps the peer's connections open: only the timeout can end the wait."""
     args = [

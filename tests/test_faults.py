@@ -37,6 +37,7 @@ def make_cache(root, key="good", tier="zarr", rows=600):
     w.finish().close()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_leaves_nothing_complete(tmp_path):
     script = textwrap.dedent(f"""
         import time
@@ -98,6 +99,7 @@ def test_second_writer_gets_lock_error(tmp_path):
     first.abort()  # idempotent
 
 
+@pytest.mark.slow
 def test_purge_rules(tmp_path):
     root = CacheRoot(tmp_path)
     make_cache(root, "a")

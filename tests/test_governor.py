@@ -81,6 +81,13 @@ def test_an_allocation_failure_sends_that_size_to_the_next_tier(tmp_path):
     assert g.choose(40 * MIB, 1, 0, 10, 1.0).tier == "mmap"
     assert g.choose(20 * MIB, 1, 0, 10, 1.0).tier == "ram"  # smaller caches still fit
     assert g.ram_budget() == 100 * MIB  # the shuffle buffer's budget is not shrunk
+    g.hold("train@3", "ram", 20 * MIB)
+    g.release("train@3")  # memory came back to RAM: it may hold 40 MiB after all
+    assert g.choose(40 * MIB, 1, 0, 10, 1.0).tier == "ram"
+    g.allocation_failed("ram", 40 * MIB)
+    with_forced = gov(tmp_path, tier="ram", max_ram=100 * MIB, max_disk=10 * 2**30)
+    with_forced.allocation_failed("ram", 40 * MIB)  # a forced tier's refusal counts too
+    assert with_forced.choose(40 * MIB, 1, 0, 10, 1.0).tier == "mmap"
     forced = gov(tmp_path, tier="gpu", max_disk=10 * 2**30)
     assert forced.choose(40 * MIB, 1, 0, 10, 1.0).tier == "gpu"
     assert forced.choose(40 * MIB, 1, 0, 10, 1.0, below="gpu").tier in ("ram", "mmap")

@@ -88,7 +88,7 @@ def test_resume_after_a_crash_reads_a_cache_from_the_next_epoch(tmp_path, freeze
 @pytest.mark.parametrize(
     "model,tier",
     [
-        ("vgg16", "zarr"),
+        pytest.param("vgg16", "zarr", marks=pytest.mark.slow),
         ("densenet-bc", "mmap"),
     ],  # post-ReLU maps compress; DenseNet's concat does not
 )

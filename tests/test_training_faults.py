@@ -93,6 +93,7 @@ def test_fault_mid_epoch_serves_exactly_the_unseen_samples(
     assert result["epochs"][-1]["cached_batches"] == bpe
 
 
+@pytest.mark.slow
 def test_missing_chunk_is_rebuilt_and_the_rerun_matches_the_clean_run(tmp_path):
     """The issue's scenario, through the real CLI: delete a chunk file of a complete cache."""
     args = [
@@ -130,6 +131,7 @@ def test_missing_chunk_is_rebuilt_and_the_rerun_matches_the_clean_run(tmp_path):
 
 
 # -- writers that fail --------------------------------------------------------------------
+@pytest.mark.slow
 def test_writer_that_hangs_then_fails_mid_epoch_never_blocks_training(
     tmp_path, monkeypatch, freezeout_ref
 ):
@@ -155,6 +157,7 @@ def test_writer_that_hangs_then_fails_mid_epoch_never_blocks_training(
     assert not prefast_threads() and not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_real_full_disk_abandons_the_boundary_and_training_matches_freezeout(tiny_disk):
     """ENOSPC from a real 8 MiB tmpfs (the issue's acceptance run, smaller)."""
     common = dict(

@@ -147,6 +147,7 @@ def test_worker_processes_give_the_same_run():
     )
 
 
+@pytest.mark.slow
 def test_a_torchvision_resnet_is_split_into_stages():
     import torchvision
 
@@ -222,6 +223,7 @@ def write_image_folder(root, per_class=(40, 12), classes=("zero", "one", "two"))
     return root
 
 
+@pytest.mark.slow
 def test_imagefolder_trains_through_the_cli_and_caches(tmp_path):
     data = write_image_folder(tmp_path / "imgs")
     out = tmp_path / "run.json"
@@ -271,6 +273,7 @@ def test_imagefolder_identity_changes_when_a_file_changes(tmp_path):
     assert data_identity(imagefolder_splits(data, 10, "none")[0]) != before  # the transform too
 
 
+@pytest.mark.slow
 def test_the_example_script_runs(tmp_path):
     data = write_image_folder(tmp_path / "imgs", per_class=(16, 6))
     res = subprocess.run(
