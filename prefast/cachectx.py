@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
-from prefast.errors import CacheCorruptedError, CacheError, CacheExistsError
+from prefast.errors import (
+    CacheAllocationError,
+    CacheCorruptedError,
+    CacheError,
+    CacheExistsError,
+)
 from prefast.governor import Governor
 from prefast.models import StagedModel
 from prefast.store import CacheRoot, CacheSpec, Reader, Writer, cache_key, open_reader, open_writer
@@ -103,6 +108,16 @@ class CacheContext:
 
     def event(self, epoch: int | None, name: str, **fields: Any) -> None:
         self.events.append({"epoch": epoch, "event": name, **fields})
+
+    def allocation_refused(
+        self, epoch: int | None, tier: str, exc: CacheAllocationError, **fields: Any
+    ) -> None:
+        """``tier``'s allocator refused a cache: the governor stops offering it caches that
+        large, and the run record says so."""
+        self.governor.allocation_failed(tier, exc.nbytes)
+        self.event(
+            epoch, "allocation_failed", **fields, tier=tier, bytes=exc.nbytes, detail=str(exc)
+        )
 
     @contextlib.contextmanager
     def timed(self, kind: str) -> Iterator[None]:

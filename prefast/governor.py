@@ -179,13 +179,15 @@ class Governor:
         """
         total = views * view_bytes + test_bytes
         forced = self.budgets.tier
-        offered = [t for t in ("gpu", "ram") if below is None or LEVEL[t] > LEVEL[below]]
-        allowed = below is None or LEVEL[forced] > LEVEL[below]
-        if forced != "auto" and allowed and total <= self.limits.get(forced, total):
+
+        def offered(tier: str) -> bool:  # a tier after the one that just failed, if any
+            return below is None or LEVEL[tier] > LEVEL[below]
+
+        if forced != "auto" and offered(forced) and total <= self.limits.get(forced, total):
             return self._log(Decision(forced, total, f"forced by --cache-tier {forced}"))
-        gpu = self.room("gpu") if "gpu" in offered else 0
-        ram = self.room("ram") if "ram" in offered else 0
-        disk = self.room("disk") if below is None or LEVEL[below] < LEVEL["mmap"] else 0
+        gpu = self.room("gpu") if offered("gpu") else 0
+        ram = self.room("ram") if offered("ram") else 0
+        disk = self.room("disk") if offered("mmap") else 0
         if total <= gpu:
             return self._log(
                 Decision("gpu", total, f"{_mib(total)} fits the GPU budget ({_mib(gpu)} left)")

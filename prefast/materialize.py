@@ -115,9 +115,7 @@ class PrefastFeed:
         self.ctx = CacheContext(root, self.governor, model, device, dtype, identity, autocast=amp)
         self.current: BoundaryCache | None = None  # complete: later epochs read it
         self.target: BoundaryCache | None = None  # being materialized
-        self.test = TestCache(
-            self.ctx, raw, self._run_prefix, lambda stage: self.costs[stage - 1].compress_ratio
-        )
+        self.test = TestCache(self.ctx, raw, self._run_prefix, self._ratio)
         self.epoch: int | None = None
         self.warned_fixed_aug = False
         self._reset_stats()
@@ -340,18 +338,10 @@ class PrefastFeed:
         """The tier's allocator refused the view: plan the boundary in the next tier down,
         at once when nothing was written yet (else from the next epoch)."""
         log.warning("stage %d's cache does not fit the %s tier: %s", t.stage, t.tier, exc)
-        self.ctx.event(
-            epoch,
-            "allocation_failed",
-            stage=t.stage,
-            tier=t.tier,
-            bytes=exc.nbytes,
-            detail=str(exc),
-        )
         written = bool(t.readers)
         t.abandon(str(exc))  # releases its ledger entry first: the refusal must outlive it
         self.target = None
-        self.governor.allocation_failed(t.tier, exc.nbytes)
+        self.ctx.allocation_refused(epoch, t.tier, exc, stage=t.stage)
         if written:  # views of the old tier are gone with it: write them all again
             self.plan[epoch + 1] = t.stage
             return

@@ -52,8 +52,7 @@ def relieve_pressure(
         try:
             copies = _copy_views(b, dest, ctx, epoch)
         except CacheAllocationError as exc:
-            governor.allocation_failed(dest, exc.nbytes)
-            ctx.event(epoch, "allocation_failed", stage=b.stage, tier=dest, detail=str(exc))
+            ctx.allocation_refused(epoch, dest, exc, stage=b.stage)
             continue
         except (CacheError, OSError) as exc:
             ctx.event(epoch, "spill_failed", stage=b.stage, to=dest, detail=str(exc))

@@ -102,15 +102,7 @@ class TestCache:
                 self.writer = self.ctx.writer(tier, spec)
                 return
             except CacheAllocationError as exc:
-                governor.allocation_failed(tier, exc.nbytes)
-                self.ctx.event(
-                    epoch,
-                    "allocation_failed",
-                    split="test",
-                    stage=stage,
-                    tier=tier,
-                    detail=str(exc),
-                )
+                self.ctx.allocation_refused(epoch, tier, exc, split="test", stage=stage)
                 lower = governor.lower_tiers(spec.logical_bytes, tier, self.ratio_of(stage))
                 if not lower:
                     self._failed(stage, epoch, exc)

@@ -55,9 +55,11 @@ def drop_from_optimizer(opt: torch.optim.Optimizer, stages: list[int]) -> None:
 
 
 def host_state(state: dict) -> dict:
-    """A state dict with host copies of its tensors (and its module versions kept)."""
-    out = type(state)((k, to_host(v)) for k, v in state.items())
-    out._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    """A state dict (a module's or an optimizer's) with host copies of its tensors; a
+    module's keeps its version metadata."""
+    out = tree_map(lambda v: to_host(v) if isinstance(v, torch.Tensor) else v, state)
+    if hasattr(state, "_metadata"):
+        out._metadata = state._metadata
     return out
 
 
@@ -270,13 +272,12 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def _save_checkpoint(self, path: Path, next_epoch: int) -> None:
-        host = lambda t: to_host(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
         state = {
             "next_epoch": next_epoch,
             "num_frozen": self.model.num_frozen,
             # Host copies: a checkpoint loads on any device (map_location is the host).
             "model": host_state(self.model.state_dict()),
-            "optimizer": tree_map(host, self.opt.state_dict()),
+            "optimizer": host_state(self.opt.state_dict()),
             "history": self.history,
             "config": self.cfg.to_json(),
         }

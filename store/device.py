@@ -33,6 +33,7 @@ Nothing in a training step does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,12 +62,12 @@ def pins_host_memory(device: torch.device | str) -> bool:
 
 
 def is_allocation_failure(exc: BaseException) -> bool:
-    """An allocator saying no: CUDA or host out of memory, or a failed pin."""
+    """An allocator saying no: CUDA or host out of memory."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("out of memory", "can't allocate", "cannot allocate", "pinned", "pin ")
+        s in text for s in ("out of memory", "can't allocate", "cannot allocate")
     )
 
 
@@ -80,20 +81,13 @@ def allocate(
     except (RuntimeError, MemoryError) as exc:
         if not is_allocation_failure(exc):
             raise
-        nbytes = _nbytes(shape, dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
         raise CacheAllocationError(what, nbytes, str(torch.device(device)), exc) from exc
 
 
 def pinned_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """Page-locked host memory (raises as the allocator does when it cannot pin)."""
     return torch.empty(numel, dtype=dtype, pin_memory=True)
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n * torch.empty(0, dtype=dtype).element_size()
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
