@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from prefast.errors import PrefastError
+from prefast.errors import PrefastError, Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         from prefast.distributed import shutdown
 
         shutdown(clean)
-
-
-class Terminated(Exception):
-    """SIGTERM arrived."""
 
 
 def _terminated(signum: int, frame: object) -> None:

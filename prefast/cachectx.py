@@ -17,6 +17,7 @@ from prefast.errors import (
     CacheCorruptedError,
     CacheError,
     CacheExistsError,
+    CacheUnavailableError,
 )
 from prefast.governor import Governor
 from prefast.models import StagedModel
@@ -77,11 +78,17 @@ class CacheContext:
         return open_writer(tier, spec, self.root, self.device)
 
     def reuse(self, tier: str, key: str, epoch: int | None) -> Reader | None:
-        """A complete disk cache with this key, or None. A corrupted one is deleted."""
+        """A complete disk cache with this key, or None. A corrupted one is deleted; one that
+        cannot be read now (``CacheUnavailableError``: too many open files, ...) is kept and
+        the error raised, so the caller tries again later instead of rewriting it."""
         if tier not in DISK_TIERS or not self.root.is_complete(key):
             return None
         try:
             reader = open_reader(self.root, key)
+        except CacheUnavailableError as exc:
+            self.event(epoch, "unavailable", key=key, detail=str(exc))
+            log.warning("cache %s cannot be read now (%s): kept", exc.cache, exc.detail)
+            raise
         except CacheCorruptedError as exc:
             self.event(epoch, "corrupted", key=key, detail=str(exc))
             log.warning("cache %s is corrupted (%s): rebuilding it", exc.cache, exc.detail)

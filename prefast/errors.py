@@ -10,6 +10,8 @@ from prefast.store.errors import (
     CacheExistsError,
     CacheLockedError,
     CacheNotFoundError,
+    CacheReadError,
+    CacheUnavailableError,
     CacheWriteError,
     ConfigError,
     DiskFullError,
@@ -21,6 +23,12 @@ class DataUnavailableError(PrefastError):
     """A dataset's files are missing and cannot be downloaded."""
 
     exit_code = 2
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (the CLI turns the signal into this exception, so the run unwinds:
+    writers abort, locks are released). A ``BaseException``, like ``KeyboardInterrupt``:
+    no ``except Exception`` on the way up may turn it into a cache error and carry on."""
 
 
 class BoundaryStateError(PrefastError, RuntimeError):
@@ -35,9 +43,12 @@ __all__ = [
     "CacheExistsError",
     "CacheLockedError",
     "CacheNotFoundError",
+    "CacheReadError",
+    "CacheUnavailableError",
     "CacheWriteError",
     "ConfigError",
     "DataUnavailableError",
     "DiskFullError",
     "PrefastError",
+    "Terminated",
 ]

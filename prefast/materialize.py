@@ -49,7 +49,13 @@ from prefast.cachectx import DISK_TIERS, CacheContext
 from prefast.config import TrainConfig, default_cache_dir
 from prefast.costmodel import StageCost, plan_boundaries
 from prefast.distributed import SINGLE, Dist
-from prefast.errors import CacheAllocationError, CacheCorruptedError, CacheError
+from prefast.errors import (
+    CacheAllocationError,
+    CacheCorruptedError,
+    CacheError,
+    CacheReadError,
+    CacheUnavailableError,
+)
 from prefast.feed import Batch, BatchStream, RawSource
 from prefast.governor import Governor, cache_dtype, cache_views
 from prefast.models import StagedModel
@@ -153,9 +159,9 @@ class PrefastFeed:
             for batch in batches:
                 seen[batch.ids.numpy()] = True
                 yield self._through(batch, writing, epoch)
-        except CacheCorruptedError as exc:
+        except CacheReadError as exc:  # damaged, or unreadable now: the rest from raw data
             assert source is not None
-            self._corrupted(epoch, source, exc)
+            self._read_failed(epoch, source, exc)
             for batch in self.raw.train_batches(epoch, seen=seen):
                 yield self._through(batch, writing, epoch)
 
@@ -309,6 +315,8 @@ class PrefastFeed:
         spec = self.ctx.spec(key, "train", t.stage, self.raw.num_train, shape)
         try:
             opened = self.ctx.open_view(t.tier, spec, epoch)
+        except CacheUnavailableError:  # kept; this epoch computes the prefix, the next retries
+            return
         except CacheAllocationError as exc:
             self._out_of_memory(epoch, t, exc)
             return
@@ -356,6 +364,15 @@ class PrefastFeed:
         if self.target is not None:
             self.target.abandon(why)
             self.target = None
+
+    def _read_failed(self, epoch: int, source: BoundaryCache, exc: CacheReadError) -> None:
+        if isinstance(exc, CacheCorruptedError):
+            self._corrupted(epoch, source, exc)
+            return
+        # Unavailable (too many open files, no permission, ...): nothing says the cache is
+        # bad, so it is kept and read again next epoch; this epoch ends on raw data.
+        log.warning("%s: the rest of the epoch comes from raw data", exc)
+        self.ctx.event(epoch, "unavailable", stage=source.stage, detail=str(exc))
 
     def _corrupted(self, epoch: int, source: BoundaryCache, exc: CacheCorruptedError) -> None:
         """Never train on garbage: drop the boundary; rebuild it next epoch unless a

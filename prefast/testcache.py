@@ -21,7 +21,13 @@ import torch
 
 from prefast.boundary import discard
 from prefast.cachectx import CacheContext
-from prefast.errors import CacheAllocationError, CacheCorruptedError, CacheError
+from prefast.errors import (
+    CacheAllocationError,
+    CacheCorruptedError,
+    CacheError,
+    CacheReadError,
+    CacheUnavailableError,
+)
 from prefast.feed import Batch, BatchStream, RawSource
 from prefast.store import Reader, Writer
 from prefast.store.device import Uploader
@@ -51,18 +57,22 @@ class TestCache:
         if self.reader is not None and self.stage == stage:
             yield from self._read(self.reader, stage, epoch)
             return
-        if self.failed_stage != stage:
-            reused = self.ctx.reuse(tier, self.ctx.key("test", stage, None), epoch)
+        write = self.failed_stage != stage  # do not retry a boundary that failed
+        if write:
+            try:
+                reused = self.ctx.reuse(tier, self.ctx.key("test", stage, None), epoch)
+            except CacheUnavailableError:  # kept: computed this time, read next time
+                reused, write = None, False
             if reused is not None:
                 self._replace(reused, stage)
                 yield from self._read(reused, stage, epoch)
                 return
-        yield from self._materialize(stage, tier, epoch)
+        yield from self._materialize(stage, tier, epoch, write)
 
-    def _materialize(self, stage: int, tier: str, epoch: int | None) -> BatchStream:
+    def _materialize(self, stage: int, tier: str, epoch: int | None, write: bool) -> BatchStream:
         old = self.reader if self.reader is not None and self.stage < stage else None
         source = self._read(old, self.stage, epoch) if old is not None else self.raw.test_batches()
-        opened = self.failed_stage == stage  # do not retry a boundary that failed
+        opened = not write
         try:
             for batch in source:
                 x = self.run_prefix(batch.x, batch.start, stage)
@@ -134,14 +144,12 @@ class TestCache:
                     x = self.ctx.to_compute(x)
                     yield Batch(x, y, ids[sl], labels[sl], start, cached=True)
                     done += len(ids[sl])
-        except CacheCorruptedError as exc:
-            log.warning(
-                "cache %s is corrupted (%s): evaluating the rest from raw data",
-                exc.cache,
-                exc.detail,
-            )
-            self.ctx.event(epoch, "corrupted", split="test", stage=start, detail=str(exc))
-            if reader is self.reader:
+        except CacheReadError as exc:
+            damaged = isinstance(exc, CacheCorruptedError)
+            log.warning("%s: evaluating the rest from raw data", exc)
+            name = "corrupted" if damaged else "unavailable"
+            self.ctx.event(epoch, name, split="test", stage=start, detail=str(exc))
+            if damaged and reader is self.reader:
                 self.drop()
             yield from self.raw.test_batches(first_row=done)  # whole batches were served
 

@@ -32,7 +32,7 @@ from .base import (
     from_storage,
 )
 from .chunkio import ChunkPrefetcher, io_workers
-from .errors import CacheCorruptedError, CacheNotFoundError
+from .errors import CacheCorruptedError, CacheNotFoundError, read_error
 from .layout import CacheRoot, KeyLock
 from .shuffle import chunk_visit_order, windowed_order
 
@@ -51,10 +51,13 @@ class DiskReader(Reader):
             if not root.is_complete(key):
                 raise CacheNotFoundError(f"cache {key} under {root.path} is missing or partial")
             self._open()
+            root.touch(key)
+        except OSError as exc:  # from anything not sorted where it happened (touch's utime)
+            self.close()
+            raise read_error(key, "opening it", exc) from exc
         except BaseException:
-            self.lock.release()
+            self.close()
             raise
-        root.touch(key)
 
     def _open(self) -> None:
         try:
@@ -63,7 +66,9 @@ class DiskReader(Reader):
             self.group = zarr.open_group(store, mode="r")
             a: dict[str, Any] = dict(self.group.attrs)
             self.spec = CacheSpec(self.key, a["rows"], tuple(a["shape"]), a["dtype"], a)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except OSError as exc:
+            raise read_error(self.key, "reading its metadata", exc) from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CacheCorruptedError(self.key, f"unreadable metadata ({exc})") from exc
         self.attrs = a
         self.chunk_rows = int(self.marker.get("chunk_rows", 0))
@@ -78,14 +83,16 @@ class DiskReader(Reader):
         self._ids = self._small("ids")
         self.labels = self._small("labels")
         for name, arr in (("ids", self._ids), ("labels", self.labels)):
-            if checksum(arr) != self.marker[f"{name}_crc32c"]:
+            if checksum(arr) != self.marker.get(f"{name}_crc32c"):  # absent: damaged marker
                 raise CacheCorruptedError(self.key, f"the {name} array does not match its checksum")
 
     def _small(self, name: str) -> np.ndarray:
         try:
             array: Any = self.group[name]
             return np.asarray(array[:])
-        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+        except OSError as exc:
+            raise read_error(self.key, f"reading array {name!r}", exc) from exc
+        except (KeyError, ValueError, RuntimeError) as exc:
             raise CacheCorruptedError(self.key, f"array {name!r} is unreadable ({exc})") from exc
 
     @property
@@ -104,7 +111,10 @@ class DiskReader(Reader):
 
         Runs on the prefetcher's threads: it must not touch shared state.
         """
-        chunk = self._load_chunk(i, buf)
+        try:
+            chunk = self._load_chunk(i, buf)
+        except OSError as exc:  # EIO: damaged; EMFILE, EACCES...: unavailable, kept
+            raise read_error(self.key, f"reading chunk {i} of activations", exc) from exc
         if checksum(chunk) != self.chunk_crcs[i]:
             del chunk  # never keep a view into damaged data alive in the traceback
             raise CacheCorruptedError(
@@ -248,4 +258,5 @@ class DiskReader(Reader):
 
     def close(self) -> None:
         """Release the shared lock; idempotent."""
-        self.lock.release()
+        if hasattr(self, "lock"):
+            self.lock.release()

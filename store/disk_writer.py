@@ -36,13 +36,14 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .base import NUMPY_STORAGE, CacheSpec, Writer, checksum, to_storage
 from .disk_reader import DiskReader, chunk_file
-from .errors import CacheExistsError, CacheWriteError, DiskFullError
+from .errors import FULL_ERRNOS, CacheExistsError, CacheWriteError, DiskFullError
 from .layout import MARKER, CacheRoot, atomic_write_json, fsync_tree
 from .readers import open_reader
 
 log = logging.getLogger("prefast.store")
 _STOP = object()
 ZSTD_MIN_RATIO = 1.10  # below this, decoding costs more than the bytes it saves
+ABORT_WAIT_S = 5.0  # what abort() waits for a writer thread stuck in a hung write
 POLL_S = 0.05  # how often a waiting trainer re-checks the writer thread for an error
 
 # What the trainer may run ahead of the writer thread: at most this many bytes
@@ -90,6 +91,9 @@ class DiskWriter(Writer):
         self.queue_batches = queue_batches
         self.queue: queue.Queue = queue.Queue()  # bounded at the first append()
         self.closed = False
+        self._handoff = threading.Lock()  # abort() vs. the thread's end: who cleans up
+        self._thread_done = False
+        self._orphaned = False
         self.thread = threading.Thread(
             target=self._run, name=f"prefast-writer-{spec.key[:8]}", daemon=True
         )
@@ -133,25 +137,48 @@ class DiskWriter(Writer):
             atomic_write_json(self.dir / MARKER, self._marker())
         except BaseException as exc:
             self.abort()
+            if not isinstance(exc, Exception):  # SIGTERM, Ctrl-C: never a cache error
+                raise
             raise self._wrapped(exc) from exc
         self.closed = True
         self.lock.downgrade()  # the reader keeps the lock: nobody deletes what we read
         return open_reader(self.root, self.spec.key, lock=self.lock)
 
     def abort(self) -> None:
-        """Drop everything written and release the key; idempotent."""
+        """Drop everything written and release the key; idempotent.
+
+        Waits at most ``ABORT_WAIT_S`` for the writer thread: a disk that hangs (rather
+        than fails) must not hang training too. A thread still stuck in a write then
+        cleans up itself when the write returns; until then the key stays locked, so
+        nobody reads or rewrites the partial cache.
+        """
         if self.closed:
             return
         self.closed = True
+        deadline = time.monotonic() + ABORT_WAIT_S
         if self.thread.is_alive():
             self.error = self.error or RuntimeError("aborted")
-            while self.thread.is_alive():  # the thread drains after an error: STOP gets in
-                try:
+            while self.thread.is_alive() and time.monotonic() < deadline:
+                try:  # the thread drains after an error: STOP gets in
                     self.queue.put(_STOP, timeout=POLL_S)
                     break
                 except queue.Full:
                     continue
-            self.thread.join()
+            self.thread.join(max(0.0, deadline - time.monotonic()))
+        with self._handoff:
+            if self.thread.is_alive() and not self._thread_done:
+                self._orphaned = True
+                log.warning(
+                    "cache %s: the disk has not answered for %.0f s; the writer thread removes "
+                    "the partial cache when its write returns",
+                    self.spec.key[:8],
+                    ABORT_WAIT_S,
+                )
+                return
+        self.thread.join()  # it is past its last write
+        self._discard()
+
+    def _discard(self) -> None:
         self._close_files()
         self.root.remove_held(self.spec.key)
         self.lock.release()
@@ -171,22 +198,19 @@ class DiskWriter(Writer):
             self.abort()
             raise self._wrapped(err) from err
 
-    def _wrapped(self, err: BaseException) -> BaseException:
+    def _wrapped(self, err: BaseException) -> CacheWriteError:
         if isinstance(err, CacheWriteError):
             return err
         where = f"cache {self.spec.key} under {self.root.path}"
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        if isinstance(err, OSError) and err.errno in FULL_ERRNOS:
             return DiskFullError(
                 errno.ENOSPC,
                 f"disk full while writing {where}; the partial cache was removed. Free space, "
                 "pass --max-disk, or choose another --cache-dir",
             )
-        if isinstance(err, Exception):
-            return CacheWriteError(
-                f"writing {where} failed ({type(err).__name__}: {err}); the partial cache "
-                "was removed"
-            )
-        return err  # KeyboardInterrupt and friends pass through
+        return CacheWriteError(
+            f"writing {where} failed ({type(err).__name__}: {err}); the partial cache was removed"
+        )
 
     def _marker(self) -> dict:
         return {
@@ -221,6 +245,11 @@ class DiskWriter(Writer):
                 self._drain_chunk_writes()
             except BaseException as exc:
                 self.error = exc
+        with self._handoff:
+            self._thread_done = True
+            orphaned = self._orphaned
+        if orphaned:  # abort() gave up waiting for us: the cleanup is ours
+            self._discard()
 
     def _drain_chunk_writes(self) -> None:
         pass

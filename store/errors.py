@@ -9,6 +9,8 @@ input) or 1 (a failed check), never a traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class PrefastError(Exception):
     """Base class of every error raised on purpose by PreFast."""
@@ -30,8 +32,14 @@ class CacheNotFoundError(CacheError):
     """No complete cache with the given key exists under the cache root."""
 
 
-class CacheCorruptedError(CacheError):
-    """A chunk is missing, fails its checksum, or the completion record does not match."""
+class CacheReadError(CacheError):
+    """A cache could not be read. Its two kinds (:func:`read_error` sorts an ``OSError``
+    into one) say whether the cache itself is bad."""
+
+
+class CacheCorruptedError(CacheReadError):
+    """A chunk is missing, fails its checksum, or the completion record does not match:
+    the cache is bad (it is deleted and rebuilt)."""
 
     def __init__(self, cache: str, detail: str):
         self.cache = cache
@@ -40,6 +48,48 @@ class CacheCorruptedError(CacheError):
             f"cache {cache} is corrupted: {detail}. "
             f"Delete it with `prefast cache purge {cache} --yes`; it will be recomputed."
         )
+
+
+class CacheUnavailableError(CacheReadError):
+    """The cache could not be read *now* (too many open files, no memory, no permission,
+    an interrupted call): nothing says it is damaged, so it is kept and tried again."""
+
+    def __init__(self, cache: str, detail: str):
+        self.cache = cache
+        self.detail = detail
+        super().__init__(
+            f"cache {cache} could not be read now: {detail}. It was kept; the data is "
+            "read raw meanwhile"
+        )
+
+
+# The errnos that say the cache's files are missing or damaged. Any other OSError (EMFILE,
+# ENFILE, ENOMEM, EAGAIN, EINTR, EACCES, EPERM, ETIMEDOUT, ...) says nothing about the cache:
+# it is unavailable, never deleted. EIO is the kernel's word for an unreadable block.
+DAMAGED_ERRNOS = frozenset(
+    e
+    for e in (
+        errno.ENOENT,
+        errno.EIO,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        getattr(errno, "EBADMSG", None),
+        getattr(errno, "EUCLEAN", None),
+        getattr(errno, "ESTALE", None),
+    )
+    if e is not None
+)
+FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e)
+
+
+def read_error(cache: str, what: str, exc: OSError) -> CacheReadError:
+    """The one place an ``OSError`` met while reading a cache is sorted: missing or
+    damaged files -> :class:`CacheCorruptedError`; anything else ->
+    :class:`CacheUnavailableError` (the cache is kept)."""
+    detail = f"{what}: {type(exc).__name__}: {exc}"
+    if exc.errno in DAMAGED_ERRNOS:
+        return CacheCorruptedError(cache, detail)
+    return CacheUnavailableError(cache, detail)
 
 
 class CacheLockedError(CacheError):

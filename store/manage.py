@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .disk_reader import DiskReader
-from .errors import CacheCorruptedError, CacheError, CacheLockedError
+from .errors import CacheError, CacheLockedError, CacheReadError
 from .layout import MARKER, CacheRoot, disk_usage
 from .readers import open_reader
 
@@ -100,7 +100,7 @@ def verify(root: CacheRoot, key: str) -> list[str]:
         for i in range(reader.num_chunks):
             try:
                 reader.read_chunk(i)
-            except CacheCorruptedError as exc:
+            except CacheReadError as exc:
                 problems.append(str(exc))
     finally:
         reader.close()

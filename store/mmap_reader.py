@@ -10,7 +10,7 @@ import numpy as np
 from .base import NUMPY_STORAGE
 from .chunkio import map_for_reading
 from .disk_reader import DiskReader
-from .errors import CacheCorruptedError
+from .errors import CacheCorruptedError, read_error
 
 
 class MmapReader(DiskReader):
@@ -29,13 +29,16 @@ class MmapReader(DiskReader):
         super()._open()
         path = self.dir / "activations.bin"
         expected = self.spec.logical_bytes
-        size = path.stat().st_size if path.is_file() else None
-        if size != expected:
-            raise CacheCorruptedError(
-                self.key, f"activations.bin has {size} bytes, expected {expected}"
-            )
-        with open(path, "rb") as f:
-            self._map = map_for_reading(f.fileno())
+        try:
+            size = path.stat().st_size if path.is_file() else None
+            if size != expected:
+                raise CacheCorruptedError(
+                    self.key, f"activations.bin has {size} bytes, expected {expected}"
+                )
+            with open(path, "rb") as f:
+                self._map = map_for_reading(f.fileno())
+        except OSError as exc:
+            raise read_error(self.key, "mapping activations.bin", exc) from exc
         self.mm = np.frombuffer(self._map, dtype=NUMPY_STORAGE[self.spec.dtype]).reshape(
             self.spec.rows, *self.spec.shape
         )

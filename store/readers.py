@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .disk_reader import DiskReader
-from .errors import CacheCorruptedError, CacheNotFoundError
+from .errors import CacheCorruptedError, CacheNotFoundError, read_error
 from .layout import CacheRoot, KeyLock
 from .mmap_reader import MmapReader
 from .zarr_reader import ZarrReader
@@ -13,15 +13,22 @@ def open_reader(root: CacheRoot, key: str, lock: KeyLock | None = None) -> DiskR
     """Open a complete disk cache (a partial one is never read).
 
     Raises CacheNotFoundError (missing or partial), CacheLockedError (being
-    written or deleted) or CacheCorruptedError (metadata, marker or chunk
-    files do not add up).
+    written or deleted), CacheCorruptedError (metadata, marker or chunk
+    files do not add up) or CacheUnavailableError (an I/O error that says nothing
+    about the cache, e.g. too many open files: ``errors.read_error`` sorts them).
     """
-    lock = lock or root.acquire(key, shared=True)
+    try:
+        lock = lock or root.acquire(key, shared=True)
+    except OSError as exc:  # the lock file could not be opened
+        raise read_error(key, "opening its lock", exc) from exc
     try:
         if not root.is_complete(key):
             raise CacheNotFoundError(f"cache {key} under {root.path} is missing or partial")
         tier = root.marker(key).get("tier")
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        lock.release()
+        raise read_error(key, "reading the completion marker", exc) from exc
+    except (ValueError, AttributeError) as exc:  # not JSON, or not a JSON object
         lock.release()
         raise CacheCorruptedError(key, f"unreadable completion marker ({exc})") from exc
     except BaseException:

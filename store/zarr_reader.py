@@ -21,7 +21,7 @@ from zarr.codecs.bytes import Endian
 from .base import NUMPY_STORAGE
 from .chunkio import map_for_reading
 from .disk_reader import DiskReader, chunk_file
-from .errors import CacheCorruptedError
+from .errors import CacheCorruptedError, read_error
 
 
 class ZarrReader(DiskReader):
@@ -31,7 +31,9 @@ class ZarrReader(DiskReader):
         super()._open()
         try:
             array = self.group["activations"]
-        except (KeyError, ValueError, OSError) as exc:
+        except OSError as exc:
+            raise read_error(self.key, "opening the activations array", exc) from exc
+        except (KeyError, ValueError) as exc:
             raise CacheCorruptedError(self.key, f"no activations array ({exc})") from exc
         if not isinstance(array, zarr.Array):
             raise CacheCorruptedError(self.key, "'activations' is not an array")
@@ -69,7 +71,7 @@ class ZarrReader(DiskReader):
             lo = i * self.chunk_rows
             try:
                 return np.asarray(self.array[lo : lo + self.chunk_rows])
-            except (ValueError, RuntimeError, OSError) as exc:
+            except (ValueError, RuntimeError) as exc:
                 raise CacheCorruptedError(self.key, f"chunk {i} of activations: {exc}") from exc
         # zarr stores the last chunk padded to a whole chunk; the marker's crc covers real rows.
         # The file is mapped, not read: a read would copy every byte once more.
@@ -85,6 +87,7 @@ class ZarrReader(DiskReader):
                 mapped = map_for_reading(f.fileno(), size)
         except FileNotFoundError:
             raise CacheCorruptedError(self.key, f"chunk file of chunk {i} is missing") from None
+        # Any other OSError is sorted by DiskReader._load (errors.read_error).
         if self.codec == "none":
             self._maps[i] = mapped  # closed by _release when the chunk leaves the window
             flat = np.frombuffer(

@@ -78,9 +78,20 @@ def corrupt_chunk_read_mid_epoch(
     root: CacheRoot, key: str, seed: int, epoch: int, batch_size: int, windowed: bool
 ) -> int:
     """Flip one byte of the chunk that the next epoch needs first, latest in the epoch.
+    Returns the chunk."""
+    chunk, path, offset = chunk_read_mid_epoch(root, key, seed, epoch, batch_size, windowed)
+    flip_byte(path, offset)
+    return chunk
+
+
+def chunk_read_mid_epoch(
+    root: CacheRoot, key: str, seed: int, epoch: int, batch_size: int, windowed: bool
+) -> tuple[int, Path, int | None]:
+    """The chunk that ``epoch`` needs first, latest in the epoch: (index, file, offset of
+    one of its bytes in the file, None for a whole zarr chunk file).
 
     Exact-order readers touch chunks as the (seed, epoch) order dictates; the
-    windowed zarr reader visits chunks in a seeded chunk order. Returns the chunk.
+    windowed zarr reader visits chunks in a seeded chunk order.
     """
     reader = open_reader(root, key)
     try:
@@ -107,8 +118,7 @@ def corrupt_chunk_read_mid_epoch(
         path, offset = d / "activations" / str(name), None
     else:
         path, offset = d / "activations.bin", chunk * chunk_rows * row_bytes + 7
-    flip_byte(path, offset)
-    return chunk
+    return chunk, path, offset
 
 
 def flip_byte(path: Path, offset: int | None = None) -> None:

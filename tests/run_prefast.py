@@ -1,10 +1,14 @@
 """The ``prefast`` command for subprocess tests (torchrun), with test-only options first.
 
-    python tests/run_prefast.py [--strict] [--fail-rank R --fail-step N] -- train ...
+    python tests/run_prefast.py [--strict] [--fail-rank R --fail-step N]
+                                [--pause-in-finish FILE [--pause-rank R]] -- train ...
 
 ``--strict`` trains on the strict test device (``tests/strict_device.py``) instead
 of the CPU; ``--fail-rank R --fail-step N`` makes rank R raise a local error (a
-CUDA out-of-memory's message) at its N-th training step. Everything after
+CUDA out-of-memory's message) at its N-th training step; ``--pause-in-finish FILE``
+makes a disk writer's ``finish()`` (of rank R, default every rank) write the
+process id to FILE and sleep before it syncs, so a test can signal the process
+there. Everything after
 ``--`` goes to the real CLI.
 """
 
@@ -24,7 +28,23 @@ def main() -> int:
     p.add_argument("--strict", action="store_true")
     p.add_argument("--fail-rank", type=int)
     p.add_argument("--fail-step", type=int, default=1)
+    p.add_argument("--pause-in-finish")
+    p.add_argument("--pause-rank", type=int)
     opts = p.parse_args(sys.argv[1:split])
+    rank = int(os.environ.get("RANK", "0"))
+    if opts.pause_in_finish and opts.pause_rank in (None, rank):
+        import time
+
+        import prefast.store.disk_writer as disk_writer
+
+        sync = disk_writer.fsync_tree
+
+        def paused(path):
+            Path(opts.pause_in_finish).write_text(str(os.getpid()))
+            time.sleep(120)  # the test signals us here
+            sync(path)
+
+        disk_writer.fsync_tree = paused
     if opts.strict:
         import strict_device
 

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 import torch
 from prefast.store import CacheRoot, CacheSpec, open_writer
@@ -67,6 +68,75 @@ def test_sigkill_mid_write_leaves_nothing_complete(tmp_path):
     # the dead writer's lock is not stale: a new writer takes over the key
     make_cache(root, key="killed", rows=300)
     assert root.is_complete("killed")
+
+
+RUN_PREFAST = os.path.join(os.path.dirname(__file__), "run_prefast.py")
+SMALL_RUN = [
+    "train", "--mode", "prefast", "--dataset", "digits", "--model", "densenet-bc",
+    "--depth", "10", "--epochs", "4", "--t0", "0.3", "--augment", "none", "--device", "cpu",
+    "--cache-tier", "zarr", "--cache-boundaries", "every",
+]  # fmt: skip
+
+
+def wait_for_file(path, proc, seconds=120.0):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, f"exited early ({proc.returncode}): {proc.communicate()}"
+        assert time.monotonic() < deadline, "the writer never reached finish()"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the pid is written; the process is now sleeping inside finish()
+    return int(path.read_text())
+
+
+@pytest.mark.slow
+def test_sigterm_during_finish_exits_promptly_with_the_signals_status(tmp_path):
+    """Before: SIGTERM raised an Exception, finish() turned it into a CacheWriteError, the
+    boundary was abandoned and training went on to the end (exit 0)."""
+    pause = tmp_path / "paused"
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, RUN_PREFAST, "--pause-in-finish", str(pause), "--",
+         *SMALL_RUN, "--cache-dir", str(cache)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    pid = wait_for_file(pause, proc)
+    assert pid == proc.pid
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    took = time.monotonic() - t
+    assert proc.returncode == 143, (proc.returncode, out, err[-2000:])
+    assert took < 10, f"took {took:.1f} s to stop"
+    assert "prefast: terminated (SIGTERM" in err, err[-2000:]
+    assert "CacheWriteError" not in err and "abandon" not in err, err[-2000:]
+    root = CacheRoot(cache)
+    assert [k for k in root.cache_keys() if not root.is_complete(k)] == [], "partial cache left"
+
+
+@pytest.mark.slow
+def test_sigterm_during_finish_under_torchrun_stops_every_rank(tmp_path):
+    """Rank 1 is signalled inside finish(): it exits 143, torchrun stops rank 0, and the job
+    ends in bounded time with no rank left running."""
+    pause = tmp_path / "paused"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "--monitor-interval", "0.5", RUN_PREFAST, "--pause-in-finish", str(pause),
+         "--pause-rank", "1", "--", *SMALL_RUN, "--cache-dir", str(tmp_path / "cache"),
+         "--dist-timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    pid = wait_for_file(pause, proc, seconds=240)
+    ranks = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert pid in ranks and len(ranks) >= 2, ranks
+    t = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    took = time.monotonic() - t
+    assert proc.returncode != 0, (out, err[-3000:])
+    assert took < 45, f"the job took {took:.1f} s to stop"
+    assert "prefast[rank 1]: terminated (SIGTERM" in err, err[-3000:]
+    assert not [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 
 @pytest.mark.parametrize("tier", ["zarr", "mmap"])

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 from helpers import (
     DIGITS,
     assert_every_sample_once_per_epoch,
+    chunk_read_mid_epoch,
     corrupt_chunk_read_mid_epoch,
     leftovers,
     prefast_threads,
@@ -91,6 +94,83 @@ def test_fault_mid_epoch_serves_exactly_the_unseen_samples(
         assert rel_diff(result, freezeout_ref) <= 1e-6
     # later epochs read a cache again (rebuilt, or replaced by the boundary being written)
     assert result["epochs"][-1]["cached_batches"] == bpe
+
+
+# -- I/O errors, sorted by kind (prefast.store.errors.read_error) -------------------------
+@pytest.mark.parametrize("code", [errno.EIO, errno.EACCES])
+def test_an_io_error_on_a_chunk_mid_epoch_serves_the_rest_from_raw_data(
+    code, tmp_path, monkeypatch, freezeout_ref
+):
+    """EIO (the block is unreadable: damaged) -> corrupted, rebuilt; EACCES (says nothing about
+    the data) -> kept and read again next epoch. Either way the epoch ends on raw data, every
+    sample once, exactly as FreezeOut. Injected where the zarr reader opens the chunk file."""
+    monkeypatch.setattr("prefast.store.base.CHUNK_BYTES", 4096)  # 576-byte rows: many chunks
+    # Epoch 7 only reads boundary 7; epoch 8 reads it again while writing the next one.
+    root, fault_epoch, boundary = CacheRoot(tmp_path), 7, 7
+    cfg = prefast_cfg(tmp_path)
+    armed: dict = {}
+    real_open = open
+
+    def failing_open(path, *args, **kw):
+        if armed.get("path") == Path(path) and armed["left"]:
+            armed["left"] -= 1
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr("prefast.store.zarr_reader.open", failing_open, raising=False)
+
+    def on_epoch(rec):
+        if rec["epoch"] == fault_epoch - 1:
+            key = train_cache_key(root, boundary)
+            armed["chunk"], armed["path"], _ = chunk_read_mid_epoch(
+                root, key, cfg.seed, fault_epoch, cfg.batch_size, False
+            )
+            armed["key"], armed["left"] = key, 1
+
+    result, steps = train_recording(cfg, on_epoch)
+    faulted = result["epochs"][fault_epoch]
+    bpe = result["final"]["batches_per_epoch"]
+    assert armed["left"] == 0 and 0 < faulted["cached_batches"] < bpe, "fault not mid-epoch"
+    assert_every_sample_once_per_epoch(result, steps, N_DIGITS)
+    assert rel_diff(result, freezeout_ref) <= 1e-6
+    kind = "corrupted" if code == errno.EIO else "unavailable"
+    events = [e for e in result["final"]["cache_events"] if e["event"] == kind]
+    assert [e["epoch"] for e in events] == [fault_epoch], result["final"]["cache_events"]
+    assert f"chunk {armed['chunk']}" in events[0]["detail"], events[0]
+    if code == errno.EACCES:  # kept: boundary 2 is still read in the next epoch
+        nxt = result["epochs"][fault_epoch + 1]
+        assert (nxt["cache_stage"], nxt["cached_batches"]) == (boundary, bpe), nxt
+    assert result["epochs"][-1]["cached_batches"] == bpe
+
+
+def test_too_many_open_files_at_open_keeps_a_complete_cache_and_reads_it_next_epoch(
+    tmp_path, monkeypatch
+):
+    """EMFILE while opening a complete cache says nothing about the cache: it is not deleted,
+    the epoch computes the prefix, and the next epoch reads the cache (losses unchanged)."""
+    cfg = prefast_cfg(tmp_path, epochs=6)
+    clean = train(cfg)  # leaves complete caches on disk
+    root = CacheRoot(tmp_path)
+    last = max(e["stage"] for e in clean["final"]["cache_events"] if e["event"] == "complete")
+    key = train_cache_key(root, last)  # the earlier boundaries were superseded (deleted)
+    calls = {"left": 1}
+    marker = CacheRoot.marker
+
+    def emfile_once(self, k):
+        if k == key and calls["left"]:
+            calls["left"] -= 1
+            raise OSError(errno.EMFILE, "Too many open files", str(self.dir_for(k)))
+        return marker(self, k)
+
+    monkeypatch.setattr(CacheRoot, "marker", emfile_once)
+    rerun = train(cfg)
+    assert calls["left"] == 0, "the fault was not injected"
+    events = [e for e in rerun["final"]["cache_events"] if e.get("key") == key]
+    assert [e["event"] for e in events] == ["unavailable", "reused"], events
+    assert events[1]["epoch"] == events[0]["epoch"] + 1
+    assert root.is_complete(key), "a sound cache was deleted"
+    assert not any(e["event"] == "corrupted" for e in rerun["final"]["cache_events"])
+    assert rel_diff(rerun, clean) <= 1e-6
 
 
 @pytest.mark.slow
