@@ -6,7 +6,8 @@
        │  └──reuse_view──► planned | complete                    │
        │                                                          ├──supersede──► superseded
        ├──abandon (also from writing)──► abandoned                ├──corrupt────► corrupted
-       └──corrupt (a reused view failed its checks)──► corrupted  └──spill───────► complete
+       ├──corrupt (a reused view failed its checks)──► corrupted  └──spill───────► complete
+       └──spill (the views written so far)──► planned
 
 A boundary holds the input of stage ``stage`` for every training sample, one
 *view* per augmented copy (epoch ``e`` reads view ``e mod views``). Each
@@ -81,6 +82,9 @@ class BoundaryCache:
         self.on_release = on_release
         self.state = State.PLANNED
         self.readers: dict[int, Reader] = {}
+        # view -> the augmentation stream of its content (None: not augmented); known for
+        # every view written or reused, and, on resume, for views still to be rebuilt.
+        self.streams: dict[int, int | None] = {}
         self.writer: Writer | None = None
         self.writing_view: int | None = None
         self.why: str | None = None  # reason of a terminal state
@@ -100,12 +104,27 @@ class BoundaryCache:
         view = epoch % self.views
         return None if view in self.readers else view
 
+    def stream_for(self, epoch: int) -> int | None:
+        """The augmentation stream of the view epoch ``epoch`` reads."""
+        return self.streams.get(epoch % self.views)
+
+    def record(self) -> dict:
+        """What a checkpoint records to find this boundary's caches again (keys are
+        recomputed from it, per rank): its stage, tier, views and their streams."""
+        return {
+            "stage": self.stage,
+            "tier": self.tier,
+            "views": self.views,
+            "streams": {v: self.streams.get(v) for v in sorted(self.readers)},
+        }
+
     # -- transitions ----------------------------------------------------------------------
-    def begin_view(self, view: int, writer: Writer) -> None:
+    def begin_view(self, view: int, writer: Writer, stream: int | None = None) -> None:
         self._require(State.PLANNED)
         if view in self.readers:
             raise BoundaryStateError(f"{self!r}: view {view} already exists")
         self.writer, self.writing_view, self.state = writer, view, State.WRITING
+        self.streams[view] = stream
 
     def write(self, acts: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
         """Append rows of the view being written (raises the writer's errors)."""
@@ -122,16 +141,20 @@ class BoundaryCache:
         self.writer, self.writing_view = None, None
         self.state = State.COMPLETE if len(self.readers) == self.views else State.PLANNED
 
-    def reuse_view(self, view: int, reader: Reader) -> None:
+    def reuse_view(self, view: int, reader: Reader, stream: int | None = None) -> None:
         """A complete cache of this view already exists (same content key): adopt it."""
         self._require(State.PLANNED)
         self.readers[view] = reader
+        self.streams[view] = stream
         if len(self.readers) == self.views:
             self.state = State.COMPLETE
 
     def spill(self, view: int, reader: Reader, tier: str) -> None:
-        """Replace view ``view`` by a copy in a lower tier; the old reader is closed."""
-        self._require(State.COMPLETE)
+        """Replace view ``view`` by a copy in a lower tier; the old reader is closed. Views
+        still to be written then go to the new tier too."""
+        self._require(State.PLANNED, State.COMPLETE)
+        if view not in self.readers:
+            raise BoundaryStateError(f"{self!r}: view {view} has not been written")
         old = self.readers[view]
         self.readers[view] = reader
         old.close()

@@ -59,6 +59,7 @@ def plan_boundaries(
     write_bw: float = 300e6,
     read_bw: float = 1e9,
     policy: str = "auto",
+    views: int = 1,
 ) -> list[Boundary]:
     """Epoch starts where materializing the frozen prefix pays for itself.
 
@@ -67,13 +68,15 @@ def plan_boundaries(
     candidate is kept when the prefix compute it saves over the remaining
     epochs exceeds the cost of writing the cache once and reading it every
     remaining epoch; ``policy="every"`` keeps every candidate (a plan that does
-    not depend on timing: tests, and users who know better).
+    not depend on timing: tests, and users who know better). A boundary of
+    ``views`` augmented views is read only once all of them are written, so it is
+    planned only where at least one epoch is left to read it.
     """
     if policy not in BOUNDARY_POLICIES:
         raise ValueError(f"boundary policy {policy!r}: choose one of {BOUNDARY_POLICIES}")
     chosen: list[Boundary] = []
     last = 0
-    for epoch in range(1, epochs - 1):  # the last epoch has no later epoch to serve
+    for epoch in range(1, epochs - views):  # epochs e..e+views-1 write; a later one reads
         p = schedule.frozen_prefix(epoch * batches_per_epoch)
         if p <= last or p >= schedule.num_stages:
             continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -253,24 +254,51 @@ class Normalizer:
         return (x - mean) / std
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
-    """Random crop with zero padding (1/8 of the side) and optional horizontal flip.
+@dataclass(frozen=True)
+class AugmentParams:
+    """Every training sample's crop offsets and flip in one augmentation *stream*.
+
+    A pure function of (seed, stream, sample row): not of the epoch's order, the
+    batch size or the number of ranks. So a cached augmented view (written with
+    stream ``s``) can be reproduced sample by sample from raw data: after a fault,
+    on resume, or when a lost memory-tier view is rebuilt.
+    """
+
+    oy: np.ndarray  # (N,) int64 row offset of each sample's crop in the padded image
+    ox: np.ndarray  # (N,) int64 column offset
+    flip: np.ndarray | None  # (N,) bool, or None when the data is not flipped
+
+    @classmethod
+    def draw(cls, seed: int, stream: int, n: int, side: int, flip: bool) -> AugmentParams:
+        pad = crop_pad(side)
+        rng = rng_for(seed, "augment", stream)
+        oy, ox = rng.integers(0, 2 * pad + 1, size=(2, n))
+        return cls(oy, ox, rng.random(n) < 0.5 if flip else None)
+
+
+def crop_pad(side: int) -> int:
+    return max(1, side // 8)
+
+
+def augment(x: torch.Tensor, rows: np.ndarray, params: AugmentParams) -> torch.Tensor:
+    """Random crop with zero padding (1/8 of the side) and optional horizontal flip, with
+    the offsets ``params`` holds for dataset rows ``rows``.
 
     Batched gather, so it runs on whichever device ``x`` lives on.
     ``x``: (B, C, H, W) float, already normalized.
     """
     b, c, h, w = x.shape
-    pad = max(1, h // 8)
+    pad = crop_pad(h)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    # Drawn on the host (one seeded generator for every device), then moved.
-    oy = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=gen), x.device)
-    ox = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=gen), x.device)
-    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B,1,H,1)
+    # Drawn on the host (one seeded stream for every device), then moved.
+    oy = to_device(torch.from_numpy(params.oy[rows]), x.device)
+    ox = to_device(torch.from_numpy(params.ox[rows]), x.device)
+    rows_i = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B,1,H,1)
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B,1,1,W)
     bi = torch.arange(b, device=x.device)[:, None, None, None]
     ci = torch.arange(c, device=x.device)[None, :, None, None]
-    out = padded[bi, ci, rows, cols]
-    if flip:
-        mask = to_device(torch.rand(b, generator=gen) < 0.5, x.device)
+    out = padded[bi, ci, rows_i, cols]
+    if params.flip is not None:
+        mask = to_device(torch.from_numpy(params.flip[rows]), x.device)
         out = torch.where(mask[:, None, None, None], out.flip(3), out)
     return out

@@ -16,13 +16,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from prefast.data import TensorImageDataset, augment
+from prefast.data import AugmentParams, TensorImageDataset, augment
 from prefast.store.device import to_device
 from prefast.store.order import (
     batch_slices,
     epoch_order,
     order_seed,
-    rng_for,
     shard_rows,
     test_rows,
     unseen,
@@ -40,6 +39,9 @@ class Batch:
     labels: torch.Tensor  # (B,) int64 labels on the host: what a cache writer stores
     start: int = 0
     cached: bool = False  # read from an activation cache (for the epoch record)
+    # The augmentation stream the samples were drawn with (``RawSource.train_batches``'s
+    # ``view``; for a cached batch, that of the view it came from). None: not augmented.
+    stream: int | None = None
 
 
 # A generator, not just an iterator: the trainer closes it, so a feed's `finally`
@@ -73,6 +75,9 @@ class Feed(Protocol):
 
     def report(self) -> dict[str, Any]:
         """Fields of the run record's ``final`` section."""
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps for a resumed run (picklable; {} when nothing)."""
 
 
 class RawSource:
@@ -158,6 +163,9 @@ class RawSource:
     def report(self) -> dict[str, Any]:
         return {}
 
+    def state(self) -> dict[str, Any]:
+        return {}
+
 
 class TensorSource(RawSource):
     """Batches from in-memory splits, normalized and augmented on the training device."""
@@ -185,24 +193,34 @@ class TensorSource(RawSource):
     def train_batches(
         self, epoch: int, view: int | None = None, seen: np.ndarray | None = None
     ) -> BatchStream:
-        """``view`` fixes the augmentation stream independently of the epoch, so a
-        cached augmented view can be reproduced; by default it is the epoch. Each
-        batch draws its augmentation from its own index in the epoch, so the rest
-        of an epoch served after a fault is augmented as in an uninterrupted one."""
-        order, first = self.order(epoch, seen)
+        """``view`` is the augmentation stream (by default the epoch): each sample's crop
+        and flip are a function of (seed, stream, sample) only (``AugmentParams``), so a
+        cached view written with stream ``s`` is reproduced exactly from raw data, in any
+        order, by passing ``view=s``."""
+        order, _ = self.order(epoch, seen)
         stream = epoch if view is None else view
-        rows_host = torch.from_numpy(self.shard[order])  # dataset rows, in visit order
+        rows_np = self.shard[order]  # dataset rows, in visit order
+        rows_host = torch.from_numpy(rows_np)
         rows_dev = to_device(rows_host, self.device)  # the epoch's order crosses once
-        for b, sl in enumerate(batch_slices(len(order), self.batch_size), start=first):
+        params = None
+        if self.augment == "standard":
+            params = AugmentParams.draw(
+                self.seed, stream, len(self.train), self.train.x.shape[-1], self.train.flip
+            )
+        for sl in batch_slices(len(order), self.batch_size):
             rows = rows_dev[sl]
             x = self.norm(self.train.x[rows])
-            if self.augment == "standard":
-                gen = torch.Generator().manual_seed(
-                    int(rng_for(self.order_seed, "augment", stream, b).integers(2**62))
-                )
-                x = augment(x, gen, self.train.flip)
+            if params is not None:
+                x = augment(x, rows_np[sl], params)
             ids = torch.from_numpy(order[sl])  # shard positions
-            yield Batch(x, self.train.y[rows], ids, self.train_labels[rows_host[sl]], 0)
+            yield Batch(
+                x,
+                self.train.y[rows],
+                ids,
+                self.train_labels[rows_host[sl]],
+                0,
+                stream=stream if params is not None else None,
+            )
 
     def test_batches(self, first_row: int = 0) -> BatchStream:
         # Evaluate at the training batch size: the cost model times that size, and on

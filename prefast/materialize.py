@@ -83,6 +83,7 @@ class PrefastFeed:
         costs: list[StageCost] | None = None,
         ctx: Dist = SINGLE,
         amp: bool = False,
+        resume: dict | None = None,
     ):
         self.cfg, self.raw, self.model, self.device = cfg, raw, model, device
         self.autocast = autocast  # ``amp``: it is an autocast (the model takes the cache dtype)
@@ -90,6 +91,9 @@ class PrefastFeed:
         self.governor = Governor(replace(cfg.budgets(), share=ctx.local_world), device)
         self.views = cache_views(cfg.cache_views, cfg.augment)
         dtype = cache_dtype(cfg.cache_dtype, device, amp)
+        resume = resume or {}
+        if costs is None:  # a resumed run plans with the costs its first part measured
+            costs = resume.get("costs")
         if (
             costs is None and ctx.is_main
         ):  # forward times and compression ratios: all planning needs
@@ -106,9 +110,18 @@ class PrefastFeed:
             self.costs,
             raw.num_train,
             policy=cfg.cache_boundaries,
+            views=self.views,
         )
         self.planned = {b.epoch: b.stage for b in planned}  # as planned, for the report
         self.plan = dict(self.planned)  # plus re-materializations after faults
+        # Resumed: the boundaries the first part of the run held, found again by their keys
+        # (recomputed here, for this rank) at the first epoch. A run resumed with another
+        # world size has other shards: their caches are built anew (resharding).
+        self.resharded = bool(resume) and resume.get("world") != ctx.world
+        self.restored: list[dict] = [] if self.resharded else list(resume.get("boundaries", []))
+        if resume and not self.resharded:
+            self.planned = {int(e): s for e, s in resume["planned"].items()}
+            self.plan = {int(e): s for e, s in resume["plan"].items()}
         identity = {
             "data": raw.identity,
             "data_name": raw.name,
@@ -132,37 +145,41 @@ class PrefastFeed:
 
     # -- epoch protocol ------------------------------------------------------------------
     def begin_epoch(self, epoch: int, frozen_prefix: int) -> None:
-        resumed = self.epoch is None and epoch > 0
+        first = self.epoch is None
         self.epoch = epoch
-        if resumed and frozen_prefix > 0 and any(e < epoch for e in self.plan):
-            # Resumed past a boundary: materialize (or reuse by key) at once instead of
-            # computing the frozen prefix until the next planned boundary.
-            self.plan[epoch] = frozen_prefix
-        if self.current is not None:  # the test cache is rebuilt at the next evaluation
-            relieve_pressure(
-                self.current, self.ctx, self._ratio(self.current.stage), epoch, self.test.drop
-            )
-        stage = self.current.stage if self.current else 0
-        if self.target is None and epoch in self.plan and frozen_prefix > stage:
-            self._plan_target(epoch, frozen_prefix)
+        if first and epoch > 0:
+            self._resume(epoch, frozen_prefix)
+        for b in (self.current, self.target):  # the test cache is rebuilt at the next evaluation
+            if b is not None:
+                relieve_pressure(b, self.ctx, self._ratio(b.stage), epoch, self.test.drop)
+        if epoch in self.plan:
+            self._start_planned(epoch, frozen_prefix)
         if self.target is not None and self.target.state is State.PLANNED:
             self._prepare_view(epoch)
         if self.target is not None and self.target.state is State.COMPLETE:
             self._promote(epoch)  # every view reused: read it from this epoch on
+        self._check()
 
     def train_batches(self, epoch: int) -> BatchStream:
         writing = self.target if self.target and self.target.state is State.WRITING else None
         source = self._source(epoch)
+        # The augmentation stream of every batch this epoch: the cached view's, or the one
+        # of the view being written, or the epoch's own; after a fault the rest of the
+        # epoch comes from raw data *in that stream*, so nothing changes but the cost.
+        stream = self._stream(epoch)
         seen = np.zeros(self.raw.num_train, dtype=bool)  # host bookkeeping, like the ids
         try:
-            batches = self._cached(source, epoch) if source else self.raw.train_batches(epoch)
+            if source is not None:
+                batches = self._cached(source, epoch)
+            else:
+                batches = self.raw.train_batches(epoch, view=stream)
             for batch in batches:
                 seen[batch.ids.numpy()] = True
                 yield self._through(batch, writing, epoch)
         except CacheReadError as exc:  # damaged, or unreadable now: the rest from raw data
             assert source is not None
             self._read_failed(epoch, source, exc)
-            for batch in self.raw.train_batches(epoch, seen=seen):
+            for batch in self.raw.train_batches(epoch, view=stream, seen=seen):
                 yield self._through(batch, writing, epoch)
 
     def end_epoch(self, epoch: int) -> None:
@@ -175,6 +192,22 @@ class PrefastFeed:
                 self._abandon(epoch, str(exc))
         if self.target is not None and self.target.state is State.COMPLETE:
             self._promote(epoch)
+        self._check()
+
+    def state(self) -> dict:
+        """What a checkpoint keeps so that a resumed run reads the same caches and plans
+        the same boundaries: the probe's costs, the plan, and each live boundary."""
+        return {
+            "world": self.ctx.identity["world"],
+            "costs": self.costs,
+            "planned": self.planned,
+            "plan": self.plan,
+            "boundaries": [
+                {"role": role, **b.record()}
+                for role, b in (("current", self.current), ("target", self.target))
+                if b is not None
+            ],
+        }
 
     def test_batches(self) -> BatchStream:
         if self.current is None:
@@ -204,11 +237,31 @@ class PrefastFeed:
 
     # -- batches -------------------------------------------------------------------------
     def _source(self, epoch: int) -> BoundaryCache | None:
-        """The boundary whose cache this epoch reads: a reused view of the target, else the current."""
+        """The boundary whose cache this epoch reads: a reused view of the target, else the
+        current; never one whose stream differs from the view being written (a view
+        rebuilt on resume must come out as it was: then the epoch reads raw data)."""
+        want = self._writing_stream()
         for b in (self.target, self.current):
-            if b is not None and b.reader_for(epoch) is not None:
+            readable = b is not None and b.reader_for(epoch) is not None
+            if readable and (want is None or b.stream_for(epoch) == want):
                 return b
         return None
+
+    def _writing_stream(self) -> int | None:
+        t = self.target
+        if t is None or t.state is not State.WRITING or t.writing_view is None:
+            return None
+        return t.streams.get(t.writing_view)
+
+    def _stream(self, epoch: int) -> int | None:
+        """The augmentation stream this epoch's batches carry (None: no augmentation)."""
+        if self.cfg.augment != "standard":
+            return None
+        source = self._source(epoch)
+        if source is not None:
+            return source.stream_for(epoch)
+        want = self._writing_stream()
+        return epoch if want is None else want
 
     def _cached(self, source: BoundaryCache, epoch: int) -> BatchStream:
         reader = source.reader_for(epoch)
@@ -243,7 +296,7 @@ class PrefastFeed:
                 self.stats["cache_tier"], self.stats["cache_stage"] = reader.tier, source.stage
                 self.stats["cached_batches"] += 1
                 x = self.ctx.to_compute(acts)
-                yield Batch(x, y, ids, labels, source.stage, cached=True)
+                yield Batch(x, y, ids, labels, source.stage, True, source.stream_for(epoch))
         finally:
             if loader is not None:
                 loader.close()
@@ -258,7 +311,7 @@ class PrefastFeed:
                 writing.write(x, batch.labels, batch.ids)
         except CacheError as exc:  # the writer removed its partial cache
             self._abandon(epoch, str(exc))
-        return Batch(x, batch.y, batch.ids, batch.labels, writing.stage, batch.cached)
+        return Batch(x, batch.y, batch.ids, batch.labels, writing.stage, batch.cached, batch.stream)
 
     def _run_prefix(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         with torch.no_grad(), self.autocast():  # frozen: eval mode, no graph
@@ -268,6 +321,86 @@ class PrefastFeed:
         return self.costs[stage - 1].compress_ratio
 
     # -- transitions of the boundaries ----------------------------------------------------
+    # Invariants (``_check``): ``current`` is complete and is what epochs read; ``target``
+    # is planned or writing and deeper than ``current``; ``plan`` maps epochs to stages
+    # still to materialize. A planned epoch that meets a target still in progress is
+    # deferred to the next epoch (recorded), never dropped without a word.
+    def _check(self) -> None:
+        c, t = self.current, self.target
+        assert c is None or c.state is State.COMPLETE, c
+        assert t is None or t.state in (State.PLANNED, State.WRITING), t
+        assert c is None or t is None or t.stage > c.stage, (c, t)
+
+    def _readable(self, epoch: int) -> bool:
+        """A boundary started at ``epoch`` has all its views written before the last epoch,
+        so at least one epoch reads it."""
+        return epoch + self.views <= self.cfg.epochs - 1
+
+    def _start_planned(self, epoch: int, frozen_prefix: int) -> None:
+        stage = frozen_prefix  # the deepest stage frozen now (deeper than planned after a fault)
+        done = self.current.stage if self.current else 0
+        if self.target is not None and self.target.stage >= stage or stage <= done:
+            return  # that stage (or a deeper one) is already cached or being cached
+        if self.target is not None:  # a K-view target in progress: after it, if in time
+            nxt = epoch + 1
+            if self._readable(nxt):
+                self.plan[nxt] = max(self.plan.get(nxt, 0), stage)
+            why = f"stage {self.target.stage}'s views are still being written"
+            self.ctx.event(epoch, "deferred" if self._readable(nxt) else "dropped",
+                           stage=stage, detail=why)  # fmt: skip
+            return
+        self._plan_target(epoch, stage)
+
+    def _resume(self, epoch: int, frozen_prefix: int) -> None:
+        """First epoch of a resumed run: reopen the boundaries the checkpoint names."""
+        if self.resharded:
+            self.ctx.event(epoch, "resharded", world=self.ctx.identity["world"])
+        for rec in self.restored:
+            b = self._reopen(epoch, rec)
+            if b is None:
+                continue
+            if rec["role"] == "current" and b.state is State.COMPLETE:
+                self.current = b
+            elif self.target is None and (self.current is None or b.stage > self.current.stage):
+                self.target = b  # views still missing are written again, in their streams
+            else:
+                b.close()
+        self.restored = []
+        # Nothing to reopen (memory tiers die with the process, or the shards changed):
+        # materialize at once instead of computing the prefix until the next boundary.
+        nothing = self.current is None and self.target is None
+        if nothing and frozen_prefix > 0 and any(e < epoch for e in self.plan):
+            self.plan[epoch] = max(self.plan.get(epoch, 0), frozen_prefix)
+
+    def _reopen(self, epoch: int, rec: dict) -> BoundaryCache | None:
+        stage, tier, views = int(rec["stage"]), rec["tier"], int(rec["views"])
+        if views != self.views:
+            return None
+        name = f"train@{stage}"
+        b = BoundaryCache(name, stage, tier, views, self.ctx.root, self.governor.release)
+        self.governor.hold(name, tier, self._estimate(stage, tier))
+        for view, stream in rec["streams"].items():
+            key = self.ctx.key("train", stage, stream)
+            try:
+                reader = self.ctx.reuse(tier, key, epoch)
+            except CacheError:
+                reader = None
+            b.streams[int(view)] = stream
+            if reader is not None:
+                b.reuse_view(int(view), reader, stream)
+        return b
+
+    def _estimate(self, stage: int, tier: str) -> int:
+        test_batches = len(batch_slices(self.raw.num_test, self.cfg.batch_size))
+        return self.governor.choose_boundary(
+            self.costs,
+            stage,
+            self.ctx.dtype,
+            (self.raw.num_train, self.raw.num_test),
+            self.views,
+            self.raw.batches_per_epoch + test_batches,
+        ).bytes
+
     def _plan_target(self, epoch: int, stage: int, below: str | None = None) -> None:
         test_batches = len(batch_slices(self.raw.num_test, self.cfg.batch_size))
         decision = self.governor.choose_boundary(
@@ -310,7 +443,10 @@ class PrefastFeed:
         view = t.missing_view(epoch)
         if view is None:
             return
-        key = self.ctx.key("train", t.stage, epoch if self.cfg.augment == "standard" else None)
+        # The view's content is the data in its augmentation stream: the one recorded for
+        # it (rebuilt on resume), else what this epoch feeds (a cached view's, or the epoch's).
+        stream = t.streams[view] if view in t.streams else self._stream(epoch)
+        key = self.ctx.key("train", t.stage, stream)
         shape = self.costs[t.stage - 1].out_shape
         spec = self.ctx.spec(key, "train", t.stage, self.raw.num_train, shape)
         try:
@@ -324,9 +460,9 @@ class PrefastFeed:
             self._abandon(epoch, f"cannot open a writer for cache {key}: {exc}")
             return
         if isinstance(opened, Reader):
-            t.reuse_view(view, opened)
+            t.reuse_view(view, opened, stream)
         else:
-            t.begin_view(view, opened)
+            t.begin_view(view, opened, stream)
 
     def _promote(self, epoch: int) -> None:
         assert self.target is not None
@@ -389,7 +525,7 @@ class PrefastFeed:
             self.test.drop()
         if source is self.target:
             self.target = None
-        if self.target is None and epoch + 1 < self.cfg.epochs - 1:
+        if self.target is None and self._readable(epoch + 1):
             self.plan[epoch + 1] = source.stage
 
     def _reset_stats(self) -> None:

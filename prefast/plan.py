@@ -41,7 +41,10 @@ def measure_and_plan(
     costs = measure_stage_costs(staged, probe, cache_dtype=dtype)
     bpe, rows = raw.batches_per_epoch, raw.num_train
     sched_f = schedule_for(cfg.replace(mode="freezeout"), staged.num_stages, bpe)
-    boundaries = plan_boundaries(sched_f, bpe, cfg.epochs, costs, rows, policy=cfg.cache_boundaries)
+    views = cache_views(cfg.cache_views, cfg.augment)
+    boundaries = plan_boundaries(
+        sched_f, bpe, cfg.epochs, costs, rows, policy=cfg.cache_boundaries, views=views
+    )
     eval_batches = math.ceil(raw.num_test / cfg.batch_size)
     predicted, predicted_epochs = {}, {}
     for mode in ("baseline", "freezeout", "prefast"):
@@ -50,7 +53,6 @@ def measure_and_plan(
         predicted_epochs[mode] = per_epoch
         predicted[mode] = sum(e["train_s"] + e["eval_s"] for e in per_epoch)
     governor = Governor(cfg.budgets(), device)
-    views = cache_views(cfg.cache_views, cfg.augment)
     decisions, held = [], None
     for b in boundaries:  # as in training: the current boundary is held while the next is chosen
         d = governor.choose_boundary(

@@ -105,6 +105,7 @@ class Trainer:
         self.on_epoch = on_epoch
         self.history: list[dict] = []
         self.start_epoch = 0
+        self.resume_feed: dict | None = None  # the feed's state in the checkpoint
         if cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists():
             self._load_checkpoint(Path(cfg.checkpoint))
         self.feed: Feed = self.raw
@@ -123,6 +124,7 @@ class Trainer:
                 costs,
                 self.dist,
                 amp=self.amp,
+                resume=self.resume_feed,
             )
             self.feed_setup_s = time.perf_counter() - t
 
@@ -280,6 +282,8 @@ class Trainer:
             "optimizer": host_state(self.opt.state_dict()),
             "history": self.history,
             "config": self.cfg.to_json(),
+            "world": self.dist.world,
+            "feed": self.feed.state(),  # the caches to reopen, the plan (prefast mode)
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -305,6 +309,19 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.history = state["history"]
         self.start_epoch = state["next_epoch"]
+        self.resume_feed = state.get("feed") or None
+        world = state.get("world", 1)
+        if world != self.dist.world:
+            # Shards, orders and caches are functions of (seed, epoch, rank, world): the
+            # resumed run deals its new shards and builds their caches at its first epoch;
+            # every sample is still seen once per epoch.
+            log.warning(
+                "checkpoint %s was written by %d process(es), resuming with %d: resharding "
+                "(the caches of the old shards are not used)",
+                path,
+                world,
+                self.dist.world,
+            )
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
 

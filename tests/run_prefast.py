@@ -1,14 +1,17 @@
 """The ``prefast`` command for subprocess tests (torchrun), with test-only options first.
 
     python tests/run_prefast.py [--strict] [--fail-rank R --fail-step N]
-                                [--pause-in-finish FILE [--pause-rank R]] -- train ...
+                                [--pause-in-finish FILE [--pause-rank R]]
+                                [--kill-at-epoch E [--kill-at-step S]] -- train ...
 
 ``--strict`` trains on the strict test device (``tests/strict_device.py``) instead
 of the CPU; ``--fail-rank R --fail-step N`` makes rank R raise a local error (a
 CUDA out-of-memory's message) at its N-th training step; ``--pause-in-finish FILE``
 makes a disk writer's ``finish()`` (of rank R, default every rank) write the
 process id to FILE and sleep before it syncs, so a test can signal the process
-there. Everything after
+there; ``--kill-at-epoch E`` SIGKILLs the process at step S (default 5) of
+epoch E, after epoch E-1's checkpoint and with epoch E's caches half written.
+Everything after
 ``--`` goes to the real CLI.
 """
 
@@ -30,8 +33,24 @@ def main() -> int:
     p.add_argument("--fail-step", type=int, default=1)
     p.add_argument("--pause-in-finish")
     p.add_argument("--pause-rank", type=int)
+    p.add_argument("--kill-at-epoch", type=int)
+    p.add_argument("--kill-at-step", type=int, default=5)
     opts = p.parse_args(sys.argv[1:split])
     rank = int(os.environ.get("RANK", "0"))
+    if opts.kill_at_epoch is not None:
+        import signal
+
+        from prefast.trainer import Trainer
+
+        real_step = Trainer._step
+
+        def step_or_die(self, batch, it):
+            bpe = self.raw.batches_per_epoch
+            if (it // bpe, it % bpe) == (opts.kill_at_epoch, opts.kill_at_step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_step(self, batch, it)
+
+        Trainer._step = step_or_die  # type: ignore[method-assign]
     if opts.pause_in_finish and opts.pause_rank in (None, rank):
         import time
 

@@ -82,7 +82,7 @@ INVALID = [
     ("finish_view", State.PLANNED),
     ("write", State.PLANNED),
     ("supersede", State.PLANNED),
-    ("spill", State.PLANNED),
+    ("spill", State.WRITING),  # a view being written is not spilled (PLANNED views are)
     ("begin_view", State.WRITING),
     ("reuse_view", State.WRITING),
     ("supersede", State.WRITING),

@@ -1,12 +1,12 @@
 """Invariants of the prefast mode: exactness, reuse and resume, the governor's choices."""
 
+import psutil
 import pytest
 from helpers import DIGITS, leftovers, rel_diff, train_cache_key
 from prefast.store.layout import CacheRoot
 from prefast.store.manage import list_caches
 
 from prefast.config import TrainConfig
-from prefast.governor import Governor
 from prefast.trainer import train
 
 
@@ -103,26 +103,69 @@ def test_auto_tier_measures_compression_before_choosing_a_disk_tier(tmp_path, mo
     assert CacheRoot(tmp_path).marker(key)["tier"] == tier
 
 
+class HostMemory:
+    """The host-memory probe the governor reads (``psutil.virtual_memory``): the machine's
+    own reading with ``available`` set: half the RAM, or 256 MiB once ``short`` is set.
+    The governor's own logic (``pressure_on``, ``host_available``) decides what that
+    means. (256 MiB still leaves a 32 MiB shuffle buffer: every cache here fits it, so
+    disk tiers read in the exact order.)"""
+
+    def __init__(self, monkeypatch, short: bool = False):
+        self.real, self.short = psutil.virtual_memory, short
+        monkeypatch.setattr("prefast.governor.psutil.virtual_memory", self)
+
+    def __call__(self):
+        vm = self.real()  # the real total
+        return vm._replace(available=256 * 2**20 if self.short else vm.total // 2)
+
+    def short_after(self, epoch: int):
+        """An ``on_epoch`` callback: memory runs short once ``epoch`` has ended."""
+
+        def on_epoch(record: dict) -> None:
+            self.short = self.short or record["epoch"] >= epoch
+
+        return on_epoch
+
+
+def spills(run: dict, event: str = "spilled") -> list[dict]:
+    return [e for e in run["final"]["cache_events"] if e["event"] == event]
+
+
 def test_ram_pressure_spills_to_disk_and_training_goes_on(tmp_path, monkeypatch, freezeout_ref):
-    calls = {"n": 0}
-
-    def pressure(self, tier):
-        calls["n"] += 1
-        return tier == "ram" and calls["n"] > 3  # pressure arrives mid-run
-
-    monkeypatch.setattr(Governor, "pressure_on", pressure)
-    run = train(cfg_for(tmp_path, cache_tier="ram"))
-    spilled = [e for e in run["final"]["cache_events"] if e["event"] == "spilled"]
-    assert spilled and spilled[0]["to"] in ("zarr", "mmap")
-    assert {e["cache_tier"] for e in run["epochs"][spilled[0]["epoch"] :]} <= {"zarr", "mmap"}
+    memory = HostMemory(monkeypatch)
+    run = train(cfg_for(tmp_path, cache_tier="ram"), on_epoch=memory.short_after(4))
+    spilled = spills(run)
+    assert spilled and spilled[0]["epoch"] == 5, run["final"]["cache_events"]  # mid-run
+    assert all(e["from"] == "ram" and e["to"] in ("zarr", "mmap") for e in spilled)
+    assert [e["cache_tier"] for e in run["epochs"][3:5]] == ["ram", "ram"]  # before: RAM
+    assert {e["cache_tier"] for e in run["epochs"][5:]} <= {"zarr", "mmap"}
     assert rel_diff(run, freezeout_ref) <= 1e-6
 
 
+def test_a_ram_cache_over_max_ram_spills_and_trains_like_a_disk_cache(tmp_path):
+    """The ledger's pressure: a forced RAM cache larger than --max-ram (512 KiB; the
+    boundaries hold 0.7 to 16 MiB) moves to disk at the first epoch that reads it, and the
+    run is the one that cached on disk from the start under that budget. (Not FreezeOut's:
+    a 128 KiB shuffle buffer reads disk caches in windows, not in the exact order.)"""
+    run = train(cfg_for(tmp_path / "ram", cache_tier="ram", max_ram=2**19))
+    spilled = spills(run)  # boundaries complete at the end of epochs 2..6 and 8
+    assert [(e["epoch"], e["stage"]) for e in spilled] == [
+        (3, 2), (4, 4), (5, 5), (6, 6), (7, 7), (9, 8)
+    ], spilled  # fmt: skip
+    assert all(e["from"] == "ram" and e["to"] in ("zarr", "mmap") for e in spilled)
+    assert {e["cache_tier"] for e in run["epochs"] if e["cached_batches"]} <= {"zarr", "mmap"}
+    disk = train(cfg_for(tmp_path / "mmap", cache_tier="mmap", max_ram=2**19))
+    for a, b in zip(run["epochs"], disk["epochs"], strict=True):
+        assert (a["train_loss"], a["test_acc"]) == (b["train_loss"], b["test_acc"])
+
+
 def test_spill_respects_max_disk_and_keeps_the_ram_cache(tmp_path, monkeypatch, freezeout_ref):
-    monkeypatch.setattr(Governor, "pressure_on", lambda self, tier: tier == "ram")
+    HostMemory(monkeypatch, short=True)
     run = train(cfg_for(tmp_path, cache_tier="ram", max_disk=4096))
-    events = [e["event"] for e in run["final"]["cache_events"]]
-    assert "spill_failed" in events and "spilled" not in events
+    failed = spills(run, "spill_failed")
+    assert failed and not spills(run)
+    assert all(e["detail"] == "no room in any lower tier" for e in failed)
+    assert [e["epoch"] for e in failed] == [3, 4, 5, 6, 7, 8, 9]  # every epoch read from RAM
     assert {e["cache_tier"] for e in run["epochs"] if e["cached_batches"]} == {"ram"}
     assert list_caches(CacheRoot(tmp_path)) == []
     assert rel_diff(run, freezeout_ref) <= 1e-6
@@ -131,10 +174,10 @@ def test_spill_respects_max_disk_and_keeps_the_ram_cache(tmp_path, monkeypatch, 
 def test_spill_that_fails_on_a_real_full_disk_keeps_the_ram_cache(
     tiny_disk, monkeypatch, freezeout_ref
 ):
-    monkeypatch.setattr(Governor, "pressure_on", lambda self, tier: tier == "ram")
+    HostMemory(monkeypatch, short=True)
     # the budget says 1 GB, the tmpfs holds 8 MiB: the spill itself hits ENOSPC
     run = train(cfg_for(tiny_disk / "c", cache_tier="ram", max_disk=2**30))
-    failed = [e for e in run["final"]["cache_events"] if e["event"] == "spill_failed"]
+    failed = spills(run, "spill_failed")
     assert failed and "disk full" in failed[0]["detail"]
     assert run["epochs"][failed[0]["epoch"]]["cache_tier"] == "ram"  # read where it was
     assert rel_diff(run, freezeout_ref) <= 1e-6

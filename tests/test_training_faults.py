@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -94,6 +95,78 @@ def test_fault_mid_epoch_serves_exactly_the_unseen_samples(
         assert rel_diff(result, freezeout_ref) <= 1e-6
     # later epochs read a cache again (rebuilt, or replaced by the boundary being written)
     assert result["epochs"][-1]["cached_batches"] == bpe
+
+
+# -- resume after a SIGKILL, with augmentation ---------------------------------------------
+AUG_RUN = [
+    "train", "--mode", "prefast", "--dataset", "digits", "--model", "densenet-bc",
+    "--depth", "10", "--epochs", "12", "--t0", "0.2", "--augment", "standard",
+    "--cache-views", "2", "--cache-boundaries", "every", "--cache-tier", "zarr",
+    "--device", "cpu",
+]  # fmt: skip
+RUN_PREFAST = str(Path(__file__).parent / "run_prefast.py")
+
+
+def run_aug(cache, out, *extra, kill_at=None):
+    pre = ["--kill-at-epoch", str(kill_at)] if kill_at is not None else []
+    cmd = [sys.executable, RUN_PREFAST, *pre, "--", *AUG_RUN, "--cache-dir", str(cache),
+           "--json-out", str(out), *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def aug_reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("aug_ref")
+    res = run_aug(d / "cache", d / "ref.json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((d / "ref.json").read_text())
+
+
+def complete_keys(root: CacheRoot) -> set[str]:
+    return {k for k in root.cache_keys() if root.is_complete(k)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [10, 6], ids=["after-the-last-boundary", "mid-boundary"])
+def test_resume_after_sigkill_with_augmented_views_reads_the_caches_and_matches(
+    kill_at, tmp_path, aug_reference
+):
+    """--augment standard --cache-views 2, SIGKILLed at step 5 of epoch ``kill_at``. The
+    checkpoint names each boundary's views and their augmentation streams; the resumed
+    run reopens them by key at its first epoch. Epoch 10 is past every boundary (the last
+    completes at epoch 9): nothing is written again. At epoch 6 stage 5's first view is
+    complete and its second was half written: only that one is written again, from the
+    same stream. Either way every epoch's loss equals the uninterrupted run's."""
+    ref = aug_reference
+    events = ref["final"]["cache_events"]
+    last_complete = max(e["epoch"] for e in events if e["event"] == "complete")
+    assert last_complete == 9, events  # the plan this test is written for
+    cache, ck = tmp_path / "cache", tmp_path / "ck.pt"
+    killed = run_aug(cache, tmp_path / "killed.json", "--checkpoint", str(ck), kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    root = CacheRoot(cache)
+    before = complete_keys(root)
+    res = run_aug(cache, tmp_path / "resumed.json", "--checkpoint", str(ck), "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    bpe = resumed["final"]["batches_per_epoch"]
+    first = resumed["epochs"][kill_at]
+    assert first["epoch"] == kill_at and first["cached_batches"] == bpe, first
+    assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in ref["epochs"]]
+    assert [e["test_acc"] for e in resumed["epochs"]] == [e["test_acc"] for e in ref["epochs"]]
+    r_events = resumed["final"]["cache_events"]
+    reused = [e for e in r_events if e["event"] == "reused"]
+    assert reused and all(e["epoch"] == kill_at for e in reused), r_events
+    new = complete_keys(root) - before
+    if kill_at == 10:  # past every boundary: read only
+        assert not new and not [e for e in r_events if e["event"] != "reused"], r_events
+        assert all(e["write_s"] == 0 for e in resumed["epochs"][kill_at:])
+    else:  # stage 4's two views and stage 5's first reopened; stage 5's second written
+        assert len(reused) == 3, r_events
+        assert first["write_s"] > 0 and first["cache_stage"] == 4, first
+        complete = [(e["epoch"], e["stage"]) for e in r_events if e["event"] == "complete"]
+        assert complete == [(6, 5), (9, 6)], r_events  # as in the uninterrupted run
+        assert [e["stage"] for e in r_events if e["event"] == "boundary"] == [6]
 
 
 # -- I/O errors, sorted by kind (prefast.store.errors.read_error) -------------------------
