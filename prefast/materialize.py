@@ -242,8 +242,9 @@ class PrefastFeed:
         rebuilt on resume must come out as it was: then the epoch reads raw data)."""
         want = self._writing_stream()
         for b in (self.target, self.current):
-            readable = b is not None and b.reader_for(epoch) is not None
-            if readable and (want is None or b.stream_for(epoch) == want):
+            if b is None or b.reader_for(epoch) is None:
+                continue
+            if want is None or b.stream_for(epoch) == want:
                 return b
         return None
 
