@@ -87,6 +87,9 @@ class BoundaryCache:
         self.streams: dict[int, int | None] = {}
         self.writer: Writer | None = None
         self.writing_view: int | None = None
+        # The governor's estimate of what one view and the test set take in ``tier``: what
+        # the ledger charges until the feed measures the caches on disk.
+        self.view_bytes, self.test_bytes = 0, 0
         self.why: str | None = None  # reason of a terminal state
 
     def __repr__(self) -> str:

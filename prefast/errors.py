@@ -14,6 +14,7 @@ from prefast.store.errors import (
     CacheUnavailableError,
     CacheWriteError,
     ConfigError,
+    DiskBudgetError,
     DiskFullError,
     PrefastError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "CacheWriteError",
     "ConfigError",
     "DataUnavailableError",
+    "DiskBudgetError",
     "DiskFullError",
     "PrefastError",
     "Terminated",

@@ -9,7 +9,12 @@ cache from disk would take longer than computing the prefix).
 
 Budgets: an explicit ``--max-ram/--max-gpu-mem/--max-disk`` is a *ledger*: the
 governor records what each live cache holds per tier and a new cache gets
-only what is left. Without one, the budget is read from the machine (half of
+only what is left. A zarr cache is admitted *and* charged at its compressed
+size (estimated from the probe's ratio); once its views and its test cache are
+written the feed charges what they take on disk, measured, and a disk writer
+stops (``DiskBudgetError``: the boundary is abandoned) before a chunk would
+take it past what the budget left it. A forced ``--cache-tier`` obeys the
+budgets too: over budget, the boundary is recomputed and the reason says so. Without one, the budget is read from the machine (half of
 available host RAM, 80 % of free GPU memory less 1 GiB, 90 % of free disk
 less 1 GiB); the caches already held are reflected in those readings.
 :meth:`Governor.pressure_on` is checked every epoch; under pressure the
@@ -60,8 +65,9 @@ class Budgets:
 @dataclass(frozen=True)
 class Decision:
     tier: str  # gpu | ram | mmap | zarr | recompute
-    bytes: int
+    bytes: int  # what the tier will hold (zarr: compressed, estimated from the probe's ratio)
     reason: str
+    view_bytes: int = 0  # of that, one training view (the rest is the test set)
 
 
 def cache_dtype(requested: str, device: torch.device, autocast: bool) -> str:
@@ -75,6 +81,14 @@ def cache_dtype(requested: str, device: torch.device, autocast: bool) -> str:
 def cache_views(views: int, augment: str) -> int:
     """Augmented views per boundary: without augmentation every view is the same."""
     return views if augment == "standard" else 1
+
+
+def tier_bytes(tier: str, raw_bytes: int, compress_ratio: float) -> int:
+    """Bytes ``raw_bytes`` of activations take in ``tier``: compressed in zarr when zstd
+    pays (the writer's own rule), as they are elsewhere."""
+    if tier == "zarr" and compress_ratio >= ZSTD_PAYS:
+        return int(raw_bytes / compress_ratio)
+    return int(raw_bytes)
 
 
 def row_bytes_in(dtype: str, row_bytes_fp32: int) -> int:
@@ -183,27 +197,38 @@ class Governor:
         def offered(tier: str) -> bool:  # a tier after the one that just failed, if any
             return below is None or LEVEL[tier] > LEVEL[below]
 
+        def held(tier: str, reason: str) -> Decision:
+            """What ``tier`` holds: zarr's bytes are compressed (the ledger charges them,
+            and the feed re-charges what the writer really put on disk)."""
+            v, t = (tier_bytes(tier, n, compress_ratio) for n in (view_bytes, test_bytes))
+            return self._log(Decision(tier, views * v + t, reason, view_bytes=v))
+
         if forced != "auto" and offered(forced) and total <= self.limits.get(forced, total):
-            return self._log(Decision(forced, total, f"forced by --cache-tier {forced}"))
+            need = held(forced, "").bytes
+            room = self.room("disk" if forced in ("mmap", "zarr") else forced)
+            if need > room:  # a forced tier obeys the budgets too, and says so
+                return self._log(
+                    Decision(
+                        "recompute",
+                        need,
+                        f"forced --cache-tier {forced}, but {_mib(need)} exceeds what is left "
+                        f"of its budget ({_mib(room)})",
+                    )
+                )
+            return held(forced, f"forced by --cache-tier {forced}")
         gpu = self.room("gpu") if offered("gpu") else 0
         ram = self.room("ram") if offered("ram") else 0
         disk = self.room("disk") if offered("mmap") else 0
         if total <= gpu:
-            return self._log(
-                Decision("gpu", total, f"{_mib(total)} fits the GPU budget ({_mib(gpu)} left)")
-            )
+            return held("gpu", f"{_mib(total)} fits the GPU budget ({_mib(gpu)} left)")
         if total <= ram:
             why = "no GPU" if not is_accelerator(self.device) else "over the GPU budget"
             if below == "gpu":
                 why = "the GPU could not allocate it"
-            return self._log(
-                Decision(
-                    "ram", total, f"{_mib(total)}, {why}; fits the RAM budget ({_mib(ram)} left)"
-                )
-            )
+            return held("ram", f"{_mib(total)}, {why}; fits the RAM budget ({_mib(ram)} left)")
         pays = compress_ratio >= ZSTD_PAYS
         tier = "zarr" if pays or total > disk else "mmap"
-        on_disk = total / compress_ratio if tier == "zarr" else total
+        on_disk = total / compress_ratio if tier == "zarr" and pays else total
         if on_disk > disk:
             return self._log(
                 Decision(
@@ -224,13 +249,11 @@ class Governor:
                 )
             )
         codec = f"zstd ratio {compress_ratio:.2f}" + (" pays" if pays else " does not pay")
-        return self._log(
-            Decision(
-                tier,
-                total,
-                f"{_mib(total)} exceeds the RAM budget ({_mib(ram)} left); {codec}; {tier} on "
-                f"disk reads an epoch in ~{read_s:.1f}s vs {prefix_epoch_s:.1f}s to compute",
-            )
+        return held(
+            tier,
+            f"{_mib(total)} ({_mib(on_disk)} on disk) exceeds the RAM budget ({_mib(ram)} left); "
+            f"{codec}; {tier} on disk reads an epoch in ~{read_s:.1f}s vs {prefix_epoch_s:.1f}s "
+            "to compute",
         )
 
     def choose_boundary(

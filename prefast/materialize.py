@@ -57,7 +57,7 @@ from prefast.errors import (
     CacheUnavailableError,
 )
 from prefast.feed import Batch, BatchStream, RawSource
-from prefast.governor import Governor, cache_dtype, cache_views
+from prefast.governor import Governor, cache_dtype, cache_views, row_bytes_in, tier_bytes
 from prefast.models import StagedModel
 from prefast.probe import measure_stage_costs
 from prefast.schedule import FreezeOutSchedule
@@ -65,6 +65,8 @@ from prefast.spill import relieve_pressure
 from prefast.store import CacheRoot, PrefetchLoader, Reader
 from prefast.store.base import TorchBatch, shuffle_buffer_bytes
 from prefast.store.device import Uploader, is_accelerator
+from prefast.store.disk_writer import DiskWriter
+from prefast.store.layout import disk_usage
 from prefast.store.order import batch_slices
 from prefast.testcache import TestCache
 
@@ -216,6 +218,7 @@ class PrefastFeed:
         yield from self.test.batches(self.current.stage, self.current.tier, self.epoch)
 
     def take_epoch_stats(self) -> dict[str, Any]:
+        self._charge(self.epoch)  # after evaluation: the test cache is written too
         stats = {**self.stats, **self.ctx.io_s}
         self._reset_stats()
         return stats
@@ -379,7 +382,11 @@ class PrefastFeed:
             return None
         name = f"train@{stage}"
         b = BoundaryCache(name, stage, tier, views, self.ctx.root, self.governor.release)
-        self.governor.hold(name, tier, self._estimate(stage, tier))
+        row = row_bytes_in(self.ctx.dtype, self.costs[stage - 1].out_row_bytes)
+        ratio = self._ratio(stage)
+        b.view_bytes = tier_bytes(tier, self.raw.num_train * row, ratio)
+        b.test_bytes = tier_bytes(tier, self.raw.num_test * row, ratio)
+        self.governor.hold(name, tier, views * b.view_bytes + b.test_bytes)
         for view, stream in rec["streams"].items():
             key = self.ctx.key("train", stage, stream)
             try:
@@ -390,17 +397,6 @@ class PrefastFeed:
             if reader is not None:
                 b.reuse_view(int(view), reader, stream)
         return b
-
-    def _estimate(self, stage: int, tier: str) -> int:
-        test_batches = len(batch_slices(self.raw.num_test, self.cfg.batch_size))
-        return self.governor.choose_boundary(
-            self.costs,
-            stage,
-            self.ctx.dtype,
-            (self.raw.num_train, self.raw.num_test),
-            self.views,
-            self.raw.batches_per_epoch + test_batches,
-        ).bytes
 
     def _plan_target(self, epoch: int, stage: int, below: str | None = None) -> None:
         test_batches = len(batch_slices(self.raw.num_test, self.cfg.batch_size))
@@ -436,6 +432,8 @@ class PrefastFeed:
         self.target = BoundaryCache(
             name, stage, decision.tier, self.views, self.ctx.root, self.governor.release
         )
+        self.target.view_bytes = decision.view_bytes
+        self.target.test_bytes = decision.bytes - self.views * decision.view_bytes
 
     def _prepare_view(self, epoch: int) -> None:
         """Reuse this epoch's view if a complete cache has its key, else open its writer."""
@@ -463,6 +461,8 @@ class PrefastFeed:
         if isinstance(opened, Reader):
             t.reuse_view(view, opened, stream)
         else:
+            if isinstance(opened, DiskWriter):  # the writer stops at what the budget has left
+                opened.max_bytes = self._allowance(t)
             t.begin_view(view, opened, stream)
 
     def _promote(self, epoch: int) -> None:
@@ -528,6 +528,37 @@ class PrefastFeed:
             self.target = None
         if self.target is None and self._readable(epoch + 1):
             self.plan[epoch + 1] = source.stage
+
+    # -- what the disk caches really take -----------------------------------------------
+    def _measured(self, b: BoundaryCache) -> tuple[int, int]:
+        """Bytes on disk of ``b``'s written views, and of its test cache (0: not written)."""
+        views = sum(disk_usage(self.ctx.root.dir_for(r.spec.key)) for r in b.readers.values())
+        test = self.test.reader
+        if test is None or self.test.stage != b.stage or test.tier not in DISK_TIERS:
+            return views, 0
+        return views, disk_usage(self.ctx.root.dir_for(test.spec.key))
+
+    def _charge(self, epoch: int | None) -> None:
+        """Charge each disk boundary what its caches take on disk (estimates for what is not
+        written yet), so a compressible boundary never holds budget it does not use."""
+        for b in (self.current, self.target):
+            if b is None or b.tier not in DISK_TIERS or b.name not in self.governor.ledger:
+                continue
+            views, test = self._measured(b)
+            missing = b.views - len(b.readers)
+            charge = views + missing * b.view_bytes + (test or b.test_bytes)
+            before = self.governor.ledger[b.name][1]
+            if charge != before:
+                self.governor.hold(b.name, b.tier, charge)
+                self.ctx.event(epoch, "charged", stage=b.stage, bytes=charge, was=before,
+                               on_disk=views + test)  # fmt: skip
+
+    def _allowance(self, b: BoundaryCache) -> int:
+        """What the view being opened may write: what the budget leaves once the other
+        caches, this boundary's written views and its test set's share are counted."""
+        views, test = self._measured(b)
+        charged = self.governor.ledger.get(b.name, (b.tier, 0))[1]
+        return max(0, self.governor.room("disk") + charged - views - (test or b.test_bytes))
 
     def _reset_stats(self) -> None:
         self.stats: dict[str, Any] = {"cache_tier": None, "cache_stage": None, "cached_batches": 0}

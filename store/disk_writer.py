@@ -36,7 +36,13 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .base import NUMPY_STORAGE, CacheSpec, Writer, checksum, to_storage
 from .disk_reader import DiskReader, chunk_file
-from .errors import FULL_ERRNOS, CacheExistsError, CacheWriteError, DiskFullError
+from .errors import (
+    FULL_ERRNOS,
+    CacheExistsError,
+    CacheWriteError,
+    DiskBudgetError,
+    DiskFullError,
+)
 from .layout import MARKER, CacheRoot, atomic_write_json, fsync_tree
 from .readers import open_reader
 
@@ -80,6 +86,11 @@ class DiskWriter(Writer):
             self.lock.release()
             raise
         self.chunk_rows = spec.chunk_rows()
+        # What the chunk files take on disk so far, checked against max_bytes before each
+        # chunk is written: a cache admitted at an estimated size never outgrows its budget.
+        self.max_bytes: int | None = None
+        self.bytes_written = 0
+        self._bytes_lock = threading.Lock()
         self.labels = np.empty(spec.rows, dtype=np.int64)
         self.row_ids = np.empty(spec.rows, dtype=np.int64)
         self.pos = 0  # rows accepted from the trainer
@@ -266,6 +277,19 @@ class DiskWriter(Writer):
             self.pending = [rows[take:]] if take < len(rows) else []
             buffered -= take
 
+    def _charge(self, nbytes: int) -> None:
+        """Count a chunk about to be written; DiskBudgetError when it would not fit."""
+        with self._bytes_lock:
+            total = self.bytes_written + nbytes
+            if self.max_bytes is not None and total > self.max_bytes:
+                raise DiskBudgetError(
+                    f"cache {self.spec.key} would outgrow its disk budget: "
+                    f"{total / 2**20:.1f} MiB written of {self.max_bytes / 2**20:.1f} MiB allowed "
+                    "(--max-disk, or the free disk when it was planned); the partial cache "
+                    "was removed"
+                )
+            self.bytes_written = total
+
     def _write_small(self, name: str, data: np.ndarray) -> None:
         arr = self.group.create_array(
             name, shape=data.shape, dtype=data.dtype, chunks=data.shape, compressors=[Crc32cCodec()]
@@ -364,6 +388,7 @@ class ZarrWriter(DiskWriter):
     def _encode_and_write(self, i: int, rows: np.ndarray) -> None:
         raw = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
         payload = self.zstd.encode(raw) if self.use_zstd else raw.data
+        self._charge(len(payload) + 4)
         path = chunk_file(self.dir, self.array, i)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -402,6 +427,7 @@ class MmapWriter(DiskWriter):
         self._set_attrs("none", 1.0)
 
     def _write_chunk(self, start: int, rows: np.ndarray) -> None:
+        self._charge(rows.nbytes)
         self.file.write(np.ascontiguousarray(rows).data)
 
     def _finalize(self) -> None:

@@ -104,6 +104,11 @@ class CacheWriteError(CacheError):
     """The background writer failed; the partial cache was removed."""
 
 
+class DiskBudgetError(CacheWriteError):
+    """A cache outgrew the disk budget it was admitted with (``--max-disk``, or the free
+    disk when it was planned); the partial cache was removed."""
+
+
 class DiskFullError(CacheWriteError, OSError):
     """The disk filled up while writing a cache; the partial cache was removed."""
 

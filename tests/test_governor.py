@@ -64,6 +64,16 @@ def test_forced_tier_and_budgets_report(tmp_path):
         Budgets(cache_dir=tmp_path, tier="tape")
 
 
+def test_a_forced_tier_obeys_its_budget_and_says_so(tmp_path):
+    """--cache-tier zarr with --max-disk: over budget -> recompute, naming the flag."""
+    g = gov(tmp_path, tier="zarr", max_disk=10 * MIB)
+    fits = g.choose(15 * MIB, 1, 0, 10, compress_ratio=2.0)  # 7.5 MiB compressed
+    assert (fits.tier, fits.bytes) == ("zarr", int(15 * MIB / 2.0))
+    over = g.choose(15 * MIB, 1, 0, 10, compress_ratio=1.0)  # zstd does not pay: 15 MiB
+    assert over.tier == "recompute" and "forced --cache-tier zarr" in over.reason, over
+    assert "15 MiB exceeds what is left of its budget (10 MiB)" in over.reason
+
+
 def test_gpu_pressure_follows_the_devices_free_memory(strict, tmp_path):
     """Read from the device (torch.<backend>.mem_get_info), not from the ledger."""
     g = Governor(Budgets(cache_dir=tmp_path), strict.device)
@@ -74,7 +84,7 @@ def test_gpu_pressure_follows_the_devices_free_memory(strict, tmp_path):
     assert g.room("gpu") == 0
 
 
-def test_an_allocation_failure_sends_that_size_to_the_next_tier(tmp_path):
+def test_an_allocation_failure_sends_that_size_to_the_next_tier(tmp_path, strict):
     g = gov(tmp_path, max_ram=100 * MIB, max_disk=10 * 2**30)
     assert g.choose(40 * MIB, 1, 0, 10, 1.0).tier == "ram"
     g.allocation_failed("ram", 40 * MIB)  # the budget said yes, the allocator said no
@@ -88,6 +98,6 @@ def test_an_allocation_failure_sends_that_size_to_the_next_tier(tmp_path):
     with_forced = gov(tmp_path, tier="ram", max_ram=100 * MIB, max_disk=10 * 2**30)
     with_forced.allocation_failed("ram", 40 * MIB)  # a forced tier's refusal counts too
     assert with_forced.choose(40 * MIB, 1, 0, 10, 1.0).tier == "mmap"
-    forced = gov(tmp_path, tier="gpu", max_disk=10 * 2**30)
+    forced = Governor(Budgets(tmp_path, tier="gpu", max_disk=10 * 2**30), strict.device)
     assert forced.choose(40 * MIB, 1, 0, 10, 1.0).tier == "gpu"
     assert forced.choose(40 * MIB, 1, 0, 10, 1.0, below="gpu").tier in ("ram", "mmap")

@@ -2,8 +2,9 @@
 
 import psutil
 import pytest
+import torch
 from helpers import DIGITS, leftovers, rel_diff, train_cache_key
-from prefast.store.layout import CacheRoot
+from prefast.store.layout import CacheRoot, disk_usage
 from prefast.store.manage import list_caches
 
 from prefast.config import TrainConfig
@@ -182,3 +183,42 @@ def test_spill_that_fails_on_a_real_full_disk_keeps_the_ram_cache(
     assert run["epochs"][failed[0]["epoch"]]["cache_tier"] == "ram"  # read where it was
     assert rel_diff(run, freezeout_ref) <= 1e-6
     assert not leftovers(tiny_disk / "c")  # (later, smaller boundaries may fit and spill)
+
+
+def test_max_disk_charges_what_a_compressible_boundary_takes_on_disk(tmp_path, capsys):
+    """A 7.4 MB boundary that zstd shrinks to 4.3 MB, under --max-disk 6 MB: admitted at its
+    compressed size, charged what the writer put on disk (measured), so the later, smaller
+    boundaries fit beside it. Charging the raw size (as before) refused every later one."""
+    from torch import nn
+
+    def block(cin, cout, pool=False):
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+            *([nn.MaxPool2d(2)] if pool else []),
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    model = nn.Sequential(  # post-ReLU maps: compressible
+        block(1, 32), block(32, 32), block(32, 32, pool=True), block(32, 32),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)),
+    )  # fmt: skip
+    cfg = TrainConfig(
+        mode="prefast", dataset="digits", epochs=8, t0=0.3, augment="none", device="cpu",
+        cache_dir=str(tmp_path), cache_tier="zarr", cache_boundaries="every",
+        max_disk=6_000_000,
+    )  # fmt: skip
+    run = train(cfg, model=model)
+    events = run["final"]["cache_events"]
+    boundaries = [(e["stage"], e["tier"]) for e in events if e["event"] == "boundary"]
+    assert boundaries == [(2, "zarr"), (3, "zarr"), (4, "zarr")], events
+    first = next(e for e in events if e["event"] == "boundary")
+    assert first["compress_ratio"] > 1.5
+    charged = [e for e in events if e["event"] == "charged"]
+    assert [e["stage"] for e in charged] == [2, 3, 4]
+    assert all(e["bytes"] == e["on_disk"] for e in charged), charged
+    root = CacheRoot(tmp_path)
+    on_disk = sum(disk_usage(root.dir_for(k)) for k in root.cache_keys())  # stage 4's only
+    with capsys.disabled():
+        print(f"\nledger {charged[-1]['bytes']} B, on disk {on_disk} B")
+    assert charged[-1]["bytes"] == on_disk
+    assert run["epochs"][-1]["cache_stage"] == 4

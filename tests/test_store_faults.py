@@ -19,6 +19,7 @@ from prefast.store.errors import (
     CacheCorruptedError,
     CacheExistsError,
     CacheWriteError,
+    DiskBudgetError,
     DiskFullError,
 )
 from prefast.store.manage import verify
@@ -208,3 +209,19 @@ def test_reader_and_writer_exclude_each_other(tmp_path):
     with pytest.raises(CacheLockedError):
         open_reader(root, "w")
     w.abort()
+
+
+@pytest.mark.parametrize("tier", ["zarr", "mmap"])
+def test_a_writer_stops_at_its_disk_allowance(tmp_path, tier, no_thread_leak):
+    """max_bytes is checked before each chunk is written: a cache admitted at an estimated
+    size raises DiskBudgetError instead of outgrowing its budget, and leaves nothing."""
+    root = CacheRoot(tmp_path)
+    w = open_writer(tier, CacheSpec("big", 6000, SHAPE, "float32"), root)  # 12 MB, 3 chunks
+    w.max_bytes = 6 * 2**20  # one 4 MiB chunk fits, two do not
+    with pytest.raises(DiskBudgetError, match="would outgrow its disk budget"):
+        for s in range(0, 6000, 500):
+            noise = torch.randn(500, *SHAPE)  # incompressible
+            w.append(noise, torch.zeros(500, dtype=torch.int64), torch.arange(s, s + 500))
+        w.finish()
+    assert w.bytes_written <= w.max_bytes
+    assert root.cache_keys() == [] and root.lock("big").try_acquire(shared=False)
