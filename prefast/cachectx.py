@@ -97,8 +97,24 @@ class CacheContext:
         except CacheError as exc:
             log.warning("not reusing cache %s: %s", key, exc)
             return None
+        if self._outgrows_buffer(reader):
+            # Written under a larger RAM budget: its chunks do not fit this run's shuffle
+            # buffer, so reading it would hold more than --max-ram allows. Rewrite it with
+            # this run's chunks (unless another process is reading it: then read it as is).
+            reader.close()
+            if self.root.remove(key):
+                self.event(epoch, "rechunked", key=key, detail="chunks too large for --max-ram")
+                log.warning("cache %s: chunks too large for this RAM budget; rewriting it", key)
+                return None
+            reader = open_reader(self.root, key)
         self.event(epoch, "reused", key=key)
         return reader
+
+    def _outgrows_buffer(self, reader: Reader) -> bool:
+        buffer = shuffle_buffer_bytes(self.governor.ram_budget())
+        chunk = getattr(reader, "chunk_rows", 0) * reader.spec.row_bytes
+        windowed = reader.spec.logical_bytes > buffer  # else the whole cache is read at once
+        return windowed and 2 * chunk > buffer and chunk > chunk_bytes_for(buffer)
 
     def open_view(self, tier: str, spec: CacheSpec, epoch: int | None) -> Reader | Writer:
         """Reuse a complete cache of ``spec.key`` or open a writer for it."""

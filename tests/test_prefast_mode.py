@@ -6,6 +6,7 @@ import torch
 from helpers import DIGITS, leftovers, rel_diff, train_cache_key
 from prefast.store.layout import CacheRoot, disk_usage
 from prefast.store.manage import list_caches
+from prefast.store.readers import open_reader
 
 from prefast.config import TrainConfig
 from prefast.trainer import train
@@ -222,3 +223,24 @@ def test_max_disk_charges_what_a_compressible_boundary_takes_on_disk(tmp_path, c
         print(f"\nledger {charged[-1]['bytes']} B, on disk {on_disk} B")
     assert charged[-1]["bytes"] == on_disk
     assert run["epochs"][-1]["cache_stage"] == 4
+
+
+def test_a_smaller_max_ram_rewrites_caches_whose_chunks_outgrow_its_shuffle_buffer(tmp_path):
+    """A cache written under a large RAM budget has one 4.4 MB chunk; a rerun with --max-ram
+    4 MiB has a 1 MiB shuffle buffer: reading it would hold two such chunks. It is rewritten
+    in 1 MiB chunks instead (event rechunked), and read from the next epoch."""
+    # One boundary, at epoch 1, in one chunk (a 32 MiB chunk target).
+    cfg = cfg_for(tmp_path, cache_tier="zarr", cache_dtype="float32", epochs=3, t0=0.2)
+    first = train(cfg)
+    assert len([e for e in first["final"]["cache_events"] if e["event"] == "boundary"]) == 1
+    root = CacheRoot(tmp_path)
+    big = {c["key"] for c in list_caches(root)}  # the boundary's training and test caches
+    again = train(cfg.replace(max_ram=4 * 2**20))
+    events = again["final"]["cache_events"]
+    rechunked = [e for e in events if e["event"] == "rechunked"]
+    assert {e["key"] for e in rechunked} == big, events
+    for key in {e["key"] for e in rechunked} & set(root.cache_keys()):  # rewritten, kept
+        reader = open_reader(root, key)
+        assert reader.chunk_rows * reader.spec.row_bytes <= 2**20, reader.chunk_rows
+        reader.close()
+    assert again["epochs"][-1]["cached_batches"] == again["final"]["batches_per_epoch"]
