@@ -34,7 +34,7 @@ from prefast.benchmarks.store_floors import (
     zstd_chunk_floor,
 )
 from prefast.store.base import SHUFFLE_BUFFER_BYTES, CacheSpec, chunk_bytes_for
-from prefast.store.disk_writer import ZarrWriter
+from prefast.store.zarr_writer import ZarrWriter
 from prefast.store.layout import CacheRoot
 from prefast.store.loader import PrefetchLoader
 

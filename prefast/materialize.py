@@ -50,30 +50,25 @@ from prefast.config import TrainConfig, default_cache_dir
 from prefast.costmodel import StageCost, plan_boundaries
 from prefast.distributed import SINGLE, Dist
 from prefast.errors import (
-    CacheAllocationError,
-    CacheCorruptedError,
     CacheError,
     CacheReadError,
-    CacheUnavailableError,
 )
 from prefast.feed import Batch, BatchStream, RawSource
-from prefast.governor import Governor, cache_dtype, cache_views, row_bytes_in, tier_bytes
+from prefast.governor import Governor, cache_dtype, cache_views
 from prefast.models import StagedModel
 from prefast.probe import measure_stage_costs
 from prefast.schedule import FreezeOutSchedule
 from prefast.spill import relieve_pressure
-from prefast.store import CacheRoot, PrefetchLoader, Reader
+from prefast.store import CacheRoot, PrefetchLoader
 from prefast.store.base import TorchBatch, shuffle_buffer_bytes
 from prefast.store.device import Uploader, is_accelerator
-from prefast.store.disk_writer import DiskWriter
-from prefast.store.layout import disk_usage
-from prefast.store.order import batch_slices
 from prefast.testcache import TestCache
+from prefast.transitions import BoundaryTransitions
 
 log = logging.getLogger("prefast.materialize")
 
 
-class PrefastFeed:
+class PrefastFeed(BoundaryTransitions):
     def __init__(
         self,
         cfg: TrainConfig,
@@ -196,21 +191,6 @@ class PrefastFeed:
             self._promote(epoch)
         self._check()
 
-    def state(self) -> dict:
-        """What a checkpoint keeps so that a resumed run reads the same caches and plans
-        the same boundaries: the probe's costs, the plan, and each live boundary."""
-        return {
-            "world": self.ctx.identity["world"],
-            "costs": self.costs,
-            "planned": self.planned,
-            "plan": self.plan,
-            "boundaries": [
-                {"role": role, **b.record()}
-                for role, b in (("current", self.current), ("target", self.target))
-                if b is not None
-            ],
-        }
-
     def test_batches(self) -> BatchStream:
         if self.current is None:
             yield from self.raw.test_batches()
@@ -320,245 +300,6 @@ class PrefastFeed:
     def _run_prefix(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         with torch.no_grad(), self.autocast():  # frozen: eval mode, no graph
             return self.model.run_range(x, start, stop)
-
-    def _ratio(self, stage: int) -> float:
-        return self.costs[stage - 1].compress_ratio
-
-    # -- transitions of the boundaries ----------------------------------------------------
-    # Invariants (``_check``): ``current`` is complete and is what epochs read; ``target``
-    # is planned or writing and deeper than ``current``; ``plan`` maps epochs to stages
-    # still to materialize. A planned epoch that meets a target still in progress is
-    # deferred to the next epoch (recorded), never dropped without a word.
-    def _check(self) -> None:
-        c, t = self.current, self.target
-        assert c is None or c.state is State.COMPLETE, c
-        assert t is None or t.state in (State.PLANNED, State.WRITING), t
-        assert c is None or t is None or t.stage > c.stage, (c, t)
-
-    def _readable(self, epoch: int) -> bool:
-        """A boundary started at ``epoch`` has all its views written before the last epoch,
-        so at least one epoch reads it."""
-        return epoch + self.views <= self.cfg.epochs - 1
-
-    def _start_planned(self, epoch: int, frozen_prefix: int) -> None:
-        stage = frozen_prefix  # the deepest stage frozen now (deeper than planned after a fault)
-        done = self.current.stage if self.current else 0
-        if self.target is not None and self.target.stage >= stage or stage <= done:
-            return  # that stage (or a deeper one) is already cached or being cached
-        if self.target is not None:  # a K-view target in progress: after it, if in time
-            nxt = epoch + 1
-            if self._readable(nxt):
-                self.plan[nxt] = max(self.plan.get(nxt, 0), stage)
-            why = f"stage {self.target.stage}'s views are still being written"
-            self.ctx.event(epoch, "deferred" if self._readable(nxt) else "dropped",
-                           stage=stage, detail=why)  # fmt: skip
-            return
-        self._plan_target(epoch, stage)
-
-    def _resume(self, epoch: int, frozen_prefix: int) -> None:
-        """First epoch of a resumed run: reopen the boundaries the checkpoint names."""
-        if self.resharded:
-            self.ctx.event(epoch, "resharded", world=self.ctx.identity["world"])
-        for rec in self.restored:
-            b = self._reopen(epoch, rec)
-            if b is None:
-                continue
-            if rec["role"] == "current" and b.state is State.COMPLETE:
-                self.current = b
-            elif self.target is None and (self.current is None or b.stage > self.current.stage):
-                self.target = b  # views still missing are written again, in their streams
-            else:
-                b.close()
-        self.restored = []
-        # Nothing to reopen (memory tiers die with the process, or the shards changed):
-        # materialize at once instead of computing the prefix until the next boundary.
-        nothing = self.current is None and self.target is None
-        if nothing and frozen_prefix > 0 and any(e < epoch for e in self.plan):
-            self.plan[epoch] = max(self.plan.get(epoch, 0), frozen_prefix)
-
-    def _reopen(self, epoch: int, rec: dict) -> BoundaryCache | None:
-        stage, tier, views = int(rec["stage"]), rec["tier"], int(rec["views"])
-        if views != self.views:
-            return None
-        name = f"train@{stage}"
-        b = BoundaryCache(name, stage, tier, views, self.ctx.root, self.governor.release)
-        row = row_bytes_in(self.ctx.dtype, self.costs[stage - 1].out_row_bytes)
-        ratio = self._ratio(stage)
-        b.view_bytes = tier_bytes(tier, self.raw.num_train * row, ratio)
-        b.test_bytes = tier_bytes(tier, self.raw.num_test * row, ratio)
-        self.governor.hold(name, tier, views * b.view_bytes + b.test_bytes)
-        for view, stream in rec["streams"].items():
-            key = self.ctx.key("train", stage, stream)
-            try:
-                reader = self.ctx.reuse(tier, key, epoch)
-            except CacheError:
-                reader = None
-            b.streams[int(view)] = stream
-            if reader is not None:
-                b.reuse_view(int(view), reader, stream)
-        return b
-
-    def _plan_target(self, epoch: int, stage: int, below: str | None = None) -> None:
-        test_batches = len(batch_slices(self.raw.num_test, self.cfg.batch_size))
-        decision = self.governor.choose_boundary(
-            self.costs,
-            stage,
-            self.ctx.dtype,
-            (self.raw.num_train, self.raw.num_test),
-            self.views,
-            self.raw.batches_per_epoch + test_batches,
-            below,
-        )
-        self.ctx.event(
-            epoch,
-            "boundary",
-            stage=stage,
-            tier=decision.tier,
-            bytes=decision.bytes,
-            compress_ratio=round(self.costs[stage - 1].compress_ratio, 3),
-            reason=decision.reason,
-        )
-        log.info(
-            "epoch %d: boundary at stage %d -> %s (%s)",
-            epoch,
-            stage,
-            decision.tier,
-            decision.reason,
-        )
-        if decision.tier == "recompute":
-            return
-        name = f"train@{stage}"
-        self.governor.hold(name, decision.tier, decision.bytes)
-        self.target = BoundaryCache(
-            name, stage, decision.tier, self.views, self.ctx.root, self.governor.release
-        )
-        self.target.view_bytes = decision.view_bytes
-        self.target.test_bytes = decision.bytes - self.views * decision.view_bytes
-
-    def _prepare_view(self, epoch: int) -> None:
-        """Reuse this epoch's view if a complete cache has its key, else open its writer."""
-        t = self.target
-        assert t is not None
-        view = t.missing_view(epoch)
-        if view is None:
-            return
-        # The view's content is the data in its augmentation stream: the one recorded for
-        # it (rebuilt on resume), else what this epoch feeds (a cached view's, or the epoch's).
-        stream = t.streams[view] if view in t.streams else self._stream(epoch)
-        key = self.ctx.key("train", t.stage, stream)
-        shape = self.costs[t.stage - 1].out_shape
-        spec = self.ctx.spec(key, "train", t.stage, self.raw.num_train, shape)
-        try:
-            opened = self.ctx.open_view(t.tier, spec, epoch)
-        except CacheUnavailableError:  # kept; this epoch computes the prefix, the next retries
-            return
-        except CacheAllocationError as exc:
-            self._out_of_memory(epoch, t, exc)
-            return
-        except (CacheError, OSError) as exc:
-            self._abandon(epoch, f"cannot open a writer for cache {key}: {exc}")
-            return
-        if isinstance(opened, Reader):
-            t.reuse_view(view, opened, stream)
-        else:
-            if isinstance(opened, DiskWriter):  # the writer stops at what the budget has left
-                opened.max_bytes = self._allowance(t)
-            t.begin_view(view, opened, stream)
-
-    def _promote(self, epoch: int) -> None:
-        assert self.target is not None
-        if self.current is not None:
-            self.current.supersede()
-        self.current, self.target = self.target, None
-        self.ctx.event(epoch, "complete", stage=self.current.stage, tier=self.current.tier)
-        if self.cfg.augment == "standard" and self.views == 1 and not self.warned_fixed_aug:
-            log.warning(
-                "augmentation is fixed from stage %d on (one cached view); "
-                "use --cache-views K for K views",
-                self.current.stage,
-            )
-            self.warned_fixed_aug = True
-
-    def _out_of_memory(self, epoch: int, t: BoundaryCache, exc: CacheAllocationError) -> None:
-        """The tier's allocator refused the view: plan the boundary in the next tier down,
-        at once when nothing was written yet (else from the next epoch)."""
-        log.warning("stage %d's cache does not fit the %s tier: %s", t.stage, t.tier, exc)
-        written = bool(t.readers)
-        t.abandon(str(exc))  # releases its ledger entry first: the refusal must outlive it
-        self.target = None
-        self.ctx.allocation_refused(epoch, t.tier, exc, stage=t.stage)
-        if written:  # views of the old tier are gone with it: write them all again
-            self.plan[epoch + 1] = t.stage
-            return
-        self._plan_target(epoch, t.stage, below=t.tier)
-        if self.target is not None:
-            self._prepare_view(epoch)
-
-    def _abandon(self, epoch: int, why: str) -> None:
-        """Give up the boundary being materialized; training goes on as FreezeOut."""
-        log.warning("abandoning cache boundary: %s", why)
-        self.ctx.event(epoch, "abandoned", detail=why)
-        if self.target is not None:
-            self.target.abandon(why)
-            self.target = None
-
-    def _read_failed(self, epoch: int, source: BoundaryCache, exc: CacheReadError) -> None:
-        if isinstance(exc, CacheCorruptedError):
-            self._corrupted(epoch, source, exc)
-            return
-        # Unavailable (too many open files, no permission, ...): nothing says the cache is
-        # bad, so it is kept and read again next epoch; this epoch ends on raw data.
-        log.warning("%s: the rest of the epoch comes from raw data", exc)
-        self.ctx.event(epoch, "unavailable", stage=source.stage, detail=str(exc))
-
-    def _corrupted(self, epoch: int, source: BoundaryCache, exc: CacheCorruptedError) -> None:
-        """Never train on garbage: drop the boundary; rebuild it next epoch unless a
-        boundary being written this epoch replaces it anyway."""
-        log.warning(
-            "cache %s is corrupted (%s): the rest of the epoch comes from raw data",
-            exc.cache,
-            exc.detail,
-        )
-        self.ctx.event(epoch, "corrupted", stage=source.stage, detail=str(exc))
-        source.corrupt(str(exc))
-        if source is self.current:
-            self.current = None
-            self.test.drop()
-        if source is self.target:
-            self.target = None
-        if self.target is None and self._readable(epoch + 1):
-            self.plan[epoch + 1] = source.stage
-
-    # -- what the disk caches really take -----------------------------------------------
-    def _measured(self, b: BoundaryCache) -> tuple[int, int]:
-        """Bytes on disk of ``b``'s written views, and of its test cache (0: not written)."""
-        views = sum(disk_usage(self.ctx.root.dir_for(r.spec.key)) for r in b.readers.values())
-        test = self.test.reader
-        if test is None or self.test.stage != b.stage or test.tier not in DISK_TIERS:
-            return views, 0
-        return views, disk_usage(self.ctx.root.dir_for(test.spec.key))
-
-    def _charge(self, epoch: int | None) -> None:
-        """Charge each disk boundary what its caches take on disk (estimates for what is not
-        written yet), so a compressible boundary never holds budget it does not use."""
-        for b in (self.current, self.target):
-            if b is None or b.tier not in DISK_TIERS or b.name not in self.governor.ledger:
-                continue
-            views, test = self._measured(b)
-            missing = b.views - len(b.readers)
-            charge = views + missing * b.view_bytes + (test or b.test_bytes)
-            before = self.governor.ledger[b.name][1]
-            if charge != before:
-                self.governor.hold(b.name, b.tier, charge)
-                self.ctx.event(epoch, "charged", stage=b.stage, bytes=charge, was=before,
-                               on_disk=views + test)  # fmt: skip
-
-    def _allowance(self, b: BoundaryCache) -> int:
-        """What the view being opened may write: what the budget leaves once the other
-        caches, this boundary's written views and its test set's share are counted."""
-        views, test = self._measured(b)
-        charged = self.governor.ledger.get(b.name, (b.tier, 0))[1]
-        return max(0, self.governor.room("disk") + charged - views - (test or b.test_bytes))
 
     def _reset_stats(self) -> None:
         self.stats: dict[str, Any] = {"cache_tier": None, "cache_stage": None, "cached_batches": 0}

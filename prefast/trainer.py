@@ -310,18 +310,10 @@ class Trainer:
         self.history = state["history"]
         self.start_epoch = state["next_epoch"]
         self.resume_feed = state.get("feed") or None
-        world = state.get("world", 1)
-        if world != self.dist.world:
-            # Shards, orders and caches are functions of (seed, epoch, rank, world): the
-            # resumed run deals its new shards and builds their caches at its first epoch;
-            # every sample is still seen once per epoch.
-            log.warning(
-                "checkpoint %s was written by %d process(es), resuming with %d: resharding "
-                "(the caches of the old shards are not used)",
-                path,
-                world,
-                self.dist.world,
-            )
+        if (world := state.get("world", 1)) != self.dist.world:  # shards are dealt again
+            log.warning("checkpoint %s was written by %d process(es), resuming with %d: "
+                        "resharding (the caches of the old shards are not used)",
+                        path, world, self.dist.world)  # fmt: skip
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
 

@@ -52,9 +52,10 @@ def open_writer(
     if tier in ("mmap", "zarr"):
         if root is None:
             raise ConfigError(f"cache tier {tier!r} needs a cache directory (--cache-dir)")
-        from .disk_writer import disk_writer
+        from .disk_writer import MmapWriter
+        from .zarr_writer import ZarrWriter
 
-        return disk_writer(tier, root, spec)
+        return ZarrWriter(root, spec) if tier == "zarr" else MmapWriter(root, spec)
     raise ConfigError(f"unknown cache tier {tier!r}: choose one of {', '.join(TIERS)}")
 
 

@@ -1,4 +1,5 @@
-"""Writers of the on-disk tiers: ``zarr`` (chunked, crc32c, zstd when it pays) and ``mmap``.
+"""Writers of the on-disk tiers: what they share, and ``mmap`` (the ``zarr`` tier's writer,
+chunked, crc32c, zstd when it pays, is in ``zarr_writer.py``).
 
 Writes go through one background thread with a bounded queue, so the trainer
 only waits on disk when the queue is full. Rows are grouped into chunks of the
@@ -19,23 +20,19 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import queue
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import crc32c
 import numcodecs
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec
 
-from .base import NUMPY_STORAGE, CacheSpec, Writer, checksum, to_storage
-from .disk_reader import DiskReader, chunk_file
+from .base import CacheSpec, Writer, checksum, to_storage
+from .disk_reader import DiskReader
 from .errors import (
     FULL_ERRNOS,
     CacheExistsError,
@@ -126,7 +123,9 @@ class DiskWriter(Writer):
         data = acts.detach()
         if self.queue.maxsize == 0:  # first batch: bound the queue in bytes, not batches
             nbytes = data.numel() * data.element_size()
-            self.queue.maxsize = max(1, min(self.queue_batches, QUEUE_BYTES // max(1, nbytes)))
+            self.queue.maxsize = max(
+                1, min(self.queue_batches, self.queue_bytes() // max(1, nbytes))
+            )
         self._put(data)
 
     def finish(self) -> DiskReader:
@@ -277,6 +276,10 @@ class DiskWriter(Writer):
             self.pending = [rows[take:]] if take < len(rows) else []
             buffered -= take
 
+    @staticmethod
+    def queue_bytes() -> int:
+        return QUEUE_BYTES  # read at call time (tests shrink it)
+
     def _charge(self, nbytes: int) -> None:
         """Count a chunk about to be written; DiskBudgetError when it would not fit."""
         with self._bytes_lock:
@@ -332,91 +335,6 @@ class DiskWriter(Writer):
         )
 
 
-class ZarrWriter(DiskWriter):
-    """Chunk files are encoded (zstd level 1 when it pays) and written on a thread pool.
-
-    Each file holds what zarr's own codec pipeline would write for that chunk
-    (raw little-endian bytes or a zstd frame, then a crc32c of them), so the
-    cache stays a plain Zarr v3 group that zarr-python reads; zarr writes the
-    metadata and the small arrays.
-    """
-
-    tier = "zarr"
-
-    def __init__(self, root: CacheRoot, spec: CacheSpec, codec: str = "auto", **kw: Any):
-        self.codec = codec
-        self.array: Any = None
-        self.zstd = numcodecs.Zstd(level=1)
-        self.workers = max(2, os.cpu_count() or 2)  # zstd encodes release the GIL
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="prefast-encode")
-        self.in_flight: deque[Future[None]] = deque()
-        super().__init__(root, spec, **kw)
-
-    def _write_chunk(self, start: int, rows: np.ndarray) -> None:
-        if self.array is None:  # decide the codec on the first real chunk
-            ratio = trial_ratio(rows)
-            use_zstd = self.codec == "zstd" or (self.codec == "auto" and ratio >= ZSTD_MIN_RATIO)
-            compressors: list[Any] = [ZstdCodec(level=1)] if use_zstd else []
-            self.array = self.group.create_array(
-                "activations",
-                shape=(self.spec.rows, *self.spec.shape),
-                dtype=NUMPY_STORAGE[self.spec.dtype],
-                chunks=(self.chunk_rows, *self.spec.shape),
-                compressors=[*compressors, Crc32cCodec()],
-                fill_value=0,
-                config={"write_empty_chunks": True},
-            )
-            self.use_zstd = use_zstd
-            self._set_attrs("zstd1" if use_zstd else "none", round(ratio, 3) if use_zstd else 1.0)
-            log.info(
-                "cache %s: zstd-1 trial ratio %.2f -> %s",
-                self.spec.key[:8],
-                ratio,
-                "zstd" if use_zstd else "none",
-            )
-        i = start // self.chunk_rows
-        if len(rows) < self.chunk_rows:  # zarr stores the last chunk padded to a whole one
-            padded = np.zeros((self.chunk_rows, *rows.shape[1:]), dtype=rows.dtype)
-            padded[: len(rows)] = rows
-            rows = padded
-        # Bounded in bytes as the queue is, so --max-ram holds whatever the chunk size.
-        max_in_flight = max(1, min(2 * self.workers, QUEUE_BYTES // max(1, rows.nbytes)))
-        while len(self.in_flight) >= max_in_flight:
-            self.in_flight.popleft().result()
-        self.in_flight.append(self.pool.submit(self._encode_and_write, i, rows))
-
-    def _encode_and_write(self, i: int, rows: np.ndarray) -> None:
-        raw = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
-        payload = self.zstd.encode(raw) if self.use_zstd else raw.data
-        self._charge(len(payload) + 4)
-        path = chunk_file(self.dir, self.array, i)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            trailer = crc32c.crc32c(payload).to_bytes(4, "little")
-            view = memoryview(payload)
-            written = os.writev(fd, [view, trailer])
-            if written != len(view) + 4:  # short write (rare): finish it
-                rest = (bytes(view) + trailer)[written:]
-                while rest:
-                    rest = rest[os.write(fd, rest) :]
-        finally:
-            os.close(fd)
-
-    def _drain_chunk_writes(self) -> None:
-        while self.in_flight:
-            self.in_flight.popleft().result()
-
-    def _finalize(self) -> None:
-        self.pool.shutdown(wait=True)
-
-    def _close_files(self) -> None:
-        for future in self.in_flight:
-            future.cancel()
-        self.in_flight.clear()
-        self.pool.shutdown(wait=True)
-
-
 class MmapWriter(DiskWriter):
     """Raw rows in one file; per-chunk crc32c in the marker (checked on read)."""
 
@@ -436,7 +354,3 @@ class MmapWriter(DiskWriter):
     def _close_files(self) -> None:
         if hasattr(self, "file"):
             self.file.close()
-
-
-def disk_writer(tier: str, root: CacheRoot, spec: CacheSpec) -> DiskWriter:
-    return ZarrWriter(root, spec) if tier == "zarr" else MmapWriter(root, spec)

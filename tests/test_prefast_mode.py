@@ -144,21 +144,16 @@ def test_ram_pressure_spills_to_disk_and_training_goes_on(tmp_path, monkeypatch,
     assert rel_diff(run, freezeout_ref) <= 1e-6
 
 
-def test_a_ram_cache_over_max_ram_spills_and_trains_like_a_disk_cache(tmp_path):
-    """The ledger's pressure: a forced RAM cache larger than --max-ram (512 KiB; the
-    boundaries hold 0.7 to 16 MiB) moves to disk at the first epoch that reads it, and the
-    run is the one that cached on disk from the start under that budget. (Not FreezeOut's:
-    a 128 KiB shuffle buffer reads disk caches in windows, not in the exact order.)"""
-    run = train(cfg_for(tmp_path / "ram", cache_tier="ram", max_ram=2**19))
-    spilled = spills(run)  # boundaries complete at the end of epochs 2..6 and 8
-    assert [(e["epoch"], e["stage"]) for e in spilled] == [
-        (3, 2), (4, 4), (5, 5), (6, 6), (7, 7), (9, 8)
-    ], spilled  # fmt: skip
-    assert all(e["from"] == "ram" and e["to"] in ("zarr", "mmap") for e in spilled)
-    assert {e["cache_tier"] for e in run["epochs"] if e["cached_batches"]} <= {"zarr", "mmap"}
-    disk = train(cfg_for(tmp_path / "mmap", cache_tier="mmap", max_ram=2**19))
-    for a, b in zip(run["epochs"], disk["epochs"], strict=True):
-        assert (a["train_loss"], a["test_acc"]) == (b["train_loss"], b["test_acc"])
+def test_a_forced_ram_tier_over_max_ram_is_recomputed_and_says_why(tmp_path, freezeout_ref):
+    """--cache-tier ram with --max-ram 512 KiB (the boundaries hold 0.7 to 16 MiB): the
+    forced tier obeys the budget, so nothing is cached and the run is FreezeOut's. (Before,
+    a forced tier skipped every budget check and the cache went over --max-ram.)"""
+    run = train(cfg_for(tmp_path, cache_tier="ram", max_ram=2**19))
+    boundaries = [e for e in run["final"]["cache_events"] if e["event"] == "boundary"]
+    assert boundaries and all(e["tier"] == "recompute" for e in boundaries), boundaries
+    assert all("forced --cache-tier ram" in e["reason"] for e in boundaries)
+    assert not any(e["cached_batches"] for e in run["epochs"])
+    assert rel_diff(run, freezeout_ref) <= 1e-6
 
 
 def test_spill_respects_max_disk_and_keeps_the_ram_cache(tmp_path, monkeypatch, freezeout_ref):

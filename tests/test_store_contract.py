@@ -99,7 +99,7 @@ def test_zarr_codec_choice_and_metadata(tmp_path):
     assert reader.attrs["dtype"] == "float16" and reader.attrs["rows"] == 2000
     reader.close()
     root = CacheRoot(tmp_path / "noise")
-    from prefast.store.disk_writer import ZarrWriter
+    from prefast.store.zarr_writer import ZarrWriter
 
     # random bits: zstd cannot pay
     noise = torch.randint(-(2**31), 2**31 - 1, (500, *SHAPE), dtype=torch.int32).view(torch.float32)
@@ -173,7 +173,7 @@ def test_a_shuffled_disk_epoch_holds_at_most_its_buffer(tier, tmp_path, no_threa
 def test_zarr_python_reads_what_the_parallel_writer_wrote(codec, tmp_path, no_thread_leak):
     """Chunk files are written by PreFast's own encoder: they must stay plain Zarr v3."""
     import zarr
-    from prefast.store.disk_writer import ZarrWriter
+    from prefast.store.zarr_writer import ZarrWriter
 
     rows = 3000  # 2 chunks of 2,048 rows at 2 KiB: the last one padded, as zarr does
     x = torch.relu(torch.randn(rows, 8, 8, 8))
@@ -212,7 +212,7 @@ def test_disk_readers_map_files_for_huge_page_faults(tmp_path, no_thread_leak):
     """The mmap tier's file and zarr's chunk files are mapped with MADV_HUGEPAGE: faults then
     read and map 2 MiB folios, which made 1 GB cold epochs 1.3x faster here
     (``chunkio.map_for_reading``); a forgotten advice would go unnoticed otherwise."""
-    from prefast.store.disk_writer import ZarrWriter
+    from prefast.store.zarr_writer import ZarrWriter
 
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.is_file() or "[never]" in thp.read_text():

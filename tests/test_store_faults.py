@@ -14,7 +14,6 @@ import pytest
 import torch
 from helpers import cli
 from prefast.store import CacheRoot, CacheSpec, open_reader, open_writer
-from prefast.store.disk_writer import ZarrWriter
 from prefast.store.errors import (
     CacheCorruptedError,
     CacheExistsError,
@@ -23,6 +22,7 @@ from prefast.store.errors import (
     DiskFullError,
 )
 from prefast.store.manage import verify
+from prefast.store.zarr_writer import ZarrWriter
 
 SHAPE = (8, 8, 8)
 

@@ -29,8 +29,8 @@ from helpers import (
     train_recording,
 )
 from prefast.store import CacheRoot
-from prefast.store.disk_writer import ZarrWriter
 from prefast.store.manage import list_caches
+from prefast.store.zarr_writer import ZarrWriter
 
 from prefast.config import TrainConfig
 from prefast.trainer import train
@@ -354,8 +354,16 @@ def test_real_full_disk_abandons_the_boundary_and_training_matches_freezeout(tin
         epochs=3, batch_size=512, t0=0.3, augment="none", cache_dtype="float32", device="cpu",
     )  # fmt: skip
     ref = train(TrainConfig(mode="freezeout", **common))
+    # A --max-disk larger than the disk (as when another process fills it meanwhile): the
+    # budget admits the boundary, the disk fills first.
     run = train(
-        TrainConfig(mode="prefast", cache_tier="zarr", cache_dir=str(tiny_disk / "c"), **common)
+        TrainConfig(
+            mode="prefast",
+            cache_tier="zarr",
+            cache_dir=str(tiny_disk / "c"),
+            max_disk=2**30,
+            **common,
+        )  # fmt: skip
     )
     abandoned = [e for e in run["final"]["cache_events"] if e["event"] == "abandoned"]
     assert abandoned and all("disk full" in e["detail"] for e in abandoned)
