@@ -34,9 +34,9 @@ from prefast.benchmarks.store_floors import (
     zstd_chunk_floor,
 )
 from prefast.store.base import SHUFFLE_BUFFER_BYTES, CacheSpec, chunk_bytes_for
-from prefast.store.zarr_writer import ZarrWriter
 from prefast.store.layout import CacheRoot
 from prefast.store.loader import PrefetchLoader
+from prefast.store.zarr_writer import ZarrWriter
 
 MB = 1e6
 ROW_SHAPE = (64, 16, 16)  # a DenseNet-like boundary: 32 KiB per row at fp16
