@@ -170,6 +170,7 @@ def test_resume_after_sigkill_with_augmented_views_reads_the_caches_and_matches(
         assert [e["stage"] for e in r_events if e["event"] == "boundary"] == [6]
 
 
+@pytest.mark.slow
 def test_a_fault_on_an_augmented_view_serves_the_rest_in_that_views_augmentation(
     tmp_path, monkeypatch
 ):
@@ -206,6 +207,7 @@ def test_a_fault_on_an_augmented_view_serves_the_rest_in_that_views_augmentation
 
 
 # -- I/O errors, sorted by kind (prefast.store.errors.read_error) -------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("code", [errno.EIO, errno.EACCES])
 def test_an_io_error_on_a_chunk_mid_epoch_serves_the_rest_from_raw_data(
     code, tmp_path, monkeypatch, freezeout_ref
