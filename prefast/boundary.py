@@ -90,6 +90,7 @@ class BoundaryCache:
         # The governor's estimate of what one view and the test set take in ``tier``: what
         # the ledger charges until the feed measures the caches on disk.
         self.view_bytes, self.test_bytes = 0, 0
+        self.unavailable = 0  # opens that failed with CacheUnavailableError (retried once)
         self.why: str | None = None  # reason of a terminal state
 
     def __repr__(self) -> str:

@@ -24,6 +24,7 @@ from prefast.models import StagedModel
 from prefast.store import CacheRoot, CacheSpec, Reader, Writer, cache_key, open_reader, open_writer
 from prefast.store.base import TORCH_DTYPES, chunk_bytes_for, shuffle_buffer_bytes
 from prefast.store.device import to_device
+from prefast.store.errors import read_error
 
 log = logging.getLogger("prefast.materialize")
 DISK_TIERS = ("mmap", "zarr")
@@ -81,10 +82,13 @@ class CacheContext:
         """A complete disk cache with this key, or None. A corrupted one is deleted; one that
         cannot be read now (``CacheUnavailableError``: too many open files, ...) is kept and
         the error raised, so the caller tries again later instead of rewriting it."""
-        if tier not in DISK_TIERS or not self.root.is_complete(key):
+        if tier not in DISK_TIERS:
             return None
         try:
-            reader = open_reader(self.root, key)
+            try:
+                return self._reuse(key, epoch)
+            except OSError as exc:  # anything the store did not sort where it happened
+                raise read_error(key, "opening it", exc) from exc
         except CacheUnavailableError as exc:
             self.event(epoch, "unavailable", key=key, detail=str(exc))
             log.warning("cache %s cannot be read now (%s): kept", exc.cache, exc.detail)
@@ -92,11 +96,17 @@ class CacheContext:
         except CacheCorruptedError as exc:
             self.event(epoch, "corrupted", key=key, detail=str(exc))
             log.warning("cache %s is corrupted (%s): rebuilding it", exc.cache, exc.detail)
-            self.root.remove(key)
+            with contextlib.suppress(OSError):
+                self.root.remove(key)
             return None
-        except CacheError as exc:
+        except CacheError as exc:  # locked, or gone since we looked
             log.warning("not reusing cache %s: %s", key, exc)
             return None
+
+    def _reuse(self, key: str, epoch: int | None) -> Reader | None:
+        if not self.root.is_complete(key):
+            return None
+        reader = open_reader(self.root, key)
         if self._outgrows_buffer(reader):
             # Written under a larger RAM budget: its chunks do not fit this run's shuffle
             # buffer, so reading it would hold more than --max-ram allows. Rewrite it with

@@ -113,15 +113,18 @@ class BoundaryTransitions:
         """First epoch of a resumed run: reopen the boundaries the checkpoint names."""
         if self.resharded:
             self.ctx.event(epoch, "resharded", world=self.ctx.identity["world"])
+        has_target = any(rec["role"] == "target" for rec in self.restored)
         for rec in self.restored:
             b = self._reopen(epoch, rec)
             if b is None:
                 continue
             complete = b.state is State.COMPLETE
-            # The crashed epoch may have completed a deeper boundary (and deleted this one):
-            # one planned now is looked up by key instead of rewriting this one.
-            superseded = epoch in self.plan and frozen_prefix > b.stage
-            if rec["role"] == "current" and complete:
+            current = rec["role"] == "current"
+            # A current that is gone (RAM died with the process; or the crashed epoch
+            # completed a deeper boundary, planned now and looked up by key, and deleted it)
+            # is not rebuilt: the deeper target, or the planned boundary, replaces it.
+            superseded = current and (has_target or epoch in self.plan and frozen_prefix > b.stage)
+            if current and complete:
                 self.current = b
             elif (
                 complete
@@ -136,7 +139,8 @@ class BoundaryTransitions:
         # Nothing to reopen (memory tiers die with the process, or the shards changed):
         # materialize at once instead of computing the prefix until the next boundary.
         nothing = self.current is None and self.target is None
-        if nothing and frozen_prefix > 0 and any(e < epoch for e in self.plan):
+        past_a_boundary = any(e < epoch for e in self.plan)
+        if nothing and frozen_prefix > 0 and past_a_boundary and self._readable(epoch):
             self.plan[epoch] = max(self.plan.get(epoch, 0), frozen_prefix)
 
     def _reopen(self, epoch: int, rec: dict) -> BoundaryCache | None:
@@ -213,7 +217,10 @@ class BoundaryTransitions:
         spec = self.ctx.spec(key, "train", t.stage, self.raw.num_train, shape)
         try:
             opened = self.ctx.open_view(t.tier, spec, epoch)
-        except CacheUnavailableError:  # kept; this epoch computes the prefix, the next retries
+        except CacheUnavailableError as exc:  # kept; this epoch computes the prefix
+            t.unavailable += 1
+            if t.unavailable > 1:  # still unreadable: give up the boundary, keep the cache
+                self._abandon(epoch, f"cache {key} stays unreadable: {exc}")
             return
         except CacheAllocationError as exc:
             self._out_of_memory(epoch, t, exc)
@@ -319,6 +326,9 @@ class BoundaryTransitions:
     def _allowance(self, b: BoundaryCache) -> int:
         """What the view being opened may write: what the budget leaves once the other
         caches, this boundary's written views and its test set's share are counted."""
+        room = self.governor.room("disk")
+        if self.governor.budgets.max_disk is None:  # measured free disk: already net of it
+            return max(0, room)
         views, test = self._measured(b)
         charged = self.governor.ledger.get(b.name, (b.tier, 0))[1]
-        return max(0, self.governor.room("disk") + charged - views - (test or b.test_bytes))
+        return max(0, room + charged - views - (test or b.test_bytes))

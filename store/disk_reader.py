@@ -14,6 +14,7 @@ its batch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,9 @@ class DiskReader(Reader):
             if not root.is_complete(key):
                 raise CacheNotFoundError(f"cache {key} under {root.path} is missing or partial")
             self._open()
-            root.touch(key)
-        except OSError as exc:  # from anything not sorted where it happened (touch's utime)
+            with contextlib.suppress(OSError):  # a use not recorded never makes it unreadable
+                root.touch(key)
+        except OSError as exc:  # from anything not sorted where it happened
             self.close()
             raise read_error(key, "opening it", exc) from exc
         except BaseException:

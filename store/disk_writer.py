@@ -240,7 +240,7 @@ class DiskWriter(Writer):
     def _run(self) -> None:
         while True:
             item = self.queue.get()
-            if item is _STOP:
+            if item is _STOP or self._orphaned:  # abort() gave up on us: stop draining
                 break
             if self.error is not None:
                 continue  # failed or aborted: drain and discard so put() never blocks
