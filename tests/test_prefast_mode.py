@@ -220,6 +220,7 @@ def test_max_disk_charges_what_a_compressible_boundary_takes_on_disk(tmp_path, c
     assert run["epochs"][-1]["cache_stage"] == 4
 
 
+@pytest.mark.slow
 def test_a_smaller_max_ram_rewrites_caches_whose_chunks_outgrow_its_shuffle_buffer(tmp_path):
     """A cache written under a large RAM budget has one 4.4 MB chunk; a rerun with --max-ram
     4 MiB has a 1 MiB shuffle buffer: reading it would hold two such chunks. It is rewritten

@@ -254,6 +254,7 @@ def test_an_io_error_on_a_chunk_mid_epoch_serves_the_rest_from_raw_data(
     assert result["epochs"][-1]["cached_batches"] == bpe
 
 
+@pytest.mark.slow
 def test_too_many_open_files_at_open_keeps_a_complete_cache_and_reads_it_next_epoch(
     tmp_path, monkeypatch
 ):
