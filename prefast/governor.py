@@ -197,14 +197,18 @@ class Governor:
         def offered(tier: str) -> bool:  # a tier after the one that just failed, if any
             return below is None or LEVEL[tier] > LEVEL[below]
 
-        def held(tier: str, reason: str) -> Decision:
-            """What ``tier`` holds: zarr's bytes are compressed (the ledger charges them,
-            and the feed re-charges what the writer really put on disk)."""
+        def in_tier(tier: str) -> tuple[int, int]:
+            """What ``tier`` holds, all views and one view: zarr's bytes are compressed (the
+            ledger charges them, and the feed re-charges what the writer put on disk)."""
             v, t = (tier_bytes(tier, n, compress_ratio) for n in (view_bytes, test_bytes))
-            return self._log(Decision(tier, views * v + t, reason, view_bytes=v))
+            return views * v + t, v
+
+        def held(tier: str, reason: str) -> Decision:
+            nbytes, v = in_tier(tier)
+            return self._log(Decision(tier, nbytes, reason, view_bytes=v))
 
         if forced != "auto" and offered(forced) and total <= self.limits.get(forced, total):
-            need = held(forced, "").bytes
+            need, _ = in_tier(forced)
             room = self.room("disk" if forced in ("mmap", "zarr") else forced)
             if need > room:  # a forced tier obeys the budgets too, and says so
                 return self._log(

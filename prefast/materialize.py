@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -134,6 +135,7 @@ class PrefastFeed(BoundaryTransitions):
         self.test = TestCache(self.ctx, raw, self._run_prefix, self._ratio)
         self.epoch: int | None = None
         self.warned_fixed_aug = False
+        self.disk_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._reset_stats()
 
     @property

@@ -15,6 +15,7 @@ the slots.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import TYPE_CHECKING
 
 from prefast.boundary import BoundaryCache, State
@@ -56,6 +57,7 @@ class BoundaryTransitions:
     restored: list[dict]
     resharded: bool
     warned_fixed_aug: bool
+    disk_bytes: weakref.WeakKeyDictionary[Reader, int]  # bytes on disk per reader (``_usage``)
 
     def _stream(self, epoch: int) -> int | None:
         raise NotImplementedError
@@ -302,11 +304,18 @@ class BoundaryTransitions:
     # -- what the disk caches really take ------------------------------------------------
     def _measured(self, b: BoundaryCache) -> tuple[int, int]:
         """Bytes on disk of ``b``'s written views, and of its test cache (0: not written)."""
-        views = sum(disk_usage(self.ctx.root.dir_for(r.spec.key)) for r in b.readers.values())
+        views = sum(self._usage(r) for r in b.readers.values())
         test = self.test.reader
         if test is None or self.test.stage != b.stage or test.tier not in DISK_TIERS:
             return views, 0
-        return views, disk_usage(self.ctx.root.dir_for(test.spec.key))
+        return views, self._usage(test)
+
+    def _usage(self, reader: Reader) -> int:
+        """Bytes an open complete cache takes on disk, walked once per reader: it cannot
+        change while the reader holds it (a rewrite under the same key gets a new reader)."""
+        if reader not in self.disk_bytes:
+            self.disk_bytes[reader] = disk_usage(self.ctx.root.dir_for(reader.spec.key))
+        return self.disk_bytes[reader]
 
     def _charge(self, epoch: int | None) -> None:
         """Charge each disk boundary what its caches take on disk (estimates for what is not
