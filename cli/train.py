@@ -57,6 +57,7 @@ def run_train(args: argparse.Namespace) -> int:
     final = result["final"]
     say(
         f"done: test_acc {final['test_acc']:.4f}  wall {final['wall_s']:.1f}s  "
+        f"waiting for data {100 * final['data_share']:.0f}% of training  "
         f"peak_rss {final['peak_rss_mb']:.0f} MiB"
     )
     if is_main_rank():

@@ -84,6 +84,16 @@ def gather(ctx: Dist, obj: Any) -> list[Any]:
     return out
 
 
+def slowest_data_wait(ctx: Dist, stats: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's stats with ``data_s`` the longest any rank waited for raw data (the
+    ranks step together, so the slowest loader sets the pace) and every rank's wait in
+    ``rank_data_s``."""
+    if not ctx.enabled:
+        return stats
+    waits = gather(ctx, stats.get("data_s", 0.0))
+    return {**stats, "data_s": max(waits), "rank_data_s": waits}
+
+
 def broadcast(ctx: Dist, obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not ctx.enabled:

@@ -9,6 +9,7 @@ computes or reads the frozen prefix itself and sets ``start`` at a boundary.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -133,9 +134,33 @@ class RawSource:
 
         After a fault mid-epoch the prefast feed asks for the rest this way: when
         everything served so far was a prefix of the order, the rest continues
-        batch for batch as if nothing had happened.
+        batch for batch as if nothing had happened. The seconds spent waiting for
+        each batch add up in :attr:`data_s`.
         """
+        return self._timed(self._train_batches(epoch, view, seen))
+
+    def _train_batches(self, epoch: int, view: int | None, seen: np.ndarray | None) -> BatchStream:
         raise NotImplementedError
+
+    # Seconds the trainer waited for raw training batches since the epoch began: file
+    # reads, decode and transform (or a DataLoader's workers falling behind), the copy to
+    # the device. Measured around each ``next()``, so it is the wait the step saw, not
+    # the work the workers did in parallel with it.
+    data_s: float = 0.0
+
+    def _timed(self, batches: BatchStream) -> BatchStream:
+        try:
+            while True:
+                t = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                finally:
+                    self.data_s += time.perf_counter() - t
+                yield batch
+        finally:
+            batches.close()  # a closed epoch stops its loader too
 
     def test_batches(self, first_row: int = 0) -> BatchStream:
         """The test set in row order from ``first_row`` (a multiple of the batch size)."""
@@ -143,7 +168,7 @@ class RawSource:
 
     # -- the rest of the feed protocol: raw data has no per-epoch state ------------------
     def begin_epoch(self, epoch: int, frozen_prefix: int) -> None:
-        pass
+        self.data_s = 0.0
 
     def end_epoch(self, epoch: int) -> None:
         pass
@@ -155,6 +180,7 @@ class RawSource:
             "cached_batches": 0,
             "write_s": 0.0,
             "read_s": 0.0,
+            "data_s": self.data_s,
         }
 
     def close(self) -> None:
@@ -190,9 +216,7 @@ class TensorSource(RawSource):
         self.batch_size, self.seed, self.augment, self.device = batch_size, seed, augment, device
         self.set_shards(len(train), len(test), rank, world)
 
-    def train_batches(
-        self, epoch: int, view: int | None = None, seen: np.ndarray | None = None
-    ) -> BatchStream:
+    def _train_batches(self, epoch: int, view: int | None, seen: np.ndarray | None) -> BatchStream:
         """``view`` is the augmentation stream (by default the epoch): each sample's crop
         and flip are a function of (seed, stream, sample) only (``AugmentParams``), so a
         cached view written with stream ``s`` is reproduced exactly from raw data, in any
@@ -233,3 +257,10 @@ class TensorSource(RawSource):
             ids = torch.arange(sl.start, sl.stop)
             x, y = self.norm(self.test.x[rows]), self.test.y[rows]
             yield Batch(x, y, ids, self.test_labels[rows], 0)
+
+
+def data_share(epochs: list[dict]) -> float:
+    """The share of training time the step spent waiting for raw data (``data_s`` over
+    ``train_s``, summed over the epochs)."""
+    train_s = sum(e["train_s"] for e in epochs)
+    return sum(e.get("data_s", 0.0) for e in epochs) / train_s if train_s > 0 else 0.0

@@ -124,6 +124,17 @@ class LoaderSource(RawSource):
         self.train_loader = self._loader(SeededItems(train, seed), self.train_order)
         self.test_loader = self._loader(test, self.test_order)
 
+    def close(self) -> None:
+        """Stop the persistent worker processes now. Left to the garbage collector, a
+        loader in a reference cycle can lose its queues' feeder threads before it tells
+        its workers to stop, and then waits 5 s per worker before killing them (20 s
+        with two workers and two loaders)."""
+        for loader in (self.train_loader, self.test_loader):
+            workers = loader._iterator  # PyTorch keeps a persistent iterator here
+            loader._iterator = None
+            if workers is not None:
+                workers._shutdown_workers()  # type: ignore[attr-defined]
+
     def _loader(self, ds: Dataset, order: BatchOrder) -> DataLoader:
         return DataLoader(
             ds,
@@ -134,9 +145,7 @@ class LoaderSource(RawSource):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def train_batches(
-        self, epoch: int, view: int | None = None, seen: np.ndarray | None = None
-    ) -> BatchStream:
+    def _train_batches(self, epoch: int, view: int | None, seen: np.ndarray | None) -> BatchStream:
         order, _ = self.order(epoch, seen)
         stream = epoch if view is None else view
         self.train_order.set(self.shard[order], self.batch_size, stream)

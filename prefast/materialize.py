@@ -144,6 +144,7 @@ class PrefastFeed(BoundaryTransitions):
 
     # -- epoch protocol ------------------------------------------------------------------
     def begin_epoch(self, epoch: int, frozen_prefix: int) -> None:
+        self.raw.begin_epoch(epoch, frozen_prefix)  # its data wait counts from here
         first = self.epoch is None
         self.epoch = epoch
         if first and epoch > 0:
@@ -201,7 +202,7 @@ class PrefastFeed(BoundaryTransitions):
 
     def take_epoch_stats(self) -> dict[str, Any]:
         self._charge(self.epoch)  # after evaluation: the test cache is written too
-        stats = {**self.stats, **self.ctx.io_s}
+        stats = {**self.stats, **self.ctx.io_s, "data_s": self.raw.data_s}
         self._reset_stats()
         return stats
 
@@ -210,6 +211,7 @@ class PrefastFeed(BoundaryTransitions):
             if b is not None:
                 b.close()
         self.test.close()
+        self.raw.close()
 
     def report(self) -> dict:
         return {

@@ -34,7 +34,7 @@ from prefast.build import build_run, schedule_for
 from prefast.config import TrainConfig
 from prefast.costmodel import StageCost
 from prefast.errors import ConfigError
-from prefast.feed import Batch, Feed
+from prefast.feed import Batch, Feed, data_share
 from prefast.models import StagedModel
 from prefast.store.device import to_host
 
@@ -216,7 +216,7 @@ class Trainer:
             "samples": samples,
             "frozen_stages": self.model.num_frozen,
             # cache_tier: what the epoch's training batches were read from (None: raw data)
-            **self.feed.take_epoch_stats(),
+            **distributed.slowest_data_wait(self.dist, self.feed.take_epoch_stats()),
             **self._check_replicas(),
         }
 
@@ -259,6 +259,7 @@ class Trainer:
                 "test_acc": self.history[-1]["test_acc"] if self.history else None,
                 "wall_s": time.perf_counter() - t_start + self.feed_setup_s,
                 "feed_setup_s": self.feed_setup_s,
+                "data_share": data_share(self.history),  # of train_s spent waiting for data
                 "peak_rss_mb": peak_rss_mb(),
                 "batches_per_epoch": self.raw.batches_per_epoch,
                 "freeze_iters": [

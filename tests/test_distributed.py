@@ -67,6 +67,9 @@ def test_two_ranks_stay_identical_cache_their_shards_and_match_freezeout(tmp_pat
         assert run["final"]["world_size"] == 2
         assert all(e["replicas_in_sync"] for e in run["epochs"]), "ranks' weights diverged"
         assert all(e["steps"] == 12 for e in run["epochs"])  # ceil(1437 / 2) = 719 rows, batch 64
+        # each epoch's data wait is the slowest rank's, and every rank's is in the record
+        assert all(e["data_s"] == max(e["rank_data_s"]) for e in run["epochs"])
+        assert all(len(e["rank_data_s"]) == 2 for e in run["epochs"])
     for a, b in zip(fo["epochs"], pf["epochs"], strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * abs(a["train_loss"])
         assert a["test_acc"] == b["test_acc"]

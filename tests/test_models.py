@@ -14,6 +14,7 @@ from prefast.models import build_model, from_sequential, from_torchvision_resnet
         ("wrn", {"depth": 10, "width": 1}, 5),
         ("preact-resnet18", {}, 10),
         ("vgg16", {}, 14),
+        ("resnet18", {}, 10),  # torchvision's: stem, 8 blocks, head
     ],
 )
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from prefast.errors import ConfigError
 from prefast.models.densenet import densenet_bc_stages
 from prefast.models.resnet import preact_resnet18_stages, wrn_stages
@@ -13,7 +15,7 @@ from prefast.models.staged import (
 )
 from prefast.models.vgg import vgg16_stages
 
-MODELS = ("densenet-bc", "preact-resnet18", "wrn", "vgg16")
+MODELS = ("densenet-bc", "preact-resnet18", "wrn", "vgg16", "resnet18")
 
 
 def build_model(
@@ -38,9 +40,22 @@ def build_model(
         stages = wrn_stages(depth or 16, width, in_channels, num_classes)
     elif name == "vgg16":
         stages = vgg16_stages(in_channels, num_classes, image_size)
+    elif name == "resnet18":
+        return torchvision_resnet18(in_channels, num_classes)
     else:
         raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     return StagedModel(stages, name=name)
+
+
+def torchvision_resnet18(in_channels: int, num_classes: int) -> StagedModel:
+    """torchvision's ``resnet18`` (ImageNet stem: 7x7 stride-2 conv and max pool, so it
+    suits 64 px and larger images), untrained: stem, 8 basic blocks, head."""
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    return from_torchvision_resnet(net, name="resnet18")
 
 
 __all__ = [
