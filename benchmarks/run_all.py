@@ -2,7 +2,8 @@
 
     python benchmarks/run_all.py               # `make bench`: every table and plot (about 65 min on 2 cores)
     python benchmarks/run_all.py --quick       # `make bench-quick`: the same pipeline, CI-sized (minutes)
-    python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits, store, chunk_size, map_advice, ddp)
+    python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits,
+                                               # imagefolder, store, chunk_size, map_advice, ddp)
 
 Writes JSON + markdown (+ PNG) per benchmark, then ``bench_run.json`` with the
 machine and the run time per section (a section rerun with ``--only`` replaces
@@ -157,10 +158,19 @@ def ddp(out: Path, quick: bool, cache: str) -> list[Path]:
     return [out / "ddp_digits.json", out / "ddp_digits.md"]
 
 
+def imagefolder(out: Path, quick: bool, cache: str) -> list[Path]:
+    """Image files at 32/64/128 px, PNG and JPEG, 0 and 2 workers: data wait and speedup."""
+    from prefast.benchmarks.imagefolder_bench import run_imagefolder_bench
+
+    run_imagefolder_bench(out, cache, quick)
+    return [out / f"imagefolder.{ext}" for ext in ("json", "md", "png")]
+
+
 SECTIONS = {
     "train_subset": train_subset,
     "train_full": train_full,
     "digits": digits,
+    "imagefolder": imagefolder,
     "store": store,
     "chunk_size": chunk_size,
     "map_advice": map_advice,

@@ -164,6 +164,28 @@ def leftovers(root: Path) -> list[str]:
     return [f"partial {k}" for k in partial] + [f"locked {k}" for k in held]
 
 
+def cli_in_process(capsys, caplog, *args: str) -> subprocess.CompletedProcess:
+    """``prefast.cli.main.main(args)`` in this process: the CLI's whole path but the
+    interpreter start (2-5 s per call), for checks of what it prints. pytest takes the
+    log records, so warnings (which reach stderr in a real run) are added to stderr."""
+    import logging
+    import signal
+
+    from prefast.cli.main import main
+
+    saved = signal.getsignal(signal.SIGTERM)  # main installs its own handler
+    caplog.set_level(logging.WARNING)
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's own errors
+        code = int(exc.code or 0)
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    out = capsys.readouterr()
+    warned = "".join(f"{r.levelname} {r.name}: {r.getMessage()}\n" for r in caplog.records)
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err + warned)
+
+
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The real ``prefast`` entry point in a subprocess."""
     return subprocess.run(

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from helpers import cli_in_process
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 
@@ -67,12 +68,18 @@ DIGITS = [
         pytest.param(["train", "--device", "cuda"], "no CUDA GPU is visible", marks=NO_CUDA),
     ],
 )
-def test_bad_arguments_one_line_exit_2(args, needle):
-    res = prefast(*args, timeout=120)
+def test_bad_arguments_one_line_exit_2(args, needle, capsys, caplog):
+    res = cli_in_process(capsys, caplog, *args)
     assert res.returncode == 2, res.stderr
     assert needle in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not any(line.startswith("epoch") for line in res.stdout.splitlines()), res.stdout
+
+
+def test_the_installed_entry_point_exits_2_with_one_line():
+    res = prefast("train", "--t0", "1.5", timeout=120)  # the other cases run in-process
+    assert res.returncode == 2, res.stderr
+    assert res.stderr == "prefast: error: --t0 1.5 must be in (0, 1]; FreezeOut's default is 0.8\n"
 
 
 def test_help_explains_every_command():

@@ -28,7 +28,8 @@ def read_epochs(run: dict) -> list[int]:
     return [e["epoch"] for e in run["epochs"] if e["cached_batches"] == bpe]
 
 
-@pytest.mark.parametrize("tier", ["ram", "zarr", "mmap"])
+# mmap in make check: make test runs it end to end on the strict device (test_device.py)
+@pytest.mark.parametrize("tier", ["ram", "zarr", pytest.param("mmap", marks=pytest.mark.slow)])
 def test_prefast_matches_freezeout_and_reads_its_cache(tier, freezeout_ref, tmp_path):
     run = train(cfg_for(tmp_path, cache_tier=tier))
     assert rel_diff(run, freezeout_ref) <= 1e-6

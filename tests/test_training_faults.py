@@ -58,7 +58,9 @@ def prefast_cfg(tmp_path, **kw) -> TrainConfig:
     [
         ("mmap", False, 3, 2, 64 * 1024),  # read boundary 2 (12 KiB rows) while writing boundary 4
         ("mmap", False, 7, 7, 4096),  # read-only epoch (boundary 7: 576-byte rows)
-        ("zarr", False, 3, 2, 64 * 1024),  # the whole cache in the shuffle buffer: exact order
+        # the whole cache in the shuffle buffer: exact order (make check; the windowed
+        # case below takes the same fault path in another order)
+        pytest.param("zarr", False, 3, 2, 64 * 1024, marks=pytest.mark.slow),
         ("zarr", True, 3, 2, 64 * 1024),  # chunk shuffle + a one-chunk window: another order
     ],
 )

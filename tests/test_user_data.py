@@ -10,7 +10,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import cli, leftovers
+from helpers import cli, cli_in_process, leftovers
 from prefast.store.order import batch_slices, epoch_order
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -250,7 +250,7 @@ def test_imagefolder_trains_through_the_cli_and_caches(tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["no val folder", "empty class"])
-def test_imagefolder_problems_are_one_line_errors(tmp_path, problem):
+def test_imagefolder_problems_are_one_line_errors(tmp_path, problem, capsys, caplog):
     data = write_image_folder(tmp_path / "imgs", per_class=(3, 2))
     if problem == "no val folder":
         import shutil
@@ -261,7 +261,8 @@ def test_imagefolder_problems_are_one_line_errors(tmp_path, problem):
         for f in (data / "train" / "one").iterdir():
             f.unlink()
         needle = str(data / "train")
-    res = cli("train", "--dataset", "imagefolder", "--data-dir", str(data), "--device", "cpu")
+    args = ("train", "--dataset", "imagefolder", "--data-dir", str(data), "--device", "cpu")
+    res = cli_in_process(capsys, caplog, *args)
     assert res.returncode == 2, res.stderr
     assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
