@@ -33,11 +33,12 @@ format: install
 # `make test` is the fast loop (tests not marked slow); `make check` runs every
 # test (torchrun jobs, real full disks, long runs) and the whole benchmark
 # pipeline at CI size (bench-quick fails if any results file is missing).
+# PYTEST_ARGS passes options on, e.g. `make test PYTEST_ARGS=--durations=15`.
 test: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 check: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory bench-quick
 
 bench: install

@@ -153,3 +153,33 @@ def test_the_gpu_check_dry_run_checks_its_wheels_and_states_its_budget(tmp_path)
     )
     assert "leftpad (needed by donfig) is neither carried nor on the image" in bad.stdout
     assert "make gpu-wheels" in bad.stdout
+
+
+def test_image_folders_hold_every_image_once_in_its_codec(tmp_path):
+    from PIL import Image
+    from prefast.benchmarks.imagefolder_bench import write_digits_folder
+
+    for codec, ext in (("png", "png"), ("jpeg", "jpg")):
+        root = write_digits_folder(tmp_path / codec, 24, codec, train_images=100)
+        train = sorted(root.glob("train/*/*"))
+        val = sorted(root.glob("val/*/*"))
+        assert len(train) == 100 and len(val) == 297 and {p.suffix for p in train} == {f".{ext}"}
+        names = {p.name for p in train}
+        assert not names & {p.name for p in val}, "an image in both splits"
+        with Image.open(train[0]) as img:
+            assert img.size == (24, 24) and img.mode == "RGB" and img.format == codec.upper()
+        assert write_digits_folder(root, 24, codec, train_images=100) == root  # made once
+
+
+def test_the_image_folder_time_split_adds_up_to_the_wall_clock():
+    from prefast.benchmarks.imagefolder_bench import PARTS, time_split
+
+    keys = ("train_s", "eval_s", "time_s", "write_s", "read_s", "data_s")
+    epochs = [
+        dict(zip(keys, (4.0, 1.0, 5.0, 0.5, 0.0, 1.0), strict=True)),
+        dict(zip(keys, (2.0, 0.5, 2.5, 0.0, 0.2, 0.0), strict=True)),
+    ]
+    parts = time_split({"epochs": epochs, "final": {"wall_s": 8.0}})
+    assert list(parts) == list(PARTS)
+    assert parts["compute"] == pytest.approx(6.0 - 0.5 - 0.2 - 1.0)
+    assert parts["setup"] == pytest.approx(0.5) and sum(parts.values()) == pytest.approx(8.0)

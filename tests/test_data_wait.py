@@ -74,17 +74,18 @@ def test_the_wait_for_a_slow_dataset_is_counted_and_the_step_is_not(tmp_path):
         assert e["data_s"] <= e["train_s"] - BATCHES * STEP_SLEEP_S, e
     share = sum(e["data_s"] for e in doc["epochs"]) / sum(e["train_s"] for e in doc["epochs"])
     assert doc["final"]["data_share"] == pytest.approx(share)
-    assert 0.5 < share < 1.0  # 0.256 s of reads against 0.08 s of steps per epoch
     quick = run("baseline", 0, 0.0, tmp_path)  # the same run without slow reads
-    assert max(e["data_s"] for e in quick["epochs"]) < ITEMS * ITEM_SLEEP_S / 4
+    assert max(e["data_s"] for e in quick["epochs"]) < min(e["data_s"] for e in doc["epochs"])
 
 
 def test_worker_processes_hide_part_of_the_wait_and_the_rest_is_counted(tmp_path):
     doc = run("baseline", 2, 2 * ITEM_SLEEP_S, tmp_path)
-    # 0.51 s of reads spread over 2 workers takes >= 0.26 s; the steps take 0.08 s of it
+    # Each epoch's first batch is read while no step runs (the workers get the epoch's
+    # order when it begins): at least 16 reads of 8 ms are waited for, whatever the load.
     for e in doc["epochs"]:
-        assert ITEMS * ITEM_SLEEP_S - BATCHES * STEP_SLEEP_S <= e["data_s"] <= e["train_s"], e
-    assert doc["final"]["data_share"] > 0.3
+        assert BATCH * 2 * ITEM_SLEEP_S <= e["data_s"] <= e["train_s"], e
+    share = sum(e["data_s"] for e in doc["epochs"]) / sum(e["train_s"] for e in doc["epochs"])
+    assert doc["final"]["data_share"] == pytest.approx(share)
 
 
 def test_epochs_that_train_from_the_cache_do_not_wait_for_data(tmp_path):
