@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from prefast.benchmarks.train_bench import _ms as mean_std
 
 from prefast.compare import compare
 from prefast.config import TrainConfig
@@ -165,8 +166,8 @@ def grid(quick: bool) -> list[Cell]:
         for codec in ("png", "jpeg"):
             for workers in (0, 2):
                 with_baseline = size <= 64 and codec == "png" and workers == 2
-                modes = ("baseline", "freezeout", "prefast") if with_baseline else None
-                cells.append(Cell(size, codec, workers, "standard", seeds, modes or Cell.modes))
+                modes = ("baseline", *Cell.modes) if with_baseline else Cell.modes
+                cells.append(Cell(size, codec, workers, "standard", seeds, modes))
         if size <= 64:
             cells.append(Cell(size, "png", 2, "none", seeds))
     return cells
@@ -203,7 +204,7 @@ def run_imagefolder_bench(out: Path, cache: str, quick: bool, log=print) -> dict
             "scale": "cubic",
             "densenet_bc": "depth 16, k 12",
             "cache_views": "2 with augment standard, else 1",
-        },  # fmt: skip
+        },
         "cells": cells,
     }
     md = markdown(doc)
@@ -215,8 +216,8 @@ def run_imagefolder_bench(out: Path, cache: str, quick: bool, log=print) -> dict
 
 
 def _ms(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {sd:.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+    mean, sd = mean_std(values)
+    return f"{mean:.2f} ± {sd:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
 def _ratio(runs: dict, num: str, den: str) -> str:
@@ -305,7 +306,8 @@ def plot(doc: dict, path: Path) -> None:
                            edgecolors=color, s=28)  # fmt: skip
         for mode, (marker, color) in style.items():
             ax.scatter([], [], marker=marker, color=color, label=mode)
-        ax.set_title(f"{size} px ({'densenet-bc' if size <= 32 else 'resnet18'})", fontsize=9)
+        model = next(c["model"] for c in doc["cells"] if c["size"] == size)
+        ax.set_title(f"{size} px ({model})", fontsize=9)
         ax.set_xlabel("wall-clock (s)")
         ax.set_ylabel("test error (%)")
     axes[0][0].legend(fontsize=7, title="hollow: --augment none", title_fontsize=7)
