@@ -3,7 +3,8 @@
     python benchmarks/run_all.py               # `make bench`: every table and plot (about 2 h 20 min on 2 cores)
     python benchmarks/run_all.py --quick       # `make bench-quick`: the same pipeline, CI-sized (minutes)
     python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits,
-                                               # imagefolder, store, chunk_size, map_advice, ddp)
+                                               # imagefolder, cache_dtype, store, chunk_size,
+                                               # map_advice, ddp)
 
 Writes JSON + markdown (+ PNG) per benchmark, then ``bench_run.json`` with the
 machine and the run time per section (a section rerun with ``--only`` replaces
@@ -164,6 +165,13 @@ def ddp(out: Path, quick: bool, cache: str) -> list[Path]:
     return [out / "ddp_digits.json", out / "ddp_digits.md"]
 
 
+def cache_dtype(out: Path, quick: bool, cache: str) -> list[Path]:
+    """Accuracy, bytes and codec speed of every cache dtype (quick: digits, one seed)."""
+    from prefast.benchmarks.cache_dtype_bench import run_cache_dtype_bench
+
+    return run_cache_dtype_bench(out, cache, quick)
+
+
 def imagefolder(out: Path, quick: bool, cache: str) -> list[Path]:
     """Image files at 32/64/128 px, PNG and JPEG, 0 and 2 workers: data wait and speedup."""
     from prefast.benchmarks.imagefolder_bench import run_imagefolder_bench
@@ -177,6 +185,7 @@ SECTIONS = {
     "train_full": train_full,
     "digits": digits,
     "imagefolder": imagefolder,
+    "cache_dtype": cache_dtype,
     "store": store,
     "chunk_size": chunk_size,
     "map_advice": map_advice,

@@ -61,6 +61,8 @@ class BoundaryCache:
         Ledger name (e.g. ``"train@3"``).
     stage, tier, views
         The boundary, the tier the governor chose and the number of views.
+    dtype
+        The cache dtype its views and its test cache are stored in.
     root
         Cache root of the disk tiers (None when only memory tiers are used).
     on_release
@@ -76,8 +78,10 @@ class BoundaryCache:
         views: int,
         root: CacheRoot | None,
         on_release: Callable[[str], None] = lambda name: None,
+        dtype: str = "float16",
     ):
         self.name, self.stage, self.tier, self.views = name, stage, tier, views
+        self.dtype = dtype
         self.root = root
         self.on_release = on_release
         self.state = State.PLANNED
@@ -114,11 +118,12 @@ class BoundaryCache:
 
     def record(self) -> dict:
         """What a checkpoint records to find this boundary's caches again (keys are
-        recomputed from it, per rank): its stage, tier, views and their streams."""
+        recomputed from it, per rank): its stage, tier, dtype, views and their streams."""
         return {
             "stage": self.stage,
             "tier": self.tier,
             "views": self.views,
+            "dtype": self.dtype,
             "streams": {v: self.streams.get(v) for v in sorted(self.readers)},
         }
 

@@ -21,8 +21,17 @@ from prefast.errors import (
 )
 from prefast.governor import Governor
 from prefast.models import StagedModel
-from prefast.store import CacheRoot, CacheSpec, Reader, Writer, cache_key, open_reader, open_writer
-from prefast.store.base import TORCH_DTYPES, chunk_bytes_for, shuffle_buffer_bytes
+from prefast.store import (
+    CacheRoot,
+    CacheSpec,
+    Reader,
+    Writer,
+    cache_key,
+    encoding,
+    open_reader,
+    open_writer,
+)
+from prefast.store.base import chunk_bytes_for, shuffle_buffer_bytes
 from prefast.store.device import to_device
 from prefast.store.errors import read_error
 
@@ -36,13 +45,13 @@ class CacheContext:
     governor: Governor
     model: StagedModel
     device: torch.device
-    dtype: str
+    dtype: str  # the run's cache dtype; a boundary may store another (``--cache-dtype auto``)
     identity: dict[str, Any]  # what else determines the values: data, augmentation, seed
     autocast: bool = False  # the model runs under autocast: feed it the cache dtype as is
     events: list[dict] = field(default_factory=list)
     io_s: dict[str, float] = field(default_factory=lambda: {"write_s": 0.0, "read_s": 0.0})
 
-    def key(self, split: str, stage: int, aug_epoch: int | None) -> str:
+    def key(self, split: str, stage: int, aug_epoch: int | None, dtype: str | None = None) -> str:
         """Content address of a cache: the prefix's weights and everything else that matters."""
         return cache_key(
             {
@@ -52,13 +61,19 @@ class CacheContext:
                 "split": split,
                 "aug_epoch": aug_epoch,
                 "boundary": stage,
-                "dtype": self.dtype,
+                "dtype": dtype or self.dtype,
                 "model": self.model.name,
             }
         )
 
     def spec(
-        self, key: str, split: str, stage: int, rows: int, shape: tuple[int, ...]
+        self,
+        key: str,
+        split: str,
+        stage: int,
+        rows: int,
+        shape: tuple[int, ...],
+        dtype: str | None = None,
     ) -> CacheSpec:
         attrs = {
             "model": self.model.name,
@@ -72,7 +87,7 @@ class CacheContext:
         }
         # Chunk size follows the RAM budget, so reading the cache back fits it.
         chunk = chunk_bytes_for(shuffle_buffer_bytes(self.governor.ram_budget()))
-        return CacheSpec(key, rows, shape, self.dtype, attrs, chunk_bytes=chunk)
+        return CacheSpec(key, rows, shape, dtype or self.dtype, attrs, chunk_bytes=chunk)
 
     def writer(self, tier: str, spec: CacheSpec) -> Writer:
         """A writer, or CacheError/OSError (the caller abandons what it was writing)."""
@@ -161,16 +176,19 @@ class CacheContext:
         finally:
             self.io_s[kind] += time.perf_counter() - t
 
-    def as_stored(self, acts: torch.Tensor) -> torch.Tensor:
-        """``acts`` rounded to the cache dtype, as later epochs will read them back.
+    def as_stored(self, acts: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``acts`` encoded in ``dtype`` (what the writer stores), and decoded again, exactly as
+        later epochs will read them back (what the model takes).
 
-        Write-through epochs train and evaluate on these, so a run gives the same
-        numbers whether its caches were written in this run or reused from another.
+        Write-through epochs train and evaluate on the decoded rows, so a run gives the
+        same numbers whether its caches were written in this run or reused from another.
         """
-        return self.to_compute(acts.detach().to(TORCH_DTYPES[self.dtype]))
+        stored = encoding.encode(acts, dtype)
+        return stored, self.to_compute(stored, dtype, tuple(acts.shape[1:]))
 
-    def to_compute(self, acts: torch.Tensor) -> torch.Tensor:
-        """Cached activations -> the device (a no-op when they came through a reader's
-        staging) and the dtype the model runs in: as stored under autocast, else float32."""
-        acts = to_device(acts, self.device)
+    def to_compute(self, stored: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Stored rows -> the device (a no-op when they came through a reader's staging),
+        decoded there (8-bit rows), in the dtype the model runs in: float32, or a 16-bit
+        cache's own dtype under autocast."""
+        acts = encoding.decode(to_device(stored, self.device), dtype, shape)
         return acts if self.autocast else acts.float()

@@ -13,10 +13,11 @@ from prefast.errors import ConfigError
 from prefast.governor import Budgets
 from prefast.models import MODELS
 from prefast.schedule import SCALES
+from prefast.store.encoding import DTYPES
 
 MODES = ("baseline", "freezeout", "prefast")
 TIERS = ("auto", "gpu", "ram", "mmap", "zarr")
-CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+CACHE_DTYPES = ("auto", *DTYPES)  # store/encoding.py says what each stores
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 

@@ -39,6 +39,16 @@ class StageCost:
     out_row_bytes: int  # bytes of one sample's output at float32
     out_shape: tuple[int, ...]
     compress_ratio: float = 1.0  # zstd-1 on the output in the cache dtype (trial on one batch)
+    # (dtype, relative reconstruction error, zstd-1 ratio) of each dtype tried on that batch
+    trials: tuple[tuple[str, float, float], ...] = ()
+
+    def error(self, dtype: str) -> float | None:
+        """Relative error of storing this output in ``dtype`` (None: not measured)."""
+        return next((err for d, err, _ in self.trials if d == dtype), None)
+
+    def ratio(self, dtype: str) -> float:
+        """zstd-1 ratio of this output stored in ``dtype`` (the cache dtype's if not tried)."""
+        return next((r for d, _, r in self.trials if d == dtype), self.compress_ratio)
 
 
 @dataclass(frozen=True)

@@ -22,19 +22,25 @@ materializer spills caches to a lower tier instead of risking the OOM killer.
 An allocation that fails anyway (:meth:`Governor.allocation_failed`) teaches
 the governor that the tier cannot hold a cache that size: it is not offered
 again for one, and the boundary goes to the next tier down.
+
+Dtype (``--cache-dtype auto``): a boundary is stored in 16 bits unless an 8-bit
+encoding whose relative error the probe measured at most ``LOSSY_MAX_REL_ERROR``
+(``store/encoding.py``) reaches a better tier: RAM instead of disk, disk instead
+of recomputing. The decision's reason names the error and the 16-bit tier.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
 import torch
 
 from prefast.costmodel import StageCost, prefix_seconds
+from prefast.store import encoding
 from prefast.store.device import is_accelerator, memory_info
 
 log = logging.getLogger("prefast.governor")
@@ -44,6 +50,11 @@ DISK_READ_BW = {"mmap": 1.5e9, "zarr": 1.0e9}  # bytes/s, logical; DESIGN.md §5
 ZSTD_PAYS = 1.10  # the store's own codec threshold (store.disk_writer.ZSTD_MIN_RATIO)
 FORCEABLE = ("auto", "gpu", "ram", "mmap", "zarr")
 LEVEL = {"gpu": 0, "ram": 1, "mmap": 2, "zarr": 2, "recompute": 3}  # preference, best first
+# --cache-dtype auto takes an 8-bit encoding (for a better tier) only below this relative
+# reconstruction error, measured on the probe's batch. int8 measures 0.3-0.6% on the
+# benchmarks' boundaries, float8 2-3%; benchmarks/results/cache_dtype.md has the
+# accuracy that costs.
+LOSSY_MAX_REL_ERROR = 0.01
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,8 @@ class Decision:
     bytes: int  # what the tier will hold (zarr: compressed, estimated from the probe's ratio)
     reason: str
     view_bytes: int = 0  # of that, one training view (the rest is the test set)
+    dtype: str = ""  # the cache dtype it is stored in (set by ``choose_boundary``)
+    rel_error: float | None = None  # that dtype's measured relative error, when 8-bit
 
 
 def cache_dtype(requested: str, device: torch.device, autocast: bool) -> str:
@@ -76,6 +89,11 @@ def cache_dtype(requested: str, device: torch.device, autocast: bool) -> str:
     if requested != "auto":
         return requested
     return "bfloat16" if device.type == "cuda" and autocast else "float16"
+
+
+def lossy_candidates(requested: str) -> tuple[str, ...]:
+    """8-bit dtypes ``choose_boundary`` may take instead of the run's dtype: under auto only."""
+    return encoding.EIGHT_BIT if requested == "auto" else ()
 
 
 def cache_views(views: int, augment: str) -> int:
@@ -89,10 +107,6 @@ def tier_bytes(tier: str, raw_bytes: int, compress_ratio: float) -> int:
     if tier == "zarr" and compress_ratio >= ZSTD_PAYS:
         return int(raw_bytes / compress_ratio)
     return int(raw_bytes)
-
-
-def row_bytes_in(dtype: str, row_bytes_fp32: int) -> int:
-    return row_bytes_fp32 // 4 * (4 if dtype == "float32" else 2)
 
 
 def _mib(n: float) -> str:
@@ -183,6 +197,20 @@ class Governor:
         compress_ratio: float,
         below: str | None = None,
     ) -> Decision:
+        """The tier for a boundary of these sizes (``_decide``), logged."""
+        return self._log(
+            self._decide(view_bytes, views, test_bytes, prefix_epoch_s, compress_ratio, below)
+        )
+
+    def _decide(
+        self,
+        view_bytes: int,
+        views: int,
+        test_bytes: int,
+        prefix_epoch_s: float,
+        compress_ratio: float,
+        below: str | None = None,
+    ) -> Decision:
         """Tier for a boundary of ``views`` training views of ``view_bytes`` plus the test set.
 
         ``prefix_epoch_s`` is the measured time to compute the frozen prefix for
@@ -205,19 +233,17 @@ class Governor:
 
         def held(tier: str, reason: str) -> Decision:
             nbytes, v = in_tier(tier)
-            return self._log(Decision(tier, nbytes, reason, view_bytes=v))
+            return Decision(tier, nbytes, reason, view_bytes=v)
 
         if forced != "auto" and offered(forced) and total <= self.limits.get(forced, total):
             need, _ = in_tier(forced)
             room = self.room("disk" if forced in ("mmap", "zarr") else forced)
             if need > room:  # a forced tier obeys the budgets too, and says so
-                return self._log(
-                    Decision(
-                        "recompute",
-                        need,
-                        f"forced --cache-tier {forced}, but {_mib(need)} exceeds what is left "
-                        f"of its budget ({_mib(room)})",
-                    )
+                return Decision(
+                    "recompute",
+                    need,
+                    f"forced --cache-tier {forced}, but {_mib(need)} exceeds what is left "
+                    f"of its budget ({_mib(room)})",
                 )
             return held(forced, f"forced by --cache-tier {forced}")
         gpu = self.room("gpu") if offered("gpu") else 0
@@ -234,23 +260,19 @@ class Governor:
         tier = "zarr" if pays or total > disk else "mmap"
         on_disk = total / compress_ratio if tier == "zarr" and pays else total
         if on_disk > disk:
-            return self._log(
-                Decision(
-                    "recompute",
-                    total,
-                    f"{_mib(total)} ({_mib(on_disk)} on disk) exceeds the RAM ({_mib(ram)} left) "
-                    f"and disk ({_mib(disk)} left) budgets",
-                )
+            return Decision(
+                "recompute",
+                total,
+                f"{_mib(total)} ({_mib(on_disk)} on disk) exceeds the RAM ({_mib(ram)} left) "
+                f"and disk ({_mib(disk)} left) budgets",
             )
         read_s = (view_bytes + test_bytes) / DISK_READ_BW[tier]
         if read_s >= prefix_epoch_s > 0:
-            return self._log(
-                Decision(
-                    "recompute",
-                    total,
-                    f"reading {_mib(view_bytes + test_bytes)} per epoch from {tier} "
-                    f"({read_s:.1f}s) is slower than computing the prefix ({prefix_epoch_s:.1f}s)",
-                )
+            return Decision(
+                "recompute",
+                total,
+                f"reading {_mib(view_bytes + test_bytes)} per epoch from {tier} "
+                f"({read_s:.1f}s) is slower than computing the prefix ({prefix_epoch_s:.1f}s)",
             )
         codec = f"zstd ratio {compress_ratio:.2f}" + (" pays" if pays else " does not pay")
         return held(
@@ -269,21 +291,37 @@ class Governor:
         views: int,
         batches_per_epoch: float,
         below: str | None = None,
+        lossy: tuple[str, ...] = (),
     ) -> Decision:
         """:meth:`choose` for the boundary before ``stage``, from the probe's costs.
 
         ``rows`` is (training rows, test rows); ``batches_per_epoch`` counts the
         training and the test batches, which the prefix would otherwise compute.
+        ``lossy``: 8-bit dtypes to store it in instead of ``dtype`` when one measured
+        under ``LOSSY_MAX_REL_ERROR`` reaches a better tier (the most accurate first).
         """
-        row = row_bytes_in(dtype, costs[stage - 1].out_row_bytes)
-        return self.choose(
-            rows[0] * row,
-            views,
-            rows[1] * row,
-            prefix_seconds(costs, stage, batches_per_epoch),
-            costs[stage - 1].compress_ratio,
-            below,
-        )
+        cost = costs[stage - 1]
+        prefix_s = prefix_seconds(costs, stage, batches_per_epoch)
+
+        def decide(d: str) -> Decision:
+            row = encoding.row_bytes(cost.out_shape, d)
+            n_train, n_test = rows[0] * row, rows[1] * row
+            decision = self._decide(n_train, views, n_test, prefix_s, cost.ratio(d), below)
+            return replace(decision, dtype=d)
+
+        best = decide(dtype)
+        measured = ((cost.error(d), d) for d in lossy)
+        for err, d in sorted((e, d) for e, d in measured if e is not None):
+            alt = decide(d)
+            if err <= LOSSY_MAX_REL_ERROR and LEVEL[alt.tier] < LEVEL[best.tier]:
+                best = replace(
+                    alt,
+                    rel_error=err,
+                    reason=f"{d}, relative error {err:.2%} <= {LOSSY_MAX_REL_ERROR:.0%}: "
+                    f"{alt.reason}; in {dtype}: {best.tier}, {best.reason}",
+                )
+                break
+        return self._log(best)
 
     def lower_tiers(self, nbytes: int, below: str, compress_ratio: float) -> list[str]:
         """Tiers after ``below`` with room for a cache of ``nbytes``, best first: where a
@@ -310,5 +348,5 @@ class Governor:
         return False
 
     def _log(self, d: Decision) -> Decision:
-        log.info("governor: %s (%s)", d.tier, d.reason)
+        log.info("governor: %s%s (%s)", d.tier, f" in {d.dtype}" if d.dtype else "", d.reason)
         return d

@@ -151,7 +151,8 @@ class PrefastFeed(BoundaryTransitions):
             self._resume(epoch, frozen_prefix)
         for b in (self.current, self.target):  # the test cache is rebuilt at the next evaluation
             if b is not None:
-                relieve_pressure(b, self.ctx, self._ratio(b.stage), epoch, self.test.drop)
+                ratio = self._ratio(b.stage, b.dtype)
+                relieve_pressure(b, self.ctx, ratio, epoch, self.test.drop)
         if epoch in self.plan:
             self._start_planned(epoch, frozen_prefix)
         if self.target is not None and self.target.state is State.PLANNED:
@@ -198,7 +199,8 @@ class PrefastFeed(BoundaryTransitions):
         if self.current is None:
             yield from self.raw.test_batches()
             return
-        yield from self.test.batches(self.current.stage, self.current.tier, self.epoch)
+        c = self.current
+        yield from self.test.batches(c.stage, c.tier, self.epoch, c.dtype)
 
     def take_epoch_stats(self) -> dict[str, Any]:
         self._charge(self.epoch)  # after evaluation: the test cache is written too
@@ -283,7 +285,7 @@ class PrefastFeed(BoundaryTransitions):
                 acts, y, ids, labels = item  # y on the device, labels and ids on the host
                 self.stats["cache_tier"], self.stats["cache_stage"] = reader.tier, source.stage
                 self.stats["cached_batches"] += 1
-                x = self.ctx.to_compute(acts)
+                x = self.ctx.to_compute(acts, reader.spec.dtype, reader.spec.shape)
                 yield Batch(x, y, ids, labels, source.stage, True, source.stream_for(epoch))
         finally:
             if loader is not None:
@@ -293,10 +295,11 @@ class PrefastFeed(BoundaryTransitions):
         """Run the newly frozen stages and write their output, while a view is being written."""
         if writing is None or writing.state is not State.WRITING:
             return batch
-        x = self.ctx.as_stored(self._run_prefix(batch.x, batch.start, writing.stage))
+        out = self._run_prefix(batch.x, batch.start, writing.stage)
+        stored, x = self.ctx.as_stored(out, writing.dtype)  # the writer keeps what x decodes
         try:
             with self.ctx.timed("write_s"):
-                writing.write(x, batch.labels, batch.ids)
+                writing.write(stored, batch.labels, batch.ids)
         except CacheError as exc:  # the writer removed its partial cache
             self._abandon(epoch, str(exc))
         return Batch(x, batch.y, batch.ids, batch.labels, writing.stage, batch.cached, batch.stream)

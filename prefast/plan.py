@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from prefast.build import build_run, schedule_for
 from prefast.config import TrainConfig
 from prefast.costmodel import plan_boundaries, predict_epochs
-from prefast.governor import Governor, cache_dtype, cache_views
+from prefast.governor import Governor, cache_dtype, cache_views, lossy_candidates
 from prefast.probe import measure_stage_costs
 
 
@@ -56,13 +56,20 @@ def measure_and_plan(
     decisions, held = [], None
     for b in boundaries:  # as in training: the current boundary is held while the next is chosen
         d = governor.choose_boundary(
-            costs, b.stage, dtype, (rows, raw.num_test), views, bpe + eval_batches
+            costs,
+            b.stage,
+            dtype,
+            (rows, raw.num_test),
+            views,
+            bpe + eval_batches,
+            lossy=lossy_candidates(cfg.cache_dtype),
         )
         decisions.append(
             {
                 "epoch": b.epoch,
                 "stage": b.stage,
                 "tier": d.tier,
+                "dtype": d.dtype,
                 "bytes": d.bytes,
                 "reason": d.reason,
             }
@@ -82,6 +89,7 @@ def measure_and_plan(
                 "fwd_bwd_ms": c.fwd_bwd_s * 1e3,
                 "out_shape": list(c.out_shape),
                 "zstd_ratio": round(c.compress_ratio, 3),
+                "rel_error": {d: round(err, 5) for d, err, _ in c.trials},
             }
             for i, c in enumerate(costs)
         ],

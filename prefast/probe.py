@@ -13,9 +13,13 @@ import torch
 from torch import nn
 
 from prefast.costmodel import StageCost
+from prefast.store import encoding
 from prefast.store.base import to_storage
 from prefast.store.device import synchronize
 from prefast.store.disk_writer import trial_ratio
+
+# Dtypes every probe tries on each stage's output: --cache-dtype auto chooses among them.
+TRIED = ("float16", "bfloat16", "int8", "float8")
 
 
 def measure_stage_costs(
@@ -30,7 +34,9 @@ def measure_stage_costs(
     The planner needs only forward times; ``backward=False`` skips the backward
     passes (``fwd_bwd_s`` is then NaN), which makes the probe ~5x cheaper.
     Each stage's output is also trial-compressed (zstd-1, in ``cache_dtype``)
-    so the governor knows whether a compressed disk tier pays before it chooses.
+    so the governor knows whether a compressed disk tier pays before it chooses,
+    and stored in each of ``TRIED``: its relative reconstruction error and zstd ratio
+    let ``--cache-dtype auto`` store a boundary in 8 bits where that buys a faster tier.
     ``model`` must have a ``stages`` list; pass a copy: BatchNorm statistics move.
     """
     costs = []
@@ -59,8 +65,15 @@ def measure_stage_costs(
                 synchronize(x.device)
                 times_f.append(time.perf_counter() - t)
         ratio = trial_ratio(to_storage(out, cache_dtype)) if out.dim() > 1 else 1.0
+        few = out[:16]  # a subsample: the trial must stay a small part of the probe
+        trials = tuple(
+            (d, encoding.relative_error(few, d), trial_ratio(to_storage(few, d)))
+            for d in TRIED
+            if out.dim() > 1
+        )
         shape = tuple(out.shape[1:])
-        costs.append(StageCost(min(times_f[1:]), fwd_bwd, out[0].numel() * 4, shape, ratio))
+        cost = StageCost(min(times_f[1:]), fwd_bwd, out[0].numel() * 4, shape, ratio, trials)
+        costs.append(cost)
         x = out.detach()
     model.train(was_training)
     return costs

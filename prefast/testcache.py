@@ -43,33 +43,35 @@ class TestCache:
         ctx: CacheContext,
         raw: RawSource,
         run_prefix: RunPrefix,
-        ratio_of: Callable[[int], float] = lambda stage: 1.0,
+        ratio_of: Callable[[int, str], float] = lambda stage, dtype: 1.0,
     ):
         self.ctx, self.raw, self.run_prefix = ctx, raw, run_prefix
-        self.ratio_of = ratio_of  # a boundary's measured zstd ratio (picks a disk tier)
+        self.ratio_of = ratio_of  # a boundary's measured zstd ratio in a dtype (picks a disk tier)
         self.reader: Reader | None = None
         self.stage = 0  # the boundary self.reader holds (0: none)
         self.writer: Writer | None = None
         self.failed_stage: int | None = None  # a boundary whose test cache could not be written
 
-    def batches(self, stage: int, tier: str, epoch: int | None) -> BatchStream:
-        """The test set as input of stage ``stage``, in row order."""
+    def batches(self, stage: int, tier: str, epoch: int | None, dtype: str) -> BatchStream:
+        """The test set as input of stage ``stage``, in row order, cached in ``dtype``."""
         if self.reader is not None and self.stage == stage:
             yield from self._read(self.reader, stage, epoch)
             return
         write = self.failed_stage != stage  # do not retry a boundary that failed
         if write:
             try:
-                reused = self.ctx.reuse(tier, self.ctx.key("test", stage, None), epoch)
+                reused = self.ctx.reuse(tier, self.ctx.key("test", stage, None, dtype), epoch)
             except CacheUnavailableError:  # kept: computed this time, read next time
                 reused, write = None, False
             if reused is not None:
                 self._replace(reused, stage)
                 yield from self._read(reused, stage, epoch)
                 return
-        yield from self._materialize(stage, tier, epoch, write)
+        yield from self._materialize(stage, tier, epoch, write, dtype)
 
-    def _materialize(self, stage: int, tier: str, epoch: int | None, write: bool) -> BatchStream:
+    def _materialize(
+        self, stage: int, tier: str, epoch: int | None, write: bool, dtype: str
+    ) -> BatchStream:
         old = self.reader if self.reader is not None and self.stage < stage else None
         source = self._read(old, self.stage, epoch) if old is not None else self.raw.test_batches()
         opened = not write
@@ -78,12 +80,12 @@ class TestCache:
                 x = self.run_prefix(batch.x, batch.start, stage)
                 if not opened:
                     opened = True
-                    self._open(stage, tier, tuple(x.shape[1:]), epoch)
+                    self._open(stage, tier, tuple(x.shape[1:]), epoch, dtype)
                 if self.writer is not None:
-                    x = self.ctx.as_stored(x)  # what later evaluations will read
+                    stored, x = self.ctx.as_stored(x, dtype)  # x: what later evaluations read
                     try:
                         with self.ctx.timed("write_s"):
-                            self.writer.append(x, batch.labels, batch.ids)
+                            self.writer.append(stored, batch.labels, batch.ids)
                     except CacheError as exc:  # the writer aborted itself
                         self.writer = None
                         self._failed(stage, epoch, exc)
@@ -102,10 +104,12 @@ class TestCache:
                 self.writer.abort()
                 self.writer = None
 
-    def _open(self, stage: int, tier: str, shape: tuple[int, ...], epoch: int | None) -> None:
+    def _open(
+        self, stage: int, tier: str, shape: tuple[int, ...], epoch: int | None, dtype: str
+    ) -> None:
         """A writer in ``tier``, else (its allocator refused) in the next tier down."""
-        key = self.ctx.key("test", stage, None)
-        spec = self.ctx.spec(key, "test", stage, self.raw.num_test, shape)
+        key = self.ctx.key("test", stage, None, dtype)
+        spec = self.ctx.spec(key, "test", stage, self.raw.num_test, shape, dtype)
         governor = self.ctx.governor
         while True:
             try:
@@ -113,7 +117,8 @@ class TestCache:
                 return
             except CacheAllocationError as exc:
                 self.ctx.allocation_refused(epoch, tier, exc, split="test", stage=stage)
-                lower = governor.lower_tiers(spec.logical_bytes, tier, self.ratio_of(stage))
+                ratio = self.ratio_of(stage, dtype)
+                lower = governor.lower_tiers(spec.logical_bytes, tier, ratio)
                 if not lower:
                     self._failed(stage, epoch, exc)
                     return
@@ -141,7 +146,7 @@ class TestCache:
                     acts, labels, ids = reader.read_rows(np.arange(blk.start, blk.stop))
                 for sl in batch_slices(len(ids), bs):
                     x, y = uploader.upload(acts[sl], labels[sl]).wait()
-                    x = self.ctx.to_compute(x)
+                    x = self.ctx.to_compute(x, reader.spec.dtype, reader.spec.shape)
                     yield Batch(x, y, ids[sl], labels[sl], start, cached=True)
                     done += len(ids[sl])
         except CacheReadError as exc:

@@ -27,8 +27,8 @@ from prefast.errors import (
     CacheReadError,
     CacheUnavailableError,
 )
-from prefast.governor import Governor, row_bytes_in, tier_bytes
-from prefast.store import Reader
+from prefast.governor import Governor, lossy_candidates, tier_bytes
+from prefast.store import Reader, encoding
 from prefast.store.disk_writer import DiskWriter
 from prefast.store.layout import disk_usage
 from prefast.store.order import batch_slices
@@ -62,8 +62,9 @@ class BoundaryTransitions:
     def _stream(self, epoch: int) -> int | None:
         raise NotImplementedError
 
-    def _ratio(self, stage: int) -> float:
-        return self.costs[stage - 1].compress_ratio
+    def _ratio(self, stage: int, dtype: str) -> float:
+        """The probe's zstd-1 ratio of the output before ``stage`` stored in ``dtype``."""
+        return self.costs[stage - 1].ratio(dtype)
 
     # -- checkpoints --------------------------------------------------------------------
     def state(self) -> dict:
@@ -149,15 +150,15 @@ class BoundaryTransitions:
         stage, tier, views = int(rec["stage"]), rec["tier"], int(rec["views"])
         if views != self.views:
             return None
-        name = f"train@{stage}"
-        b = BoundaryCache(name, stage, tier, views, self.ctx.root, self.governor.release)
-        row = row_bytes_in(self.ctx.dtype, self.costs[stage - 1].out_row_bytes)
-        ratio = self._ratio(stage)
+        name, dtype = f"train@{stage}", rec.get("dtype", self.ctx.dtype)
+        b = BoundaryCache(name, stage, tier, views, self.ctx.root, self.governor.release, dtype)
+        row = encoding.row_bytes(self.costs[stage - 1].out_shape, dtype)
+        ratio = self._ratio(stage, dtype)
         b.view_bytes = tier_bytes(tier, self.raw.num_train * row, ratio)
         b.test_bytes = tier_bytes(tier, self.raw.num_test * row, ratio)
         self.governor.hold(name, tier, views * b.view_bytes + b.test_bytes)
         for view, stream in rec["streams"].items():
-            key = self.ctx.key("train", stage, stream)
+            key = self.ctx.key("train", stage, stream, dtype)
             try:
                 reader = self.ctx.reuse(tier, key, epoch)
             except CacheError:
@@ -177,15 +178,18 @@ class BoundaryTransitions:
             self.views,
             self.raw.batches_per_epoch + test_batches,
             below,
+            lossy_candidates(self.cfg.cache_dtype),
         )
         self.ctx.event(
             epoch,
             "boundary",
             stage=stage,
             tier=decision.tier,
+            dtype=decision.dtype,
             bytes=decision.bytes,
-            compress_ratio=round(self.costs[stage - 1].compress_ratio, 3),
+            compress_ratio=round(self._ratio(stage, decision.dtype), 3),
             reason=decision.reason,
+            **({"rel_error": round(decision.rel_error, 5)} if decision.rel_error else {}),
         )
         log.info(
             "epoch %d: boundary at stage %d -> %s (%s)",
@@ -199,7 +203,13 @@ class BoundaryTransitions:
         name = f"train@{stage}"
         self.governor.hold(name, decision.tier, decision.bytes)
         self.target = BoundaryCache(
-            name, stage, decision.tier, self.views, self.ctx.root, self.governor.release
+            name,
+            stage,
+            decision.tier,
+            self.views,
+            self.ctx.root,
+            self.governor.release,
+            decision.dtype,
         )
         self.target.view_bytes = decision.view_bytes
         self.target.test_bytes = decision.bytes - self.views * decision.view_bytes
@@ -214,9 +224,9 @@ class BoundaryTransitions:
         # The view's content is the data in its augmentation stream: the one recorded for
         # it (rebuilt on resume), else what this epoch feeds (a cached view's, or the epoch's).
         stream = t.streams[view] if view in t.streams else self._stream(epoch)
-        key = self.ctx.key("train", t.stage, stream)
+        key = self.ctx.key("train", t.stage, stream, t.dtype)
         shape = self.costs[t.stage - 1].out_shape
-        spec = self.ctx.spec(key, "train", t.stage, self.raw.num_train, shape)
+        spec = self.ctx.spec(key, "train", t.stage, self.raw.num_train, shape, t.dtype)
         try:
             opened = self.ctx.open_view(t.tier, spec, epoch)
         except CacheUnavailableError as exc:  # kept; this epoch computes the prefix

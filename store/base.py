@@ -17,6 +17,8 @@ import crc32c
 import numpy as np
 import torch
 
+from .encoding import DTYPES, encode, numpy_dtype, stored_shape
+from .encoding import row_bytes as encoded_row_bytes
 from .errors import ConfigError
 from .order import batch_slices, epoch_order
 
@@ -31,11 +33,8 @@ TIERS = ("gpu", "ram", "mmap", "zarr")
 # shuffle window still holds several. Module-level so a test can shrink it.
 CHUNK_BYTES = 32 * 2**20
 SHUFFLE_BUFFER_BYTES = 256 * 2**20  # a disk reader's default shuffle buffer
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# zarr has no bfloat16: its bits are stored as uint16 and the dtype is recorded.
-NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
-# (activations, labels, ids); activations in the cache's torch dtype.
+# (activations, labels, ids); activations as stored (``encoding.py``), in the tier's torch dtype.
 TorchBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -45,8 +44,8 @@ def checksum(a: np.ndarray) -> int:
 
 
 def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
-    """Torch activations -> numpy in the storage dtype (bf16 as uint16 bits)."""
-    t = t.detach().to(TORCH_DTYPES[dtype])
+    """Activations, or rows already stored, -> numpy stored rows (bf16 as uint16 bits)."""
+    t = encode(t, dtype)
     if dtype == "bfloat16":
         t = t.view(torch.int16)
     out = t.cpu().contiguous().numpy()
@@ -65,22 +64,30 @@ class CacheSpec:
     key: str
     rows: int
     shape: tuple[int, ...]  # per row, e.g. (C, H, W)
-    dtype: str = "float16"
+    dtype: str = "float16"  # an encoding (``DTYPES``)
     attrs: dict[str, Any] = field(default_factory=dict)  # recorded metadata
     chunk_bytes: int = field(default_factory=lambda: CHUNK_BYTES)  # a disk chunk's target size
 
     def __post_init__(self) -> None:
-        if self.dtype not in TORCH_DTYPES:
-            raise ConfigError(
-                f"cache dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}"
-            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"cache dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.rows < 1:
             raise ConfigError(f"a cache needs at least one row, got rows={self.rows}")
         self.shape = tuple(int(s) for s in self.shape)
 
     @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """One stored row: the activation's shape, or one byte string (8-bit rows)."""
+        return stored_shape(self.shape, self.dtype)
+
+    @property
+    def storage(self) -> type[np.generic]:
+        """The numpy dtype of stored rows."""
+        return numpy_dtype(self.dtype)
+
+    @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(NUMPY_STORAGE[self.dtype]).itemsize
+        return encoded_row_bytes(self.shape, self.dtype)
 
     @property
     def logical_bytes(self) -> int:

@@ -24,7 +24,6 @@ import torch
 import zarr
 
 from .base import (
-    NUMPY_STORAGE,
     SHUFFLE_BUFFER_BYTES,
     CacheSpec,
     Reader,
@@ -143,7 +142,7 @@ class DiskReader(Reader):
         )
 
     def _empty(self, rows: int) -> np.ndarray:
-        return np.empty((rows, *self.spec.shape), dtype=NUMPY_STORAGE[self.spec.dtype])
+        return np.empty((rows, *self.spec.stored_shape), dtype=self.spec.storage)
 
     def read_rows(self, rows: np.ndarray) -> TorchBatch:
         # Any rows: grouped by chunk, so each touched chunk is decoded (and checked) once.

@@ -33,6 +33,7 @@ from zarr.codecs import Crc32cCodec
 
 from .base import CacheSpec, Writer, checksum, to_storage
 from .disk_reader import DiskReader
+from .encoding import describe as describe_encoding
 from .errors import (
     FULL_ERRNOS,
     CacheExistsError,
@@ -321,6 +322,8 @@ class DiskWriter(Writer):
                 "rows": self.spec.rows,
                 "shape": list(self.spec.shape),
                 "dtype": self.spec.dtype,
+                "row_bytes": self.spec.row_bytes,
+                **describe_encoding(self.spec.shape, self.spec.dtype),
                 "codec": codec,
                 "compression_ratio": ratio,
                 "chunk_rows": self.spec.chunk_rows(),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .disk_reader import DiskReader
+from .encoding import decode
 from .errors import CacheError, CacheLockedError, CacheReadError
 from .layout import MARKER, CacheRoot, disk_usage
 from .readers import open_reader
@@ -37,6 +38,7 @@ def describe(root: CacheRoot, key: str) -> dict:
         "rows": attrs.get("rows"),
         "shape": attrs.get("shape"),
         "dtype": attrs.get("dtype"),
+        "row_bytes": _row_bytes(attrs),
         "codec": attrs.get("codec"),
         "compression_ratio": attrs.get("compression_ratio"),
         "bytes": disk_usage(d),
@@ -44,6 +46,15 @@ def describe(root: CacheRoot, key: str) -> dict:
         "created": attrs.get("created", d.stat().st_mtime),
         "last_used": marker_path.stat().st_mtime if complete else None,
     }
+
+
+def _row_bytes(attrs: dict) -> int | None:
+    """Bytes of one stored row, scales included (caches of older versions: from their size)."""
+    if attrs.get("row_bytes") is not None:
+        return int(attrs["row_bytes"])
+    if attrs.get("logical_bytes") and attrs.get("rows"):
+        return int(attrs["logical_bytes"]) // int(attrs["rows"])
+    return None
 
 
 def list_caches(root: CacheRoot) -> list[dict]:
@@ -57,13 +68,15 @@ def inspect(root: CacheRoot, key: str) -> dict:
         return info
     reader = open_reader(root, key)
     try:
-        sample = reader.read_rows(np.arange(min(reader.spec.rows, reader.chunk_rows)))[0].float()
+        stored = reader.read_rows(np.arange(min(reader.spec.rows, reader.chunk_rows)))[0]
+        sample = decode(stored, reader.spec.dtype, reader.spec.shape).float()
         info["attributes"] = reader.attrs
         info["marker"] = {k: v for k, v in reader.marker.items() if k != "chunk_crc32c"}
         info["arrays"] = {
             "activations": {
                 "shape": [reader.spec.rows, *reader.spec.shape],
                 "dtype": reader.spec.dtype,
+                "row_bytes": reader.spec.row_bytes,
                 "chunk_rows": reader.chunk_rows,
                 "chunks": reader.num_chunks,
                 "first_chunk_mean": float(sample.mean()),

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .base import TORCH_DTYPES, CacheSpec, Reader, TorchBatch, Writer
+from .base import CacheSpec, Reader, TorchBatch, Writer
 from .device import HostCopies, allocate, is_accelerator, to_device
+from .encoding import encode, torch_dtype
 from .order import batch_slices
 
 
@@ -35,8 +36,8 @@ class MemoryWriter(Writer):
         self.device = torch.device(device)
         self.tier = "gpu" if is_accelerator(self.device) else "ram"
         self.acts: torch.Tensor | None = allocate(
-            (spec.rows, *spec.shape),
-            TORCH_DTYPES[spec.dtype],
+            (spec.rows, *spec.stored_shape),
+            torch_dtype(spec.dtype),
             self.device,
             f"the {self.tier} cache {spec.key[:16]}",
         )
@@ -54,7 +55,8 @@ class MemoryWriter(Writer):
         rows = slice(self.pos, self.pos + n)
         self.labels[rows] = require_host(labels, "labels")
         self.row_ids[rows] = require_host(ids, "ids")
-        self.copies.copy(self.acts[rows], acts.detach())
+        # Stored rows are copied as they are; activations are encoded first, on their device.
+        self.copies.copy(self.acts[rows], encode(acts, self.spec.dtype))
         self.pos += n
 
     def finish(self) -> MemoryReader:

@@ -7,7 +7,6 @@ import mmap
 
 import numpy as np
 
-from .base import NUMPY_STORAGE
 from .chunkio import map_for_reading
 from .disk_reader import DiskReader
 from .errors import CacheCorruptedError, read_error
@@ -39,8 +38,8 @@ class MmapReader(DiskReader):
                 self._map = map_for_reading(f.fileno())
         except OSError as exc:
             raise read_error(self.key, "mapping activations.bin", exc) from exc
-        self.mm = np.frombuffer(self._map, dtype=NUMPY_STORAGE[self.spec.dtype]).reshape(
-            self.spec.rows, *self.spec.shape
+        self.mm = np.frombuffer(self._map, dtype=self.spec.storage).reshape(
+            self.spec.rows, *self.spec.stored_shape
         )
 
     def _range(self, i: int) -> tuple[int, int]:

@@ -18,7 +18,6 @@ import numpy as np
 import zarr
 from zarr.codecs.bytes import Endian
 
-from .base import NUMPY_STORAGE
 from .chunkio import map_for_reading
 from .disk_reader import DiskReader, chunk_file
 from .errors import CacheCorruptedError, read_error
@@ -92,10 +91,10 @@ class ZarrReader(DiskReader):
             self._maps[i] = mapped  # closed by _release when the chunk leaves the window
             flat = np.frombuffer(
                 mapped,
-                dtype=NUMPY_STORAGE[self.spec.dtype],
-                count=full_bytes // self.spec.row_bytes * int(np.prod(self.spec.shape)),
+                dtype=self.spec.storage,
+                count=full_bytes // self.spec.row_bytes * int(np.prod(self.spec.stored_shape)),
             )
-            return flat.reshape(self.chunk_rows, *self.spec.shape)[:rows]
+            return flat.reshape(self.chunk_rows, *self.spec.stored_shape)[:rows]
         full = self._full(buf)
         try:
             self.zstd.decode(memoryview(mapped)[: size - 4], out=full.reshape(-1).view(np.uint8))

@@ -12,7 +12,7 @@ import numcodecs
 import numpy as np
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from .base import NUMPY_STORAGE, CacheSpec
+from .base import CacheSpec
 from .disk_reader import chunk_file
 from .disk_writer import ZSTD_MIN_RATIO, DiskWriter, log, trial_ratio
 from .layout import CacheRoot
@@ -45,9 +45,9 @@ class ZarrWriter(DiskWriter):
             compressors: list[Any] = [ZstdCodec(level=1)] if use_zstd else []
             self.array = self.group.create_array(
                 "activations",
-                shape=(self.spec.rows, *self.spec.shape),
-                dtype=NUMPY_STORAGE[self.spec.dtype],
-                chunks=(self.chunk_rows, *self.spec.shape),
+                shape=(self.spec.rows, *self.spec.stored_shape),
+                dtype=self.spec.storage,
+                chunks=(self.chunk_rows, *self.spec.stored_shape),
                 compressors=[*compressors, Crc32cCodec()],
                 fill_value=0,
                 config={"write_empty_chunks": True},

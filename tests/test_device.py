@@ -147,6 +147,31 @@ def test_prefast_on_an_accelerator_matches_freezeout_and_never_reads_the_device_
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "tier, dtype",
+    [
+        ("gpu", "int8"),
+        pytest.param("mmap", "float8", marks=pytest.mark.slow),
+        pytest.param("gpu", "float8", marks=pytest.mark.slow),
+    ],
+)
+def test_eight_bit_caches_decode_on_the_device_and_match_a_cpu_run(
+    tier, dtype, accelerator, tmp_path
+):
+    """8-bit rows cross (or stay on the GPU) at one byte per value and are decoded on the
+    training device, inside the batch path, with no read of the device in a step."""
+    device, memory = accelerator
+    kw = dict(mode="prefast", cache_dtype=dtype, cache_dir=str(tmp_path / "dev"))
+    tr = Trainer(config(device, cache_tier=tier, **kw))
+    watch = StepWatch(tr, memory)
+    run = tr.run()
+    cpu = config(torch.device("cpu"), **{**kw, "cache_tier": "ram", "cache_dir": str(tmp_path)})
+    assert rel_diff(run, train(cpu)) <= tolerance(device)
+    assert cached_epochs(run) == [2, 3, 4, 5] and run["final"]["cache_dtype"] == dtype
+    assert watch.reads_in_steps == 0, "a training step read the device back"
+    assert all(watch.reads_between[e] == 0 for e in cached_epochs(run)), dict(watch.reads_between)
+
+
 @pytest.mark.slow
 def test_resume_on_an_accelerator_reads_the_cache_from_its_first_epoch(accelerator, tmp_path):
     device, _ = accelerator

@@ -1,0 +1,154 @@
+"""Lossy cache dtypes (store/encoding.py): 8-bit rows, bit rounding, and auto's choice."""
+
+import json
+
+import numcodecs
+import numpy as np
+import pytest
+import torch
+import zarr
+from helpers import DIGITS, cli_in_process, flip_byte, relu_batch
+from prefast.store import CacheRoot, CacheSpec, encoding, open_reader, open_writer
+from prefast.store.manage import inspect, list_caches, verify
+
+from prefast.config import TrainConfig
+from prefast.trainer import train
+
+
+def cfg_for(tmp_path, **kw):
+    return TrainConfig(
+        mode="prefast", cache_dir=str(tmp_path), **{**DIGITS, "cache_boundaries": "every", **kw}
+    )
+
+
+def losses(run: dict) -> list[tuple[float, float]]:
+    return [(e["train_loss"], e["test_acc"]) for e in run["epochs"]]
+
+
+# -- the encodings -----------------------------------------------------------------------
+@pytest.mark.parametrize("bits", range(1, 10))
+def test_bit_rounding_is_numcodecs_bitround_bit_for_bit(bits):
+    x = relu_batch(16, (8, 6, 6)) * 50
+    ours = encoding.encode(x, f"bitround{bits}").numpy()
+    ref = numcodecs.BitRound(bits).encode(x.half().numpy())
+    assert np.array_equal(ours.view(np.int16), ref.view(np.int16))
+
+
+@pytest.mark.parametrize("dtype, bound", [("int8", 0.5 / 255), ("float8", 2.0**-4)])
+def test_an_eight_bit_row_decodes_alone_within_its_format_error(dtype, bound):
+    x = relu_batch(8, (4, 5, 5)) * torch.arange(1, 5).view(1, 4, 1, 1) ** 3  # ranges differ
+    stored = encoding.encode(x, dtype)
+    assert stored.dtype == torch.uint8 and stored.shape == (8, 4 * 4 * (dtype == "int8") + 16 + 100)
+    back = encoding.decode(stored, dtype, (4, 5, 5))
+    one = encoding.decode(stored[3:4].clone(), dtype, (4, 5, 5))  # a row without its batch
+    assert torch.equal(one[0], back[3])
+    # per (row, channel): int8's error is half a step of that channel's range; float8's is
+    # relative (3 mantissa bits) down to e4m3's smallest normal times the channel's scale
+    span = x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True)
+    err = (back - x).abs()
+    if dtype == "int8":
+        assert (err <= bound * span * 1.0001 + 1e-6).all()
+    else:
+        scale = x.abs().amax((2, 3), keepdim=True) / 448
+        assert (err <= bound * x.abs() + scale * 2.0**-6).all()
+    assert torch.equal(encoding.encode(stored, dtype), stored)  # stored rows pass through
+
+
+def test_a_constant_channel_decodes_exactly():
+    x = torch.zeros(2, 3, 4, 4)
+    x[:, 1] = 7.25
+    for dtype in encoding.EIGHT_BIT:
+        assert torch.equal(encoding.decode(encoding.encode(x, dtype), dtype, (3, 4, 4)), x)
+
+
+# -- write-through equals reuse ----------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["int8", pytest.param("float8", marks=pytest.mark.slow)])
+def test_reuse_equals_write_through_on_every_tier(tmp_path, dtype):
+    """The epoch that writes a cache trains on what the cache decodes to: a run that reads
+    the cache back (the disk tiers' reruns reuse the last boundary from epoch 8) and a run
+    that wrote it (ram) give identical numbers, whatever the tier."""
+    runs = {}
+    for tier in ("zarr", "mmap"):
+        cfg = cfg_for(tmp_path / tier, cache_tier=tier, cache_dtype=dtype)
+        runs[tier] = train(cfg)
+        runs[f"{tier} reused"] = again = train(cfg)
+        reused = {e["epoch"] for e in again["final"]["cache_events"] if e["event"] == "reused"}
+        assert reused == {8}
+        assert again["epochs"][8]["write_s"] == 0 and again["epochs"][8]["cached_batches"] > 0
+    runs["ram"] = train(cfg_for(tmp_path / "ram", cache_tier="ram", cache_dtype=dtype))
+    expected = losses(runs["ram"])
+    for name, run in runs.items():
+        assert losses(run) == expected, name
+        assert run["final"]["cache_dtype"] == dtype
+    fp32 = train(cfg_for(tmp_path / "fp32", cache_tier="ram"))
+    assert losses(fp32) != expected  # 8 bits changed the numbers: the test can tell
+
+
+# -- what auto chooses -------------------------------------------------------------------
+def test_auto_stores_a_boundary_in_int8_where_only_int8_fits_ram(tmp_path):
+    """Stage 2's cache (36x8x8 per digit, training and test set) takes 8.3 MB in float16 and
+    4.7 MB in int8: under --max-ram 6MiB auto keeps it in RAM as int8 instead of writing
+    float16 to disk, and says why in the run record."""
+    kw = {"cache_dtype": "auto", "max_ram": 6 * 2**20}
+    run = train(cfg_for(tmp_path, **kw))
+    first = next(e for e in run["final"]["cache_events"] if e["event"] == "boundary")
+    assert (first["stage"], first["tier"], first["dtype"]) == (2, "ram", "int8")
+    assert 0 < first["rel_error"] <= 0.01
+    assert "in float16: mmap" in first["reason"] or "in float16: zarr" in first["reason"]
+    assert run["epochs"][3]["cache_tier"] == "ram"
+    roomy = train(cfg_for(tmp_path / "roomy", **{**kw, "max_ram": 2**30}))
+    first = next(e for e in roomy["final"]["cache_events"] if e["event"] == "boundary")
+    assert (first["tier"], first["dtype"]) == ("ram", "float16")  # float16 fits: no loss
+
+
+# -- cache ls / inspect / verify, and zarr-python ------------------------------------------
+def write(root: CacheRoot, tier: str, dtype: str, x: torch.Tensor, key: str = "k") -> None:
+    spec = CacheSpec(key, len(x), tuple(x.shape[1:]), dtype, chunk_bytes=4096)
+    w = open_writer(tier, spec, root)
+    w.append(x, torch.arange(len(x)) % 10, torch.arange(len(x)))
+    w.finish().close()
+
+
+@pytest.mark.parametrize("dtype", encoding.EIGHT_BIT)
+def test_zarr_python_reads_the_raw_rows_and_the_readme_recipe_decodes_them(tmp_path, dtype):
+    x = relu_batch(40, (6, 5, 5))
+    write(CacheRoot(tmp_path), "zarr", dtype, x)
+    group = zarr.open_group(tmp_path / "k", mode="r")  # plain zarr-python
+    rows = group["activations"][:]
+    enc = group.attrs["encoding"]
+    # The README's recipe, with numpy alone:
+    c = enc["values_shape"][0]
+    params = rows[:, : rows.shape[1] - np.prod(enc["values_shape"])].copy().view("<f4")
+    params = params.reshape(len(rows), c, -1)
+    q = rows[:, params.shape[1] * params.shape[2] * 4 :].reshape(len(rows), c, -1)
+    if dtype == "int8":
+        decoded = params[..., :1] + q * params[..., 1:2]
+    else:
+        decoded = torch.from_numpy(q.copy()).view(torch.float8_e4m3fn).float().numpy()
+        decoded = decoded * params[..., :1]
+    decoded = decoded.reshape(len(rows), *enc["values_shape"])
+    ours = encoding.decode(torch.from_numpy(rows), dtype, (6, 5, 5)).numpy()
+    np.testing.assert_allclose(decoded, ours, rtol=1e-6, atol=1e-6)
+    assert np.abs(decoded - x.numpy()).max() < 0.1
+
+
+@pytest.mark.parametrize("tier", ["zarr", "mmap"])
+def test_ls_inspect_and_verify_know_eight_bit_caches(tmp_path, tier, capsys, caplog):
+    root = CacheRoot(tmp_path)
+    x = relu_batch(64, (6, 5, 5))
+    write(root, tier, "int8", x)
+    row = list_caches(root)[0]
+    assert (row["dtype"], row["row_bytes"]) == ("int8", 6 * 8 + 150)
+    info = inspect(root, "k")
+    assert info["arrays"]["activations"]["dtype"] == "int8"
+    assert abs(info["arrays"]["activations"]["first_chunk_mean"] - x[:20].mean().item()) < 0.01
+    out = cli_in_process(capsys, caplog, "cache", "ls", "--cache-dir", str(tmp_path)).stdout
+    assert "int8" in out and "198 B" in out
+    assert verify(root, "k") == []
+    # A byte of a row's scales, not of its values: the chunk's checksum still catches it.
+    reader = open_reader(root, "k")
+    where = reader.dir / ("activations.bin" if tier == "mmap" else "activations/c/0/0")
+    reader.close()
+    flip_byte(where, 5)  # inside row 0's float32 parameters (a zstd frame's header if zstd)
+    assert "chunk 0 " in " ".join(verify(root, "k"))
+    assert json.loads(json.dumps(info, default=str))  # inspect stays JSON-able
