@@ -1,10 +1,10 @@
 """Regenerate every benchmark result under benchmarks/results/.
 
-    python benchmarks/run_all.py               # `make bench`: every table and plot (about 2 h 20 min on 2 cores)
+    python benchmarks/run_all.py               # `make bench`: every table and plot (about 2 h 45 min on 2 cores)
     python benchmarks/run_all.py --quick       # `make bench-quick`: the same pipeline, CI-sized (minutes)
     python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits,
-                                               # imagefolder, cache_dtype, store, chunk_size,
-                                               # map_advice, ddp)
+                                               # imagefolder, cache_dtype, store, store_8bit,
+                                               # chunk_size, map_advice, ddp)
 
 Writes JSON + markdown (+ PNG) per benchmark, then ``bench_run.json`` with the
 machine and the run time per section (a section rerun with ``--only`` replaces
@@ -119,6 +119,17 @@ def store(out: Path, quick: bool, cache: str) -> list[Path]:
     return [out / f"store.{ext}" for ext in ("json", "md", "png")]
 
 
+def store_8bit(out: Path, quick: bool, cache: str) -> list[Path]:
+    """The same tiers and floors with rows stored in float16, int8 and float8 (2 GB of
+    float16 activations, 2 trials; quick: 32 MB, 1 trial)."""
+    size, trials = (32 * 2**20, 1) if quick else (2 * 2**30, 2)
+    doc = run_store_bench(size, trials=trials, dtypes=("float16", "int8", "float8"))
+    (out / "store_8bit.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "store_8bit.md").write_text(markdown(doc))
+    plot(doc, out / "store_8bit.png")
+    return [out / f"store_8bit.{ext}" for ext in ("json", "md", "png")]
+
+
 def chunk_size(out: Path, quick: bool, cache: str) -> list[Path]:
     """Shuffled-epoch reads at 4, 16 and 32 MiB chunks (quick: 1 and 4 MiB, 64 MB)."""
     from prefast.benchmarks.chunk_bench import setting
@@ -187,6 +198,7 @@ SECTIONS = {
     "imagefolder": imagefolder,
     "cache_dtype": cache_dtype,
     "store": store,
+    "store_8bit": store_8bit,
     "chunk_size": chunk_size,
     "map_advice": map_advice,
     "ddp": ddp,

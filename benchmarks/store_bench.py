@@ -34,12 +34,26 @@ from prefast.benchmarks.store_floors import (
     zstd_chunk_floor,
 )
 from prefast.store.base import SHUFFLE_BUFFER_BYTES, CacheSpec, chunk_bytes_for
+from prefast.store.encoding import encode
 from prefast.store.layout import CacheRoot
 from prefast.store.loader import PrefetchLoader
 from prefast.store.zarr_writer import ZarrWriter
 
 MB = 1e6
 ROW_SHAPE = (64, 16, 16)  # a DenseNet-like boundary: 32 KiB per row at fp16
+
+
+def stored_as(data: torch.Tensor, dtype: str) -> torch.Tensor:
+    """fp16 activations as a cache stores them in ``dtype`` (encoded before the writer, as
+    training encodes them on the compute device: the writer's time is the store's alone)."""
+    if dtype == "float16":
+        return data
+    step = 4096
+    first = encode(data[:step], dtype)
+    out = torch.empty(len(data), *first.shape[1:], dtype=first.dtype)
+    for s in range(0, len(data), step):
+        out[s : s + step] = encode(data[s : s + step], dtype)
+    return out
 
 
 def activations_of_size(size_bytes: int) -> torch.Tensor:
@@ -73,15 +87,18 @@ def bench_tier(
     buffer_bytes: int,
     batch: int = 256,
     chunk_bytes: int | None = None,
+    dtype: str = "float16",
 ) -> dict:
-    """Write ``data`` through the tier's writer, then read one shuffled epoch cold,
-    the way the trainer does (chunk-order shuffle + window, through the loader thread)."""
+    """Write ``data`` (rows stored in ``dtype``) through the tier's writer, then read one
+    shuffled epoch cold, the way the trainer does (chunk-order shuffle + window, through
+    the loader thread)."""
     from prefast.store import open_writer
 
-    root = CacheRoot(workdir / f"{tier}-{codec}")
+    root = CacheRoot(workdir / f"{tier}-{codec}-{dtype}")
     # Chunks as a run with this shuffle buffer writes them (cachectx.spec), unless given.
     chunk = chunk_bytes or chunk_bytes_for(buffer_bytes)
-    spec = CacheSpec(f"bench-{tier}-{codec}", len(data), ROW_SHAPE, "float16", chunk_bytes=chunk)
+    key = f"bench-{tier}-{codec}-{dtype}"
+    spec = CacheSpec(key, len(data), ROW_SHAPE, dtype, chunk_bytes=chunk)
     labels = torch.zeros(len(data), dtype=torch.int64)
     ids = torch.arange(len(data))
 
@@ -104,10 +121,13 @@ def bench_tier(
             pass
 
     read_s = timed(read)
-    nbytes = data.numel() * 2
+    nbytes = data.numel() * data.element_size()  # stored bytes, before compression
     out = {
         "tier": tier,
         "codec": codec,
+        "dtype": dtype,
+        "row_bytes": spec.row_bytes,
+        "read_rows_s": len(data) / read_s,
         "write_mb_s": nbytes / write_s / MB,
         "read_mb_s": nbytes / read_s / MB,
         "ratio": reader.attrs.get("compression_ratio", 1.0) if hasattr(reader, "attrs") else 1.0,
@@ -186,14 +206,17 @@ def paired_ratios(run: dict, floors: dict) -> None:
     name = "mmap" if run["tier"] == "mmap" else f"{run['tier']}/{run['codec']}"
     if name in FLOOR:
         run["read_floor"] = FLOOR[name]
-        run["read_vs_floor"] = run["read_mb_s"] / floors[FLOOR[name]]
+        # the minimal zstd reader read the same chunk files: those of this dtype
+        own = f"{FLOOR[name]}/{run.get('dtype', 'float16')}"
+        run["read_vs_floor"] = run["read_mb_s"] / floors.get(own, floors[FLOOR[name]])
     if run["tier"] in ("mmap", "zarr"):
         run["write_vs_floor"] = run["write_mb_s"] / floors["raw_file_write_mb_s"]
 
 
 def summarize(runs: list[dict]) -> dict:
     """One tier over its trials: mean ± std of MB/s and of the paired ratios, every trial kept."""
-    row = {k: runs[0][k] for k in ("tier", "codec", "ratio", "cold_evicted")}
+    row = {k: runs[0][k] for k in ("tier", "codec", "dtype", "row_bytes", "ratio", "cold_evicted")}
+    row["read_rows_s"] = _mean_std([r["read_rows_s"] for r in runs])[0]
     for m in ("write_mb_s", "read_mb_s"):
         vals = [r[m] for r in runs]
         row[m], row[m.replace("_mb_s", "_std")] = _mean_std(vals)
@@ -210,18 +233,26 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def run_store_bench(
-    size_bytes: int, directory: Path | None = None, trials: int = 1, log=print
-) -> dict:  # type: ignore[no-untyped-def]
+    size_bytes: int,
+    directory: Path | None = None,
+    trials: int = 1,
+    log=print,  # type: ignore[no-untyped-def]
+    dtypes: tuple[str, ...] = ("float16",),
+) -> dict:
+    """Every tier in every dtype of ``dtypes`` (rows encoded once, up front), against the
+    floors of the same trial; MB/s count stored bytes (uncompressed), rows/s compare dtypes."""
     workdir = make_workdir(directory)
     data = activations_of_size(size_bytes)
+    stored = {d: stored_as(data, d) for d in dtypes}
     nbytes = data.numel() * 2
     # The trainer's shuffle buffer: min(256 MiB, RAM budget / 4); a quarter of the cache
     # here at most, so every disk tier takes the chunk-shuffle + window path.
     buffer_bytes = min(SHUFFLE_BUFFER_BYTES, nbytes // 4)
-    tiers = [("ram", "none"), ("mmap", "none"), ("zarr", "none"), ("zarr", "zstd")]
+    kinds = [("ram", "none"), ("mmap", "none"), ("zarr", "none"), ("zarr", "zstd")]
     if torch.cuda.is_available():
-        tiers.insert(0, ("gpu", "none"))
-    trial_runs: list[dict[tuple[str, str], dict]] = []
+        kinds.insert(0, ("gpu", "none"))
+    tiers = [(t, c, d) for d in dtypes for t, c in kinds]
+    trial_runs: list[dict[tuple[str, str, str], dict]] = []
     floor_trials: list[dict] = []
     try:
         # Trials are the outer loop, and each tier is compared with the floors of its own
@@ -235,12 +266,16 @@ def run_store_bench(
                 f"np.memmap read {floors['memmap_read_mb_s']:.0f} MB/s"
             )
             runs = {}
-            for tier, codec in tiers:
-                r = runs[tier, codec] = bench_tier(tier, codec, data, workdir, buffer_bytes)
+            for tier, codec, dtype in tiers:
+                r = runs[tier, codec, dtype] = bench_tier(
+                    tier, codec, stored[dtype], workdir, buffer_bytes, dtype=dtype
+                )
                 if "zstd_chunk_read_mb_s" in r:  # measured on the zstd tier's own chunk files
-                    floors["zstd_chunk_read_mb_s"] = r["zstd_chunk_read_mb_s"]
+                    floors[f"zstd_chunk_read_mb_s/{dtype}"] = r["zstd_chunk_read_mb_s"]
+                    if dtype == dtypes[0]:  # the floors table's
+                        floors["zstd_chunk_read_mb_s"] = r["zstd_chunk_read_mb_s"]
                 log(
-                    f"{tier:>5}/{codec:<5} write {r['write_mb_s']:8.0f} MB/s  "
+                    f"{tier:>5}/{codec:<5} {dtype:<8} write {r['write_mb_s']:8.0f} MB/s  "
                     f"read {r['read_mb_s']:8.0f} MB/s  ratio {r['ratio']:.2f}"
                 )
             for r in runs.values():
@@ -275,6 +310,7 @@ def run_store_bench(
         "rows": len(data),
         "row_shape": list(ROW_SHAPE),
         "dtype": "float16",
+        "dtypes": list(dtypes),
         "trials": trials,
         "shuffle_buffer_bytes": buffer_bytes,
         "chunk_bytes": chunk_bytes_for(buffer_bytes),
@@ -293,11 +329,12 @@ def markdown(doc: dict) -> str:
         f"Reads are one shuffled epoch ({doc['chunk_bytes'] / 2**20:.0f} MiB chunks, chunk shuffle, "
         f"{doc['shuffle_buffer_bytes'] / 2**20:.0f} MiB buffer), cold, through the loader thread. "
         "Each trial measures the floors, then every tier; ratios are per trial (paired), "
-        "then averaged.",
+        "then averaged. MB/s count stored bytes before compression (an 8-bit row, scales "
+        "included, is about half a float16 row); rows/s compares dtypes.",
         "",
-        "| tier | codec | write MB/s | write / raw write | cold read MB/s | read / floor | floor | "
-        "ratio | page cache evicted | write, read per trial |",
-        "|---|---|---:|---:|---:|---:|---|---:|---|---|",
+        "| tier | codec | dtype | bytes/row | write MB/s | write / raw write | cold read MB/s "
+        "| read / floor | floor | read rows/s | ratio | page cache evicted | write, read per trial |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
     ]
     for r in doc["results"]:
         writes, reads = (
@@ -308,9 +345,11 @@ def markdown(doc: dict) -> str:
             for m in ("write_vs_floor", "read_vs_floor")
         )
         lines.append(
-            f"| {r['tier']} | {r['codec']} | {r['write_mb_s']:.0f} ± {r['write_std']:.0f} | {wvf} | "
+            f"| {r['tier']} | {r['codec']} | {r.get('dtype', 'float16')} "
+            f"| {r.get('row_bytes', '-')} | {r['write_mb_s']:.0f} ± {r['write_std']:.0f} | {wvf} | "
             f"{r['read_mb_s']:.0f} ± {r['read_std']:.0f} | {rvf} | {r.get('read_floor', '-')} | "
-            f"{r['ratio']:.2f} | {r['cold_evicted']} | {writes}; {reads} |"
+            f"{r.get('read_rows_s', 0):.0f} | {r['ratio']:.2f} | {r['cold_evicted']} "
+            f"| {writes}; {reads} |"
         )
     lines += ["", "RAM and GPU tiers have no page cache to drop: their reads are from memory."]
     b = doc["baselines"]
@@ -342,6 +381,8 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [f"{r['tier']}/{r['codec']}" for r in doc["results"]]
+    if len(doc.get("dtypes", [])) > 1:
+        names = [f"{n}\n{r['dtype']}" for n, r in zip(names, doc["results"], strict=True)]
     reads = [r["read_mb_s"] for r in doc["results"]]
     errs = [r["read_std"] for r in doc["results"]]
     writes = [r["write_mb_s"] for r in doc["results"]]
@@ -361,7 +402,7 @@ def plot(doc: dict, path: Path) -> None:
     xb = np.arange(len(names), len(names) + len(base_names))
     ax.bar(xb, base_reads, 0.4, color="grey", label="baseline read")
     ax.set_xticks(np.concatenate([x, xb]), names + base_names, fontsize=7)
-    ax.set_ylabel("logical MB/s")
+    ax.set_ylabel("MB/s (stored bytes, uncompressed)")
     ax.set_yscale("log")
     ax.set_title(
         f"{doc['logical_bytes'] / 1e9:.1f} GB fp16 activations, {doc['trials']} trial(s)",

@@ -29,12 +29,15 @@ def run(args: argparse.Namespace) -> int:
         write_json("-", plan)
         return 0
     print(
-        f"{'stage':>5} {'freeze_iter':>11} {'freeze_epoch':>12} {'fwd_ms':>8} {'fwd+bwd_ms':>10}  output"
+        f"{'stage':>5} {'freeze_iter':>11} {'freeze_epoch':>12} {'fwd_ms':>8} {'fwd+bwd_ms':>10}"
+        f" {'int8 err':>8} {'fp8 err':>8}  output"
     )
     for s in plan["stages"]:
+        err = {d: f"{e:.2%}" for d, e in s["rel_error"].items()}  # error of storing the output
         print(
             f"{s['stage']:>5} {s['freeze_iter']:>11} {s['freeze_epoch']:>12.2f} {s['fwd_ms']:>8.2f} "
-            f"{s['fwd_bwd_ms']:>10.2f}  {'x'.join(map(str, s['out_shape']))}"
+            f"{s['fwd_bwd_ms']:>10.2f} {err.get('int8', '-'):>8} {err.get('float8', '-'):>8}  "
+            f"{'x'.join(map(str, s['out_shape']))}"
         )
     print("\nboundaries (materialized during epoch, read from the next):")
     if not plan["boundaries"]:
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     for b in plan["boundaries"]:
         print(
             f"  epoch {b['epoch']}: stages 0..{b['stage'] - 1}  {human_bytes(b['bytes'])}  -> "
-            f"{b['tier']} ({b['reason']})"
+            f"{b['tier']} in {b['dtype']} ({b['reason']})"
         )
     print("\npredicted wall-clock (ideal cost model, no I/O):")
     pred = plan["predicted_s"]

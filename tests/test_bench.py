@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from prefast.benchmarks.store_bench import run_store_bench
 from prefast.benchmarks.train_bench import OVERHEAD_PARTS, overhead_breakdown, summarize
 
@@ -97,6 +98,38 @@ def test_store_bench_keeps_every_trial_and_its_mean(tmp_path):
             assert len(trials) == 2 and all(v > 0 for v in trials)
             assert row[f"{m}_mb_s"] == pytest.approx(np.mean(trials), rel=1e-3)
     assert list(tmp_path.iterdir()) == [], "the benchmark's scratch files must be removed"
+
+
+def test_store_bench_measures_eight_bit_rows_against_their_own_zstd_floor(tmp_path):
+    doc = run_store_bench(
+        2 * 2**20, directory=tmp_path, log=lambda *_: None, dtypes=("float16", "int8")
+    )
+    rows = {(r["tier"], r["codec"], r["dtype"]): r for r in doc["results"]}
+    assert rows["mmap", "none", "int8"]["row_bytes"] == 64 * 8 + 64 * 16 * 16
+    assert rows["mmap", "none", "float16"]["row_bytes"] == 64 * 16 * 16 * 2
+    for dtype in ("float16", "int8"):
+        zstd = rows["zarr", "zstd", dtype]
+        assert zstd["read_floor"] == "zstd_chunk_read_mb_s" and zstd["read_vs_floor"] > 0
+
+
+def test_codec_table_errors_and_the_best_bit_rounding():
+    from prefast.benchmarks.cache_dtype_bench import best_bitround, codec_table, summary_rows
+
+    acts = torch.relu(torch.randn(64, 8, 6, 6, generator=torch.Generator().manual_seed(0)))
+    rows = {r["codec"]: r for r in codec_table(acts.numpy())}
+    assert rows["float32"]["rel_error"] == 0.0
+    errors = [rows[f"bitround{n}"]["rel_error"] for n in range(1, 10)]
+    assert errors == sorted(errors, reverse=True)  # each kept bit halves the error
+    best = best_bitround(list(rows.values()))
+    assert rows[best]["rel_error"] <= rows["int8"]["rel_error"]
+    assert all(rows[f"bitround{n}"]["bytes_per_value"] >= rows[best]["bytes_per_value"]
+               for n in range(int(best[-1]), 10))  # fmt: skip
+    doc = {"runs": {"freezeout": [{"test_acc": 0.9, "wall_s": 2, "cache_bytes": 0,
+                                   "bytes_per_value": None}] * 2,
+                    "prefast int8": [{"test_acc": a, "wall_s": 1, "cache_bytes": 10,
+                                      "bytes_per_value": 1.1} for a in (0.8, 0.9)]}}  # fmt: skip
+    int8 = next(r for r in summary_rows(doc) if r["variant"] == "prefast int8")
+    assert int8["delta"] == pytest.approx(-0.05)  # paired by seed with freezeout
 
 
 def _wheel(folder, filename: str, requires: list[str]) -> None:
