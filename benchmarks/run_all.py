@@ -3,8 +3,8 @@
     python benchmarks/run_all.py               # `make bench`: every table and plot (about 2 h 45 min on 2 cores)
     python benchmarks/run_all.py --quick       # `make bench-quick`: the same pipeline, CI-sized (minutes)
     python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits,
-                                               # imagefolder, cache_dtype, store, store_8bit,
-                                               # chunk_size, map_advice, ddp)
+                                               # imagefolder, cache_dtype, feature_augment,
+                                               # store, store_8bit, chunk_size, map_advice, ddp)
 
 Writes JSON + markdown (+ PNG) per benchmark, then ``bench_run.json`` with the
 machine and the run time per section (a section rerun with ``--only`` replaces
@@ -183,6 +183,13 @@ def cache_dtype(out: Path, quick: bool, cache: str) -> list[Path]:
     return run_cache_dtype_bench(out, cache, quick)
 
 
+def feature_augment(out: Path, quick: bool, cache: str) -> list[Path]:
+    """Feature ops on one cached view against four views and FreezeOut (quick: digits)."""
+    from prefast.benchmarks.feature_augment_bench import run_feature_augment_bench
+
+    return run_feature_augment_bench(out, cache, quick)
+
+
 def imagefolder(out: Path, quick: bool, cache: str) -> list[Path]:
     """Image files at 32/64/128 px, PNG and JPEG, 0 and 2 workers: data wait and speedup."""
     from prefast.benchmarks.imagefolder_bench import run_imagefolder_bench
@@ -197,6 +204,7 @@ SECTIONS = {
     "digits": digits,
     "imagefolder": imagefolder,
     "cache_dtype": cache_dtype,
+    "feature_augment": feature_augment,
     "store": store,
     "store_8bit": store_8bit,
     "chunk_size": chunk_size,

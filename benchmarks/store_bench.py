@@ -208,7 +208,8 @@ def paired_ratios(run: dict, floors: dict) -> None:
         run["read_floor"] = FLOOR[name]
         # the minimal zstd reader read the same chunk files: those of this dtype
         own = f"{FLOOR[name]}/{run.get('dtype', 'float16')}"
-        run["read_vs_floor"] = run["read_mb_s"] / floors.get(own, floors[FLOOR[name]])
+        run["read_floor_mb_s"] = floors.get(own, floors[FLOOR[name]])
+        run["read_vs_floor"] = run["read_mb_s"] / run["read_floor_mb_s"]
     if run["tier"] in ("mmap", "zarr"):
         run["write_vs_floor"] = run["write_mb_s"] / floors["raw_file_write_mb_s"]
 
@@ -229,6 +230,7 @@ def summarize(runs: list[dict]) -> dict:
             row[m + "_trials"] = [round(v, 3) for v in vals]
     if "read_floor" in runs[0]:
         row["read_floor"] = runs[0]["read_floor"]
+        row["read_floor_mb_s"] = _mean_std([r["read_floor_mb_s"] for r in runs])[0]
     return row
 
 

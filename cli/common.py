@@ -122,6 +122,15 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         help="augmented views materialized per boundary; epoch e reads view e mod K",
     )
     c.add_argument(
+        "--feature-augment",
+        default="",
+        metavar="OPS",
+        help="augment cached activations on the training device, per sample and epoch, no "
+        "extra bytes: shift (translate the feature map by up to 1/8 of its side, as the "
+        "input crop), flip (mirror it), mix (Manifold Mixup of two samples and their "
+        "labels); comma-separated, e.g. shift,flip (default: none)",
+    )
+    c.add_argument(
         "--cache-boundaries",
         default="auto",
         choices=BOUNDARY_POLICIES,

@@ -10,6 +10,7 @@ from pathlib import Path
 from prefast.costmodel import BOUNDARY_POLICIES
 from prefast.data import AUGMENTS, DATASETS
 from prefast.errors import ConfigError
+from prefast.feature_augment import parse_ops
 from prefast.governor import Budgets
 from prefast.models import MODELS
 from prefast.schedule import SCALES
@@ -71,6 +72,7 @@ class TrainConfig:
     cache_tier: str = "auto"
     cache_dtype: str = "auto"
     cache_views: int = 1
+    feature_augment: str = ""  # ops on cached activations: shift, flip, mix (comma-separated)
     cache_boundaries: str = "auto"
     max_ram: int | None = None
     max_gpu_mem: int | None = None
@@ -127,6 +129,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--synthetic-size {train},{test}: the training and the test set each need at "
                 "least one sample, e.g. --synthetic-size 2048,512"
+            )
+        if parse_ops(self.feature_augment) and self.mode != "prefast":
+            raise ConfigError(
+                f"--feature-augment {self.feature_augment} augments cached activations: it "
+                "needs --mode prefast"
             )
         if self.resume and not self.checkpoint:
             raise ConfigError("--resume needs --checkpoint PATH (the file to resume from)")

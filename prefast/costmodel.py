@@ -41,13 +41,17 @@ class StageCost:
     compress_ratio: float = 1.0  # zstd-1 on the output in the cache dtype (trial on one batch)
     # (dtype, relative reconstruction error, zstd-1 ratio) of each dtype tried on that batch
     trials: tuple[tuple[str, float, float], ...] = ()
+    compress_dtype: str = ""  # the dtype ``compress_ratio`` was measured in (the whole batch)
 
     def error(self, dtype: str) -> float | None:
         """Relative error of storing this output in ``dtype`` (None: not measured)."""
         return next((err for d, err, _ in self.trials if d == dtype), None)
 
     def ratio(self, dtype: str) -> float:
-        """zstd-1 ratio of this output stored in ``dtype`` (the cache dtype's if not tried)."""
+        """zstd-1 ratio of this output stored in ``dtype``: the whole batch's in the run's
+        cache dtype, else the trial's (16 rows), else the run's."""
+        if dtype == self.compress_dtype:
+            return self.compress_ratio
         return next((r for d, _, r in self.trials if d == dtype), self.compress_ratio)
 
 

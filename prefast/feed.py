@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from prefast.data import AugmentParams, TensorImageDataset, augment
 from prefast.store.device import to_device
@@ -43,6 +44,20 @@ class Batch:
     # The augmentation stream the samples were drawn with (``RawSource.train_batches``'s
     # ``view``; for a cached batch, that of the view it came from). None: not augmented.
     stream: int | None = None
+    # Manifold Mixup (``--feature-augment mix``): each sample's partner label and its own
+    # weight lam, on the device; the loss is lam * CE(y) + (1 - lam) * CE(partner label).
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def batch_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy against the batch's labels, or against both labels of a mixed
+    batch, each sample weighted by its own lam."""
+    if batch.mix is None:
+        return F.cross_entropy(logits, batch.y)
+    partner, lam = batch.mix
+    own = F.cross_entropy(logits, batch.y, reduction="none")
+    other = F.cross_entropy(logits, partner, reduction="none")
+    return (lam * own + (1 - lam) * other).mean()
 
 
 # A generator, not just an iterator: the trainer closes it, so a feed's `finally`

@@ -51,8 +51,8 @@ ZSTD_PAYS = 1.10  # the store's own codec threshold (store.disk_writer.ZSTD_MIN_
 FORCEABLE = ("auto", "gpu", "ram", "mmap", "zarr")
 LEVEL = {"gpu": 0, "ram": 1, "mmap": 2, "zarr": 2, "recompute": 3}  # preference, best first
 # --cache-dtype auto takes an 8-bit encoding (for a better tier) only below this relative
-# reconstruction error, measured on the probe's batch: int8 measures 0.1-0.7% on the
-# benchmarks' boundaries (per-channel ranges of 4 to 1,024 values), float8 1.8-2.7%, so
+# reconstruction error, measured on 16 rows of the probe's batch at the start of the run:
+# int8 measures 0.1-0.7% on the benchmarks' boundaries, float8 1.8-2.7%, so in practice
 # auto's 8-bit choice is int8; its accuracy cost: benchmarks/results/cache_dtype.md.
 LOSSY_MAX_REL_ERROR = 0.01
 

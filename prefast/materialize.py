@@ -54,6 +54,7 @@ from prefast.errors import (
     CacheError,
     CacheReadError,
 )
+from prefast.feature_augment import FeatureAugment, parse_ops
 from prefast.feed import Batch, BatchStream, RawSource
 from prefast.governor import Governor, cache_dtype, cache_views
 from prefast.models import StagedModel
@@ -136,6 +137,8 @@ class PrefastFeed(BoundaryTransitions):
         self.epoch: int | None = None
         self.warned_fixed_aug = False
         self.disk_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        ops = parse_ops(cfg.feature_augment)
+        self.features = FeatureAugment(ops, cfg.seed, raw.num_train) if ops else None
         self._reset_stats()
 
     @property
@@ -169,6 +172,7 @@ class PrefastFeed(BoundaryTransitions):
         # epoch comes from raw data *in that stream*, so nothing changes but the cost.
         stream = self._stream(epoch)
         seen = np.zeros(self.raw.num_train, dtype=bool)  # host bookkeeping, like the ids
+        self.stats["input_stream"] = stream  # the frozen prefix's input augmentation
         try:
             if source is not None:
                 batches = self._cached(source, epoch)
@@ -176,12 +180,13 @@ class PrefastFeed(BoundaryTransitions):
                 batches = self.raw.train_batches(epoch, view=stream)
             for batch in batches:
                 seen[batch.ids.numpy()] = True
-                yield self._through(batch, writing, epoch)
+                yield self._augmented(self._through(batch, writing, epoch), epoch)
         except CacheReadError as exc:  # damaged, or unreadable now: the rest from raw data
             assert source is not None
             self._read_failed(epoch, source, exc)
             for batch in self.raw.train_batches(epoch, view=stream, seen=seen):
-                yield self._through(batch, writing, epoch)
+                batch = self._as_cached(batch, source)  # as the cache would have served it
+                yield self._augmented(self._through(batch, writing, epoch), epoch)
 
     def end_epoch(self, epoch: int) -> None:
         t = self.target
@@ -205,6 +210,8 @@ class PrefastFeed(BoundaryTransitions):
     def take_epoch_stats(self) -> dict[str, Any]:
         self._charge(self.epoch)  # after evaluation: the test cache is written too
         stats = {**self.stats, **self.ctx.io_s, "data_s": self.raw.data_s}
+        if self.features is not None:  # what the ops cost, for the per-batch figure
+            stats["feature_s"], stats["feature_batches"] = self.features.take_seconds()
         self._reset_stats()
         return stats
 
@@ -304,10 +311,33 @@ class PrefastFeed(BoundaryTransitions):
             self._abandon(epoch, str(exc))
         return Batch(x, batch.y, batch.ids, batch.labels, writing.stage, batch.cached, batch.stream)
 
+    def _augmented(self, batch: Batch, epoch: int) -> Batch:
+        """``--feature-augment``: the ops on a batch of cached activations (never on what a
+        writer stores: ``_through`` wrote before this)."""
+        if self.features is None or not batch.cached:
+            return batch
+        x, mix = self.features.apply(batch.x, batch.ids, batch.y, epoch)
+        self.stats["feature_ops"] = list(self.features.ops)
+        return replace(batch, x=x, mix=mix)
+
+    def _as_cached(self, batch: Batch, source: BoundaryCache) -> Batch:
+        """A raw batch as ``source``'s cache holds it: the prefix run and the rows encoded
+        and decoded in its dtype, so the step (and the feature ops) see the very values a
+        read would have given."""
+        out = self._run_prefix(batch.x, batch.start, source.stage)
+        _, x = self.ctx.as_stored(out, source.dtype)
+        return replace(batch, x=x, start=source.stage, cached=True)
+
     def _run_prefix(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         with torch.no_grad(), self.autocast():  # frozen: eval mode, no graph
             return self.model.run_range(x, start, stop)
 
     def _reset_stats(self) -> None:
-        self.stats: dict[str, Any] = {"cache_tier": None, "cache_stage": None, "cached_batches": 0}
+        self.stats: dict[str, Any] = {
+            "cache_tier": None,
+            "cache_stage": None,
+            "cached_batches": 0,
+            "input_stream": None,
+            "feature_ops": [],
+        }
         self.ctx.io_s = {"write_s": 0.0, "read_s": 0.0}

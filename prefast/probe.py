@@ -72,7 +72,9 @@ def measure_stage_costs(
             if out.dim() > 1
         )
         shape = tuple(out.shape[1:])
-        cost = StageCost(min(times_f[1:]), fwd_bwd, out[0].numel() * 4, shape, ratio, trials)
+        cost = StageCost(
+            min(times_f[1:]), fwd_bwd, out[0].numel() * 4, shape, ratio, trials, cache_dtype
+        )
         costs.append(cost)
         x = out.detach()
     model.train(was_training)

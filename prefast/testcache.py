@@ -81,8 +81,9 @@ class TestCache:
                 if not opened:
                     opened = True
                     self._open(stage, tier, tuple(x.shape[1:]), epoch, dtype)
+                # x as the cache holds it: what later evaluations read, written or not
+                stored, x = self.ctx.as_stored(x, dtype)
                 if self.writer is not None:
-                    stored, x = self.ctx.as_stored(x, dtype)  # x: what later evaluations read
                     try:
                         with self.ctx.timed("write_s"):
                             self.writer.append(stored, batch.labels, batch.ids)

@@ -34,7 +34,7 @@ from prefast.build import build_run, schedule_for
 from prefast.config import TrainConfig
 from prefast.costmodel import StageCost
 from prefast.errors import ConfigError
-from prefast.feed import Batch, Feed, data_share
+from prefast.feed import Batch, Feed, batch_loss, data_share
 from prefast.models import StagedModel
 from prefast.store.device import to_host
 
@@ -101,7 +101,6 @@ class Trainer:
         self.replicas = distributed.Replicas(self.dist, self.model, lambda: self.model.num_frozen)
         self.opt = make_optimizer(self.model, cfg.lr)
         self.schedule = schedule_for(cfg, self.model.num_stages, self.raw.batches_per_epoch)
-        self.loss_fn = nn.CrossEntropyLoss()
         self.on_epoch = on_epoch
         self.history: list[dict] = []
         self.start_epoch = 0
@@ -155,7 +154,7 @@ class Trainer:
         # gradient and they stay in eval mode, so autograd records nothing for them.
         with self._autocast():
             out = self.replicas.module()(x, start=batch.start)  # DDP under torchrun
-            loss = self.loss_fn(out.float(), batch.y)
+            loss = batch_loss(out.float(), batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

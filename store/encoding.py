@@ -152,7 +152,10 @@ def decode(stored: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Te
         return stored
     b, groups = len(stored), channels(shape)
     n = param_bytes(shape, dtype)
-    params = stored[:, :n].contiguous().view(torch.float32).reshape(b, groups, _PARAMS[dtype])
+    # Copied into fresh memory: a row sliced out of a batch may start at any byte, and a
+    # float32 view needs 4-byte alignment (a plain .contiguous() keeps a one-row slice as is).
+    raw = torch.empty((b, n), dtype=torch.uint8, device=stored.device).copy_(stored[:, :n])
+    params = raw.view(torch.float32).reshape(b, groups, _PARAMS[dtype])
     q = stored[:, n:].reshape(b, groups, -1)
     if dtype == "int8":
         x = params[..., 0:1] + q.float() * params[..., 1:2]

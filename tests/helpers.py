@@ -107,7 +107,7 @@ def chunk_read_mid_epoch(
             chunk = int(np.argmax(first_batch))
             assert first_batch[chunk] >= 2, "no chunk is first needed mid-epoch"
         tier, row_bytes = reader.tier, reader.spec.row_bytes
-        shape_tail = (0,) * len(reader.spec.shape)
+        shape_tail = (0,) * len(reader.spec.stored_shape)
         name = (
             reader.array.metadata.encode_chunk_key((chunk, *shape_tail)) if tier == "zarr" else None
         )
