@@ -91,7 +91,7 @@ def run_one(cfg: TrainConfig) -> dict:
     return {
         "test_acc": run["final"]["test_acc"],
         "wall_s": run["final"]["wall_s"],
-        "cache_peak_bytes": run["final"]["cache_peak_bytes"],
+        "cache_peak_bytes": run["final"].get("cache_peak_bytes", 0),  # freezeout: none
         "disk_bytes_left": sum(c["bytes"] for c in caches),
         "feature_ms_per_batch": 1e3 * secs / batches if batches else None,
         "cached_epochs": sum(e["cached_batches"] > 0 for e in epochs),
@@ -192,14 +192,14 @@ def run_feature_augment_bench(out: Path, cache: str, quick: bool) -> list[Path]:
     seeds = [0] if quick else [0, 1, 2, 3, 4]
     t0s = T0S[:1] if quick else T0S
     cells = []
+    prefix = out / "feature_augment"
     for name in names:
         for t0 in t0s:
             print(f"feature_augment: {name}, t0 {t0}", flush=True)
             cells.append(run_cell(Setting(name), t0, seeds, quick, cache))
-            prefix = out / "feature_augment"  # written after every cell: a long run keeps its part
+            # every file after every cell: a run stopped early keeps what it measured
             prefix.with_suffix(".json").write_text(json.dumps(cells, indent=1, default=str))
-    prefix = out / "feature_augment"
-    prefix.with_suffix(".md").write_text(markdown(cells))
-    plot(cells, prefix.with_suffix(".png"))
+            prefix.with_suffix(".md").write_text(markdown(cells))
+            plot(cells, prefix.with_suffix(".png"))
     print(markdown(cells))
     return [prefix.with_suffix(ext) for ext in (".json", ".md", ".png")]
