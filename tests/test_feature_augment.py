@@ -93,6 +93,7 @@ def test_shift_and_flip_move_each_map_by_its_own_draw_zero_filled():
 
 
 # -- in training ---------------------------------------------------------------------------
+@pytest.mark.slow  # three training runs (make check)
 def test_the_same_seed_gives_the_same_augmented_run_and_no_byte_more(tmp_path):
     kw = {"feature_augment": "shift,flip"}
     first = train(cfg_for(tmp_path / "a", **kw))
@@ -115,6 +116,7 @@ def test_the_same_seed_gives_the_same_augmented_run_and_no_byte_more(tmp_path):
     assert first["final"]["cache_peak_bytes"] == plain["final"]["cache_peak_bytes"]
 
 
+@pytest.mark.slow  # two 10-epoch runs (make check)
 def test_a_fault_mid_epoch_serves_the_unseen_samples_the_same_feature_ops(tmp_path, monkeypatch):
     """Stage 2's cache is damaged mid-epoch 3 (its chunk 64 KiB): the rest of the epoch
     comes from raw data, through the prefix and the same ops, batch for batch."""
