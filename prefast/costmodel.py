@@ -40,18 +40,14 @@ class StageCost:
     out_shape: tuple[int, ...]
     compress_ratio: float = 1.0  # zstd-1 on the output in the cache dtype (trial on one batch)
     # (dtype, relative reconstruction error, zstd-1 ratio) of each dtype tried on that batch
-    trials: tuple[tuple[str, float, float], ...] = ()
-    compress_dtype: str = ""  # the dtype ``compress_ratio`` was measured in (the whole batch)
+    trials: tuple[tuple[str, float, float], ...] = ()  # the run's dtype: compress_ratio
 
     def error(self, dtype: str) -> float | None:
         """Relative error of storing this output in ``dtype`` (None: not measured)."""
         return next((err for d, err, _ in self.trials if d == dtype), None)
 
     def ratio(self, dtype: str) -> float:
-        """zstd-1 ratio of this output stored in ``dtype``: the whole batch's in the run's
-        cache dtype, else the trial's (16 rows), else the run's."""
-        if dtype == self.compress_dtype:
-            return self.compress_ratio
+        """zstd-1 ratio of this output stored in ``dtype`` (the run's own if not tried)."""
         return next((r for d, _, r in self.trials if d == dtype), self.compress_ratio)
 
 

@@ -280,6 +280,22 @@ def crop_pad(side: int) -> int:
     return max(1, side // 8)
 
 
+def padded_crop(x: torch.Tensor, pad: int, oy: np.ndarray, ox: np.ndarray) -> torch.Tensor:
+    """Each sample of ``x`` (B, C, H, W) cropped back to H x W from its zero-padded copy at
+    its own offsets ``oy``, ``ox`` (host arrays, each in 0..2*pad): a batched gather, so it
+    runs on whichever device ``x`` lives on."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    # Drawn on the host (one seeded stream for every device), then moved.
+    oy_d = to_device(torch.from_numpy(oy), x.device)
+    ox_d = to_device(torch.from_numpy(ox), x.device)
+    rows_i = (oy_d[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B,1,H,1)
+    cols = (ox_d[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B,1,1,W)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[bi, ci, rows_i, cols]
+
+
 def augment(x: torch.Tensor, rows: np.ndarray, params: AugmentParams) -> torch.Tensor:
     """Random crop with zero padding (1/8 of the side) and optional horizontal flip, with
     the offsets ``params`` holds for dataset rows ``rows``.
@@ -287,17 +303,7 @@ def augment(x: torch.Tensor, rows: np.ndarray, params: AugmentParams) -> torch.T
     Batched gather, so it runs on whichever device ``x`` lives on.
     ``x``: (B, C, H, W) float, already normalized.
     """
-    b, c, h, w = x.shape
-    pad = crop_pad(h)
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    # Drawn on the host (one seeded stream for every device), then moved.
-    oy = to_device(torch.from_numpy(params.oy[rows]), x.device)
-    ox = to_device(torch.from_numpy(params.ox[rows]), x.device)
-    rows_i = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B,1,H,1)
-    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B,1,1,W)
-    bi = torch.arange(b, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    out = padded[bi, ci, rows_i, cols]
+    out = padded_crop(x, crop_pad(x.shape[2]), params.oy[rows], params.ox[rows])
     if params.flip is not None:
         mask = to_device(torch.from_numpy(params.flip[rows]), x.device)
         out = torch.where(mask[:, None, None, None], out.flip(3), out)

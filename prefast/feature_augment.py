@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from prefast.data import padded_crop
 from prefast.errors import ConfigError
 from prefast.store.device import to_device
 from prefast.store.order import rng_for
@@ -105,18 +106,11 @@ class FeatureAugment:
         return x, mix
 
     def _shift(self, x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        """Each sample translated by its own (dy, dx) in [-s, s], zero filled (a batched
-        gather from the padded map, as ``data.augment`` crops images)."""
-        b, c, h, w = x.shape
-        s = max_shift(h)
-        offsets = np.floor(self.shift_u[:, rows] * (2 * s + 1)).astype(np.int64)  # 0..2s
-        oy, ox = (to_device(torch.from_numpy(o), x.device) for o in offsets)
-        padded = torch.nn.functional.pad(x, (s, s, s, s))
-        rows_i = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        bi = torch.arange(b, device=x.device)[:, None, None, None]
-        ci = torch.arange(c, device=x.device)[None, :, None, None]
-        return padded[bi, ci, rows_i, cols]
+        """Each sample translated by its own (dy, dx) in [-s, s], zero filled: the input
+        crop's gather (``data.padded_crop``) at this map's padding."""
+        s = max_shift(x.shape[2])
+        oy, ox = np.floor(self.shift_u[:, rows] * (2 * s + 1)).astype(np.int64)  # 0..2s
+        return padded_crop(x, s, oy, ox)
 
     def take_seconds(self) -> tuple[float, int]:
         """(seconds, batches) since the last call."""

@@ -66,15 +66,18 @@ def measure_stage_costs(
                 times_f.append(time.perf_counter() - t)
         ratio = trial_ratio(to_storage(out, cache_dtype)) if out.dim() > 1 else 1.0
         few = out[:16]  # a subsample: the trial must stay a small part of the probe
+        # The run's own dtype keeps the whole batch's ratio (no second compression of it).
         trials = tuple(
-            (d, encoding.relative_error(few, d), trial_ratio(to_storage(few, d)))
+            (
+                d,
+                encoding.relative_error(few, d),
+                ratio if d == cache_dtype else trial_ratio(to_storage(few, d)),
+            )
             for d in TRIED
             if out.dim() > 1
         )
         shape = tuple(out.shape[1:])
-        cost = StageCost(
-            min(times_f[1:]), fwd_bwd, out[0].numel() * 4, shape, ratio, trials, cache_dtype
-        )
+        cost = StageCost(min(times_f[1:]), fwd_bwd, out[0].numel() * 4, shape, ratio, trials)
         costs.append(cost)
         x = out.detach()
     model.train(was_training)
