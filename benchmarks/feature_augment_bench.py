@@ -174,7 +174,7 @@ def markdown(cells: list[dict]) -> str:
         ]
         for r in summary_rows(cell):
             ms = "-" if r["ms_per_batch"] is None else f"{r['ms_per_batch']:.2f}"
-            note = " (no effect: maps under 8 px)" if r["no_effect"] else ""
+            note = " (no effect: every seed's losses equal 1 view's)" if r["no_effect"] else ""
             lines.append(
                 f"| {r['variant']}{note} | {r['test_acc']:.4f} ± {r['test_acc_std']:.4f} "
                 f"| {r['vs_freezeout']:+.4f} ± {r['vs_freezeout_std']:.4f} "
