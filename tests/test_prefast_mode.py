@@ -28,7 +28,8 @@ def read_epochs(run: dict) -> list[int]:
     return [e["epoch"] for e in run["epochs"] if e["cached_batches"] == bpe]
 
 
-# mmap in make check: make test runs it end to end on the strict device (test_device.py)
+# mmap in make check: make test runs it end to end, in int8, on the strict device
+# (test_device.py)
 @pytest.mark.parametrize("tier", ["ram", "zarr", pytest.param("mmap", marks=pytest.mark.slow)])
 def test_prefast_matches_freezeout_and_reads_its_cache(tier, freezeout_ref, tmp_path):
     run = train(cfg_for(tmp_path, cache_tier=tier))
@@ -64,7 +65,8 @@ def test_rerun_reads_the_reused_cache_in_its_first_epoch(tmp_path, freezeout_ref
     assert rel_diff(again, freezeout_ref) <= 1e-6
 
 
-@pytest.mark.parametrize("tier", ["ram", "zarr"])
+# ram in make check: the same resume path, another tier (make test under 5 minutes)
+@pytest.mark.parametrize("tier", [pytest.param("ram", marks=pytest.mark.slow), "zarr"])
 def test_resume_after_a_crash_reads_a_cache_from_the_next_epoch(tmp_path, freezeout_ref, tier):
     """A run killed after a boundary resumes from the cache, not from the prefix."""
     cfg = cfg_for(tmp_path, cache_tier=tier, checkpoint=str(tmp_path / "ck.pt"))

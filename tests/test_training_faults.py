@@ -57,7 +57,8 @@ def prefast_cfg(tmp_path, **kw) -> TrainConfig:
     "tier,windowed,fault_epoch,boundary,chunk_bytes",
     [
         ("mmap", False, 3, 2, 64 * 1024),  # read boundary 2 (12 KiB rows) while writing boundary 4
-        ("mmap", False, 7, 7, 4096),  # read-only epoch (boundary 7: 576-byte rows)
+        # read-only epoch (boundary 7: 576-byte rows); make check
+        pytest.param("mmap", False, 7, 7, 4096, marks=pytest.mark.slow),
         # the whole cache in the shuffle buffer: exact order (make check; the windowed
         # case below takes the same fault path in another order)
         pytest.param("zarr", False, 3, 2, 64 * 1024, marks=pytest.mark.slow),
