@@ -296,6 +296,13 @@ def padded_crop(x: torch.Tensor, pad: int, oy: np.ndarray, ox: np.ndarray) -> to
     return padded[bi, ci, rows_i, cols]
 
 
+def flipped_where(x: torch.Tensor, flip: np.ndarray) -> torch.Tensor:
+    """Each sample of ``x`` (B, C, H, W) mirrored horizontally where ``flip`` (a host bool
+    array, one per sample) is set."""
+    mask = to_device(torch.from_numpy(flip), x.device)
+    return torch.where(mask[:, None, None, None], x.flip(3), x)
+
+
 def augment(x: torch.Tensor, rows: np.ndarray, params: AugmentParams) -> torch.Tensor:
     """Random crop with zero padding (1/8 of the side) and optional horizontal flip, with
     the offsets ``params`` holds for dataset rows ``rows``.
@@ -305,6 +312,5 @@ def augment(x: torch.Tensor, rows: np.ndarray, params: AugmentParams) -> torch.T
     """
     out = padded_crop(x, crop_pad(x.shape[2]), params.oy[rows], params.ox[rows])
     if params.flip is not None:
-        mask = to_device(torch.from_numpy(params.flip[rows]), x.device)
-        out = torch.where(mask[:, None, None, None], out.flip(3), out)
+        out = flipped_where(out, params.flip[rows])
     return out

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from prefast.data import padded_crop
+from prefast.data import flipped_where, padded_crop
 from prefast.errors import ConfigError
 from prefast.store.device import to_device
 from prefast.store.order import rng_for
@@ -90,8 +90,7 @@ class FeatureAugment:
             if "shift" in self.ops and max_shift(x.shape[2]) > 0:
                 x = self._shift(x, rows)
             if "flip" in self.ops:
-                mask = to_device(torch.from_numpy(self.flip[rows]), x.device)
-                x = torch.where(mask[:, None, None, None], x.flip(3), x)
+                x = flipped_where(x, self.flip[rows])
         if "mix" in self.ops and len(rows) > 1:
             order = np.argsort(self.key[rows], kind="stable")
             partner = np.empty_like(order)
