@@ -30,6 +30,7 @@ from pathlib import Path
 import numcodecs
 import numpy as np
 import torch
+from prefast.benchmarks.plotting import panels, save
 from prefast.benchmarks.train_bench import _ms as mean_std
 from prefast.store import CacheRoot, encoding, open_reader
 from prefast.store.layout import disk_usage
@@ -263,13 +264,8 @@ def markdown(docs: list[dict]) -> str:
 
 
 def plot(docs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(docs), figsize=(4.2 * len(docs), 3.8), squeeze=False)
-    for ax, doc in zip(axes[0], docs, strict=True):
+    fig, axes = panels(len(docs), 4.2, 3.8)
+    for ax, doc in zip(axes, docs, strict=True):
         # The accuracy each dtype gives up, paired by seed against freezeout: the seed-to-seed
         # spread of accuracy itself is far wider than any dtype's effect.
         ax.axhline(0.0, color="grey", ls="--", lw=1, label="freezeout")
@@ -283,9 +279,7 @@ def plot(docs: list[dict], path: Path) -> None:
         ax.set_ylabel("test accuracy - freezeout's (same seed)")
         ax.set_title(doc["setting"], fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def run_cache_dtype_bench(out: Path, cache: str, quick: bool) -> list[Path]:

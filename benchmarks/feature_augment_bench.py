@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefast.benchmarks.imagefolder_bench import write_digits_folder
+from prefast.benchmarks.plotting import panels, save
 from prefast.benchmarks.train_bench import _ms as mean_std
 from prefast.store import CacheRoot
 from prefast.store.manage import list_caches
@@ -186,13 +187,8 @@ def markdown(cells: list[dict]) -> str:
 
 
 def plot(cells: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells), 4.0), squeeze=False)
-    for ax, cell in zip(axes[0], cells, strict=True):
+    fig, axes = panels(len(cells), 3.6, 4.0)
+    for ax, cell in zip(axes, cells, strict=True):
         rows = [r for r in summary_rows(cell) if r["variant"] != "freezeout"]
         y = range(len(rows))
         ax.errorbar([r["vs_freezeout"] for r in rows], list(y),
@@ -201,9 +197,7 @@ def plot(cells: list[dict], path: Path) -> None:
         ax.set_yticks(list(y), [r["variant"] for r in rows], fontsize=7)
         ax.set_xlabel("test acc - freezeout's (same seed)", fontsize=8)
         ax.set_title(f"{cell['setting']}, t0 {cell['t0']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def run_feature_augment_bench(out: Path, cache: str, quick: bool) -> list[Path]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from prefast.benchmarks.plotting import panels, save
 from prefast.benchmarks.train_bench import _ms as mean_std
 
 from prefast.compare import compare
@@ -286,16 +287,11 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sizes = sorted({c["size"] for c in doc["cells"]})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.8), squeeze=False)
+    fig, axes = panels(len(sizes), 4.2, 3.8)
     style = {"baseline": ("s", "tab:gray"), "freezeout": ("o", "tab:blue"),
              "prefast": ("^", "tab:orange")}  # fmt: skip
-    for ax, size in zip(axes[0], sizes, strict=True):
+    for ax, size in zip(axes, sizes, strict=True):
         for c in (c for c in doc["cells"] if c["size"] == size):
             for mode, runs in c["runs"].items():
                 marker, color = style[mode]
@@ -310,9 +306,7 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_title(f"{size} px ({model})", fontsize=9)
         ax.set_xlabel("wall-clock (s)")
         ax.set_ylabel("test error (%)")
-    axes[0][0].legend(fontsize=7, title="hollow: --augment none", title_fontsize=7)
+    axes[0].legend(fontsize=7, title="hollow: --augment none", title_fontsize=7)
     fig.suptitle("image folders (digits): error vs wall-clock, every codec and worker count",
                  fontsize=9)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from prefast.benchmarks.plotting import panels, save
 from prefast.benchmarks.store_floors import (
     evict,
     per_sample_floor,
@@ -377,11 +378,6 @@ def markdown(doc: dict) -> str:
 
 def plot(doc: dict, path: Path) -> None:
     """Bar chart of cold-read (and write) MB/s per tier, with the baselines beside them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [f"{r['tier']}/{r['codec']}" for r in doc["results"]]
     if len(doc.get("dtypes", [])) > 1:
         names = [f"{n}\n{r['dtype']}" for n, r in zip(names, doc["results"], strict=True)]
@@ -397,7 +393,7 @@ def plot(doc: dict, path: Path) -> None:
         b["zstd_chunk_read_mb_s"],
         b["torch_load_per_sample_mb_s"],
     ]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, (ax,) = panels(1, 7, 3.6)
     x = np.arange(len(names))
     ax.bar(x - 0.2, reads, 0.4, yerr=errs, capsize=3, label="read (cold where on disk)")
     ax.bar(x + 0.2, writes, 0.4, yerr=write_errs, capsize=3, label="write")
@@ -411,6 +407,4 @@ def plot(doc: dict, path: Path) -> None:
         fontsize=9,
     )
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)

@@ -18,6 +18,8 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+from prefast.benchmarks.plotting import panels, save
+
 from prefast.compare import compare
 from prefast.config import TrainConfig
 
@@ -133,12 +135,7 @@ def markdown(rows: list[dict], cfg: TrainConfig, machine: dict, seeds: list[int]
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax,) = panels(1, 6, 4)
     for mode, marker in (("baseline", "s"), ("freezeout", "o"), ("prefast", "^")):
         pts = [r for r in rows if r["mode"] == mode]
         if not pts:
@@ -159,9 +156,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("test error (%)")
     ax.set_title(title, fontsize=9)
     ax.legend(title="labels: t0", fontsize=8, title_fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def run_sweep(
