@@ -76,7 +76,7 @@ class PrefastFeed(BoundaryTransitions):
         cfg: TrainConfig,
         raw: RawSource,
         model: StagedModel,
-        schedule: FreezeOutSchedule,
+        schedule: FreezeOutSchedule,  # on resume a ResumedSchedule
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         costs: list[StageCost] | None = None,
@@ -111,6 +111,9 @@ class PrefastFeed(BoundaryTransitions):
             policy=cfg.cache_boundaries,
             views=self.views,
         )
+        # The plan is a function of the schedule that runs: on resume that is the resumed
+        # schedule (``ResumedSchedule``: the checkpoint's frozen stages, this run's epochs),
+        # never the plan the checkpoint was made with.
         self.planned = {b.epoch: b.stage for b in planned}  # as planned, for the report
         self.plan = dict(self.planned)  # plus re-materializations after faults
         # Resumed: the boundaries the first part of the run held, found again by their keys
@@ -118,9 +121,7 @@ class PrefastFeed(BoundaryTransitions):
         # world size has other shards: their caches are built anew (resharding).
         self.resharded = bool(resume) and resume.get("world") != ctx.world
         self.restored: list[dict] = [] if self.resharded else list(resume.get("boundaries", []))
-        if resume and not self.resharded:
-            self.planned = {int(e): s for e, s in resume["planned"].items()}
-            self.plan = {int(e): s for e, s in resume["plan"].items()}
+        self.resumed_from = resume  # what the checkpoint planned, for the ``resumed`` event
         identity = {
             "data": raw.identity,
             "data_name": raw.name,

@@ -98,3 +98,29 @@ class FreezeOutSchedule:
     def _check_stage(self, i: int) -> None:
         if not 0 <= i < self.num_stages:
             raise ConfigError(f"stage index {i} is outside 0..{self.num_stages - 1}")
+
+    def resumed(self, frozen: int, at: int) -> ResumedSchedule:
+        """This schedule, continued from a checkpoint whose first ``frozen`` stages were
+        frozen at iteration ``at`` (see :class:`ResumedSchedule`)."""
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return ResumedSchedule(**fields, frozen=frozen, at=at)
+
+
+@dataclass(frozen=True)
+class ResumedSchedule(FreezeOutSchedule):
+    """The schedule a resumed run follows: the checkpoint's ``frozen`` stages stay frozen
+    from iteration ``at`` on (their weights are the checkpoint's and their optimizer
+    state is gone: they cannot train again), every other stage follows this schedule's
+    own ``t_i`` and cosine. Resumed with more epochs than the checkpoint was made with,
+    the trainable stages' rates therefore rise to the longer cosine's and the stages
+    after the frozen prefix freeze later; with fewer, they fall and stages the shorter
+    schedule has frozen by ``at`` freeze at once. Frozen stages still form a prefix: the
+    base freeze points grow with ``i``.
+    """
+
+    frozen: int = 0
+    at: int = 0
+
+    def freeze_iter(self, i: int) -> int:
+        own = super().freeze_iter(i)
+        return min(own, max(1, self.at)) if i < self.frozen else own

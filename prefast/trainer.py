@@ -107,6 +107,11 @@ class Trainer:
         self.resume_feed: dict | None = None  # the feed's state in the checkpoint
         if cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists():
             self._load_checkpoint(Path(cfg.checkpoint))
+            # The schedule that runs from here: the checkpoint's frozen stages stay frozen,
+            # the rest follow this run's schedule (its epoch count may differ); the prefast
+            # feed plans its boundaries from this very schedule.
+            at = self.start_epoch * self.raw.batches_per_epoch
+            self.schedule = self.schedule.resumed(self.model.num_frozen, at)
         self.feed: Feed = self.raw
         self.feed_setup_s = 0.0  # counted in wall_s: it is part of what prefast costs
         if cfg.mode == "prefast":
@@ -303,6 +308,12 @@ class Trainer:
             raise ConfigError(
                 f"checkpoint {path} was made with different settings ({', '.join(changed)}): "
                 "resume with the same flags, or start a new run without --resume"
+            )
+        if state["next_epoch"] > self.cfg.epochs:
+            raise ConfigError(
+                f"checkpoint {path} has trained {state['next_epoch']} epochs, more than "
+                f"--epochs {self.cfg.epochs}: resume with --epochs {state['next_epoch']} or "
+                "more, or start a new run without --resume"
             )
         self.model.load_state_dict(state["model"])
         drop_from_optimizer(self.opt, self.model.freeze_prefix(state["num_frozen"]))

@@ -56,6 +56,7 @@ class BoundaryTransitions:
     plan: dict[int, int]
     restored: list[dict]
     resharded: bool
+    resumed_from: dict
     warned_fixed_aug: bool
     disk_bytes: weakref.WeakKeyDictionary[Reader, int]  # bytes on disk per reader (``_usage``)
 
@@ -72,6 +73,7 @@ class BoundaryTransitions:
         the same boundaries: the probe's costs, the plan, and each live boundary."""
         return {
             "world": self.ctx.identity["world"],
+            "epochs": self.cfg.epochs,
             "costs": self.costs,
             "planned": self.planned,
             "plan": self.plan,
@@ -113,13 +115,18 @@ class BoundaryTransitions:
         self._plan_target(epoch, stage)
 
     def _resume(self, epoch: int, frozen_prefix: int) -> None:
-        """First epoch of a resumed run: reopen the boundaries the checkpoint names."""
+        """First epoch of a resumed run: reopen the boundaries the checkpoint names that the
+        running plan still wants, and say what was kept, dropped and re-planned."""
         if self.resharded:
             self.ctx.event(epoch, "resharded", world=self.ctx.identity["world"])
+        # The stage the running plan has materialized by now (0: none yet).
+        due = max((s for e, s in self.plan.items() if e <= epoch), default=0)
         has_target = any(rec["role"] == "target" for rec in self.restored)
+        kept, dropped = [], []
         for rec in self.restored:
             b = self._reopen(epoch, rec)
-            if b is None:
+            if b is None:  # written with another number of views
+                dropped.append(int(rec["stage"]))
                 continue
             complete = b.state is State.COMPLETE
             current = rec["role"] == "current"
@@ -127,24 +134,40 @@ class BoundaryTransitions:
             # completed a deeper boundary, planned now and looked up by key, and deleted it)
             # is not rebuilt: the deeper target, or the planned boundary, replaces it.
             superseded = current and (has_target or epoch in self.plan and frozen_prefix > b.stage)
+            # Nothing of it on disk, and the running plan has passed it (resumed with fewer
+            # epochs: deeper stages are frozen by now): not worth writing.
+            passed = not b.readers and b.stage < due
             if current and complete:
                 self.current = b
-            elif (
-                complete
-                or not superseded
+            elif complete or (
+                not superseded
+                and not passed
                 and self.target is None
                 and (self.current is None or b.stage > self.current.stage)
             ):
                 self.target = b  # views still missing are written again, in their streams
             else:
                 b.close()  # closes readers; its caches stay on disk
+                dropped.append(b.stage)
+                continue
+            kept.append(b.stage)
         self.restored = []
-        # Nothing to reopen (memory tiers die with the process, or the shards changed):
-        # materialize at once instead of computing the prefix until the next boundary.
-        nothing = self.current is None and self.target is None
-        past_a_boundary = any(e < epoch for e in self.plan)
-        if nothing and frozen_prefix > 0 and past_a_boundary and self._readable(epoch):
+        # Past a boundary the running plan has (memory tiers die with the process, the
+        # shards changed, or another epoch count froze deeper stages by now): materialize
+        # at once instead of computing the prefix until the next planned boundary.
+        have = max((b.stage for b in (self.current, self.target) if b is not None), default=0)
+        if due > have and frozen_prefix > have and self._readable(epoch):
             self.plan[epoch] = max(self.plan.get(epoch, 0), frozen_prefix)
+        ahead = {e: s for e, s in sorted(self.plan.items()) if e >= epoch}
+        resumed: dict = {"kept": kept, "dropped": dropped, "plan": ahead}
+        was = self.resumed_from.get("epochs")
+        if was is not None and was != self.cfg.epochs:  # another schedule: another plan
+            old = {int(e): s for e, s in self.resumed_from.get("plan", {}).items()}
+            resumed["replanned"] = {
+                "epochs": [was, self.cfg.epochs],
+                "was": {e: s for e, s in sorted(old.items()) if e >= epoch},
+            }
+        self.ctx.event(epoch, "resumed", **resumed)
 
     def _reopen(self, epoch: int, rec: dict) -> BoundaryCache | None:
         stage, tier, views = int(rec["stage"]), rec["tier"], int(rec["views"])

@@ -163,7 +163,9 @@ def test_resume_after_sigkill_with_augmented_views_reads_the_caches_and_matches(
     assert reused and all(e["epoch"] == kill_at for e in reused), r_events
     new = complete_keys(root) - before
     if kill_at == 10:  # past every boundary: read only
-        assert not new and {e["event"] for e in r_events} == {"reused", "charged"}, r_events
+        assert not new and {e["event"] for e in r_events} == {"resumed", "reused", "charged"}
+        [resumed_ev] = [e for e in r_events if e["event"] == "resumed"]
+        assert resumed_ev["kept"] == [6] and "replanned" not in resumed_ev, resumed_ev
         assert all(e["write_s"] == 0 for e in resumed["epochs"][kill_at:])
     else:  # stage 4's two views and stage 5's first reopened; stage 5's second written
         assert len(reused) == 3, r_events
