@@ -7,7 +7,7 @@
        │                                                          ├──supersede──► superseded
        ├──abandon (also from writing)──► abandoned                ├──corrupt────► corrupted
        ├──corrupt (a reused view failed its checks)──► corrupted  └──spill───────► complete
-       └──spill (the views written so far)──► planned
+       └──spill (the views written so far, maybe none)──► planned
 
 A boundary holds the input of stage ``stage`` for every training sample, one
 *view* per augmented copy (epoch ``e`` reads view ``e mod views``). Each
@@ -158,15 +158,18 @@ class BoundaryCache:
         if len(self.readers) == self.views:
             self.state = State.COMPLETE
 
-    def spill(self, view: int, reader: Reader, tier: str) -> None:
-        """Replace view ``view`` by a copy in a lower tier; the old reader is closed. Views
-        still to be written then go to the new tier too."""
+    def spill(self, tier: str, copies: dict[int, Reader]) -> None:
+        """Move the boundary to a lower tier: ``copies`` replaces every view written so far
+        (none, for a boundary whose views are all still to be written) and the old readers
+        are closed; views still to be written go to the new tier."""
         self._require(State.PLANNED, State.COMPLETE)
-        if view not in self.readers:
-            raise BoundaryStateError(f"{self!r}: view {view} has not been written")
-        old = self.readers[view]
-        self.readers[view] = reader
-        old.close()
+        if set(copies) != set(self.readers):
+            raise BoundaryStateError(
+                f"{self!r}: a spill copies views {sorted(self.readers)}, got {sorted(copies)}"
+            )
+        old, self.readers = self.readers, dict(copies)
+        for reader in old.values():
+            reader.close()
         self.tier = tier
 
     def supersede(self) -> None:

@@ -64,9 +64,10 @@ def relieve_pressure(
                 b.tier,
             )
             return False
+        # One transaction over tier and ledger: the boundary (its views, or for one with
+        # none yet, where they will be written) and its ledger entry move together.
         old = b.tier
-        for view, reader in copies.items():
-            b.spill(view, reader, dest)
+        b.spill(dest, copies)
         governor.hold(b.name, dest, nbytes)
         ctx.event(epoch, "spilled", stage=b.stage, **{"from": old, "to": dest})
         log.warning("%s pressure: spilled stage %d's cache to %s", old, b.stage, dest)

@@ -72,10 +72,25 @@ def test_spill_replaces_the_reader_and_tier(tmp_path):
     ram_reader = b.readers[0]
     disk = writer(b.root, "k")
     disk.append(*ram_reader.read_rows(torch.arange(10).numpy()))
-    b.spill(0, disk.finish(), "zarr")
+    b.spill("zarr", {0: disk.finish()})
     assert b.tier == "zarr" and b.readers[0].tier == "zarr" and b.state is State.COMPLETE
     b.close()  # end of run: the complete disk cache stays
     assert CacheRoot(tmp_path).is_complete("k")
+
+
+def test_a_spill_moves_a_boundary_without_views_and_refuses_a_partial_copy(tmp_path):
+    """A boundary whose views are all still to be written moves too (they will be written
+    in the new tier); a spill must copy every view written so far, or nothing moves."""
+    b = BoundaryCache("train@1", 1, "ram", 2, CacheRoot(tmp_path))
+    b.spill("mmap", {})
+    assert b.tier == "mmap" and b.state is State.PLANNED
+    b.begin_view(0, writer(b.root, "v0"))
+    fill(b)
+    b.finish_view()
+    with pytest.raises(BoundaryStateError, match="a spill copies views"):
+        b.spill("zarr", {})
+    assert b.tier == "mmap" and list(b.readers) == [0]
+    b.close()
 
 
 INVALID = [
@@ -105,7 +120,7 @@ def test_invalid_transitions_raise(method, state, tmp_path):
         "finish_view": (),
         "write": (torch.zeros(1, *SHAPE), torch.zeros(1), torch.zeros(1)),
         "supersede": (),
-        "spill": (0, None, "zarr"),
+        "spill": ("zarr", {}),
         "begin_view": (0, None),
         "reuse_view": (0, None),
         "corrupt": ("x",),

@@ -147,6 +147,35 @@ def test_ram_pressure_spills_to_disk_and_training_goes_on(tmp_path, monkeypatch,
     assert rel_diff(run, freezeout_ref) <= 1e-6
 
 
+def test_a_resumed_ram_boundary_spilled_before_its_view_is_written_goes_where_the_ledger_says(
+    tmp_path, monkeypatch, freezeout_ref
+):
+    """Resumed after a crash, a RAM boundary comes back with no view (RAM died with the
+    process) and memory is short: the spill moves the boundary itself, so its view is
+    written and read in the tier the ledger holds it in. (Before, a spill of a boundary
+    without views moved only the ledger entry: the view was then written to RAM while the
+    ledger said disk, and later boundaries were admitted past the RAM budget.)"""
+    cfg = cfg_for(tmp_path, cache_tier="ram", checkpoint=str(tmp_path / "ck.pt"))
+
+    def crash(record):
+        if record["epoch"] == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_epoch=crash)
+    HostMemory(monkeypatch, short=True)
+    resumed = train(cfg.replace(resume=True))
+    # one spill of stage 7, at the first resumed epoch (before: a second one at epoch 8,
+    # the first having moved the ledger only)
+    stage7 = [e for e in spills(resumed) if e["stage"] == 7]
+    assert len(stage7) == 1, resumed["final"]["cache_events"]
+    spilled = stage7[0]
+    assert (spilled["epoch"], spilled["from"]) == (7, "ram"), resumed["final"]["cache_events"]
+    epoch8 = resumed["epochs"][8]
+    assert (epoch8["cache_stage"], epoch8["cache_tier"]) == (7, spilled["to"]), epoch8
+    assert rel_diff(resumed, freezeout_ref) <= 1e-6
+
+
 def test_a_forced_ram_tier_over_max_ram_is_recomputed_and_says_why(tmp_path, freezeout_ref):
     """--cache-tier ram with --max-ram 512 KiB (the boundaries hold 0.7 to 16 MiB): the
     forced tier obeys the budget, so nothing is cached and the run is FreezeOut's. (Before,
