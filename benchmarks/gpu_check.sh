@@ -4,6 +4,7 @@
 #
 #   benchmarks/gpu_check.sh             # install, CUDA tests, exactness, full-size benchmark
 #   benchmarks/gpu_check.sh --dry-run   # any machine: check the wheels, print the plan
+#   GPU_CHECK_FULL=0 benchmarks/gpu_check.sh   # a short rerun: no full-size benchmark
 #
 # The wheels PreFast needs beyond the GPU image's own packages (zarr, numcodecs,
 # crc32c, donfig, google-crc32c) come from .whl/ (git ignores it; `make gpu-wheels`
@@ -22,7 +23,8 @@ if [[ "${1:-}" == "--dry-run" ]]; then dry=1; fi
 WHEELS=${PREFAST_WHEELS:-.whl}
 OUT=${OUT:-runs/gpu}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
-TESTS_S=150
+TESTS_S=${GPU_CHECK_TESTS_S:-150}
+FULL=${GPU_CHECK_FULL:-1}
 SPARE_S=30
 SITE=/tmp/prefast-site
 PY=${PYTHON:-python3}
@@ -61,6 +63,7 @@ tail -n 5 "$OUT/cuda_tests.txt"
 echo "gpu_check: cuda tests exit $tests_rc after $(( $(date +%s) - start ))s"
 
 left=$(( BUDGET_S - ($(date +%s) - start) - SPARE_S ))
-$PY benchmarks/gpu_bench.py --out "$OUT" --budget-s "$left" 2>&1 | tee "$OUT/gpu_bench.log"
+only=(); if [[ $FULL == 0 ]]; then only=(--exactness-only); fi
+$PY benchmarks/gpu_bench.py --out "$OUT" --budget-s "$left" "${only[@]}" 2>&1 | tee "$OUT/gpu_bench.log"
 echo "gpu_check: done in $(( $(date +%s) - start ))s (cuda tests exit $tests_rc)"
 exit "$tests_rc"

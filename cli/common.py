@@ -159,6 +159,13 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         action="store_false",
         help="do not let cuDNN time and pick its fastest kernels",
     )
+    gpu.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels (torch.use_deterministic_algorithms; no cuDNN "
+        "autotuning): the same command gives the same numbers on a GPU, somewhat slower "
+        "(CPU runs are deterministic already)",
+    )
     d = p.add_argument_group("torchrun (data parallel; see README)")
     d.add_argument(
         "--dist-timeout",

@@ -81,6 +81,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast for the step, evaluation and the prefix run
     channels_last: bool = True  # model and inputs in channels_last layout
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for the fixed shapes
+    deterministic: bool = False  # deterministic kernels: the same numbers on every run
     # torchrun
     dist_timeout: float = 300.0  # seconds a collective may wait before the run fails
     check_replicas: bool = False  # compare every rank's weights after each epoch

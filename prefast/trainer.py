@@ -63,6 +63,18 @@ def host_state(state: dict) -> dict:
     return out
 
 
+def deterministic_kernels(on: bool) -> None:
+    """``--deterministic`` on CUDA: kernels whose sums do not depend on thread timing, so
+    two runs of one command give the same numbers (without it, atomics in the backward
+    pass make every run differ in the last bits, and training amplifies that). cuBLAS
+    needs a fixed workspace for it; an op with no deterministic kernel warns, naming
+    itself, instead of failing the run."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at each call
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
@@ -95,7 +107,9 @@ class Trainer:
         self.amp = cuda and cfg.amp
         self.channels_last = cuda and cfg.channels_last
         if cuda:
-            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: tune once
+            # fixed shapes: tune once (autotuning may pick other kernels on every run)
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
+            deterministic_kernels(cfg.deterministic)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.replicas = distributed.Replicas(self.dist, self.model, lambda: self.model.num_frozen)

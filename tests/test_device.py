@@ -8,6 +8,7 @@ device's own knobs (free memory, allocator failures) run on it alone.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -33,8 +34,10 @@ _REFERENCE: dict[str, dict] = {}
 
 
 def config(device: torch.device, **kw) -> TrainConfig:
-    # On CUDA: float32 without autotuning, so FreezeOut and PreFast run the same kernels.
-    gpu = dict(device="cuda", amp=False, cudnn_benchmark=False) if device.type == "cuda" else {}
+    # On CUDA: float32 and deterministic kernels, so FreezeOut and PreFast run the same
+    # kernels and sum in the same order (without --deterministic, prefast and freezeout
+    # differed by 9-24% in loss after 6 epochs on an H200: benchmarks/results/gpu/).
+    gpu = dict(device="cuda", amp=False, deterministic=True) if device.type == "cuda" else {}
     return TrainConfig(**{**DIGITS, "epochs": 6, "cache_boundaries": "every", **gpu, **kw})
 
 
@@ -47,6 +50,15 @@ def reference(device: torch.device) -> dict:
 
 def tolerance(device: torch.device) -> float:
     return 1e-6 if device.type != "cuda" else 1e-4  # CUDA's backward sums in any order
+
+
+def sync_debug_mode(mode: str) -> None:
+    """``torch.cuda.set_sync_debug_mode`` without its "prototype feature" UserWarning: the
+    suite turns warnings into errors, and that one is raised *after* the mode is set, so
+    the mode leaked into every later test (benchmarks/results/gpu/h200-run1)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 class StepWatch:
@@ -68,13 +80,13 @@ class StepWatch:
             if last[0] is not None and last[0][0] == epoch:
                 self.reads_between[epoch] += before - last[0][1]
             self.ids[epoch].append(batch.ids.numpy().copy())  # host ids: no device read
-            if batch.x.is_cuda:  # on a real GPU, CUDA itself refuses a synchronizing call
-                torch.cuda.set_sync_debug_mode("error")
             try:
+                if batch.x.is_cuda:  # on a real GPU, CUDA itself refuses a synchronizing call
+                    sync_debug_mode("error")
                 loss = step(batch, it)
             finally:
                 if batch.x.is_cuda:
-                    torch.cuda.set_sync_debug_mode("default")
+                    sync_debug_mode("default")
             self.reads_in_steps += reads() - before
             last[0] = (epoch, reads())
             return loss
@@ -166,8 +178,11 @@ def test_eight_bit_caches_decode_on_the_device_and_match_a_cpu_run(
     tr = Trainer(config(device, cache_tier=tier, **kw))
     watch = StepWatch(tr, memory)
     run = tr.run()
-    cpu = config(torch.device("cpu"), **{**kw, "cache_tier": "ram", "cache_dir": str(tmp_path)})
-    assert rel_diff(run, train(cpu)) <= tolerance(device)
+    # The same dtype read from RAM on the CPU (the strict device's numbers are the CPU's);
+    # on CUDA, whose kernels are not the CPU's, from RAM on the same GPU.
+    where = device if device.type == "cuda" else torch.device("cpu")
+    ram = config(where, **{**kw, "cache_tier": "ram", "cache_dir": str(tmp_path)})
+    assert rel_diff(run, train(ram)) <= tolerance(device)
     assert cached_epochs(run) == [2, 3, 4, 5] and run["final"]["cache_dtype"] == dtype
     assert watch.reads_in_steps == 0, "a training step read the device back"
     assert all(watch.reads_between[e] == 0 for e in cached_epochs(run)), dict(watch.reads_between)
