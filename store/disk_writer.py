@@ -13,7 +13,11 @@ returned reader) or *aborted* (the partial directory is removed and the lock
 released). A failure in the writer thread never blocks the trainer: the
 thread keeps draining (and discarding) its queue, and the trainer's next
 ``append``/``finish`` raises :class:`CacheWriteError` (or ``DiskFullError``)
-within one queue poll, after aborting.
+within one queue poll, after aborting. A disk that hangs instead of failing
+blocks nobody either: ``append`` and ``finish`` give up (``DiskStalledError``)
+once no chunk write has finished for ``iothreads.IO_STALL_S``, and ``abort``
+returns within ``ABORT_WAIT_S`` whatever thread (writer or encode pool) is
+stuck; the last one to return removes the partial cache.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numcodecs
@@ -40,14 +45,16 @@ from .errors import (
     CacheWriteError,
     DiskBudgetError,
     DiskFullError,
+    DiskStalledError,
 )
+from .iothreads import stall_s
 from .layout import MARKER, CacheRoot, atomic_write_json, fsync_tree
 from .readers import open_reader
 
 log = logging.getLogger("prefast.store")
 _STOP = object()
 ZSTD_MIN_RATIO = 1.10  # below this, decoding costs more than the bytes it saves
-ABORT_WAIT_S = 5.0  # what abort() waits for a writer thread stuck in a hung write
+ABORT_WAIT_S = 5.0  # what abort() waits for threads stuck in a hung write
 POLL_S = 0.05  # how often a waiting trainer re-checks the writer thread for an error
 
 # What the trainer may run ahead of the writer thread: at most this many bytes
@@ -103,6 +110,7 @@ class DiskWriter(Writer):
         self._handoff = threading.Lock()  # abort() vs. the thread's end: who cleans up
         self._thread_done = False
         self._orphaned = False
+        self.progress_at = time.monotonic()  # when a chunk write last finished (stall bound)
         self.thread = threading.Thread(
             target=self._run, name=f"prefast-writer-{spec.key[:8]}", daemon=True
         )
@@ -133,7 +141,7 @@ class DiskWriter(Writer):
         if self.closed:
             raise RuntimeError(f"finish() of cache {self.spec.key} after finish() or abort()")
         self._put(_STOP)
-        self.thread.join()
+        self._join_writer()
         self._raise_if_failed()
         if self.written != self.spec.rows:
             self.abort()
@@ -158,10 +166,11 @@ class DiskWriter(Writer):
     def abort(self) -> None:
         """Drop everything written and release the key; idempotent.
 
-        Waits at most ``ABORT_WAIT_S`` for the writer thread: a disk that hangs (rather
-        than fails) must not hang training too. A thread still stuck in a write then
-        cleans up itself when the write returns; until then the key stays locked, so
-        nobody reads or rewrites the partial cache.
+        Waits at most ``ABORT_WAIT_S`` in all for the threads that write (the writer
+        thread, and the zarr tier's encode pool): a disk that hangs (rather than fails)
+        must not hang training, a signal's exit or the process's own exit. A thread still
+        stuck in a write then cleans up when its write returns; until then the key stays
+        locked, so nobody reads or rewrites the partial cache.
         """
         if self.closed:
             return
@@ -179,29 +188,63 @@ class DiskWriter(Writer):
         with self._handoff:
             if self.thread.is_alive() and not self._thread_done:
                 self._orphaned = True
-                log.warning(
-                    "cache %s: the disk has not answered for %.0f s; the writer thread removes "
-                    "the partial cache when its write returns",
-                    self.spec.key[:8],
-                    ABORT_WAIT_S,
-                )
+                self._warn_hung()
                 return
         self.thread.join()  # it is past its last write
-        self._discard()
+        self._discard(deadline)
 
-    def _discard(self) -> None:
-        self._close_files()
+    def _warn_hung(self) -> None:
+        log.warning(
+            "cache %s: the disk has not answered for %.0f s; the partial cache is removed "
+            "when the hung write returns",
+            self.spec.key[:8],
+            ABORT_WAIT_S,
+        )
+
+    def _discard(self, deadline: float | None) -> None:
+        """Remove the partial cache and release the key once no thread writes any more:
+        now, or (a write still hung at ``deadline``) when the last one returns. ``None``
+        waits as long as it takes (the writer thread's own cleanup: nobody waits on it)."""
+        if self._stop_io(deadline, then=self._remove):
+            self._remove()
+        else:
+            self._warn_hung()
+
+    def _remove(self) -> None:
         self.root.remove_held(self.spec.key)
         self.lock.release()
 
     def _put(self, item: object) -> None:
-        """Queue ``item``; if the writer thread fails meanwhile, raise instead of waiting."""
+        """Queue ``item``; if the writer thread fails meanwhile, raise instead of waiting,
+        and if the disk has finished no write for ``IO_STALL_S``, give up on it."""
         while True:
             try:
                 self.queue.put(item, timeout=POLL_S)
                 return
             except queue.Full:
                 self._raise_if_failed()
+                self._raise_if_stalled()
+
+    def _join_writer(self) -> None:
+        """Wait for the writer thread to write everything queued: as long as it makes
+        progress, but no longer than ``IO_STALL_S`` without any."""
+        while self.thread.is_alive():
+            self.thread.join(POLL_S)
+            self._raise_if_stalled()
+
+    def _raise_if_stalled(self) -> None:
+        idle = time.monotonic() - self.progress_at
+        if idle > stall_s():
+            self.error = self.error or DiskStalledError(
+                f"no chunk write to cache {self.spec.key} under {self.root.path} finished "
+                f"in {idle:.0f} s: the disk has stopped answering; the partial cache is "
+                "removed when the hung write returns"
+            )
+            self._raise_if_failed()
+
+    def _progressed(self) -> None:
+        """A chunk write finished (the stall bound counts from here)."""
+        self.progress_at = time.monotonic()
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -241,6 +284,7 @@ class DiskWriter(Writer):
     def _run(self) -> None:
         while True:
             item = self.queue.get()
+            self._progressed()  # taking an item is progress too: a full chunk takes many
             if item is _STOP or self._orphaned:  # abort() gave up on us: stop draining
                 break
             if self.error is not None:
@@ -260,7 +304,7 @@ class DiskWriter(Writer):
             self._thread_done = True
             orphaned = self._orphaned
         if orphaned:  # abort() gave up waiting for us: the cleanup is ours
-            self._discard()
+            self._discard(None)
 
     def _drain_chunk_writes(self) -> None:
         pass
@@ -272,6 +316,7 @@ class DiskWriter(Writer):
             take = min(self.chunk_rows, len(rows))
             chunk = np.ascontiguousarray(rows[:take])
             self._write_chunk(self.written, chunk)
+            self._progressed()
             self.chunk_crcs.append(checksum(chunk))
             self.written += take
             self.pending = [rows[take:]] if take < len(rows) else []
@@ -310,8 +355,11 @@ class DiskWriter(Writer):
     def _finalize(self) -> None:
         pass
 
-    def _close_files(self) -> None:
-        pass
+    def _stop_io(self, deadline: float | None, then: Callable[[], None]) -> bool:
+        """Close the files and stop any I/O threads of the tier, waiting for them until
+        ``deadline`` (None: until they end). True when nothing writes any more; else
+        ``then`` runs once the last stuck write returns."""
+        return True
 
     def _set_attrs(self, codec: str, ratio: float | None) -> None:
         self.group.attrs.update(
@@ -354,6 +402,7 @@ class MmapWriter(DiskWriter):
     def _finalize(self) -> None:
         self.file.close()
 
-    def _close_files(self) -> None:
-        if hasattr(self, "file"):
+    def _stop_io(self, deadline: float | None, then: Callable[[], None]) -> bool:
+        if hasattr(self, "file"):  # written on the writer thread, which has ended
             self.file.close()
+        return True

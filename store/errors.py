@@ -109,6 +109,12 @@ class DiskBudgetError(CacheWriteError):
     disk when it was planned); the partial cache was removed."""
 
 
+class DiskStalledError(CacheWriteError):
+    """No write to a cache finished for ``IO_STALL_S``: the disk hangs (an NFS stall, a
+    dying drive). The boundary is given up; the hung write's thread removes the partial
+    cache when the write returns."""
+
+
 class DiskFullError(CacheWriteError, OSError):
     """The disk filled up while writing a cache; the partial cache was removed."""
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import crc32c
@@ -15,6 +17,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from .base import CacheSpec
 from .disk_reader import chunk_file
 from .disk_writer import ZSTD_MIN_RATIO, DiskWriter, log, trial_ratio
+from .iothreads import IOPool
 from .layout import CacheRoot
 
 
@@ -34,7 +37,9 @@ class ZarrWriter(DiskWriter):
         self.array: Any = None
         self.zstd = numcodecs.Zstd(level=1)
         self.workers = max(2, os.cpu_count() or 2)  # zstd encodes release the GIL
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="prefast-encode")
+        # Daemon threads (not a ThreadPoolExecutor, which is joined at exit): a chunk write
+        # hung on the disk must not keep the process from exiting (store/iothreads.py).
+        self.pool = IOPool(self.workers, "prefast-encode")
         self.in_flight: deque[Future[None]] = deque()
         super().__init__(root, spec, **kw)
 
@@ -88,16 +93,18 @@ class ZarrWriter(DiskWriter):
                     rest = rest[os.write(fd, rest) :]
         finally:
             os.close(fd)
+        self._progressed()
 
     def _drain_chunk_writes(self) -> None:
         while self.in_flight:
             self.in_flight.popleft().result()
 
     def _finalize(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown()  # every write has returned: the threads end at once
 
-    def _close_files(self) -> None:
+    def _stop_io(self, deadline: float | None, then: Callable[[], None]) -> bool:
         for future in self.in_flight:
             future.cancel()
         self.in_flight.clear()
-        self.pool.shutdown(wait=True)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.pool.shutdown(left, then=then)

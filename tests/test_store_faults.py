@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli
+from helpers import cli, run_with_deadline
 from prefast.store import CacheRoot, CacheSpec, open_reader, open_writer
+from prefast.store.disk_writer import ABORT_WAIT_S, MmapWriter
 from prefast.store.errors import (
     CacheCorruptedError,
     CacheExistsError,
     CacheWriteError,
     DiskBudgetError,
     DiskFullError,
+    DiskStalledError,
 )
 from prefast.store.manage import verify
 from prefast.store.zarr_writer import ZarrWriter
@@ -126,36 +132,106 @@ def test_writer_that_blocks_then_fails_never_blocks_the_trainer(
     assert root.lock("hang").try_acquire(shared=False), "lock still held"
 
 
+class HungDisk:
+    """A disk that stops answering where the chunk file is written: on the writer thread
+    (``MmapWriter._write_chunk``) or in the zarr tier's encode pool (``os.writev`` on a
+    chunk file). ``release()`` lets the hung writes return."""
+
+    def __init__(self, monkeypatch, where: str):
+        self.entered, self.released = threading.Event(), threading.Event()
+        if where == "writer thread":
+            write = MmapWriter._write_chunk
+
+            def hangs(writer, start, rows):
+                self._hang()
+                write(writer, start, rows)
+
+            monkeypatch.setattr(MmapWriter, "_write_chunk", hangs)
+            self.tier = "mmap"
+        else:
+            writev = os.writev
+
+            def hung_writev(fd, buffers):
+                if "activations" in os.readlink(f"/proc/self/fd/{fd}"):
+                    self._hang()
+                return writev(fd, buffers)
+
+            monkeypatch.setattr(os, "writev", hung_writev)
+            self.tier = "zarr"
+
+    def _hang(self) -> None:
+        self.entered.set()
+        self.released.wait(30)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+HUNG = ["writer thread", "encode pool"]
+
+
+@pytest.mark.parametrize("where", HUNG)
 def test_abort_on_a_disk_that_hangs_returns_and_the_thread_cleans_up_later(
-    tmp_path, monkeypatch, no_thread_leak
+    where, tmp_path, monkeypatch, no_thread_leak
 ):
     """abort() waits ABORT_WAIT_S, not for the hung write: the thread removes the partial
     cache and releases the key once its write returns; until then nobody can take the key."""
     monkeypatch.setattr("prefast.store.disk_writer.ABORT_WAIT_S", 0.3)
-    release, entered = threading.Event(), threading.Event()
-    write = ZarrWriter._write_chunk
-
-    def hangs(self, start, rows):
-        entered.set()
-        release.wait(30)
-        write(self, start, rows)
-
-    monkeypatch.setattr(ZarrWriter, "_write_chunk", hangs)
+    disk = HungDisk(monkeypatch, where)
     root = CacheRoot(tmp_path)
-    w = open_writer("zarr", CacheSpec("hung", 20_000, SHAPE, "float32"), root)
-    for _ in range(8):  # 4000 rows: more than a chunk: the thread is inside a write
+    w = open_writer(disk.tier, CacheSpec("hung", 20_000, SHAPE, "float32"), root)
+    for _ in range(8):  # 4000 rows: more than a chunk: a thread is inside a write
         w.append(torch.zeros(500, *SHAPE), torch.zeros(500, dtype=torch.int64), torch.arange(500))
-    assert entered.wait(10)
+    assert disk.entered.wait(10)
     t = time.perf_counter()
     w.abort()
     assert time.perf_counter() - t < 2.0, "abort() waited for the hung write"
-    assert w.thread.is_alive() and root.dir_for("hung").exists()
+    assert root.dir_for("hung").exists()
     assert not root.lock("hung").try_acquire(shared=True), "a partial cache must stay locked"
-    release.set()
-    w.thread.join(10)
-    assert not w.thread.is_alive()
-    assert not root.dir_for("hung").exists(), "the thread did not remove the partial cache"
+    disk.release()
+    for _ in range(100):  # the thread that returns last cleans up
+        if not root.dir_for("hung").exists():
+            break
+        time.sleep(0.1)
+    assert not root.dir_for("hung").exists(), "the hung thread did not remove the partial cache"
     assert root.lock("hung").try_acquire(shared=False), "lock still held"
+    time.sleep(0.2)  # the threads end right after their cleanup (no_thread_leak checks)
+
+
+@pytest.mark.parametrize("where", HUNG)
+@pytest.mark.parametrize("call", ["append", "finish"])
+def test_append_and_finish_on_a_disk_that_hangs_give_up_after_the_stall_bound(
+    call, where, tmp_path, monkeypatch
+):
+    """A disk that hangs instead of failing: append() (on a full queue) and finish()
+    (waiting for the queued chunks) raise DiskStalledError once no chunk write has
+    finished for IO_STALL_S, within ABORT_WAIT_S more. Before, both waited forever."""
+    monkeypatch.setattr("prefast.store.iothreads.IO_STALL_S", 1.0)
+    monkeypatch.setattr("prefast.store.disk_writer.ABORT_WAIT_S", 0.3)
+    monkeypatch.setattr("prefast.store.disk_writer.QUEUE_BYTES", 64 * 1024)  # a short queue
+    disk = HungDisk(monkeypatch, where)
+    root = CacheRoot(tmp_path)
+    w = open_writer(disk.tier, CacheSpec("stalled", 100_000, SHAPE, "float32"), root)
+
+    def write() -> None:
+        batch = (torch.zeros(64, *SHAPE), torch.zeros(64, dtype=torch.int64), torch.arange(64))
+        for _ in range(100 if call == "finish" else 10_000):
+            w.append(*batch)
+        if call == "finish":
+            w.finish()
+
+    t = time.perf_counter()
+    try:
+        with pytest.raises(DiskStalledError, match="stopped answering"):
+            run_with_deadline(write, 20)
+        assert time.perf_counter() - t < 10, "gave up long after the stall bound"
+    finally:
+        disk.release()
+    for _ in range(100):
+        if not root.dir_for("stalled").exists():
+            break
+        time.sleep(0.1)
+    assert not root.dir_for("stalled").exists() and root.lock("stalled").try_acquire(shared=False)
 
 
 def test_real_full_disk_raises_disk_full_and_leaves_nothing(tiny_disk, no_thread_leak):
@@ -225,3 +301,29 @@ def test_a_writer_stops_at_its_disk_allowance(tmp_path, tier, no_thread_leak):
         w.finish()
     assert w.bytes_written <= w.max_bytes
     assert root.cache_keys() == [] and root.lock("big").try_acquire(shared=False)
+
+
+HUNG_WRITE = str(Path(__file__).parent / "hung_write.py")
+
+
+def test_abort_with_a_chunk_write_hung_in_the_encode_pool_returns_and_the_process_exits(tmp_path):
+    """The zarr tier writes chunk files on its encode pool. With one such write hung (NFS
+    stall) and the writer thread drained, abort() used to shut the pool down waiting for
+    the hung write: forever, and the process could not exit either (a ThreadPoolExecutor
+    is joined at exit). Now both take at most ABORT_WAIT_S (+ 1 s). In a subprocess: a
+    regression hangs it, not the suite."""
+    cmd = [sys.executable, HUNG_WRITE, str(tmp_path)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "aborting"
+        t = time.monotonic()
+        try:
+            out, _ = proc.communicate(timeout=ABORT_WAIT_S + 15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"abort() or the exit still blocked {ABORT_WAIT_S + 15:.0f} s later")
+        exited = time.monotonic() - t
+    assert proc.returncode == 0 and out.startswith("aborted"), out
+    assert float(out.split()[1]) <= ABORT_WAIT_S + 1, out
+    assert exited <= ABORT_WAIT_S + 1, f"exited {exited:.1f} s after abort() began"
