@@ -12,13 +12,18 @@ the files directly, several at once, is what reaches the floors in
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import errno
+import functools
 import mmap
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import numpy as np
+
+from .iothreads import IOPool, stall_s
 
 # Load chunk i, into ``buf`` when one is given (a free buffer of a full chunk's size).
 LoadChunk = Callable[[int, "np.ndarray | None"], np.ndarray]
@@ -47,20 +52,56 @@ def map_for_reading(fileno: int, size: int = 0) -> mmap.mmap:
     return mapped
 
 
+def read_into(fd: int, buffers: list[memoryview]) -> int:
+    """Fill ``buffers`` with the file's bytes from offset 0 (``os.preadv``, retried on a
+    short read); returns the bytes read, fewer than asked at end of file.
+
+    A read, not a map: a block the disk cannot read, or a file truncated meanwhile, is
+    an ``OSError`` (``EIO``) or a short count here, where touching a mapped page would
+    raise SIGBUS and kill the process.
+    """
+    views = [v.cast("B") for v in buffers]
+    total = 0
+    while views:
+        n = os.preadv(fd, views, total)
+        if n == 0:  # end of file
+            break
+        total += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
 def io_workers() -> int:
     """Threads reading and decoding chunks: twice the cores, so reads waiting on the
     disk overlap decodes (zstd releases the GIL, so decodes run on every core)."""
     return max(4, 2 * (os.cpu_count() or 2))
 
 
+def _let_go(release: ReleaseChunk, c: int, future: Future[np.ndarray]) -> None:
+    """Release a chunk loaded ahead that no batch took (when its load returns)."""
+    if future.exception() is None:  # a failed load holds nothing
+        release(c, future.result())
+
+
+# What close() waits for loads still running (a hung read is left to finish on its own).
+CLOSE_WAIT_S = 5.0
+
+
 class ChunkPrefetcher:
     """Loads chunks in ``order`` on a thread pool, at most ``ahead`` not yet taken.
 
     ``get(c)`` returns chunk ``c`` (waiting for it, or loading it now if it was
-    not scheduled) and re-raises the loader's error, e.g. CacheCorruptedError.
+    not scheduled) and re-raises the loader's error, e.g. CacheCorruptedError; a
+    load that has not finished after ``iothreads.IO_STALL_S`` raises ``TimeoutError``
+    (``ETIMEDOUT``: the disk stopped answering; the reader sorts it as unavailable).
     ``done(c, arr)`` says no batch needs chunk ``c`` any more: ``release`` frees it
     (a memory map is closed) or hands its buffer back for the next load.
-    ``close()`` cancels what is pending and joins the threads; idempotent.
+    ``close()`` cancels what is pending and stops the threads, waiting at most
+    ``CLOSE_WAIT_S`` for a load still running; idempotent.
     """
 
     def __init__(
@@ -74,7 +115,7 @@ class ChunkPrefetcher:
         self.load, self.release = load, release
         self.order = [int(c) for c in order]
         self.ahead = max(1, ahead)
-        self.pool = ThreadPoolExecutor(workers or io_workers(), thread_name_prefix="prefast-chunks")
+        self.pool = IOPool(workers or io_workers(), "prefast-chunks")  # never joined if hung
         self.pending: dict[int, Future[np.ndarray]] = {}
         self.free: list[np.ndarray] = []
         self.next = 0
@@ -96,7 +137,12 @@ class ChunkPrefetcher:
             self._submit(c)
         future = self.pending.pop(c)
         try:
-            return future.result()
+            return future.result(timeout=stall_s())
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(
+                errno.ETIMEDOUT, f"chunk {c} did not load in {stall_s():.0f} s"
+            ) from None
         finally:
             self._fill()
 
@@ -108,12 +154,12 @@ class ChunkPrefetcher:
     def close(self) -> None:
         """Cancel what has not started; what was loaded but never taken is released
         (an epoch stopped early must not leave its read-ahead mapped)."""
+        release = self.release
         for c, future in self.pending.items():
-            if not future.cancel() and self.release is not None:
-                with contextlib.suppress(Exception):  # a failed load holds nothing
-                    self.release(c, future.result())
+            if not future.cancel() and release is not None:  # loaded, or loading: let go
+                future.add_done_callback(functools.partial(_let_go, release, c))
         self.pending.clear()
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(CLOSE_WAIT_S)
 
     def __enter__(self) -> ChunkPrefetcher:
         return self

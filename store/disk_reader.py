@@ -127,6 +127,13 @@ class DiskReader(Reader):
     def _load_chunk(self, i: int, buf: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
+    def _get(self, pf: ChunkPrefetcher, c: int) -> np.ndarray:
+        """Chunk ``c`` from the prefetcher; a load that stalls is unavailable (kept)."""
+        try:
+            return pf.get(c)
+        except TimeoutError as exc:
+            raise read_error(self.key, f"reading chunk {c} of activations", exc) from exc
+
     def _rows_of(self, i: int) -> int:
         return min(self.chunk_rows, self.spec.rows - i * self.chunk_rows)
 
@@ -178,7 +185,7 @@ class DiskReader(Reader):
 
             def take(c: int) -> np.ndarray:
                 if c not in decoded:
-                    decoded[c] = pf.get(c)
+                    decoded[c] = self._get(pf, c)
                 return decoded[c]
 
             plan = windowed_order(
@@ -219,7 +226,7 @@ class DiskReader(Reader):
             def read(rows: np.ndarray) -> TorchBatch:
                 for c in np.unique(rows // self.chunk_rows).tolist():
                     if c not in loaded:
-                        chunk = pf.get(c)
+                        chunk = self._get(pf, c)
                         if copy:  # into the whole array; the chunk's own memory is free again
                             lo = c * self.chunk_rows
                             whole[lo : lo + len(chunk)] = chunk

@@ -64,8 +64,10 @@ class CacheUnavailableError(CacheReadError):
 
 
 # The errnos that say the cache's files are missing or damaged. Any other OSError (EMFILE,
-# ENFILE, ENOMEM, EAGAIN, EINTR, EACCES, EPERM, ETIMEDOUT, ...) says nothing about the cache:
-# it is unavailable, never deleted. EIO is the kernel's word for an unreadable block.
+# ENFILE, ENOMEM, EAGAIN, EINTR, EACCES, EPERM, ETIMEDOUT, ESTALE, ...) says nothing about
+# the cache: it is unavailable, never deleted. EIO is the kernel's word for an unreadable
+# block. ESTALE (a stale NFS file handle: the server restarted, or the file was replaced
+# on another client) is transient: the next open gets a fresh handle to the same files.
 DAMAGED_ERRNOS = frozenset(
     e
     for e in (
@@ -75,7 +77,6 @@ DAMAGED_ERRNOS = frozenset(
         errno.EISDIR,
         getattr(errno, "EBADMSG", None),
         getattr(errno, "EUCLEAN", None),
-        getattr(errno, "ESTALE", None),
     )
     if e is not None
 )

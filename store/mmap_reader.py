@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
+from collections.abc import Iterator
 
 import numpy as np
 
+from .base import SHUFFLE_BUFFER_BYTES, TorchBatch
 from .chunkio import map_for_reading
 from .disk_reader import DiskReader
 from .errors import CacheCorruptedError, read_error
@@ -20,6 +23,13 @@ class MmapReader(DiskReader):
     the mapping, so each byte is copied once. When a chunk leaves the shuffle
     window its pages leave this process's resident memory (``MADV_DONTNEED``;
     they stay in the page cache), so ``--max-ram`` holds.
+
+    What a map cannot survive: a page the disk cannot read, or a file truncated
+    *while an epoch reads it*, raises SIGBUS when touched, and the process dies
+    (as with ``numpy.memmap`` or LMDB). The file's size is checked again before
+    every epoch and every ``read_rows``, so a file truncated between epochs is a
+    :class:`CacheCorruptedError` (the epoch runs on raw data, the cache is
+    rebuilt); the zarr tier, which reads its chunk files, survives both.
     """
 
     tier = "mmap"
@@ -27,20 +37,39 @@ class MmapReader(DiskReader):
     def _open(self) -> None:
         super()._open()
         path = self.dir / "activations.bin"
-        expected = self.spec.logical_bytes
         try:
-            size = path.stat().st_size if path.is_file() else None
-            if size != expected:
-                raise CacheCorruptedError(
-                    self.key, f"activations.bin has {size} bytes, expected {expected}"
-                )
-            with open(path, "rb") as f:
-                self._map = map_for_reading(f.fileno())
+            self._file = open(path, "rb")  # noqa: SIM115 - kept open: its size is checked again
+            self._check_size()
+            self._map = map_for_reading(self._file.fileno())
+        except FileNotFoundError as exc:
+            raise CacheCorruptedError(self.key, "activations.bin is missing") from exc
         except OSError as exc:
             raise read_error(self.key, "mapping activations.bin", exc) from exc
         self.mm = np.frombuffer(self._map, dtype=self.spec.storage).reshape(
             self.spec.rows, *self.spec.stored_shape
         )
+
+    def _check_size(self) -> None:
+        """The mapped file still holds every row (reading a page past its end is SIGBUS)."""
+        expected = self.spec.logical_bytes
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+        except OSError as exc:
+            raise read_error(self.key, "checking activations.bin", exc) from exc
+        if size != expected:
+            raise CacheCorruptedError(
+                self.key, f"activations.bin has {size} bytes, expected {expected}"
+            )
+
+    def epoch_batches(
+        self, seed: int, epoch: int, batch_size: int, buffer_bytes: int = SHUFFLE_BUFFER_BYTES
+    ) -> Iterator[TorchBatch]:
+        self._check_size()
+        yield from super().epoch_batches(seed, epoch, batch_size, buffer_bytes)
+
+    def read_rows(self, rows: np.ndarray) -> TorchBatch:
+        self._check_size()
+        return super().read_rows(rows)
 
     def _range(self, i: int) -> tuple[int, int]:
         """Chunk ``i``'s bytes, widened to whole pages (madvise wants aligned ranges)."""
@@ -67,4 +96,6 @@ class MmapReader(DiskReader):
             # A batch still viewing the map keeps it open until that batch is freed.
             with contextlib.suppress(BufferError):
                 self._map.close()
+        if hasattr(self, "_file"):
+            self._file.close()
         super().close()

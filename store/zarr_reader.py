@@ -1,15 +1,18 @@
 """The Zarr tier's reader: chunk files read directly, zstd decoded off the GIL.
 
 The chunk files our writer produces (raw little-endian bytes or a zstd frame,
-then a crc32c trailer) are mapped and decoded here without zarr's async
-machinery; a cache with any other codec pipeline is read through zarr.
+then a crc32c trailer) are read and decoded here without zarr's async
+machinery; a cache with any other codec pipeline is read through zarr. Chunk
+files are *read* (``chunkio.read_into``), never mapped: a bad block or a file
+truncated under an open reader is then an ``OSError`` or a short read that the
+store sorts (``errors.read_error``: the boundary is corrupted, the epoch goes
+on from raw data), where a mapped page would raise SIGBUS and kill the run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs.bytes import Endian
 
-from .chunkio import map_for_reading
+from .chunkio import read_into
 from .disk_reader import DiskReader, chunk_file
 from .errors import CacheCorruptedError, read_error
 
@@ -59,7 +62,7 @@ class ZarrReader(DiskReader):
             else None
         )
         self.zstd = numcodecs.Zstd()
-        self._maps: dict[int, mmap.mmap] = {}  # chunk -> its mapped file, while it is in use
+        self._frames = threading.local()  # each loader thread's buffer for zstd frames
 
     def chunk_path(self, i: int) -> Path:
         return chunk_file(self.dir, self.array, i)
@@ -73,43 +76,42 @@ class ZarrReader(DiskReader):
             except (ValueError, RuntimeError) as exc:
                 raise CacheCorruptedError(self.key, f"chunk {i} of activations: {exc}") from exc
         # zarr stores the last chunk padded to a whole chunk; the marker's crc covers real rows.
-        # The file is mapped, not read: a read would copy every byte once more.
         rows = self._rows_of(i)
         full_bytes = self.chunk_rows * self.spec.row_bytes
-        try:
-            with open(self.chunk_path(i), "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < 5 or (self.codec == "none" and size != full_bytes + 4):
-                    raise CacheCorruptedError(
-                        self.key, f"chunk {i} has {size} bytes, expected {full_bytes + 4}"
-                    )
-                mapped = map_for_reading(f.fileno(), size)
-        except FileNotFoundError:
-            raise CacheCorruptedError(self.key, f"chunk file of chunk {i} is missing") from None
-        # Any other OSError is sorted by DiskReader._load (errors.read_error).
-        if self.codec == "none":
-            self._maps[i] = mapped  # closed by _release when the chunk leaves the window
-            flat = np.frombuffer(
-                mapped,
-                dtype=self.spec.storage,
-                count=full_bytes // self.spec.row_bytes * int(np.prod(self.spec.stored_shape)),
-            )
-            return flat.reshape(self.chunk_rows, *self.spec.stored_shape)[:rows]
         full = self._full(buf)
         try:
-            self.zstd.decode(memoryview(mapped)[: size - 4], out=full.reshape(-1).view(np.uint8))
-        except Exception as exc:  # an undecodable frame
-            raise CacheCorruptedError(self.key, f"chunk {i} of activations: {exc}") from exc
+            fd = os.open(self.chunk_path(i), os.O_RDONLY)
+        except FileNotFoundError:
+            raise CacheCorruptedError(self.key, f"chunk file of chunk {i} is missing") from None
+        # Any other OSError (EIO: an unreadable block) is sorted by DiskReader._load.
+        try:
+            size = os.fstat(fd).st_size
+            if size < 5 or (self.codec == "none" and size != full_bytes + 4):
+                raise CacheCorruptedError(
+                    self.key, f"chunk {i} has {size} bytes, expected {full_bytes + 4}"
+                )
+            crc = bytearray(4)  # zarr's own trailer; the marker's crc32c is what we check
+            if self.codec == "none":  # straight into the chunk's buffer: one copy
+                got = read_into(fd, [full.reshape(-1).view(np.uint8).data, memoryview(crc)])
+            else:
+                frame = self._frame(size - 4)
+                got = read_into(fd, [frame.data, memoryview(crc)])
         finally:
-            with contextlib.suppress(BufferError):
-                mapped.close()
+            os.close(fd)
+        if got != size:
+            raise CacheCorruptedError(
+                self.key, f"chunk {i}: read {got} of its {size} bytes (truncated while read)"
+            )
+        if self.codec == "zstd":
+            try:
+                self.zstd.decode(frame, out=full.reshape(-1).view(np.uint8))
+            except Exception as exc:  # an undecodable frame
+                raise CacheCorruptedError(self.key, f"chunk {i} of activations: {exc}") from exc
         return full[:rows]
 
-    def _release(self, i: int, arr: np.ndarray) -> np.ndarray | None:
-        mapped = self._maps.pop(i, None)
-        if mapped is None:
-            return super()._release(i, arr)
-        del arr
-        with contextlib.suppress(BufferError):  # a view still alive: closed when it is freed
-            mapped.close()
-        return None
+    def _frame(self, nbytes: int) -> np.ndarray:
+        """This thread's buffer for one zstd frame, grown when a frame is larger."""
+        frame = getattr(self._frames, "buf", None)
+        if frame is None or len(frame) < nbytes:
+            frame = self._frames.buf = np.empty(nbytes, dtype=np.uint8)
+        return frame[:nbytes]

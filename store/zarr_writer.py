@@ -39,7 +39,9 @@ class ZarrWriter(DiskWriter):
         self.workers = max(2, os.cpu_count() or 2)  # zstd encodes release the GIL
         # Daemon threads (not a ThreadPoolExecutor, which is joined at exit): a chunk write
         # hung on the disk must not keep the process from exiting (store/iothreads.py).
-        self.pool = IOPool(self.workers, "prefast-encode")
+        # Started by the writer thread at its first chunk, so a writer that fails to open
+        # leaves no thread behind.
+        self.pool: IOPool | None = None
         self.in_flight: deque[Future[None]] = deque()
         super().__init__(root, spec, **kw)
 
@@ -74,6 +76,8 @@ class ZarrWriter(DiskWriter):
         max_in_flight = max(1, min(2 * self.workers, self.queue_bytes() // max(1, rows.nbytes)))
         while len(self.in_flight) >= max_in_flight:
             self.in_flight.popleft().result()
+        if self.pool is None:
+            self.pool = IOPool(self.workers, "prefast-encode")
         self.in_flight.append(self.pool.submit(self._encode_and_write, i, rows))
 
     def _encode_and_write(self, i: int, rows: np.ndarray) -> None:
@@ -100,11 +104,14 @@ class ZarrWriter(DiskWriter):
             self.in_flight.popleft().result()
 
     def _finalize(self) -> None:
-        self.pool.shutdown()  # every write has returned: the threads end at once
+        if self.pool is not None:
+            self.pool.shutdown()  # every write has returned: the threads end at once
 
     def _stop_io(self, deadline: float | None, then: Callable[[], None]) -> bool:
         for future in self.in_flight:
             future.cancel()
         self.in_flight.clear()
+        if self.pool is None:  # the writer thread (which starts it) has ended
+            return True
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.pool.shutdown(left, then=then)

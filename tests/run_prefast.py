@@ -2,7 +2,9 @@
 
     python tests/run_prefast.py [--strict] [--fail-rank R --fail-step N]
                                 [--pause-in-finish FILE [--pause-rank R]]
-                                [--kill-at-epoch E [--kill-at-step S]] -- train ...
+                                [--kill-at-epoch E [--kill-at-step S]]
+                                [--chunk-bytes N] [--truncate-at E:S | --truncate-after E]
+                                [--ids-out FILE] -- train ...
 
 ``--strict`` trains on the strict test device (``tests/strict_device.py``) instead
 of the CPU; ``--fail-rank R --fail-step N`` makes rank R raise a local error (a
@@ -10,9 +12,14 @@ CUDA out-of-memory's message) at its N-th training step; ``--pause-in-finish FIL
 makes a disk writer's ``finish()`` (of rank R, default every rank) write the
 process id to FILE and sleep before it syncs, so a test can signal the process
 there; ``--kill-at-epoch E`` SIGKILLs the process at step S (default 5) of
-epoch E, after epoch E-1's checkpoint and with epoch E's caches half written.
-Everything after
-``--`` goes to the real CLI.
+epoch E, after epoch E-1's checkpoint and with epoch E's caches half written;
+``--chunk-bytes N`` writes disk chunks of N bytes; ``--truncate-at E:S`` truncates
+every training cache's activation files under ``--cache-dir`` to zero bytes right
+after a disk reader has loaded a chunk, from step S of epoch E on (while the reader
+holds it and before its rows are gathered), ``--truncate-after E`` once epoch E has
+ended (between epochs); ``--ids-out FILE`` writes, per epoch, the number
+of steps and whether the steps' sample ids were every sample exactly once.
+Everything after ``--`` goes to the real CLI.
 """
 
 from __future__ import annotations
@@ -35,8 +42,19 @@ def main() -> int:
     p.add_argument("--pause-rank", type=int)
     p.add_argument("--kill-at-epoch", type=int)
     p.add_argument("--kill-at-step", type=int, default=5)
+    p.add_argument("--chunk-bytes", type=int)
+    p.add_argument("--truncate-at")
+    p.add_argument("--truncate-after", type=int)
+    p.add_argument("--ids-out")
     opts = p.parse_args(sys.argv[1:split])
     rank = int(os.environ.get("RANK", "0"))
+    cli_args = sys.argv[split + 1 :]
+    if opts.chunk_bytes:
+        import prefast.store.base
+
+        prefast.store.base.CHUNK_BYTES = opts.chunk_bytes
+    if opts.truncate_at or opts.truncate_after is not None or opts.ids_out:
+        watch_epochs(opts, Path(cli_args[cli_args.index("--cache-dir") + 1]))
     if opts.kill_at_epoch is not None:
         import signal
 
@@ -86,7 +104,69 @@ def main() -> int:
         Trainer._step = failing  # type: ignore[method-assign]
     from prefast.cli.main import main as prefast_main
 
-    return prefast_main(sys.argv[split + 1 :])
+    return prefast_main(cli_args)
+
+
+def truncate_train_caches(cache_dir: Path) -> None:
+    """Cut every file of activations of the complete training caches to zero bytes (a file
+    cut short by another process, a full NFS export, a careless ``truncate``)."""
+    from prefast.store import CacheRoot
+
+    root = CacheRoot(cache_dir)
+    for key in root.cache_keys():
+        d = root.dir_for(key)
+        if not root.is_complete(key) or '"split": "train"' not in (d / "zarr.json").read_text():
+            continue
+        files = [d / "activations.bin"] if (d / "activations.bin").is_file() else []
+        files += [f for f in (d / "activations").rglob("*") if f.is_file()] if not files else []
+        for f in files:
+            os.truncate(f, 0)
+        print(f"truncated {len(files)} file(s) of cache {key}", file=sys.stderr, flush=True)
+
+
+def watch_epochs(opts: argparse.Namespace, cache_dir: Path) -> None:
+    import json
+
+    import numpy as np
+    from prefast.store.chunkio import ChunkPrefetcher
+
+    from prefast.trainer import Trainer
+
+    at = tuple(int(v) for v in opts.truncate_at.split(":")) if opts.truncate_at else None
+    step, run_epoch, get = Trainer._step, Trainer.run_epoch, ChunkPrefetcher.get
+    ids: list = []
+    record: dict = {}
+    armed: list = []
+
+    def watched_step(self, batch, it):
+        bpe = self.raw.batches_per_epoch
+        if at is not None and (it // bpe, it % bpe) == at:
+            armed.append(True)
+        ids.append(batch.ids.numpy().copy())
+        return step(self, batch, it)
+
+    def get_then_truncate(self, c):
+        chunk = get(self, c)
+        if armed:  # the chunk is loaded; its rows are gathered after this returns
+            armed.clear()
+            truncate_train_caches(cache_dir)
+        return chunk
+
+    def watched_epoch(self, epoch, progress=False):
+        ids.clear()
+        out = run_epoch(self, epoch, progress)
+        seen = np.sort(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+        once = bool(np.array_equal(seen, np.arange(self.raw.num_train)))
+        record[epoch] = {"steps": len(ids), "every_sample_once": once}
+        if opts.ids_out:
+            Path(opts.ids_out).write_text(json.dumps(record))
+        if opts.truncate_after == epoch:
+            truncate_train_caches(cache_dir)
+        return out
+
+    Trainer._step = watched_step  # type: ignore[method-assign]
+    ChunkPrefetcher.get = get_then_truncate  # type: ignore[method-assign]
+    Trainer.run_epoch = watched_epoch  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -219,21 +219,23 @@ def test_an_io_error_on_a_chunk_mid_epoch_serves_the_rest_from_raw_data(
 ):
     """EIO (the block is unreadable: damaged) -> corrupted, rebuilt; EACCES (says nothing about
     the data) -> kept and read again next epoch. Either way the epoch ends on raw data, every
-    sample once, exactly as FreezeOut. Injected where the zarr reader opens the chunk file."""
+    sample once, exactly as FreezeOut. Injected where the zarr reader reads the chunk file's
+    bytes (``os.preadv``), as a bad block fails a read."""
     monkeypatch.setattr("prefast.store.base.CHUNK_BYTES", 4096)  # 576-byte rows: many chunks
     # Epoch 7 only reads boundary 7; epoch 8 reads it again while writing the next one.
     root, fault_epoch, boundary = CacheRoot(tmp_path), 7, 7
     cfg = prefast_cfg(tmp_path)
     armed: dict = {}
-    real_open = open
+    real_preadv = os.preadv
 
-    def failing_open(path, *args, **kw):
-        if armed.get("path") == Path(path) and armed["left"]:
+    def failing_preadv(fd, buffers, offset):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if armed.get("path") == path and armed["left"]:
             armed["left"] -= 1
-            raise OSError(code, os.strerror(code), str(path))
-        return real_open(path, *args, **kw)
+            raise OSError(code, os.strerror(code))
+        return real_preadv(fd, buffers, offset)
 
-    monkeypatch.setattr("prefast.store.zarr_reader.open", failing_open, raising=False)
+    monkeypatch.setattr(os, "preadv", failing_preadv)
 
     def on_epoch(rec):
         if rec["epoch"] == fault_epoch - 1:
@@ -259,12 +261,62 @@ def test_an_io_error_on_a_chunk_mid_epoch_serves_the_rest_from_raw_data(
     assert result["epochs"][-1]["cached_batches"] == bpe
 
 
-@pytest.mark.slow
-def test_too_many_open_files_at_open_keeps_a_complete_cache_and_reads_it_next_epoch(
-    tmp_path, monkeypatch
+def test_a_chunk_read_that_hangs_is_given_up_after_the_stall_bound(tmp_path, monkeypatch):
+    """A read of a chunk file that never returns (an NFS stall): after IO_STALL_S the
+    reader gives up on it (``unavailable``: the cache is kept, not deleted), the rest of
+    the epoch comes from raw data, every sample once, and the run goes on reading caches.
+    Before, the trainer waited for the read forever."""
+    monkeypatch.setattr("prefast.store.base.CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr("prefast.store.iothreads.IO_STALL_S", 1.0)
+    monkeypatch.setattr("prefast.store.chunkio.CLOSE_WAIT_S", 0.2)
+    # Epoch 3 reads boundary 2 in a seeded chunk order (a one-chunk shuffle window).
+    root, fault_epoch, boundary = CacheRoot(tmp_path), 3, 2
+    cfg = prefast_cfg(tmp_path, max_ram=4 * 64 * 1024)
+    armed: dict = {}
+    released = threading.Event()
+    real_preadv = os.preadv
+
+    def hung_preadv(fd, buffers, offset):
+        if armed.get("path") == Path(os.readlink(f"/proc/self/fd/{fd}")) and armed["left"]:
+            armed["left"] -= 1
+            released.wait(60)  # the disk stops answering
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", hung_preadv)
+
+    def on_epoch(rec):
+        if rec["epoch"] == fault_epoch - 1:
+            key = train_cache_key(root, boundary)
+            armed["chunk"], armed["path"], _ = chunk_read_mid_epoch(
+                root, key, cfg.seed, fault_epoch, cfg.batch_size, True
+            )
+            armed["left"] = 1
+
+    try:
+        result, steps = run_with_deadline(lambda: train_recording(cfg, on_epoch), 40)
+    finally:
+        released.set()
+    faulted = result["epochs"][fault_epoch]
+    bpe = result["final"]["batches_per_epoch"]
+    assert armed["left"] == 0 and 0 < faulted["cached_batches"] < bpe, "fault not mid-epoch"
+    assert_every_sample_once_per_epoch(result, steps, N_DIGITS)
+    events = [e for e in result["final"]["cache_events"] if e["event"] == "unavailable"]
+    assert [e["epoch"] for e in events] == [fault_epoch], result["final"]["cache_events"]
+    assert f"chunk {armed['chunk']} did not load in 1 s" in events[0]["detail"], events[0]
+    assert not any(e["event"] == "corrupted" for e in result["final"]["cache_events"])
+    assert result["epochs"][fault_epoch + 1]["cached_batches"] == bpe
+
+
+@pytest.mark.parametrize(
+    "code", [pytest.param(errno.EMFILE, marks=pytest.mark.slow), errno.ESTALE], ids=str
+)
+def test_a_transient_error_at_open_keeps_a_complete_cache_and_reads_it_next_epoch(
+    code, tmp_path, monkeypatch
 ):
-    """EMFILE while opening a complete cache says nothing about the cache: it is not deleted,
-    the epoch computes the prefix, and the next epoch reads the cache (losses unchanged)."""
+    """EMFILE (too many open files) or ESTALE (a stale NFS handle) while opening a complete
+    cache says nothing about the cache: it is not deleted, the epoch computes the prefix,
+    and the next epoch reads the cache (losses unchanged). (ESTALE used to count as damage:
+    the sound cache was deleted and rebuilt.)"""
     cfg = prefast_cfg(tmp_path, epochs=6)
     clean = train(cfg)  # leaves complete caches on disk
     root = CacheRoot(tmp_path)
@@ -273,13 +325,13 @@ def test_too_many_open_files_at_open_keeps_a_complete_cache_and_reads_it_next_ep
     calls = {"left": 1}
     marker = CacheRoot.marker
 
-    def emfile_once(self, k):
+    def fails_once(self, k):
         if k == key and calls["left"]:
             calls["left"] -= 1
-            raise OSError(errno.EMFILE, "Too many open files", str(self.dir_for(k)))
+            raise OSError(code, os.strerror(code), str(self.dir_for(k)))
         return marker(self, k)
 
-    monkeypatch.setattr(CacheRoot, "marker", emfile_once)
+    monkeypatch.setattr(CacheRoot, "marker", fails_once)
     rerun = train(cfg)
     assert calls["left"] == 0, "the fault was not injected"
     events = [e for e in rerun["final"]["cache_events"] if e.get("key") == key]
@@ -325,6 +377,51 @@ def test_missing_chunk_is_rebuilt_and_the_rerun_matches_the_clean_run(tmp_path):
     assert any(
         e["event"] == "corrupted" and e.get("key") == key for e in rerun["final"]["cache_events"]
     )
+
+
+# -- a cache file cut short under an open reader --------------------------------------------
+TRUNCATE_RUN = [
+    "train", "--mode", "prefast", "--dataset", "digits", "--model", "densenet-bc",
+    "--depth", "16", "--epochs", "6", "--t0", "0.5", "--augment", "none",
+    "--cache-dtype", "float32", "--cache-boundaries", "every", "--device", "cpu",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "tier,when,extra",
+    [
+        # mid-epoch, while the windowed reader holds chunks read ahead (1-chunk window)
+        ("zarr", ["--truncate-at", "4:5"], ["--max-ram", "256KB"]),
+        ("mmap", ["--truncate-after", "3"], []),  # between epochs, the file mapped
+    ],
+    ids=["zarr-mid-epoch", "mmap-between-epochs"],
+)
+def test_a_cache_file_truncated_under_an_open_reader_is_corruption_not_a_signal(
+    tier, when, extra, tmp_path
+):
+    """A chunk file (zarr) or activations.bin (mmap) cut to zero bytes while the reader
+    holds the cache: the reads that follow find it short, the boundary is *corrupted*, the rest of
+    the epoch comes from raw data, every sample once, and the run finishes. Before, the
+    zarr reader mapped its chunk files and the mmap reader checked the size once: a read
+    past the new end raised SIGBUS and killed the process. (In a subprocess: a SIGBUS
+    kills it, not the suite.)"""
+    out, ids = tmp_path / "run.json", tmp_path / "ids.json"
+    cmd = [sys.executable, RUN_PREFAST, "--chunk-bytes", "65536", "--ids-out", str(ids), *when,
+           "--", *TRUNCATE_RUN, *extra, "--cache-tier", tier, "--cache-dir",
+           str(tmp_path / "c"), "--json-out", str(out)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.returncode, res.stderr[-3000:])  # -7: SIGBUS
+    assert "truncated" in res.stderr, res.stderr[-2000:]
+    run = json.loads(out.read_text())
+    fault_epoch = 4
+    corrupted = [e for e in run["final"]["cache_events"] if e["event"] == "corrupted"]
+    assert [e["epoch"] for e in corrupted] == [fault_epoch], run["final"]["cache_events"]
+    bpe = run["final"]["batches_per_epoch"]
+    faulted = run["epochs"][fault_epoch]
+    assert faulted["cached_batches"] < bpe and faulted["steps"] == bpe, faulted
+    per_epoch = json.loads(ids.read_text())
+    assert all(e == {"steps": bpe, "every_sample_once": True} for e in per_epoch.values())
+    assert run["epochs"][-1]["cached_batches"] == bpe  # rebuilt and read again
 
 
 # -- writers that fail --------------------------------------------------------------------
