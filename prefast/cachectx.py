@@ -33,6 +33,7 @@ from prefast.store import (
 )
 from prefast.store.base import chunk_bytes_for, shuffle_buffer_bytes
 from prefast.store.device import to_device
+from prefast.store.disk_writer import DiskWriter
 from prefast.store.errors import read_error
 
 log = logging.getLogger("prefast.materialize")
@@ -89,9 +90,17 @@ class CacheContext:
         chunk = chunk_bytes_for(shuffle_buffer_bytes(self.governor.ram_budget()))
         return CacheSpec(key, rows, shape, dtype or self.dtype, attrs, chunk_bytes=chunk)
 
-    def writer(self, tier: str, spec: CacheSpec) -> Writer:
-        """A writer, or CacheError/OSError (the caller abandons what it was writing)."""
-        return open_writer(tier, spec, self.root, self.device)
+    def writer(self, tier: str, spec: CacheSpec, *, allowance: int | None) -> Writer:
+        """A writer, or CacheError/OSError (the caller abandons what it was writing).
+
+        ``allowance``: the bytes a disk writer may put on disk, given by the governor's
+        budget (``DiskBudgetError`` before a chunk would pass it); every caller names one,
+        so no writer is left uncapped. Memory tiers allocate exactly: None.
+        """
+        writer = open_writer(tier, spec, self.root, self.device)
+        if isinstance(writer, DiskWriter):
+            writer.max_bytes = allowance
+        return writer
 
     def reuse(self, tier: str, key: str, epoch: int | None) -> Reader | None:
         """A complete disk cache with this key, or None. A corrupted one is deleted; one that
@@ -141,13 +150,15 @@ class CacheContext:
         windowed = reader.spec.logical_bytes > buffer  # else the whole cache is read at once
         return windowed and 2 * chunk > buffer and chunk > chunk_bytes_for(buffer)
 
-    def open_view(self, tier: str, spec: CacheSpec, epoch: int | None) -> Reader | Writer:
-        """Reuse a complete cache of ``spec.key`` or open a writer for it."""
+    def open_view(
+        self, tier: str, spec: CacheSpec, epoch: int | None, *, allowance: int | None
+    ) -> Reader | Writer:
+        """Reuse a complete cache of ``spec.key`` or open a writer for it (``writer``)."""
         reader = self.reuse(tier, spec.key, epoch)
         if reader is not None:
             return reader
         try:
-            return self.writer(tier, spec)
+            return self.writer(tier, spec, allowance=allowance)
         except CacheExistsError:  # completed by another process since we looked
             reader = self.reuse(tier, spec.key, epoch)
             if reader is None:

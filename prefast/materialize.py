@@ -134,7 +134,7 @@ class PrefastFeed(BoundaryTransitions):
         self.ctx = CacheContext(root, self.governor, model, device, dtype, identity, autocast=amp)
         self.current: BoundaryCache | None = None  # complete: later epochs read it
         self.target: BoundaryCache | None = None  # being materialized
-        self.test = TestCache(self.ctx, raw, self._run_prefix, self._ratio)
+        self.test = TestCache(self.ctx, raw, self._run_prefix, self._ratio, self._test_allowance)
         self.epoch: int | None = None
         self.warned_fixed_aug = False
         self.disk_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from prefast.boundary import BoundaryCache, discard
-from prefast.cachectx import CacheContext
+from prefast.cachectx import DISK_TIERS, CacheContext
 from prefast.errors import CacheAllocationError, CacheError
 from prefast.store import Reader
 from prefast.store.order import batch_slices
@@ -49,8 +49,12 @@ def relieve_pressure(
         return False
     free_rebuildable()
     for dest in targets:
+        # A disk copy writes within what the disk budget has left (the boundary is charged
+        # to its memory tier until it moves): one that compresses worse than the probe
+        # said stops at it (DiskBudgetError) instead of passing --max-disk.
+        allowance = max(0, governor.room("disk")) if dest in DISK_TIERS else None
         try:
-            copies = _copy_views(b, dest, ctx, epoch)
+            copies = _copy_views(b, dest, ctx, epoch, allowance)
         except CacheAllocationError as exc:
             ctx.allocation_refused(epoch, dest, exc, stage=b.stage)
             continue
@@ -76,15 +80,19 @@ def relieve_pressure(
     return False
 
 
-def _copy_views(b: BoundaryCache, tier: str, ctx: CacheContext, epoch: int) -> dict[int, Reader]:
-    """Every view of ``b`` in ``tier``; on failure the copies written here are deleted."""
+def _copy_views(
+    b: BoundaryCache, tier: str, ctx: CacheContext, epoch: int, allowance: int | None
+) -> dict[int, Reader]:
+    """Every view of ``b`` in ``tier``, all within ``allowance`` bytes on disk; on failure
+    the copies written here are deleted."""
     copies: dict[int, Reader] = {}
     written: list[Reader] = []
     try:
         for view, reader in b.readers.items():
-            copies[view], wrote = _copy(reader, tier, ctx, epoch)
-            if wrote:
+            copies[view], spent = _copy(reader, tier, ctx, epoch, allowance)
+            if spent is not None:
                 written.append(copies[view])
+                allowance = None if allowance is None else allowance - spent
     except BaseException:
         for r in copies.values():
             if r in written:
@@ -95,13 +103,17 @@ def _copy_views(b: BoundaryCache, tier: str, ctx: CacheContext, epoch: int) -> d
     return copies
 
 
-def _copy(reader: Reader, tier: str, ctx: CacheContext, epoch: int) -> tuple[Reader, bool]:
-    """``reader``'s cache in ``tier``, and whether this call wrote it (False: reused)."""
-    opened = ctx.open_view(tier, copy.copy(reader.spec), epoch)
+def _copy(
+    reader: Reader, tier: str, ctx: CacheContext, epoch: int, allowance: int | None
+) -> tuple[Reader, int | None]:
+    """``reader``'s cache in ``tier``, and the bytes this call put on disk for it (None:
+    an existing copy was reused; 0: written to memory)."""
+    opened = ctx.open_view(tier, copy.copy(reader.spec), epoch, allowance=allowance)
     if isinstance(opened, Reader):  # that copy exists already (same content key)
-        return opened, False
+        return opened, None
     spec, writer = opened.spec, opened
     with writer:  # aborts on error
         for sl in batch_slices(spec.rows, 1024):
             writer.append(*reader.read_rows(np.arange(sl.start, sl.stop)))
-        return writer.finish(), True
+        copied = writer.finish()
+    return copied, getattr(writer, "bytes_written", 0)

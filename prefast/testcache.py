@@ -43,10 +43,12 @@ class TestCache:
         ctx: CacheContext,
         raw: RawSource,
         run_prefix: RunPrefix,
-        ratio_of: Callable[[int, str], float] = lambda stage, dtype: 1.0,
+        ratio_of: Callable[[int, str], float],
+        allowance: Callable[[str], int | None],
     ):
         self.ctx, self.raw, self.run_prefix = ctx, raw, run_prefix
         self.ratio_of = ratio_of  # a boundary's measured zstd ratio in a dtype (picks a disk tier)
+        self.allowance = allowance  # tier -> bytes the test cache may put on disk there
         self.reader: Reader | None = None
         self.stage = 0  # the boundary self.reader holds (0: none)
         self.writer: Writer | None = None
@@ -114,7 +116,7 @@ class TestCache:
         governor = self.ctx.governor
         while True:
             try:
-                self.writer = self.ctx.writer(tier, spec)
+                self.writer = self.ctx.writer(tier, spec, allowance=self.allowance(tier))
                 return
             except CacheAllocationError as exc:
                 self.ctx.allocation_refused(epoch, tier, exc, split="test", stage=stage)

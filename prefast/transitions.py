@@ -29,7 +29,6 @@ from prefast.errors import (
 )
 from prefast.governor import Governor, lossy_candidates, tier_bytes
 from prefast.store import Reader, encoding
-from prefast.store.disk_writer import DiskWriter
 from prefast.store.layout import disk_usage
 from prefast.store.order import batch_slices
 
@@ -250,8 +249,9 @@ class BoundaryTransitions:
         key = self.ctx.key("train", t.stage, stream, t.dtype)
         shape = self.costs[t.stage - 1].out_shape
         spec = self.ctx.spec(key, "train", t.stage, self.raw.num_train, shape, t.dtype)
+        allowance = self._allowance(t) if t.tier in DISK_TIERS else None
         try:
-            opened = self.ctx.open_view(t.tier, spec, epoch)
+            opened = self.ctx.open_view(t.tier, spec, epoch, allowance=allowance)
         except CacheUnavailableError as exc:  # kept; this epoch computes the prefix
             t.unavailable += 1
             if t.unavailable > 1:  # still unreadable: give up the boundary, keep the cache
@@ -266,8 +266,6 @@ class BoundaryTransitions:
         if isinstance(opened, Reader):
             t.reuse_view(view, opened, stream)
         else:
-            if isinstance(opened, DiskWriter):  # the writer stops at what the budget has left
-                opened.max_bytes = self._allowance(t)
             t.begin_view(view, opened, stream)
 
     def _promote(self, epoch: int) -> None:
@@ -365,12 +363,25 @@ class BoundaryTransitions:
                 self.ctx.event(epoch, "charged", stage=b.stage, bytes=charge, was=before,
                                on_disk=views + test)  # fmt: skip
 
-    def _allowance(self, b: BoundaryCache) -> int:
-        """What the view being opened may write: what the budget leaves once the other
-        caches, this boundary's written views and its test set's share are counted."""
+    def _allowance(self, b: BoundaryCache, part: str = "view") -> int:
+        """What a writer of ``b``'s ``part`` (a training ``view``, or its ``test`` cache) may
+        put on disk: what the budget leaves once the other caches and the boundary's other
+        parts (its written views; for a view, also its test set's share) are counted."""
         room = self.governor.room("disk")
         if self.governor.budgets.max_disk is None:  # measured free disk: already net of it
             return max(0, room)
         views, test = self._measured(b)
         charged = self.governor.ledger.get(b.name, (b.tier, 0))[1]
-        return max(0, room + charged - views - (test or b.test_bytes))
+        other = (test or b.test_bytes) if part == "view" else 0
+        return max(0, room + charged - views - other)
+
+    def _test_allowance(self, tier: str) -> int | None:
+        """What the test cache of the current boundary may put on disk in ``tier``: the
+        boundary's share, or, for a test cache that fell from memory to disk (its tier
+        could not allocate it), what is left of the disk budget."""
+        if tier not in DISK_TIERS:
+            return None
+        c = self.current
+        if c is not None and c.tier in DISK_TIERS and c.name in self.governor.ledger:
+            return self._allowance(c, "test")
+        return max(0, self.governor.room("disk"))

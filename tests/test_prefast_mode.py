@@ -1,5 +1,7 @@
 """Invariants of the prefast mode: exactness, reuse and resume, the governor's choices."""
 
+import dataclasses
+
 import psutil
 import pytest
 import torch
@@ -9,7 +11,7 @@ from prefast.store.manage import list_caches
 from prefast.store.readers import open_reader
 
 from prefast.config import TrainConfig
-from prefast.trainer import train
+from prefast.trainer import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +213,67 @@ def test_spill_that_fails_on_a_real_full_disk_keeps_the_ram_cache(
     assert run["epochs"][failed[0]["epoch"]]["cache_tier"] == "ram"  # read where it was
     assert rel_diff(run, freezeout_ref) <= 1e-6
     assert not leftovers(tiny_disk / "c")  # (later, smaller boundaries may fit and spill)
+
+
+def lying_costs(cfg: TrainConfig) -> list:
+    """The probe's stage costs for ``cfg`` with every zstd ratio claimed 8x: each disk
+    cache is then admitted at an eighth of what it will really take on disk."""
+    probe = Trainer(cfg)
+    probe.feed.close()
+    return [
+        dataclasses.replace(
+            c, compress_ratio=8.0, trials=tuple((d, e, 8.0) for d, e, _ in c.trials)
+        )
+        for c in probe.feed.costs
+    ]
+
+
+def disk_watch(root: CacheRoot, seen: list[int]):
+    """An ``on_epoch`` callback recording what the caches under ``root`` take on disk."""
+
+    def on_epoch(record: dict) -> None:
+        seen.append(sum(disk_usage(root.dir_for(k)) for k in root.cache_keys()))
+
+    return on_epoch
+
+
+def test_a_test_cache_that_compresses_worse_than_estimated_stops_at_its_allowance(tmp_path):
+    """--max-disk 2.5 MiB, compression overestimated 8x: stage 4's training view (2.2 MiB on
+    disk) fits what the budget leaves it; its test cache (0.6 MiB) would not. The test
+    cache's writer stops at its allowance (``test_cache_failed``) and the caches never take
+    more than --max-disk. (Before, only the boundary writer had an allowance: the test
+    cache was written uncapped and the caches took 2.8 MiB.)"""
+    cfg = cfg_for(tmp_path, cache_tier="zarr", max_disk=int(2.5 * 2**20))
+    seen: list[int] = []
+    run = Trainer(cfg, costs=lying_costs(cfg), on_epoch=disk_watch(CacheRoot(tmp_path), seen))
+    result = run.run()
+    assert max(seen) <= cfg.max_disk, [round(b / 2**20, 2) for b in seen]
+    failed = [e for e in result["final"]["cache_events"] if e["event"] == "test_cache_failed"]
+    assert failed and "disk budget" in failed[0]["detail"], result["final"]["cache_events"]
+    assert not leftovers(tmp_path)
+
+
+def test_a_spill_that_compresses_worse_than_estimated_stops_at_its_allowance(tmp_path, monkeypatch):
+    """RAM runs short after epoch 3 with --max-disk 1 MiB and compression overestimated
+    8x: stage 4's 2.8 MiB RAM cache looks like 0.35 MiB in zarr, so a spill is tried, but
+    the copy stops at the disk allowance (``spill_failed``); the cache stays in RAM and the
+    caches never take more than --max-disk. (Before, spill copies were written uncapped.)"""
+    cfg = cfg_for(tmp_path, cache_tier="ram", max_disk=2**20)
+    costs = lying_costs(cfg)
+    memory = HostMemory(monkeypatch)
+    seen: list[int] = []
+    watch = disk_watch(CacheRoot(tmp_path), seen)
+
+    def on_epoch(record: dict) -> None:
+        memory.short_after(3)(record)
+        watch(record)
+
+    result = Trainer(cfg, costs=costs, on_epoch=on_epoch).run()
+    assert max(seen) <= cfg.max_disk, [round(b / 2**20, 2) for b in seen]
+    failed = spills(result, "spill_failed")
+    assert failed and "disk budget" in failed[0]["detail"], result["final"]["cache_events"]
+    assert result["epochs"][failed[0]["epoch"]]["cache_tier"] == "ram"
+    assert not leftovers(tmp_path)
 
 
 def test_max_disk_charges_what_a_compressible_boundary_takes_on_disk(tmp_path, capsys):

@@ -506,11 +506,11 @@ def test_test_cache_that_cannot_open_is_tried_once_per_boundary(
     original = CacheContext.writer
     opened = []
 
-    def cannot_open_test(self, tier, spec):
+    def cannot_open_test(self, tier, spec, *, allowance):
         if spec.attrs["split"] == "test":
             opened.append(spec.attrs["boundary"])
             raise PermissionError(errno.EACCES, "Permission denied")
-        return original(self, tier, spec)
+        return original(self, tier, spec, allowance=allowance)
 
     monkeypatch.setattr(CacheContext, "writer", cannot_open_test)
     result = train(prefast_cfg(tmp_path))
