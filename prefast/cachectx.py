@@ -193,9 +193,18 @@ class CacheContext:
 
         Write-through epochs train and evaluate on the decoded rows, so a run gives the
         same numbers whether its caches were written in this run or reused from another.
+
+        The two never share memory: where encoding is a no-op (float32; a 16-bit cache
+        under autocast) the stored rows are a copy, queued on the device before the step.
+        A disk writer reads them later, on its own thread (on CUDA its copy to the host
+        is queued after the step), and a trainable stage that begins with an in-place op
+        (``nn.Dropout(inplace=True)``, ``nn.ReLU(inplace=True)``) writes into ``x``.
         """
         stored = encoding.encode(acts, dtype)
-        return stored, self.to_compute(stored, dtype, tuple(acts.shape[1:]))
+        x = self.to_compute(stored, dtype, tuple(acts.shape[1:]))
+        if x is stored:  # every no-op on the way (cast, move, decode) returned its input
+            stored = stored.clone()
+        return stored, x
 
     def to_compute(self, stored: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Stored rows -> the device (a no-op when they came through a reader's staging),

@@ -164,3 +164,25 @@ def test_ls_inspect_and_verify_know_eight_bit_caches(tmp_path, tier, capsys, cap
     flip_byte(where, 5)  # row 0's float32 offset of channel 0, not one of its values
     assert "chunk 0 of activations does not match its checksum" in " ".join(verify(root, "k"))
     assert json.loads(json.dumps(info, default=str))  # inspect stays JSON-able
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "bitround4", "int8", "float8"])
+def test_stored_rows_never_share_memory_with_what_the_step_trains_on(dtype, autocast, tmp_path):
+    """``as_stored`` returns the rows a writer stores and the tensor the step takes: a step
+    that writes into its input (an in-place first op) must not change what is stored,
+    whatever the dtype (float32's encoding, and 16-bit under autocast, are no-ops)."""
+    from prefast.cachectx import CacheContext
+    from prefast.governor import Budgets, Governor
+    from prefast.models import build_model
+
+    model = build_model("densenet-bc", in_channels=1, num_classes=10, image_size=8, depth=10)
+    cpu = torch.device("cpu")
+    ctx = CacheContext(CacheRoot(tmp_path), Governor(Budgets(tmp_path), cpu), model, cpu,
+                       dtype, {}, autocast=autocast)  # fmt: skip
+    acts = relu_batch(4, (3, 4, 4))
+    acts = acts.to(torch.bfloat16) if autocast and dtype == "bfloat16" else acts
+    stored, x = ctx.as_stored(acts, dtype)
+    before = stored.clone()
+    x.mul_(0)  # what nn.Dropout(inplace=True) may do to its input
+    assert torch.equal(stored, before)

@@ -301,3 +301,85 @@ def test_the_readme_example_runs_and_prints_what_it_says(tmp_path):
     assert res.returncode == 0, res.stderr
     expected = re.search(r"# (\{'name': 'custom'.*)", code).group(1)
     assert res.stdout.strip() == expected
+
+
+def inplace_net() -> nn.Sequential:
+    """Every stage after the first begins with an in-place op on its input (as many
+    nn.Sequential models and some torchvision cuts do): in training mode it writes into
+    the very tensor the frozen prefix produced."""
+    torch.manual_seed(0)
+
+    def block(i, o):  # pre-activation: its input is a BatchNorm's output, free to change
+        return nn.Sequential(
+            nn.Dropout(0.2, inplace=True),
+            nn.ReLU(),
+            nn.Conv2d(i, o, 3, padding=1, bias=False),
+            nn.BatchNorm2d(o),
+        )
+
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)),
+        block(16, 32),
+        block(32, 32),
+        block(32, 64),
+        nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)),
+    )
+
+
+def test_write_through_stores_the_prefix_output_even_when_the_step_writes_into_it(
+    tmp_path, monkeypatch
+):
+    """A float32 cache used to store the very tensor the step trained on (encoding to
+    float32 is a no-op), and the disk writer reads it later, on its own thread: a trainable
+    stage starting with nn.Dropout(inplace=True) then changed the rows before they were
+    stored. Here the writer is held back until each step has run. The stored rows must
+    equal the frozen prefix's output, and a run reusing the cache must train as the run
+    that wrote it."""
+    import threading
+
+    import prefast.store.disk_writer as disk_writer
+    from prefast.store import CacheRoot, open_reader
+    from prefast.store.manage import list_caches
+    from prefast.trainer import Trainer
+
+    steps = threading.Semaphore(0)
+    train_threads: set[str] = set()
+    init, to_storage, step = disk_writer.DiskWriter.__init__, disk_writer.to_storage, Trainer._step
+
+    def tracked_init(self, root, spec, *args, **kw):
+        init(self, root, spec, *args, **kw)
+        if spec.attrs.get("split") == "train":
+            train_threads.add(self.thread.name)
+
+    def held_back(t, dtype):  # the writer thread reads a batch's rows after its step
+        if threading.current_thread().name in train_threads:
+            assert steps.acquire(timeout=30), "no step ran after the batch was written"
+        return to_storage(t, dtype)
+
+    def stepped(self, batch, it):
+        loss = step(self, batch, it)
+        steps.release()
+        return loss
+
+    monkeypatch.setattr(disk_writer.DiskWriter, "__init__", tracked_init)
+    monkeypatch.setattr(disk_writer, "to_storage", held_back)
+    monkeypatch.setattr(Trainer, "_step", stepped)
+    train_ds, test_ds = digits_tensors()
+    cfg = TrainConfig(mode="prefast", cache_dir=str(tmp_path), cache_tier="zarr", **CFG)
+    tr = Trainer(cfg, model=inplace_net(), train_data=train_ds, test_data=test_ds)
+    wrote = tr.run()
+    root = CacheRoot(tmp_path)
+    [cache] = [c for c in list_caches(root) if c["split"] == "train"]
+    reader = open_reader(root, cache["key"])
+    try:
+        ids = torch.from_numpy(reader.ids().copy())
+        stored = reader.read_rows(np.arange(reader.spec.rows))[0]
+    finally:
+        reader.close()
+    x = torch.stack([train_ds[int(i)][0] for i in ids])
+    with torch.no_grad():
+        expected = tr.model.run_range(x, 0, cache["boundary"])
+    assert torch.equal(stored, expected), "the stored rows are not the prefix's output"
+    reused = train(cfg, model=inplace_net(), train_data=train_ds, test_data=test_ds)
+    assert [e["write_s"] for e in reused["epochs"]][-1] == 0
+    assert [e["train_loss"] for e in reused["epochs"]] == [e["train_loss"] for e in wrote["epochs"]]
