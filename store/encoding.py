@@ -17,6 +17,12 @@ buffers and checksums only ever move stored rows.
   ``float8_e4m3fn`` and ``scale`` = max|x| / 448 (e4m3's largest finite value),
   so the channel's range fills the format.
 
+Non-finite activations in 8-bit rows: the parameters come from a channel's finite
+values, and an inf or NaN is stored as ``torch.nan_to_num`` would put it inside
+that range (NaN as 0, +inf as the channel's largest finite value, -inf as its
+smallest), so it costs its own value and nothing else. (float32, float16 and
+bfloat16 rows keep NaN and inf as they are; bit rounding keeps them too.)
+
 An 8-bit row is one byte string: its channel parameters (float32,
 little-endian: ``(C, 2)`` ``[offset, scale]`` for int8, ``(C,)`` ``[scale]`` for
 float8), then its ``C*H*W`` one-byte values. So every row, and so every chunk,
@@ -130,19 +136,36 @@ def encode(x: torch.Tensor, dtype: str) -> torch.Tensor:
         return x
     b = len(x)
     flat = x.float().reshape(b, channels(tuple(x.shape[1:])), -1)
+    lo, hi, flat = _finite_range(flat)
     if dtype == "int8":
-        lo, hi = flat.amin(-1), flat.amax(-1)
         scale = (hi - lo) / 255
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant: q = 0
         q = ((flat - lo[..., None]) / scale[..., None]).round_().clamp_(0, 255).to(torch.uint8)
         params = torch.stack([lo, scale], -1)
     else:
-        scale = flat.abs().amax(-1) / E4M3_MAX
+        scale = torch.maximum(hi.abs(), lo.abs()) / E4M3_MAX
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         scaled = (flat / scale[..., None]).clamp_(-E4M3_MAX, E4M3_MAX)
         q = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
         params = scale[..., None]
     return torch.cat([params.contiguous().view(torch.uint8).reshape(b, -1), q.reshape(b, -1)], 1)
+
+
+def _finite_range(
+    flat: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each (row, channel)'s smallest and largest *finite* value, and ``flat`` with its
+    non-finite values put inside that range as ``torch.nan_to_num`` would: NaN as 0
+    (clamped into the range), +inf as the largest, -inf as the smallest. One inf or NaN
+    then costs its own value only, not its whole channel's scale; all on the device,
+    with no host sync. (A channel with no finite value stores zeros.)"""
+    finite = torch.isfinite(flat)
+    lo = torch.where(finite, flat, torch.inf).amin(-1)
+    hi = torch.where(finite, flat, -torch.inf).amax(-1)
+    empty = lo > hi  # no finite value at all
+    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+    flat = torch.where(torch.isnan(flat), 0.0, flat)
+    return lo, hi, torch.minimum(torch.maximum(flat, lo[..., None]), hi[..., None])
 
 
 def decode(stored: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -27,12 +27,40 @@ def losses(run: dict) -> list[tuple[float, float]]:
 
 
 # -- the encodings -----------------------------------------------------------------------
+@pytest.mark.parametrize("signed", [False, True], ids=["post-relu", "signed"])
 @pytest.mark.parametrize("bits", range(1, 10))
-def test_bit_rounding_is_numcodecs_bitround_bit_for_bit(bits):
+def test_bit_rounding_is_numcodecs_bitround_bit_for_bit(bits, signed):
     x = relu_batch(16, (8, 6, 6)) * 50
+    if signed:  # negative values, and values whose rounding carries into the exponent
+        x = torch.cat([torch.randn(16, 8, 6, 6) * 50, -x, torch.full((1, 8, 6, 6), -65504.0)])
     ours = encoding.encode(x, f"bitround{bits}").numpy()
     ref = numcodecs.BitRound(bits).encode(x.half().numpy())
     assert np.array_equal(ours.view(np.int16), ref.view(np.int16))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8"])
+def test_a_non_finite_activation_costs_its_own_value_not_its_channel(dtype):
+    """One NaN or inf in a (row, channel) used to ruin the whole channel: int8's scale
+    became non-finite (every value decoded to NaN), float8 fell back to scale 1 (the other
+    values stored unscaled, clamped to +-448). Now the channel's parameters come from its
+    finite values and the non-finite ones are stored as torch.nan_to_num would put them in
+    that range: the row encodes exactly as that replacement does."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4) * 1000  # beyond e4m3's +-448 unscaled
+    nan, inf = float("nan"), float("inf")
+    x[0, 1, 0, 0], x[0, 1, 1, 1], x[1, 2, 2, 2], x[1, 0] = nan, inf, -inf, nan
+    replaced = x.clone()
+    ch = x[0, 1][torch.isfinite(x[0, 1])]
+    replaced[0, 1, 0, 0] = torch.clamp(torch.tensor(0.0), ch.min(), ch.max())
+    replaced[0, 1, 1, 1] = ch.max()
+    replaced[1, 2, 2, 2] = x[1, 2][torch.isfinite(x[1, 2])].min()
+    replaced[1, 0] = 0.0  # a channel with no finite value at all
+    stored = encoding.encode(x, dtype)
+    assert torch.equal(stored, encoding.encode(replaced, dtype))
+    back = encoding.decode(stored, dtype, (3, 4, 4))
+    assert torch.isfinite(back).all()
+    span = (ch.max() - ch.min()).item()
+    assert (back[0, 1] - replaced[0, 1]).abs().max() <= span / 16, "the channel lost precision"
 
 
 @pytest.mark.parametrize("dtype, bound", [("int8", 0.5 / 255), ("float8", 2.0**-4)])
