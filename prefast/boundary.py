@@ -2,7 +2,8 @@
 
 ::
 
-    planned ──begin_view──► writing ──finish_view──► planned (views left) | complete
+    planned ──begin_view──► writing ──finish_view──► planned (views left, or the view
+       │                                          complete but unreadable now) | complete
        │  └──reuse_view──► planned | complete                    │
        │                                                          ├──supersede──► superseded
        ├──abandon (also from writing)──► abandoned                ├──corrupt────► corrupted
@@ -26,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from prefast.errors import BoundaryStateError
+from prefast.errors import BoundaryStateError, CacheUnavailableError
 from prefast.store import CacheRoot, Reader, Writer
 
 log = logging.getLogger("prefast.boundary")
@@ -94,7 +95,7 @@ class BoundaryCache:
         # The governor's estimate of what one view and the test set take in ``tier``: what
         # the ledger charges until the feed measures the caches on disk.
         self.view_bytes, self.test_bytes = 0, 0
-        self.unavailable = 0  # opens that failed with CacheUnavailableError (retried once)
+        self.unavailable = 0  # opens in a row that failed with CacheUnavailableError
         self.why: str | None = None  # reason of a terminal state
 
     def __repr__(self) -> str:
@@ -142,10 +143,19 @@ class BoundaryCache:
         self.writer.append(acts, labels, ids)
 
     def finish_view(self) -> None:
-        """Make the view being written readable; raises the writer's errors (then abandon)."""
+        """Make the view being written readable; raises the writer's errors (then abandon).
+
+        ``CacheUnavailableError``: the view is complete on disk but cannot be opened now
+        (too many open files, ...): the boundary goes back to planned without it, and the
+        view's next epoch reopens it by its key instead of writing it again.
+        """
         self._require(State.WRITING)
         assert self.writer is not None and self.writing_view is not None
-        reader = self.writer.finish()
+        try:
+            reader = self.writer.finish()
+        except CacheUnavailableError:
+            self.writer, self.writing_view, self.state = None, None, State.PLANNED
+            raise
         self.readers[self.writing_view] = reader
         self.writer, self.writing_view = None, None
         self.state = State.COMPLETE if len(self.readers) == self.views else State.PLANNED

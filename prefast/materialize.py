@@ -53,6 +53,7 @@ from prefast.distributed import SINGLE, Dist
 from prefast.errors import (
     CacheError,
     CacheReadError,
+    CacheUnavailableError,
 )
 from prefast.feature_augment import FeatureAugment, parse_ops
 from prefast.feed import Batch, BatchStream, RawSource
@@ -195,6 +196,8 @@ class PrefastFeed(BoundaryTransitions):
             try:
                 with self.ctx.timed("write_s"):
                     t.finish_view()
+            except CacheUnavailableError as exc:  # written, kept: reopened at its next epoch
+                self._unreadable(epoch, t, exc)
             except CacheError as exc:
                 self._abandon(epoch, str(exc))
         if self.target is not None and self.target.state is State.COMPLETE:

@@ -253,9 +253,7 @@ class BoundaryTransitions:
         try:
             opened = self.ctx.open_view(t.tier, spec, epoch, allowance=allowance)
         except CacheUnavailableError as exc:  # kept; this epoch computes the prefix
-            t.unavailable += 1
-            if t.unavailable > 1:  # still unreadable: give up the boundary, keep the cache
-                self._abandon(epoch, f"cache {key} stays unreadable: {exc}")
+            self._unreadable(epoch, t, exc, said=True)
             return
         except CacheAllocationError as exc:
             self._out_of_memory(epoch, t, exc)
@@ -263,10 +261,23 @@ class BoundaryTransitions:
         except (CacheError, OSError) as exc:
             self._abandon(epoch, f"cannot open a writer for cache {key}: {exc}")
             return
+        t.unavailable = 0  # "unreadable twice" means twice in a row
         if isinstance(opened, Reader):
             t.reuse_view(view, opened, stream)
         else:
             t.begin_view(view, opened, stream)
+
+    def _unreadable(
+        self, epoch: int, t: BoundaryCache, exc: CacheUnavailableError, said: bool = False
+    ) -> None:
+        """A view of ``t`` could not be opened now (its cache is kept): its next epoch tries
+        again; twice in a row, the boundary is given up (the cache stays on disk).
+        ``said``: the ``unavailable`` event is recorded already (``CacheContext.reuse``)."""
+        t.unavailable += 1
+        if not said:
+            self.ctx.event(epoch, "unavailable", stage=t.stage, detail=str(exc))
+        if t.unavailable > 1:
+            self._abandon(epoch, f"stage {t.stage}'s cache stays unreadable: {exc}")
 
     def _promote(self, epoch: int) -> None:
         assert self.target is not None

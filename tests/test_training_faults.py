@@ -30,6 +30,7 @@ from helpers import (
 )
 from prefast.store import CacheRoot
 from prefast.store.manage import list_caches
+from prefast.store.errors import CacheUnavailableError
 from prefast.store.zarr_writer import ZarrWriter
 
 from prefast.config import TrainConfig
@@ -377,6 +378,71 @@ def test_missing_chunk_is_rebuilt_and_the_rerun_matches_the_clean_run(tmp_path):
     assert any(
         e["event"] == "corrupted" and e.get("key") == key for e in rerun["final"]["cache_events"]
     )
+
+
+def test_a_view_unreadable_twice_but_not_in_a_row_does_not_abandon_its_boundary(
+    tmp_path, monkeypatch
+):
+    """--cache-views 2, rerun over complete caches: stage 7's view 0 cannot be opened at
+    epoch 8 (EMFILE), view 1 opens at epoch 9, view 0 fails again at epoch 10. Two failures,
+    not in a row: the boundary is kept and its views are read where they open (view 1 at
+    epoch 11). Before, the count was never reset, so the second failure ever abandoned the
+    boundary and deleted its sound caches."""
+    kw = dict(augment="standard", cache_views=2, cache_dtype="float16", epochs=12)
+    cfg = prefast_cfg(tmp_path, **kw)
+    clean = train(cfg)  # leaves stage 7's two views on disk (the last boundary)
+    assert [(e["epoch"], e["stage"]) for e in clean["final"]["cache_events"]
+            if e["event"] == "complete"][-1] == (9, 7)  # fmt: skip
+    root = CacheRoot(tmp_path)
+    keys = [c["key"] for c in list_caches(root) if c["split"] == "train" and c["boundary"] == 7]
+    assert len(keys) == 2, keys
+    marker, failed = CacheRoot.marker, []
+
+    def emfile_for_view_0(self, k):  # view 0: the first of the two opened (at epoch 8)
+        if k in keys and (not failed or failed == [k]):
+            failed.append(k)
+            raise OSError(errno.EMFILE, "Too many open files", str(self.dir_for(k)))
+        return marker(self, k)
+
+    monkeypatch.setattr(CacheRoot, "marker", emfile_for_view_0)
+    rerun = train(cfg)
+    events = rerun["final"]["cache_events"]
+    assert not [e for e in events if e["event"] == "abandoned"], events
+    assert len(failed) == 2, events
+    assert [e["epoch"] for e in events if e["event"] == "unavailable"] == [8, 10], events
+    last = rerun["epochs"][11]
+    assert (last["cache_stage"], last["cached_batches"]) == (7, 23), last
+    assert all(root.is_complete(k) for k in keys), "a sound cache was deleted"
+
+
+def test_a_view_written_but_unreadable_at_finish_is_kept_and_reused_next_epoch(
+    tmp_path, monkeypatch, freezeout_ref
+):
+    """The writer completes stage 4's cache (marker written), then opening the reader
+    fails with EMFILE: the cache is sound, so the boundary is not given up: the next epoch
+    reopens it by its key (``reused``) and reads it; nothing is written twice. Before, the
+    boundary was abandoned and its complete cache left on disk unused."""
+    from prefast.store import disk_writer
+
+    real, calls = disk_writer.open_reader, []
+
+    def emfile_once(root, key, lock=None):
+        if not calls and '"boundary": 4' in (root.dir_for(key) / "zarr.json").read_text():
+            calls.append(key)
+            lock.release()  # as a failed DiskReader does
+            raise CacheUnavailableError(key, "opening it: OSError: [Errno 24] Too many open files")
+        return real(root, key, lock=lock)
+
+    monkeypatch.setattr(disk_writer, "open_reader", emfile_once)
+    result = train(prefast_cfg(tmp_path))
+    events = result["final"]["cache_events"]
+    assert calls, "the fault was not injected"
+    assert not [e for e in events if e["event"] == "abandoned"], events
+    [unavailable] = [e for e in events if e["event"] == "unavailable"]
+    assert (unavailable["epoch"], unavailable["stage"]) == (3, 4), unavailable
+    assert [e["epoch"] for e in events if e.get("key") == calls[0]] == [4], events  # reused
+    assert result["epochs"][4]["cache_stage"] == 4 and result["epochs"][4]["write_s"] > 0
+    assert rel_diff(result, freezeout_ref) <= 1e-6
 
 
 # -- a cache file cut short under an open reader --------------------------------------------
