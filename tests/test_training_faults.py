@@ -29,8 +29,8 @@ from helpers import (
     train_recording,
 )
 from prefast.store import CacheRoot
-from prefast.store.manage import list_caches
 from prefast.store.errors import CacheUnavailableError
+from prefast.store.manage import list_caches
 from prefast.store.zarr_writer import ZarrWriter
 
 from prefast.config import TrainConfig

@@ -340,6 +340,7 @@ def test_write_through_stores_the_prefix_output_even_when_the_step_writes_into_i
     import prefast.store.disk_writer as disk_writer
     from prefast.store import CacheRoot, open_reader
     from prefast.store.manage import list_caches
+
     from prefast.trainer import Trainer
 
     steps = threading.Semaphore(0)
