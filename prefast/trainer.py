@@ -256,8 +256,10 @@ class Trainer:
                 self.history.append(record)
                 if self.on_epoch:
                     self.on_epoch(record)
-                if self.cfg.checkpoint and self.dist.is_main:  # rank 0 alone writes
-                    self._save_checkpoint(Path(self.cfg.checkpoint), epoch + 1)
+                if self.cfg.checkpoint:  # every rank's feed state, rank 0 alone writes
+                    feeds = distributed.gather(self.dist, self.feed.state())
+                    if self.dist.is_main:
+                        self._save_checkpoint(Path(self.cfg.checkpoint), epoch + 1, feeds)
         except RuntimeError as exc:
             if distributed.is_collective_failure(exc):  # not a local error: say so plainly
                 raise distributed.lost(self.dist, exc) from exc
@@ -288,11 +290,18 @@ class Trainer:
                     self.dist, report.get("cache_peak_bytes", 0)
                 ),
                 **report,
+                # under torchrun: every rank's own cache events (tiers, dtypes and faults
+                # are per rank; ``cache_events`` above are rank 0's)
+                **(
+                    {"rank_cache_events": distributed.gather(self.dist, report["cache_events"])}
+                    if self.dist.enabled and "cache_events" in report
+                    else {}
+                ),
             },
         }
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _save_checkpoint(self, path: Path, next_epoch: int) -> None:
+    def _save_checkpoint(self, path: Path, next_epoch: int, feeds: list[dict]) -> None:
         state = {
             "next_epoch": next_epoch,
             "num_frozen": self.model.num_frozen,
@@ -302,7 +311,9 @@ class Trainer:
             "history": self.history,
             "config": self.cfg.to_json(),
             "world": self.dist.world,
-            "feed": self.feed.state(),  # the caches to reopen, the plan (prefast mode)
+            # Each rank's feed state (the caches to reopen, their tiers and dtypes, the
+            # probe's costs), by rank: tiers, auto dtypes and fault re-plans are per rank.
+            "feeds": feeds,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -334,7 +345,11 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.history = state["history"]
         self.start_epoch = state["next_epoch"]
-        self.resume_feed = state.get("feed") or None
+        # This rank's own feed state; with another world size the shards are dealt again
+        # and rank 0's serves (its costs; its caches are not read: resharded).
+        feeds = state.get("feeds") or [state.get("feed")]  # "feed": rank 0's, before
+        same_world = state.get("world", 1) == self.dist.world and len(feeds) == self.dist.world
+        self.resume_feed = (feeds[self.dist.rank] if same_world else feeds[0]) or None
         if (world := state.get("world", 1)) != self.dist.world:  # shards are dealt again
             log.warning("checkpoint %s was written by %d process(es), resuming with %d: "
                         "resharding (the caches of the old shards are not used)",

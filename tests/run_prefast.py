@@ -4,7 +4,7 @@
                                 [--pause-in-finish FILE [--pause-rank R]]
                                 [--kill-at-epoch E [--kill-at-step S]]
                                 [--chunk-bytes N] [--truncate-at E:S | --truncate-after E]
-                                [--ids-out FILE] -- train ...
+                                [--ids-out FILE] [--disk-free-rank R BYTES] -- train ...
 
 ``--strict`` trains on the strict test device (``tests/strict_device.py``) instead
 of the CPU; ``--fail-rank R --fail-step N`` makes rank R raise a local error (a
@@ -18,7 +18,9 @@ every training cache's activation files under ``--cache-dir`` to zero bytes righ
 after a disk reader has loaded a chunk, from step S of epoch E on (while the reader
 holds it and before its rows are gathered), ``--truncate-after E`` once epoch E has
 ended (between epochs); ``--ids-out FILE`` writes, per epoch, the number
-of steps and whether the steps' sample ids were every sample exactly once.
+of steps and whether the steps' sample ids were every sample exactly once;
+``--disk-free-rank R BYTES``: rank R's disk holds BYTES less what its caches take (another
+node, with a fuller disk), so its tiers and auto dtypes differ from the other ranks'.
 Everything after ``--`` goes to the real CLI.
 """
 
@@ -46,9 +48,20 @@ def main() -> int:
     p.add_argument("--truncate-at")
     p.add_argument("--truncate-after", type=int)
     p.add_argument("--ids-out")
+    p.add_argument("--disk-free-rank", nargs=2, type=int, metavar=("R", "BYTES"))
     opts = p.parse_args(sys.argv[1:split])
     rank = int(os.environ.get("RANK", "0"))
     cli_args = sys.argv[split + 1 :]
+    if opts.disk_free_rank and opts.disk_free_rank[0] == rank:
+        from prefast.governor import Governor
+        from prefast.store.layout import disk_usage
+
+        disk_bytes = opts.disk_free_rank[1]
+
+        def free(self):
+            return disk_bytes - disk_usage(self.budgets.cache_dir)
+
+        Governor.disk_free = free  # type: ignore[method-assign]
     if opts.chunk_bytes:
         import prefast.store.base
 

@@ -376,3 +376,35 @@ def test_a_run_resumed_with_another_world_size_reshards_and_sees_every_sample_on
         (c["rank"], c["world"]) for c in list_caches(CacheRoot(cache)) if c["split"] == "train"
     }
     assert {(r, after) for r in range(after)} <= worlds, worlds
+
+
+@pytest.mark.slow
+def test_each_rank_resumes_its_own_caches_in_its_own_tier_and_dtype(tmp_path):
+    """Tiers, auto dtypes and fault re-plans are decided per rank. Here rank 1's node has
+    less free disk: with --cache-dtype auto its first boundary is stored in int8 where
+    rank 0's is float16. SIGKILLed in epoch 2 and resumed, each rank reopens its own
+    caches: rank 1 reads its int8 cache at once. (Before, the checkpoint held rank 0's
+    feed state alone: rank 1 looked up rank 0's float16 key, missed, and left its own
+    complete cache unused.)"""
+    ck, cache = tmp_path / "ck.pt", tmp_path / "cache"
+    # 0.9 MB of room for this rank's share of the disk: 518 KB of float16 (stage 3) would
+    # not fit beside the test set's cache, 388 KB of int8 does
+    free = str(int((2**30 + 0.9e6) / 0.9))
+    args = ["train", "--mode", "prefast", *DIGITS, "--epochs", "6",
+            "--cache-dtype", "auto", "--max-ram", "64KB", "--cache-boundaries", "every",
+            "--cache-dir", str(cache), "--checkpoint", str(ck)]  # fmt: skip
+    pre = [TEST_PREFAST, "--disk-free-rank", "1", free, "--kill-at-step", "5"]
+    first = torchrun(*args, program=[*pre, "--kill-at-epoch", "2", "--"])
+    assert first.returncode != 0, first.stderr[-2000:]
+    caches = [c for c in list_caches(CacheRoot(cache)) if c["split"] == "train"]
+    [int8] = [c for c in caches if c["rank"] == 1 and c["boundary"] == 3]
+    assert int8["dtype"] == "int8", caches
+    assert {c["dtype"] for c in caches if c["rank"] == 0} == {"float16"}, caches
+    out = tmp_path / "resumed.json"
+    res = torchrun(*args, "--resume", "--json-out", str(out), program=[*pre, "--"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rank1 = json.loads(out.read_text())["final"]["rank_cache_events"][1]
+    reused = [e for e in rank1 if e["event"] == "reused"]
+    assert [(e["epoch"], e["key"]) for e in reused] == [(2, int8["key"])], rank1
+    [resumed] = [e for e in rank1 if e["event"] == "resumed"]
+    assert resumed["kept"] == [3], resumed
