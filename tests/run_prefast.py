@@ -53,8 +53,9 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     cli_args = sys.argv[split + 1 :]
     if opts.disk_free_rank and opts.disk_free_rank[0] == rank:
-        from prefast.governor import Governor
         from prefast.store.layout import disk_usage
+
+        from prefast.governor import Governor
 
         disk_bytes = opts.disk_free_rank[1]
 
