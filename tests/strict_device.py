@@ -12,7 +12,9 @@ from Python (``torch.utils.backend_registration``), stands in for a GPU:
   index a numpy array (``__array__``), ``__index__``. On CUDA ``.item()`` and
   ``.tolist()`` work by synchronizing with the device; here they raise, so a
   per-batch host sync fails a test. An explicit ``.cpu()`` / ``.to("cpu")`` is
-  the one way back to the host, and it is counted per thread (``host_reads``).
+  the one way back to the host, and it is counted per thread (``host_reads``),
+  as is every ``torch.strict.synchronize()`` (``syncs``: what
+  ``prefast.store.device.synchronize`` calls, the stand-in for a CUDA sync).
 - An op that mixes a strict tensor with a host tensor of one or more dimensions
   raises "Expected all tensors to be on the same device", as on CUDA (0-dim
   host tensors pass, as CUDA lets CPU scalars pass). Copies between the two
@@ -83,6 +85,7 @@ class Memory:
         self.live: dict[int, int] = {}  # id(storage) -> bytes
         self.refuse: Callable[[int], bool] = lambda nbytes: False
         self.host_reads: Counter[str] = Counter()  # thread name -> device-to-host copies
+        self.syncs: Counter[str] = Counter()  # thread name -> device synchronizations
         self.failed: list[int] = []  # sizes of the allocations that raised
 
     @property
@@ -236,7 +239,8 @@ class _Module:
         pass
 
     def synchronize(self, device: object = None) -> None:
-        pass  # every op runs to completion on the CPU
+        # Every op has run to completion on the CPU already; counted, as a CUDA sync costs.
+        MEMORY.syncs[threading.current_thread().name] += 1
 
     def mem_get_info(self, device: object = None) -> tuple[int, int]:
         return MEMORY.free(), MEMORY.capacity
