@@ -161,7 +161,12 @@ class TestCache:
             self.ctx.event(epoch, name, split="test", stage=start, detail=str(exc))
             if damaged and reader is self.reader:
                 self.drop()
-            yield from self.raw.test_batches(first_row=done)  # whole batches were served
+            # The rest as the cache holds it: raw rows (whole batches were served) through
+            # the prefix, encoded and decoded in its dtype, entering stage ``start``.
+            for batch in self.raw.test_batches(first_row=done):
+                x = self.run_prefix(batch.x, batch.start, start)
+                _, x = self.ctx.as_stored(x, reader.spec.dtype)
+                yield Batch(x, batch.y, batch.ids, batch.labels, start, cached=True)
 
     def _replace(self, reader: Reader, stage: int) -> None:
         self.drop()

@@ -16,11 +16,13 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import (
     DIGITS,
     assert_every_sample_once_per_epoch,
     chunk_read_mid_epoch,
     corrupt_chunk_read_mid_epoch,
+    flip_byte,
     leftovers,
     prefast_threads,
     rel_diff,
@@ -562,6 +564,57 @@ def test_test_cache_write_failure_leaves_training_running(tmp_path, monkeypatch,
     ]
     assert not prefast_threads() and not leftovers(tmp_path)
     assert all(r != "test" for r in [c["split"] for c in _caches(tmp_path)])
+
+
+def test_a_damaged_test_cache_evaluates_the_rest_as_the_cache_holds_it(tmp_path, monkeypatch):
+    """int8 caches: stage 2's test cache is damaged mid-way after epoch 2; epoch 3's
+    evaluation reads it to build stage 4's. The rows after the damage come from raw data
+    through the prefix *and the int8 encoding*, as the cache held them: every evaluation
+    gives the clean run's logits, bit for bit. (Before, the rest entered at stage 0 in
+    float32, and stage 4's test cache, and every evaluation after, differed.)"""
+    import numpy as np
+    from prefast.store import open_reader
+
+    from prefast.trainer import Trainer
+
+    monkeypatch.setattr("prefast.store.base.CHUNK_BYTES", 4096)  # many chunks per test cache
+
+    def run(path, on_epoch=None):
+        tr = Trainer(prefast_cfg(path, cache_dtype="int8"), on_epoch=on_epoch)
+        sums: list[list[float]] = []
+        evaluate = tr.evaluate
+
+        def recorded():
+            sums.append([])
+            return evaluate()
+
+        def head_output(module, inputs, out):
+            if not torch.is_grad_enabled() and sums:  # evaluation (no_grad)
+                sums[-1].append(out.double().sum().item())
+
+        tr.evaluate = recorded  # type: ignore[method-assign]
+        tr.model.stages[-1].register_forward_hook(head_output)
+        return tr.run(), sums
+
+    _, clean = run(tmp_path / "clean")
+    root, hit = CacheRoot(tmp_path / "faulted"), {}
+
+    def damage(record):
+        if record["epoch"] == 2:
+            [key] = [c["key"] for c in list_caches(root) if c["split"] == "test"]
+            reader = open_reader(root, key)
+            chunk = reader.num_chunks // 2
+            name = reader.array.metadata.encode_chunk_key((chunk, 0))
+            reader.close()
+            hit["chunk"] = chunk
+            flip_byte(root.dir_for(key) / "activations" / str(name))
+
+    result, faulted = run(tmp_path / "faulted", damage)
+    events = [e for e in result["final"]["cache_events"] if e.get("split") == "test"]
+    assert [(e["epoch"], e["event"], e["stage"]) for e in events] == [(3, "corrupted", 2)], events
+    assert f"chunk {hit['chunk']}" in events[0]["detail"]
+    assert np.array_equal(np.array(faulted[3]), np.array(clean[3])), "epoch 3's evaluation"
+    assert faulted == clean
 
 
 def test_test_cache_that_cannot_open_is_tried_once_per_boundary(
