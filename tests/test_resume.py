@@ -86,3 +86,45 @@ def test_resuming_with_fewer_epochs_than_trained_is_refused_in_one_line(tmp_path
     cfg = first_part(tmp_path)
     with pytest.raises(ConfigError, match="has trained 5 epochs, more than --epochs 4"):
         train(cfg.replace(epochs=4, resume=True))
+
+
+def test_a_resumed_run_reopens_an_auto_chosen_int8_boundary(tmp_path):
+    """--cache-dtype auto under --max-disk 6 MiB: stage 2's cache fits the disk in int8 only
+    (8.3 MB in float16, 4.7 MB in int8). Crashed after epoch 2 and resumed, the run reopens
+    that int8 cache by its key at epoch 3 (the checkpoint records each boundary's dtype)
+    and trains exactly as the uninterrupted run."""
+    from prefast.store import CacheRoot
+    from prefast.store.manage import list_caches
+
+    kw = dict(cache_dtype="auto", max_ram=64 * 2**10, max_disk=6 * 2**20)
+    whole = train(TrainConfig(mode="prefast", cache_dir=str(tmp_path / "whole"),
+                              cache_boundaries="every", **{**DIGITS, **kw}))  # fmt: skip
+    first = next(e for e in whole["final"]["cache_events"] if e["event"] == "boundary")
+    assert (first["epoch"], first["stage"], first["dtype"]) == (2, 2, "int8"), first
+    assert first["tier"] in ("mmap", "zarr")
+    cfg = TrainConfig(mode="prefast", cache_dir=str(tmp_path / "c"), cache_boundaries="every",
+                      checkpoint=str(tmp_path / "ck.pt"), **{**DIGITS, **kw})  # fmt: skip
+
+    from prefast.trainer import Trainer
+
+    tr = Trainer(cfg)
+    step = tr._step
+
+    def crash(batch, it):  # in epoch 3, before it completes stage 4 (which supersedes 2)
+        if it == 3 * tr.raw.batches_per_epoch + 5:
+            raise Stop  # the checkpoint holds epochs 0..2: stage 2 complete, in int8
+        return step(batch, it)
+
+    tr._step = crash  # type: ignore[method-assign]
+    with pytest.raises(Stop):
+        tr.run()
+    [int8] = [c for c in list_caches(CacheRoot(tmp_path / "c"))
+              if c["split"] == "train" and c["boundary"] == 2]  # fmt: skip
+    assert int8["dtype"] == "int8"
+    resumed = train(cfg.replace(resume=True))
+    reused = [(e["epoch"], e["key"]) for e in events(resumed, "reused")]
+    assert (3, int8["key"]) in reused, resumed["final"]["cache_events"]
+    assert resumed["epochs"][3]["cache_stage"] == 2
+    assert [e["train_loss"] for e in resumed["epochs"]] == [
+        e["train_loss"] for e in whole["epochs"]
+    ]
