@@ -11,6 +11,7 @@ fail within that time instead of hanging.
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import os
 from collections.abc import Callable
@@ -139,6 +140,12 @@ class Replicas:
         assert self.wrapped is not None
         return self.wrapped
 
+    def close(self) -> None:
+        """Let go of the DDP wrapper at the end of the run, while the process group lives:
+        left to the garbage collector (the trainer holds a reference cycle) it was freed
+        after ``destroy_process_group``, with gloo's threads still holding its buckets."""
+        self.wrapped, self.built_at = None, -1
+
     def sync_buffers(self) -> None:
         """Rank 0's BatchNorm statistics on every rank. DDP syncs buffers when a forward
         starts, so after an epoch's last step each rank holds its own batch's update:
@@ -151,8 +158,12 @@ class Replicas:
 def shutdown(clean: bool = True) -> None:
     """Leave the process group. After a clean run every rank first meets the others:
     gloo aborts the process (``terminate called ...``) when a rank tears down its
-    connections while a peer is still using them."""
+    connections while a peer is still using them. Garbage that still holds the group (a
+    DDP wrapper in a reference cycle) is collected first: freed later, during the
+    interpreter's teardown, it made gloo abort the process the same way (PyTorch's
+    destroy_process_group documentation asks for this order)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         if clean:
             dist.barrier()
         dist.destroy_process_group()

@@ -266,6 +266,7 @@ class Trainer:
             raise
         finally:
             self.feed.close()
+            self.replicas.close()
         report = self.feed.report()
         return {
             "config": self.cfg.to_json(),

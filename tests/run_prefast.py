@@ -4,7 +4,8 @@
                                 [--pause-in-finish FILE [--pause-rank R]]
                                 [--kill-at-epoch E [--kill-at-step S]]
                                 [--chunk-bytes N] [--truncate-at E:S | --truncate-after E]
-                                [--ids-out FILE] [--disk-free-rank R BYTES] -- train ...
+                                [--ids-out FILE] [--disk-free-rank R BYTES]
+                                [--assert-ddp-freed] -- train ...
 
 ``--strict`` trains on the strict test device (``tests/strict_device.py``) instead
 of the CPU; ``--fail-rank R --fail-step N`` makes rank R raise a local error (a
@@ -20,7 +21,10 @@ holds it and before its rows are gathered), ``--truncate-after E`` once epoch E 
 ended (between epochs); ``--ids-out FILE`` writes, per epoch, the number
 of steps and whether the steps' sample ids were every sample exactly once;
 ``--disk-free-rank R BYTES``: rank R's disk holds BYTES less what its caches take (another
-node, with a fuller disk), so its tiers and auto dtypes differ from the other ranks'.
+node, with a fuller disk), so its tiers and auto dtypes differ from the other ranks';
+``--assert-ddp-freed`` fails the rank if a DDP wrapper is still in memory (even as
+uncollected garbage) when the process group is destroyed: freed later, gloo could
+abort the process at exit.
 Everything after ``--`` goes to the real CLI.
 """
 
@@ -49,6 +53,7 @@ def main() -> int:
     p.add_argument("--truncate-after", type=int)
     p.add_argument("--ids-out")
     p.add_argument("--disk-free-rank", nargs=2, type=int, metavar=("R", "BYTES"))
+    p.add_argument("--assert-ddp-freed", action="store_true")
     opts = p.parse_args(sys.argv[1:split])
     rank = int(os.environ.get("RANK", "0"))
     cli_args = sys.argv[split + 1 :]
@@ -63,6 +68,23 @@ def main() -> int:
             return disk_bytes - disk_usage(self.budgets.cache_dir)
 
         Governor.disk_free = free  # type: ignore[method-assign]
+    if opts.assert_ddp_freed:
+        import gc
+
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        destroy = dist.destroy_process_group
+
+        def checked_destroy(*args, **kw):
+            alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+            destroy(*args, **kw)
+            if alive:
+                print(f"rank {rank}: {alive} DDP wrapper(s) outlive the process group",
+                      file=sys.stderr)  # fmt: skip
+                os._exit(3)
+
+        dist.destroy_process_group = checked_destroy
     if opts.chunk_bytes:
         import prefast.store.base
 
