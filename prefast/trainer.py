@@ -16,7 +16,6 @@ device: losses and hit counts add up on it and are read once per epoch.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import resource
@@ -26,14 +25,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 from torch.utils.data import Dataset
 
+import prefast.checkpoint as checkpoint
 import prefast.distributed as distributed
 from prefast.build import build_run, schedule_for
 from prefast.config import TrainConfig
 from prefast.costmodel import StageCost
-from prefast.errors import ConfigError
 from prefast.feed import Batch, Feed, batch_loss, data_share
 from prefast.models import StagedModel
 from prefast.store.device import to_host
@@ -52,15 +50,6 @@ def drop_from_optimizer(opt: torch.optim.Optimizer, stages: list[int]) -> None:
         for p in group["params"]:
             opt.state.pop(p, None)
         opt.param_groups.remove(group)
-
-
-def host_state(state: dict) -> dict:
-    """A state dict (a module's or an optimizer's) with host copies of its tensors; a
-    module's keeps its version metadata."""
-    out = tree_map(lambda v: to_host(v) if isinstance(v, torch.Tensor) else v, state)
-    if hasattr(state, "_metadata"):
-        out._metadata = state._metadata
-    return out
 
 
 def deterministic_kernels(on: bool) -> None:
@@ -301,60 +290,28 @@ class Trainer:
             },
         }
 
-    # -- checkpoints -----------------------------------------------------------------------
+    # -- checkpoints (prefast/checkpoint.py) ------------------------------------------------
     def _save_checkpoint(self, path: Path, next_epoch: int, feeds: list[dict]) -> None:
-        state = {
-            "next_epoch": next_epoch,
-            "num_frozen": self.model.num_frozen,
-            # Host copies: a checkpoint loads on any device (map_location is the host).
-            "model": host_state(self.model.state_dict()),
-            "optimizer": host_state(self.opt.state_dict()),
-            "history": self.history,
-            "config": self.cfg.to_json(),
-            "world": self.dist.world,
-            # Each rank's feed state (the caches to reopen, their tiers and dtypes, the
-            # probe's costs), by rank: tiers, auto dtypes and fault re-plans are per rank.
-            "feeds": feeds,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a crash leaves the previous checkpoint intact
+        checkpoint.save(
+            path,
+            {
+                "next_epoch": next_epoch,
+                "num_frozen": self.model.num_frozen,
+                "model": checkpoint.host_state(self.model.state_dict()),
+                "optimizer": checkpoint.host_state(self.opt.state_dict()),
+                "history": self.history,
+                "config": self.cfg.to_json(),
+                "world": self.dist.world,
+                "feeds": feeds,  # every rank's, by rank
+            },
+        )
 
     def _load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        # more epochs may be asked for on resume; the rest changes nothing that was trained
-        ignore = ("resume", "checkpoint", "epochs", "dist_timeout", "check_replicas", "workers")
-        saved = json.loads(json.dumps(state["config"]))
-        mine = json.loads(json.dumps(self.cfg.to_json()))
-        changed = sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
-        if changed:
-            raise ConfigError(
-                f"checkpoint {path} was made with different settings ({', '.join(changed)}): "
-                "resume with the same flags, or start a new run without --resume"
-            )
-        if state["next_epoch"] > self.cfg.epochs:
-            raise ConfigError(
-                f"checkpoint {path} has trained {state['next_epoch']} epochs, more than "
-                f"--epochs {self.cfg.epochs}: resume with --epochs {state['next_epoch']} or "
-                "more, or start a new run without --resume"
-            )
-        self.model.load_state_dict(state["model"])
-        drop_from_optimizer(self.opt, self.model.freeze_prefix(state["num_frozen"]))
-        self.opt.load_state_dict(state["optimizer"])
-        self.history = state["history"]
-        self.start_epoch = state["next_epoch"]
-        # This rank's own feed state; with another world size the shards are dealt again
-        # and rank 0's serves (its costs; its caches are not read: resharded).
-        feeds = state.get("feeds") or [state.get("feed")]  # "feed": rank 0's, before
-        same_world = state.get("world", 1) == self.dist.world and len(feeds) == self.dist.world
-        self.resume_feed = (feeds[self.dist.rank] if same_world else feeds[0]) or None
-        if (world := state.get("world", 1)) != self.dist.world:  # shards are dealt again
-            log.warning("checkpoint %s was written by %d process(es), resuming with %d: "
-                        "resharding (the caches of the old shards are not used)",
-                        path, world, self.dist.world)  # fmt: skip
+        ck = checkpoint.load(path, self.cfg, self.dist)
+        self.model.load_state_dict(ck.model)
+        drop_from_optimizer(self.opt, self.model.freeze_prefix(ck.num_frozen))
+        self.opt.load_state_dict(ck.optimizer)
+        self.history, self.start_epoch, self.resume_feed = ck.history, ck.next_epoch, ck.feed
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
 

@@ -52,7 +52,7 @@ def open_writer(
     if tier in ("mmap", "zarr"):
         if root is None:
             raise ConfigError(f"cache tier {tier!r} needs a cache directory (--cache-dir)")
-        from .disk_writer import MmapWriter
+        from .mmap_writer import MmapWriter
         from .zarr_writer import ZarrWriter
 
         return ZarrWriter(root, spec) if tier == "zarr" else MmapWriter(root, spec)

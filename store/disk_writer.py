@@ -1,5 +1,5 @@
-"""Writers of the on-disk tiers: what they share, and ``mmap`` (the ``zarr`` tier's writer,
-chunked, crc32c, zstd when it pays, is in ``zarr_writer.py``).
+"""What the writers of the on-disk tiers share (``mmap_writer.py``: raw rows in one file;
+``zarr_writer.py``: chunk files, crc32c, zstd when it pays).
 
 Writes go through one background thread with a bounded queue, so the trainer
 only waits on disk when the queue is full. Rows are grouped into chunks of the
@@ -384,25 +384,3 @@ class DiskWriter(Writer):
                 },
             }
         )
-
-
-class MmapWriter(DiskWriter):
-    """Raw rows in one file; per-chunk crc32c in the marker (checked on read)."""
-
-    tier = "mmap"
-
-    def _open_files(self) -> None:
-        self.file = open(self.dir / "activations.bin", "wb")  # noqa: SIM115 - closed in _finalize
-        self._set_attrs("none", 1.0)
-
-    def _write_chunk(self, start: int, rows: np.ndarray) -> None:
-        self._charge(rows.nbytes)
-        self.file.write(np.ascontiguousarray(rows).data)
-
-    def _finalize(self) -> None:
-        self.file.close()
-
-    def _stop_io(self, deadline: float | None, then: Callable[[], None]) -> bool:
-        if hasattr(self, "file"):  # written on the writer thread, which has ended
-            self.file.close()
-        return True

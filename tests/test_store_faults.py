@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import cli, run_with_deadline
 from prefast.store import CacheRoot, CacheSpec, open_reader, open_writer
-from prefast.store.disk_writer import ABORT_WAIT_S, MmapWriter
+from prefast.store.disk_writer import ABORT_WAIT_S
 from prefast.store.errors import (
     CacheCorruptedError,
     CacheExistsError,
@@ -28,6 +28,7 @@ from prefast.store.errors import (
     DiskStalledError,
 )
 from prefast.store.manage import verify
+from prefast.store.mmap_writer import MmapWriter
 from prefast.store.zarr_writer import ZarrWriter
 
 SHAPE = (8, 8, 8)
