@@ -88,6 +88,7 @@ def test_resuming_with_fewer_epochs_than_trained_is_refused_in_one_line(tmp_path
         train(cfg.replace(epochs=4, resume=True))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_reopens_an_auto_chosen_int8_boundary(tmp_path):
     """--cache-dtype auto under --max-disk 6 MiB: stage 2's cache fits the disk in int8 only
     (8.3 MB in float16, 4.7 MB in int8). Crashed after epoch 2 and resumed, the run reopens

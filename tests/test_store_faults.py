@@ -22,6 +22,7 @@ from prefast.store.disk_writer import ABORT_WAIT_S
 from prefast.store.errors import (
     CacheCorruptedError,
     CacheExistsError,
+    CacheUnavailableError,
     CacheWriteError,
     DiskBudgetError,
     DiskFullError,
@@ -328,3 +329,22 @@ def test_abort_with_a_chunk_write_hung_in_the_encode_pool_returns_and_the_proces
     assert proc.returncode == 0 and out.startswith("aborted"), out
     assert float(out.split()[1]) <= ABORT_WAIT_S + 1, out
     assert exited <= ABORT_WAIT_S + 1, f"exited {exited:.1f} s after abort() began"
+
+
+@pytest.mark.parametrize(
+    "code,kind",
+    [
+        (errno.EIO, CacheCorruptedError),  # an unreadable block: the cache is bad
+        (errno.ENOENT, CacheCorruptedError),
+        (errno.ESTALE, CacheUnavailableError),  # a stale NFS handle: try again later
+        (errno.EMFILE, CacheUnavailableError),
+        (errno.ETIMEDOUT, CacheUnavailableError),  # a read that stalled (iothreads)
+    ],
+    ids=errno.errorcode.get,
+)
+def test_read_errors_are_sorted_into_damage_or_unavailable(code, kind):
+    """Damage deletes and rebuilds a cache; anything else keeps it. ESTALE used to count as
+    damage, so a sound cache on NFS was deleted after a server restart."""
+    from prefast.store.errors import read_error
+
+    assert type(read_error("k", "reading chunk 3", OSError(code, os.strerror(code)))) is kind

@@ -310,9 +310,8 @@ def test_a_chunk_read_that_hangs_is_given_up_after_the_stall_bound(tmp_path, mon
     assert result["epochs"][fault_epoch + 1]["cached_batches"] == bpe
 
 
-@pytest.mark.parametrize(
-    "code", [pytest.param(errno.EMFILE, marks=pytest.mark.slow), errno.ESTALE], ids=str
-)
+@pytest.mark.slow  # the classifier's sorting: test_store_faults (fast)
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ESTALE], ids=str)
 def test_a_transient_error_at_open_keeps_a_complete_cache_and_reads_it_next_epoch(
     code, tmp_path, monkeypatch
 ):
@@ -382,6 +381,7 @@ def test_missing_chunk_is_rebuilt_and_the_rerun_matches_the_clean_run(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_view_unreadable_twice_but_not_in_a_row_does_not_abandon_its_boundary(
     tmp_path, monkeypatch
 ):
@@ -460,7 +460,9 @@ TRUNCATE_RUN = [
     [
         # mid-epoch, while the windowed reader holds chunks read ahead (1-chunk window)
         ("zarr", ["--truncate-at", "4:5"], ["--max-ram", "256KB"]),
-        ("mmap", ["--truncate-after", "3"], []),  # between epochs, the file mapped
+        pytest.param(  # between epochs, the file mapped (make check)
+            "mmap", ["--truncate-after", "3"], [], marks=pytest.mark.slow
+        ),
     ],
     ids=["zarr-mid-epoch", "mmap-between-epochs"],
 )
@@ -566,6 +568,7 @@ def test_test_cache_write_failure_leaves_training_running(tmp_path, monkeypatch,
     assert all(r != "test" for r in [c["split"] for c in _caches(tmp_path)])
 
 
+@pytest.mark.slow
 def test_a_damaged_test_cache_evaluates_the_rest_as_the_cache_holds_it(tmp_path, monkeypatch):
     """int8 caches: stage 2's test cache is damaged mid-way after epoch 2; epoch 3's
     evaluation reads it to build stage 4's. The rows after the damage come from raw data
