@@ -15,6 +15,7 @@ No torch here: this module is tested against the closed form.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -102,8 +103,8 @@ class FreezeOutSchedule:
     def resumed(self, frozen: int, at: int) -> ResumedSchedule:
         """This schedule, continued from a checkpoint whose first ``frozen`` stages were
         frozen at iteration ``at`` (see :class:`ResumedSchedule`)."""
-        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        return ResumedSchedule(**fields, frozen=frozen, at=at)
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(FreezeOutSchedule)}
+        return ResumedSchedule(**base, frozen=frozen, at=at)
 
 
 @dataclass(frozen=True)

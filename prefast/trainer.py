@@ -57,11 +57,12 @@ def deterministic_kernels(on: bool) -> None:
     two runs of one command give the same numbers (without it, atomics in the backward
     pass make every run differ in the last bits, and training amplifies that). cuBLAS
     needs a fixed workspace for it; an op with no deterministic kernel warns, naming
-    itself, instead of failing the run."""
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at each call
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    torch.backends.cudnn.deterministic = on
+    itself, instead of failing the run. Off, the process's own settings stay as they are."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at each call
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
 
 
 def peak_rss_mb() -> float:

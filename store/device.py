@@ -108,6 +108,8 @@ def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()  # one device, no argument
     elif is_accelerator(device):
         sync = getattr(getattr(torch, device.type, None), "synchronize", None)
         if sync is not None:

@@ -217,23 +217,27 @@ class DiskWriter(Writer):
     def _put(self, item: object) -> None:
         """Queue ``item``; if the writer thread fails meanwhile, raise instead of waiting,
         and if the disk has finished no write for ``IO_STALL_S``, give up on it."""
+        waiting = time.monotonic()
         while True:
             try:
                 self.queue.put(item, timeout=POLL_S)
                 return
             except queue.Full:
                 self._raise_if_failed()
-                self._raise_if_stalled()
+                self._raise_if_stalled(waiting)
 
     def _join_writer(self) -> None:
         """Wait for the writer thread to write everything queued: as long as it makes
         progress, but no longer than ``IO_STALL_S`` without any."""
+        waiting = time.monotonic()
         while self.thread.is_alive():
             self.thread.join(POLL_S)
-            self._raise_if_stalled()
+            self._raise_if_stalled(waiting)
 
-    def _raise_if_stalled(self) -> None:
-        idle = time.monotonic() - self.progress_at
+    def _raise_if_stalled(self, waiting: float) -> None:
+        """Give up when the writer made no progress for ``IO_STALL_S`` *while the trainer
+        waited* (since ``waiting``): a writer idle before the wait began is not stalled."""
+        idle = time.monotonic() - max(self.progress_at, waiting)
         if idle > stall_s():
             self.error = self.error or DiskStalledError(
                 f"no chunk write to cache {self.spec.key} under {self.root.path} finished "

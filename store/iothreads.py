@@ -39,6 +39,7 @@ class IOPool:
         self._lock = threading.Lock()
         self._alive = workers
         self._then: Callable[[], None] | None = None
+        self._shut = False
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
             for i in range(workers)
@@ -47,6 +48,8 @@ class IOPool:
             t.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if self._shut:  # its threads are gone: the future would never complete
+            raise RuntimeError("submit() to an IOPool after shutdown()")
         future: Future = Future()
         self._jobs.put((future, fn, args))
         return future
@@ -76,7 +79,9 @@ class IOPool:
     ) -> bool:
         """Cancel what has not started and stop the threads, waiting at most ``timeout``
         seconds (None: until they end). True when every thread has ended; otherwise
-        ``then`` runs in the last thread to end, once its call returns."""
+        ``then`` runs in the last thread to end, once its call returns. (From one of the
+        pool's own threads: False, and ``then`` runs when that thread ends.)"""
+        self._shut = True
         while True:  # cancel what is still queued
             try:
                 job = self._jobs.get_nowait()
