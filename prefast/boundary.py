@@ -95,7 +95,7 @@ class BoundaryCache:
         # The governor's estimate of what one view and the test set take in ``tier``: what
         # the ledger charges until the feed measures the caches on disk.
         self.view_bytes, self.test_bytes = 0, 0
-        self.unavailable = 0  # opens in a row that failed with CacheUnavailableError
+        self.unavailable = 0  # opens or reads in a row that failed with CacheUnavailableError
         self.why: str | None = None  # reason of a terminal state
 
     def __repr__(self) -> str:

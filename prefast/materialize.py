@@ -183,6 +183,8 @@ class PrefastFeed(BoundaryTransitions):
             for batch in batches:
                 seen[batch.ids.numpy()] = True
                 yield self._augmented(self._through(batch, writing, epoch), epoch)
+            if source is not None:
+                source.unavailable = 0  # read whole: "unreadable twice" means in a row
         except CacheReadError as exc:  # damaged, or unreadable now: the rest from raw data
             assert source is not None
             self._read_failed(epoch, source, exc)

@@ -320,10 +320,23 @@ class BoundaryTransitions:
         if isinstance(exc, CacheCorruptedError):
             self._corrupted(epoch, source, exc)
             return
-        # Unavailable (too many open files, no permission, ...): nothing says the cache is
-        # bad, so it is kept and read again next epoch; this epoch ends on raw data.
+        # Unavailable (too many open files, no permission, a stalled read...): nothing says
+        # the cache is bad, so it is kept and read again next epoch; this epoch ends on raw
+        # data. Twice in a row, reading it is given up (its files stay on disk): a disk that
+        # stays hung would otherwise cost IO_STALL_S every epoch to the end of the run.
         log.warning("%s: the rest of the epoch comes from raw data", exc)
         self.ctx.event(epoch, "unavailable", stage=source.stage, detail=str(exc))
+        source.unavailable += 1
+        if source.unavailable > 1:
+            why = f"stage {source.stage}'s cache unreadable twice in a row; its files are kept"
+            log.warning("not reading %s any more: %s", source.name, why)
+            self.ctx.event(epoch, "abandoned", stage=source.stage, detail=why)
+            source.close()
+            if source is self.current:
+                self.current = None
+                self.test.close()
+            if source is self.target:
+                self.target = None
 
     def _corrupted(self, epoch: int, source: BoundaryCache, exc: CacheCorruptedError) -> None:
         """Never train on garbage: drop the boundary; rebuild it next epoch unless a

@@ -310,6 +310,43 @@ def test_a_chunk_read_that_hangs_is_given_up_after_the_stall_bound(tmp_path, mon
     assert result["epochs"][fault_epoch + 1]["cached_batches"] == bpe
 
 
+@pytest.mark.slow
+def test_a_cache_unreadable_two_epochs_in_a_row_is_no_longer_read(tmp_path, monkeypatch):
+    """Every read of stage 7's chunk files hangs (a disk that stays hung). Epochs 7 and 8
+    read stage 7: each gives up after IO_STALL_S and goes on from raw data; after the
+    second, in a row, the boundary is no longer read (``abandoned``; its files are kept),
+    so no later epoch waits for it again. (Before, it was read, and waited for, every
+    epoch to the end of the run.)"""
+    monkeypatch.setattr("prefast.store.iothreads.IO_STALL_S", 1.0)
+    monkeypatch.setattr("prefast.store.chunkio.CLOSE_WAIT_S", 0.2)
+    root, cfg = CacheRoot(tmp_path), prefast_cfg(tmp_path)
+    hung: dict = {}
+    released = threading.Event()
+    real_preadv = os.preadv
+
+    def hung_preadv(fd, buffers, offset):
+        if "key" in hung and hung["key"] in os.readlink(f"/proc/self/fd/{fd}"):
+            hung["reads"] = hung.get("reads", 0) + 1
+            released.wait(60)
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", hung_preadv)
+
+    def on_epoch(rec):
+        if rec["epoch"] == 6:  # stage 7 is complete: epochs 7 and 8 read it
+            hung["key"] = train_cache_key(root, 7)
+
+    try:
+        result, steps = run_with_deadline(lambda: train_recording(cfg, on_epoch), 60)
+    finally:
+        released.set()
+    events = [(e["epoch"], e["event"], e.get("stage")) for e in result["final"]["cache_events"]
+              if e["event"] in ("unavailable", "abandoned")]  # fmt: skip
+    assert events == [(7, "unavailable", 7), (8, "unavailable", 7), (8, "abandoned", 7)], events
+    assert_every_sample_once_per_epoch(result, steps, N_DIGITS)
+    assert root.is_complete(hung["key"]), "the unreadable cache must be kept"
+
+
 @pytest.mark.slow  # the classifier's sorting: test_store_faults (fast)
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ESTALE], ids=str)
 def test_a_transient_error_at_open_keeps_a_complete_cache_and_reads_it_next_epoch(
