@@ -33,6 +33,7 @@ from .base import (
 )
 from .chunkio import ChunkPrefetcher, io_workers
 from .errors import CacheCorruptedError, CacheNotFoundError, read_error
+from .iothreads import bounded
 from .layout import CacheRoot, KeyLock
 from .shuffle import chunk_visit_order, windowed_order
 
@@ -104,8 +105,12 @@ class DiskReader(Reader):
         return self._ids
 
     def read_chunk(self, i: int) -> np.ndarray:
-        """Chunk ``i`` decoded and checked against the marker's checksum."""
-        return self._load(i, None)
+        """Chunk ``i`` decoded and checked against the marker's checksum; a read that does
+        not return within ``IO_STALL_S`` is unavailable (the cache is kept)."""
+        try:
+            return bounded(f"chunk {i}", self._load, i, None)
+        except TimeoutError as exc:
+            raise read_error(self.key, f"reading chunk {i} of activations", exc) from exc
 
     def _load(self, i: int, buf: np.ndarray | None) -> np.ndarray:
         """Chunk ``i``, into ``buf`` when given; checked against the marker's crc32c.

@@ -47,7 +47,7 @@ from .errors import (
     DiskFullError,
     DiskStalledError,
 )
-from .iothreads import stall_s
+from .iothreads import bounded, stall_s
 from .layout import MARKER, CacheRoot, atomic_write_json, fsync_tree
 from .readers import open_reader
 
@@ -148,12 +148,14 @@ class DiskWriter(Writer):
             raise ValueError(
                 f"cache {self.spec.key}: wrote {self.written} of {self.spec.rows} rows"
             )
-        try:
-            self._write_small("labels", self.labels)
-            self._write_small("ids", self.row_ids)
-            self._finalize()
-            fsync_tree(self.dir)
-            atomic_write_json(self.dir / MARKER, self._marker())
+        try:  # on a thread of its own: a disk that hangs here must not hang the trainer
+            bounded(f"completing cache {self.spec.key}", self._complete)
+        except TimeoutError as exc:
+            self.abort()
+            raise DiskStalledError(
+                f"completing cache {self.spec.key} under {self.root.path} ({exc}): the disk "
+                "has stopped answering; the partial cache is removed when it answers"
+            ) from exc
         except BaseException as exc:
             self.abort()
             if not isinstance(exc, Exception):  # SIGTERM, Ctrl-C: never a cache error
@@ -162,6 +164,14 @@ class DiskWriter(Writer):
         self.closed = True
         self.lock.downgrade()  # the reader keeps the lock: nobody deletes what we read
         return open_reader(self.root, self.spec.key, lock=self.lock)
+
+    def _complete(self) -> None:
+        """The small arrays, the tier's last bytes, fsync, then the completion marker."""
+        self._write_small("labels", self.labels)
+        self._write_small("ids", self.row_ids)
+        self._finalize()
+        fsync_tree(self.dir)
+        atomic_write_json(self.dir / MARKER, self._marker())
 
     def abort(self) -> None:
         """Drop everything written and release the key; idempotent.
@@ -205,10 +215,16 @@ class DiskWriter(Writer):
         """Remove the partial cache and release the key once no thread writes any more:
         now, or (a write still hung at ``deadline``) when the last one returns. ``None``
         waits as long as it takes (the writer thread's own cleanup: nobody waits on it)."""
-        if self._stop_io(deadline, then=self._remove):
-            self._remove()
-        else:
+        if not self._stop_io(deadline, then=self._remove):
             self._warn_hung()
+        elif deadline is None:
+            self._remove()
+        else:  # the removal too waits no longer than the deadline
+            try:
+                bounded("removing the partial cache", self._remove,
+                        timeout=deadline - time.monotonic())  # fmt: skip
+            except TimeoutError:
+                self._warn_hung()
 
     def _remove(self) -> None:
         self.root.remove_held(self.spec.key)

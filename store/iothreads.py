@@ -15,6 +15,7 @@ process until the kernel lets go: no user-space code reaches that.)
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 import time
@@ -29,6 +30,30 @@ IO_STALL_S = 60.0
 
 def stall_s() -> float:
     return IO_STALL_S  # read at call time (tests shrink it)
+
+
+def bounded(what: str, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+    """``fn(*args)`` on a daemon thread of its own, waited for at most ``timeout`` seconds
+    (default ``IO_STALL_S``): disk work the trainer would otherwise do itself, with no
+    bound (a test cache's reads, a writer's completion, removing a partial cache). A call
+    still running then raises ``TimeoutError`` (``ETIMEDOUT``) here and finishes, or
+    stays stuck, on its own thread; ``fn``'s own errors are raised here."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # raised in the caller's thread below
+            box["error"] = exc
+
+    t = threading.Thread(target=run, name="prefast-io", daemon=True)
+    t.start()
+    t.join(stall_s() if timeout is None else max(0.0, timeout))
+    if t.is_alive():
+        raise TimeoutError(errno.ETIMEDOUT, f"{what} did not return in {stall_s():.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 class IOPool:

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import cli, run_with_deadline
@@ -348,3 +349,49 @@ def test_read_errors_are_sorted_into_damage_or_unavailable(code, kind):
     from prefast.store.errors import read_error
 
     assert type(read_error("k", "reading chunk 3", OSError(code, os.strerror(code)))) is kind
+
+
+def test_completing_a_cache_on_a_disk_that_hangs_gives_up_after_the_stall_bound(
+    tmp_path, monkeypatch
+):
+    """finish() writes the small arrays, fsyncs and writes the marker: if the disk stops
+    answering there (the fsync hangs), it raises DiskStalledError after IO_STALL_S instead
+    of hanging the trainer; the partial cache is never marked complete."""
+    from prefast.store import disk_writer
+
+    monkeypatch.setattr("prefast.store.iothreads.IO_STALL_S", 1.0)
+    monkeypatch.setattr("prefast.store.disk_writer.ABORT_WAIT_S", 0.3)
+    released = threading.Event()
+    monkeypatch.setattr(disk_writer, "fsync_tree", lambda path: released.wait(30))
+    root = CacheRoot(tmp_path)
+    w = open_writer("zarr", CacheSpec("sync", 64, SHAPE, "float32"), root)
+    w.append(torch.zeros(64, *SHAPE), torch.zeros(64, dtype=torch.int64), torch.arange(64))
+    t = time.perf_counter()
+    try:
+        with pytest.raises(DiskStalledError, match="stopped answering"):
+            run_with_deadline(w.finish, 20)
+        assert time.perf_counter() - t < 5
+        assert not root.is_complete("sync")
+    finally:
+        released.set()
+
+
+def test_a_chunk_read_on_the_training_thread_that_hangs_is_unavailable(tmp_path, monkeypatch):
+    """read_rows (a test cache's evaluation, a spill's copy) reads on the caller's thread:
+    a chunk read that never returns is unavailable (the cache kept) after IO_STALL_S."""
+    from prefast.store.zarr_reader import ZarrReader
+
+    monkeypatch.setattr("prefast.store.iothreads.IO_STALL_S", 1.0)
+    root = CacheRoot(tmp_path)
+    w = open_writer("zarr", CacheSpec("r", 64, SHAPE, "float32"), root)
+    w.append(torch.zeros(64, *SHAPE), torch.zeros(64, dtype=torch.int64), torch.arange(64))
+    reader = w.finish()
+    released = threading.Event()
+    monkeypatch.setattr(ZarrReader, "_load_chunk", lambda self, i, buf: released.wait(30))
+    try:
+        with pytest.raises(CacheUnavailableError, match="chunk 0 did not return in 1 s"):
+            run_with_deadline(lambda: reader.read_rows(np.arange(8)), 20)
+    finally:
+        released.set()
+        reader.close()
+    assert root.is_complete("r")
