@@ -23,12 +23,10 @@ from .errors import ConfigError
 from .order import batch_slices, epoch_order
 
 TIERS = ("gpu", "ram", "mmap", "zarr")
-# The largest chunk: one chunk is one disk read. With 4 KiB page faults a cold
-# shuffled epoch of 32 MiB chunks read 1.5-2.1x faster (zarr/none) than of 4 MiB
-# ones on this project's VM (chunk_size.md as of commit d1d5d26); with the 2 MiB
-# faults the readers use now (``chunkio.map_for_reading``) 4, 16 and 32 MiB read
-# alike within the disk's noise (benchmarks/results/chunk_size.md), and 32 MiB
-# means 8x fewer files.
+# The largest chunk: one chunk is one disk read. A cold shuffled epoch of 32 MiB
+# chunks read 1.1-1.8x faster than of 4 MiB ones (the mmap tier with 2 MiB page
+# faults, and Zarr's uncompressed chunk files read with os.preadv), and alike for
+# zstd (benchmarks/results/chunk_size.md); 32 MiB also means 8x fewer files.
 # A run with a small RAM budget writes smaller chunks (``chunk_bytes_for``) so its
 # shuffle window still holds several. Module-level so a test can shrink it.
 CHUNK_BYTES = 32 * 2**20
