@@ -198,3 +198,22 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def relu_batch(rows: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.relu(torch.randn(rows, *shape))
+
+
+def fault_at_chunk_read(monkeypatch, fault) -> dict:
+    """Inject ``fault()`` (raise an OSError, or hang) where a chunk file's bytes are read
+    (``os.preadv``), for the file ``armed["path"]``, ``armed["left"]`` times. Returns
+    ``armed``, to be filled in (usually by an ``on_epoch`` callback) when the fault is due."""
+    import os
+
+    armed: dict = {"left": 0}
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset):
+        if armed["left"] and armed.get("path") == Path(os.readlink(f"/proc/self/fd/{fd}")):
+            armed["left"] -= 1
+            fault()
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    return armed

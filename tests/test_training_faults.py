@@ -22,6 +22,7 @@ from helpers import (
     assert_every_sample_once_per_epoch,
     chunk_read_mid_epoch,
     corrupt_chunk_read_mid_epoch,
+    fault_at_chunk_read,
     flip_byte,
     leftovers,
     prefast_threads,
@@ -228,17 +229,11 @@ def test_an_io_error_on_a_chunk_mid_epoch_serves_the_rest_from_raw_data(
     # Epoch 7 only reads boundary 7; epoch 8 reads it again while writing the next one.
     root, fault_epoch, boundary = CacheRoot(tmp_path), 7, 7
     cfg = prefast_cfg(tmp_path)
-    armed: dict = {}
-    real_preadv = os.preadv
 
-    def failing_preadv(fd, buffers, offset):
-        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        if armed.get("path") == path and armed["left"]:
-            armed["left"] -= 1
-            raise OSError(code, os.strerror(code))
-        return real_preadv(fd, buffers, offset)
+    def fail():
+        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(os, "preadv", failing_preadv)
+    armed = fault_at_chunk_read(monkeypatch, fail)
 
     def on_epoch(rec):
         if rec["epoch"] == fault_epoch - 1:
@@ -275,17 +270,8 @@ def test_a_chunk_read_that_hangs_is_given_up_after_the_stall_bound(tmp_path, mon
     # Epoch 3 reads boundary 2 in a seeded chunk order (a one-chunk shuffle window).
     root, fault_epoch, boundary = CacheRoot(tmp_path), 3, 2
     cfg = prefast_cfg(tmp_path, max_ram=4 * 64 * 1024)
-    armed: dict = {}
     released = threading.Event()
-    real_preadv = os.preadv
-
-    def hung_preadv(fd, buffers, offset):
-        if armed.get("path") == Path(os.readlink(f"/proc/self/fd/{fd}")) and armed["left"]:
-            armed["left"] -= 1
-            released.wait(60)  # the disk stops answering
-        return real_preadv(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "preadv", hung_preadv)
+    armed = fault_at_chunk_read(monkeypatch, lambda: released.wait(60))  # the disk hangs
 
     def on_epoch(rec):
         if rec["epoch"] == fault_epoch - 1:
