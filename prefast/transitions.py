@@ -6,8 +6,8 @@ materialize). Each method here is one transition of the slots, recorded in the
 run's cache events; ``_check`` asserts the invariants after every epoch step.
 A planned epoch that meets a K-view target still in progress is *deferred* to
 the next epoch (or *dropped* when no epoch would be left to read it), never
-lost without a word. Resume (``state`` / ``_resume``) and the disk charges
-(``_charge`` / ``_allowance``: what caches really take on disk) live here too.
+lost without a word. Resume (``state`` / ``_resume``) lives here too; what the disk
+caches take, and what each writer may take, in ``prefast/diskcharges.py``.
 ``PrefastFeed`` (``prefast/materialize.py``) owns the batches; this mixin owns
 the slots.
 """
@@ -15,11 +15,11 @@ the slots.
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import TYPE_CHECKING
 
 from prefast.boundary import BoundaryCache, State
 from prefast.cachectx import DISK_TIERS, CacheContext
+from prefast.diskcharges import DiskCharges
 from prefast.errors import (
     CacheAllocationError,
     CacheCorruptedError,
@@ -29,7 +29,6 @@ from prefast.errors import (
 )
 from prefast.governor import Governor, lossy_candidates, tier_bytes
 from prefast.store import Reader, encoding
-from prefast.store.layout import disk_usage
 from prefast.store.order import batch_slices
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("prefast.materialize")
 
 
-class BoundaryTransitions:
+class BoundaryTransitions(DiskCharges):
     cfg: TrainConfig
     raw: RawSource
     ctx: CacheContext
@@ -57,7 +56,6 @@ class BoundaryTransitions:
     resharded: bool
     resumed_from: dict
     warned_fixed_aug: bool
-    disk_bytes: weakref.WeakKeyDictionary[Reader, int]  # bytes on disk per reader (``_usage``)
 
     def _stream(self, epoch: int) -> int | None:
         raise NotImplementedError
@@ -355,57 +353,3 @@ class BoundaryTransitions:
             self.target = None
         if self.target is None and self._readable(epoch + 1):
             self.plan[epoch + 1] = source.stage
-
-    # -- what the disk caches really take ------------------------------------------------
-    def _measured(self, b: BoundaryCache) -> tuple[int, int]:
-        """Bytes on disk of ``b``'s written views, and of its test cache (0: not written)."""
-        views = sum(self._usage(r) for r in b.readers.values())
-        test = self.test.reader
-        if test is None or self.test.stage != b.stage or test.tier not in DISK_TIERS:
-            return views, 0
-        return views, self._usage(test)
-
-    def _usage(self, reader: Reader) -> int:
-        """Bytes an open complete cache takes on disk, walked once per reader: it cannot
-        change while the reader holds it (a rewrite under the same key gets a new reader)."""
-        if reader not in self.disk_bytes:
-            self.disk_bytes[reader] = disk_usage(self.ctx.root.dir_for(reader.spec.key))
-        return self.disk_bytes[reader]
-
-    def _charge(self, epoch: int | None) -> None:
-        """Charge each disk boundary what its caches take on disk (estimates for what is not
-        written yet), so a compressible boundary never holds budget it does not use."""
-        for b in (self.current, self.target):
-            if b is None or b.tier not in DISK_TIERS or b.name not in self.governor.ledger:
-                continue
-            views, test = self._measured(b)
-            missing = b.views - len(b.readers)
-            charge = views + missing * b.view_bytes + (test or b.test_bytes)
-            before = self.governor.ledger[b.name][1]
-            if charge != before:
-                self.governor.hold(b.name, b.tier, charge)
-                self.ctx.event(epoch, "charged", stage=b.stage, bytes=charge, was=before,
-                               on_disk=views + test)  # fmt: skip
-
-    def _allowance(self, b: BoundaryCache, part: str = "view") -> int:
-        """What a writer of ``b``'s ``part`` (a training ``view``, or its ``test`` cache) may
-        put on disk: what the budget leaves once the other caches and the boundary's other
-        parts (its written views; for a view, also its test set's share) are counted."""
-        room = self.governor.room("disk")
-        if self.governor.budgets.max_disk is None:  # measured free disk: already net of it
-            return max(0, room)
-        views, test = self._measured(b)
-        charged = self.governor.ledger.get(b.name, (b.tier, 0))[1]
-        other = (test or b.test_bytes) if part == "view" else 0
-        return max(0, room + charged - views - other)
-
-    def _test_allowance(self, tier: str) -> int | None:
-        """What the test cache of the current boundary may put on disk in ``tier``: the
-        boundary's share, or, for a test cache that fell from memory to disk (its tier
-        could not allocate it), what is left of the disk budget."""
-        if tier not in DISK_TIERS:
-            return None
-        c = self.current
-        if c is not None and c.tier in DISK_TIERS and c.name in self.governor.ledger:
-            return self._allowance(c, "test")
-        return max(0, self.governor.room("disk"))

@@ -9,6 +9,7 @@ chunk-shuffled order (compressed disk, where random row reads are slow).
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import crc32c
 import numpy as np
 import torch
 
-from .encoding import DTYPES, encode, numpy_dtype, stored_shape
+from .encoding import DTYPES, describe, encode, numpy_dtype, stored_shape
 from .encoding import row_bytes as encoded_row_bytes
 from .errors import ConfigError
 from .order import batch_slices, epoch_order
@@ -94,6 +95,34 @@ class CacheSpec:
     def chunk_rows(self) -> int:
         """Rows per chunk so a chunk is about ``chunk_bytes``."""
         return max(1, min(self.rows, self.chunk_bytes // max(1, self.row_bytes)))
+
+
+def cache_attrs(spec: CacheSpec, tier: str, codec: str, ratio: float | None) -> dict:
+    """What a disk cache records about itself (its Zarr group's attributes): the spec, the
+    encoding's recipe (so zarr-python users can decode it), codec and library versions."""
+    import numcodecs
+    import zarr
+
+    return {
+        **spec.attrs,
+        "key": spec.key,
+        "tier": tier,
+        "rows": spec.rows,
+        "shape": list(spec.shape),
+        "dtype": spec.dtype,
+        "row_bytes": spec.row_bytes,
+        **describe(spec.shape, spec.dtype),
+        "codec": codec,
+        "compression_ratio": ratio,
+        "chunk_rows": spec.chunk_rows(),
+        "logical_bytes": spec.logical_bytes,
+        "created": time.time(),
+        "versions": {
+            "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__,
+            "torch": torch.__version__,
+        },
+    }
 
 
 def shuffle_buffer_bytes(ram_budget: int) -> int:

@@ -36,9 +36,8 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from .base import CacheSpec, Writer, checksum, to_storage
+from .base import CacheSpec, Writer, cache_attrs, checksum, to_storage
 from .disk_reader import DiskReader
-from .encoding import describe as describe_encoding
 from .errors import (
     FULL_ERRNOS,
     CacheExistsError,
@@ -382,25 +381,4 @@ class DiskWriter(Writer):
         return True
 
     def _set_attrs(self, codec: str, ratio: float | None) -> None:
-        self.group.attrs.update(
-            {
-                **self.spec.attrs,
-                "key": self.spec.key,
-                "tier": self.tier,
-                "rows": self.spec.rows,
-                "shape": list(self.spec.shape),
-                "dtype": self.spec.dtype,
-                "row_bytes": self.spec.row_bytes,
-                **describe_encoding(self.spec.shape, self.spec.dtype),
-                "codec": codec,
-                "compression_ratio": ratio,
-                "chunk_rows": self.spec.chunk_rows(),
-                "logical_bytes": self.spec.logical_bytes,
-                "created": time.time(),
-                "versions": {
-                    "zarr": zarr.__version__,
-                    "numcodecs": numcodecs.__version__,
-                    "torch": torch.__version__,
-                },
-            }
-        )
+        self.group.attrs.update(cache_attrs(self.spec, self.tier, codec, ratio))
