@@ -21,13 +21,13 @@ demo: install
 	    --cache-dir .prefast-cache/demo --json-out runs/demo.json
 
 lint: install
-	$(VENV)/bin/ruff check prefast store cli tests benchmarks examples
-	$(VENV)/bin/ruff format --check prefast store cli tests benchmarks examples
+	$(VENV)/bin/ruff check prefast tests benchmarks examples
+	$(VENV)/bin/ruff format --check prefast tests benchmarks examples
 	$(VENV)/bin/mypy
 
 format: install
-	$(VENV)/bin/ruff format prefast store cli tests benchmarks examples
-	$(VENV)/bin/ruff check --fix prefast store cli tests benchmarks examples
+	$(VENV)/bin/ruff format prefast tests benchmarks examples
+	$(VENV)/bin/ruff check --fix prefast tests benchmarks examples
 
 # pytest exits 5 when it collects nothing; make treats that as a failure.
 # `make test` is the fast loop (tests not marked slow); `make check` runs every

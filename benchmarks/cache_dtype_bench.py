@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from prefast.benchmarks.plotting import panels, save
 from prefast.benchmarks.train_bench import _ms as mean_std
+
+from prefast.config import TrainConfig
 from prefast.store import CacheRoot, encoding, open_reader
 from prefast.store.layout import disk_usage
 from prefast.store.manage import list_caches
-
-from prefast.config import TrainConfig
-from prefast.trainer import train
+from prefast.training.trainer import train
 
 DTYPES = ("float32", "float16", "bfloat16", "float8", "int8")  # + the best bit-rounding
 ZSTD = numcodecs.Zstd(level=1)

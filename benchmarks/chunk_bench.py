@@ -4,7 +4,7 @@ Two sections of ``run_all.py`` use it:
 
 - ``chunk_size``: why the store writes chunks of up to 32 MiB (4, 16, 32 MiB);
 - ``map_advice``: why the readers map files with ``MADV_HUGEPAGE``
-  (``store/chunkio.py: map_for_reading``): 32 MiB chunks read with 4 KiB
+  (``prefast/store/chunkio.py: map_for_reading``): 32 MiB chunks read with 4 KiB
   page faults, then with 2 MiB ones.
 
 Each trial measures the raw-file floors, then writes and cold-reads the same
@@ -27,6 +27,7 @@ from prefast.benchmarks.store_bench import (
     summarize,
 )
 from prefast.benchmarks.store_floors import raw_file_floors
+
 from prefast.store import chunkio
 from prefast.store.base import SHUFFLE_BUFFER_BYTES
 

@@ -32,12 +32,12 @@ from pathlib import Path
 from prefast.benchmarks.imagefolder_bench import write_digits_folder
 from prefast.benchmarks.plotting import panels, save
 from prefast.benchmarks.train_bench import _ms as mean_std
+
+from prefast.config import FEATURE_OPS as OPS
+from prefast.config import TrainConfig
 from prefast.store import CacheRoot
 from prefast.store.manage import list_caches
-
-from prefast.config import TrainConfig
-from prefast.feature_augment import OPS
-from prefast.trainer import train
+from prefast.training.trainer import train
 
 T0S = (0.5, 0.7)
 

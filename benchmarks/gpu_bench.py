@@ -30,7 +30,7 @@ import torch
 from prefast.benchmarks.train_bench import run_sweep
 
 from prefast.config import TrainConfig
-from prefast.data import load_dataset
+from prefast.data.datasets import load_dataset
 from prefast.models import build_model
 
 DEPTHS = (100, 76, 52, 40, 28)  # DenseNet-BC depths, largest first
@@ -54,7 +54,7 @@ def exactness(out: Path, cache_dir: Path) -> dict:
     """prefast vs freezeout per tier on CUDA (fp32 cache, augment none, deterministic
     kernels), and the run-to-run spread of freezeout itself with and without
     ``--deterministic``: what "equal" can mean on this GPU."""
-    from prefast.trainer import train
+    from prefast.training.trainer import train
 
     common: dict[str, Any] = dict(
         dataset="digits", model="densenet-bc", depth=16, epochs=6, batch_size=64, t0=0.5,

@@ -23,8 +23,8 @@ import numpy as np
 from prefast.benchmarks.plotting import panels, save
 from prefast.benchmarks.train_bench import _ms as mean_std
 
-from prefast.compare import compare
 from prefast.config import TrainConfig
+from prefast.training.compare import compare
 
 TRAIN_IMAGES = 1500
 PARTS = ("setup", "write", "read", "data", "compute", "eval")

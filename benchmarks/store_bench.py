@@ -34,7 +34,8 @@ from prefast.benchmarks.store_floors import (
     trainer_slowdown,
     zstd_chunk_floor,
 )
-from prefast.store.base import SHUFFLE_BUFFER_BYTES, CacheSpec, chunk_bytes_for
+
+from prefast.store.base import SHUFFLE_BUFFER_BYTES, CacheSpec, Writer, chunk_bytes_for
 from prefast.store.encoding import encode
 from prefast.store.layout import CacheRoot
 from prefast.store.loader import PrefetchLoader
@@ -105,7 +106,7 @@ def bench_tier(
 
     def write():  # type: ignore[no-untyped-def]
         if tier == "zarr":
-            w = ZarrWriter(root, spec, codec=codec)
+            w: Writer = ZarrWriter(root, spec, codec=codec)
         else:  # the gpu tier lives on the GPU that trains
             w = open_writer(tier, spec, root, "cuda" if tier == "gpu" else None)
         for s in range(0, len(data), batch):

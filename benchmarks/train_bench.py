@@ -20,8 +20,8 @@ from pathlib import Path
 
 from prefast.benchmarks.plotting import panels, save
 
-from prefast.compare import compare
 from prefast.config import TrainConfig
+from prefast.training.compare import compare
 
 OVERHEAD_PARTS = ("setup", "write_epochs", "read_epochs", "compute_epochs", "eval")
 

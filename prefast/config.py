@@ -7,18 +7,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefast.costmodel import BOUNDARY_POLICIES
-from prefast.data import AUGMENTS, DATASETS
+from prefast.data.datasets import AUGMENTS, DATASETS
 from prefast.errors import ConfigError
-from prefast.feature_augment import parse_ops
-from prefast.governor import Budgets
+from prefast.freezing.schedule import SCALES
 from prefast.models import MODELS
-from prefast.schedule import SCALES
 from prefast.store.encoding import DTYPES
 
 MODES = ("baseline", "freezeout", "prefast")
 TIERS = ("auto", "gpu", "ram", "mmap", "zarr")
-CACHE_DTYPES = ("auto", *DTYPES)  # store/encoding.py says what each stores
+CACHE_DTYPES = ("auto", *DTYPES)  # prefast/store/encoding.py says what each stores
+BOUNDARY_POLICIES = ("auto", "every")  # the cost model's choice, or every stage boundary
+FEATURE_OPS = ("shift", "flip", "mix")  # prefast/caching/feature_augment.py applies them
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -30,6 +29,19 @@ def parse_size(text: str | int | None, field: str = "size") -> int | None:
     if not m:
         raise ConfigError(f"{field}={text!r} is not a size: write e.g. 512MB, 2GB or 1.5GiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_ops(text: str) -> tuple[str, ...]:
+    """'shift,flip' -> ('shift', 'flip'); '' -> (); an unknown op is a ConfigError."""
+    ops = tuple(dict.fromkeys(o.strip() for o in text.split(",") if o.strip()))
+    bad = [o for o in ops if o not in FEATURE_OPS]
+    if bad:
+        raise ConfigError(
+            f"--feature-augment {text!r}: {', '.join(bad)} is not an op; choose from "
+            + ", ".join(FEATURE_OPS)
+            + " (comma-separated, e.g. shift,flip)"
+        )
+    return ops
 
 
 def parse_duration(text: str) -> float:
@@ -142,16 +154,6 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive size")
-
-    def budgets(self) -> Budgets:
-        """What the memory governor may use for this run's caches."""
-        return Budgets(
-            cache_dir=Path(self.cache_dir) if self.cache_dir else default_cache_dir(),
-            max_ram=self.max_ram,
-            max_gpu_mem=self.max_gpu_mem,
-            max_disk=self.max_disk,
-            tier=self.cache_tier,
-        )
 
     def replace(self, **changes: object) -> TrainConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -196,7 +196,7 @@ def is_collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(s in text for s in _PEER_LOST)
 
 
-def lost(ctx: Dist, exc: RuntimeError) -> RuntimeError:
+def lost(ctx: Dist, exc: RuntimeError) -> Exception:
     """A collective's failure, said plainly (outside torchrun: ``exc`` unchanged)."""
     if not ctx.enabled or isinstance(exc, PrefastError):
         return exc

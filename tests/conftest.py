@@ -7,6 +7,7 @@ import threading
 import pytest
 import strict_device
 import torch
+
 from prefast.store.device import canonical
 
 torch.set_num_threads(2)
@@ -47,7 +48,7 @@ def accelerator(request, monkeypatch):
         yield canonical("cuda"), None
         return
     with strict_device.strict_device() as memory:
-        monkeypatch.setattr("prefast.build.resolve_device", lambda name: memory.device)
+        monkeypatch.setattr("prefast.training.build.resolve_device", lambda name: memory.device)
         yield memory.device, memory
 
 
@@ -57,7 +58,7 @@ def strict(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a real GPU is here: the strict stand-in is not needed")
     with strict_device.strict_device() as memory:
-        monkeypatch.setattr("prefast.build.resolve_device", lambda name: memory.device)
+        monkeypatch.setattr("prefast.training.build.resolve_device", lambda name: memory.device)
         yield memory
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from prefast.config import TrainConfig
 from prefast.store import CacheRoot, open_reader
 from prefast.store.manage import list_caches
 from prefast.store.order import rng_for
-
-from prefast.config import TrainConfig
-from prefast.trainer import Trainer
+from prefast.training.trainer import Trainer
 
 # 1,437 training images, 23 batches of 64; stages freeze from epoch 2 on, and with
 # cache_boundaries="every" boundaries are materialized at epochs 2, 3, 4, 5, 6 and 8.

@@ -58,9 +58,8 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     cli_args = sys.argv[split + 1 :]
     if opts.disk_free_rank and opts.disk_free_rank[0] == rank:
+        from prefast.caching.governor import Governor
         from prefast.store.layout import disk_usage
-
-        from prefast.governor import Governor
 
         disk_bytes = opts.disk_free_rank[1]
 
@@ -94,7 +93,7 @@ def main() -> int:
     if opts.kill_at_epoch is not None:
         import signal
 
-        from prefast.trainer import Trainer
+        from prefast.training.trainer import Trainer
 
         real_step = Trainer._step
 
@@ -121,11 +120,11 @@ def main() -> int:
     if opts.strict:
         import strict_device
 
-        import prefast.build
+        import prefast.training.build
 
-        prefast.build.resolve_device = lambda name: strict_device.device()
+        prefast.training.build.resolve_device = lambda name: strict_device.device()
     if opts.fail_rank is not None and int(os.environ.get("RANK", "0")) == opts.fail_rank:
-        from prefast.trainer import Trainer
+        from prefast.training.trainer import Trainer
 
         step, calls = Trainer._step, [0]
 
@@ -164,9 +163,9 @@ def watch_epochs(opts: argparse.Namespace, cache_dir: Path) -> None:
     import json
 
     import numpy as np
-    from prefast.store.chunkio import ChunkPrefetcher
 
-    from prefast.trainer import Trainer
+    from prefast.store.chunkio import ChunkPrefetcher
+    from prefast.training.trainer import Trainer
 
     at = tuple(int(v) for v in opts.truncate_at.split(":")) if opts.truncate_at else None
     step, run_epoch, get = Trainer._step, Trainer.run_epoch, ChunkPrefetcher.get

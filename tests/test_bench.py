@@ -6,8 +6,8 @@ import torch
 from prefast.benchmarks.store_bench import run_store_bench
 from prefast.benchmarks.train_bench import OVERHEAD_PARTS, overhead_breakdown, summarize
 
-from prefast.costmodel import StageCost, plan_boundaries, predict_epochs
-from prefast.schedule import FreezeOutSchedule
+from prefast.caching.costmodel import StageCost, plan_boundaries, predict_epochs
+from prefast.freezing.schedule import FreezeOutSchedule
 
 COSTS = [
     StageCost(fwd_s=0.01 * (i + 1), fwd_bwd_s=0.03 * (i + 1), out_row_bytes=64, out_shape=(16,))

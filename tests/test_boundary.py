@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import relu_batch
-from prefast.store import CacheRoot, CacheSpec, open_writer
 
-from prefast.boundary import BoundaryCache, State
+from prefast.caching.boundary import BoundaryCache, State
 from prefast.errors import BoundaryStateError
+from prefast.store import CacheRoot, CacheSpec, open_writer
 
 SHAPE = (4, 2, 2)
 

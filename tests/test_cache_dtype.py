@@ -1,4 +1,4 @@
-"""Lossy cache dtypes (store/encoding.py): 8-bit rows, bit rounding, and auto's choice."""
+"""Lossy cache dtypes (prefast/store/encoding.py): 8-bit rows, bit rounding, and auto's choice."""
 
 import json
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 import zarr
 from helpers import DIGITS, cli_in_process, flip_byte, relu_batch
+
+from prefast.config import TrainConfig
 from prefast.store import CacheRoot, CacheSpec, encoding, open_reader, open_writer
 from prefast.store.manage import inspect, list_caches, verify
 from prefast.store.zarr_writer import ZarrWriter
-
-from prefast.config import TrainConfig
-from prefast.trainer import train
+from prefast.training.trainer import train
 
 
 def cfg_for(tmp_path, **kw):
@@ -200,8 +200,9 @@ def test_stored_rows_never_share_memory_with_what_the_step_trains_on(dtype, auto
     """``as_stored`` returns the rows a writer stores and the tensor the step takes: a step
     that writes into its input (an in-place first op) must not change what is stored,
     whatever the dtype (float32's encoding, and 16-bit under autocast, are no-ops)."""
-    from prefast.cachectx import CacheContext
-    from prefast.governor import Budgets, Governor
+    from prefast.caching.budgets import Budgets
+    from prefast.caching.cachectx import CacheContext
+    from prefast.caching.governor import Governor
     from prefast.models import build_model
 
     model = build_model("densenet-bc", in_channels=1, num_classes=10, image_size=8, depth=10)

@@ -22,12 +22,12 @@ from helpers import (
     rel_diff,
     train_cache_key,
 )
-from prefast.store import CacheRoot, encoding
-from prefast.store.device import synchronize
 from strict_device import HostReadError
 
 from prefast.config import TrainConfig
-from prefast.trainer import Trainer, train
+from prefast.store import CacheRoot, encoding
+from prefast.store.device import synchronize
+from prefast.training.trainer import Trainer, train
 
 N_DIGITS = 1437
 MIB = 2**20

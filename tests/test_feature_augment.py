@@ -1,16 +1,16 @@
-"""Feature-space augmentation of cached activations (prefast/feature_augment.py)."""
+"""Feature-space augmentation of cached activations (prefast/caching/feature_augment.py)."""
 
 import numpy as np
 import pytest
 import torch
 from helpers import DIGITS, corrupt_chunk_read_mid_epoch, rel_diff, train_cache_key
-from prefast.store import CacheRoot
 
-from prefast.config import TrainConfig
+from prefast.caching.feature_augment import FeatureAugment, max_shift
+from prefast.config import TrainConfig, parse_ops
+from prefast.data.sources import Batch, batch_loss
 from prefast.errors import ConfigError
-from prefast.feature_augment import FeatureAugment, max_shift, parse_ops
-from prefast.feed import Batch, batch_loss
-from prefast.trainer import train
+from prefast.store import CacheRoot
+from prefast.training.trainer import train
 
 
 def cfg_for(tmp_path, **kw):
@@ -140,7 +140,7 @@ def test_a_fault_mid_epoch_serves_the_unseen_samples_the_same_feature_ops(tmp_pa
             key = train_cache_key(root, 2)
             hit["chunk"] = corrupt_chunk_read_mid_epoch(root, key, cfg.seed, 3, 64, False)
 
-    from prefast.trainer import Trainer
+    from prefast.training.trainer import Trainer
 
     run = Trainer(cfg, on_epoch=on_epoch).run()
     faulted = run["epochs"][3]

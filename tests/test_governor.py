@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefast.governor import Budgets, Governor
+from prefast.caching.budgets import Budgets
+from prefast.caching.governor import Governor
 
 MIB = 2**20
 

@@ -6,12 +6,12 @@ import psutil
 import pytest
 import torch
 from helpers import DIGITS, leftovers, rel_diff, train_cache_key
+
+from prefast.config import TrainConfig
 from prefast.store.layout import CacheRoot, disk_usage
 from prefast.store.manage import list_caches
 from prefast.store.readers import open_reader
-
-from prefast.config import TrainConfig
-from prefast.trainer import Trainer, train
+from prefast.training.trainer import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ class HostMemory:
 
     def __init__(self, monkeypatch, short: bool = False):
         self.real, self.short = psutil.virtual_memory, short
-        monkeypatch.setattr("prefast.governor.psutil.virtual_memory", self)
+        monkeypatch.setattr("prefast.caching.governor.psutil.virtual_memory", self)
 
     def __call__(self):
         vm = self.real()  # the real total

@@ -9,7 +9,7 @@ from helpers import DIGITS, assert_every_sample_once_per_epoch, train_recording
 
 from prefast.config import TrainConfig
 from prefast.errors import ConfigError
-from prefast.trainer import train
+from prefast.training.trainer import train
 
 N_DIGITS = 1437
 
@@ -106,7 +106,7 @@ def test_a_resumed_run_reopens_an_auto_chosen_int8_boundary(tmp_path):
     cfg = TrainConfig(mode="prefast", cache_dir=str(tmp_path / "c"), cache_boundaries="every",
                       checkpoint=str(tmp_path / "ck.pt"), **{**DIGITS, **kw})  # fmt: skip
 
-    from prefast.trainer import Trainer
+    from prefast.training.trainer import Trainer
 
     tr = Trainer(cfg)
     step = tr._step

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from prefast.errors import ConfigError
-from prefast.schedule import FreezeOutSchedule
+from prefast.freezing.schedule import FreezeOutSchedule
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The shape of the code: no import cycles, the store stands alone, small modules."""
+"""The shape of the code: no import cycles, layers that import only downwards, the store
+stands alone, small modules."""
 
 from __future__ import annotations
 
@@ -6,11 +7,21 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {
-    "prefast": ROOT / "prefast",
-    "prefast.store": ROOT / "store",
-    "prefast.cli": ROOT / "cli",
-}
+PACKAGES = {"prefast": ROOT / "prefast"}
+
+# The layers of prefast/, lowest first (the package docstrings say what each owns). A
+# module may import its own package and any lower layer, never a higher one nor another
+# package of its own layer: the tree then reads as the data flow.
+LAYERS = [
+    ["prefast.store"],
+    ["prefast.errors"],
+    ["prefast.models", "prefast.data", "prefast.freezing", "prefast.distributed"],
+    ["prefast.config"],
+    ["prefast.caching"],
+    ["prefast.training"],
+    ["prefast.cli"],
+    ["prefast"],  # the public API re-exports from every layer
+]
 
 
 def modules() -> dict[str, Path]:
@@ -66,6 +77,31 @@ def test_no_import_cycle_among_our_modules():
             visit(m)
 
 
+def layer_of(module: str) -> tuple[int, str]:
+    """(rank, package) of ``module``: the most specific LAYERS entry it lies in."""
+    units = [
+        unit
+        for layer in LAYERS
+        for unit in layer
+        if module == unit or (unit != "prefast" and module.startswith(unit + "."))
+    ]
+    assert units, f"{module} is in no layer: add it to LAYERS in tests/test_shape.py"
+    best = max(units, key=len)
+    return next(i for i, layer in enumerate(LAYERS) if best in layer), best
+
+
+def test_every_module_belongs_to_a_layer_and_imports_only_downwards():
+    mods = modules()
+    wrong = []
+    for name, path in sorted(mods.items()):
+        rank, unit = layer_of(name)
+        for dep in sorted(imports_of(name, path, set(mods))):
+            dep_rank, dep_unit = layer_of(dep)
+            if dep_unit != unit and dep_rank >= rank:
+                wrong.append(f"{name} (layer {rank}) imports {dep} (layer {dep_rank})")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_store_imports_nothing_from_the_trainer_side():
     for name, path in modules().items():
         if not name.startswith("prefast.store"):
@@ -85,4 +121,4 @@ def test_no_module_over_400_lines_and_a_short_trainer():
     sizes = {p: len(p.read_text().splitlines()) for p in modules().values()}
     big = {str(p.relative_to(ROOT)): n for p, n in sizes.items() if n > 400}
     assert not big, big
-    assert sizes[ROOT / "prefast" / "trainer.py"] <= 350
+    assert sizes[ROOT / "prefast" / "training" / "trainer.py"] <= 350

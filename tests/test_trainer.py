@@ -5,7 +5,7 @@ import torch
 
 from prefast.config import TrainConfig
 from prefast.errors import ConfigError
-from prefast.trainer import Trainer, train
+from prefast.training.trainer import Trainer, train
 
 FAST = dict(
     model="densenet-bc",
@@ -99,8 +99,8 @@ def test_a_samples_augmentation_depends_on_seed_stream_and_sample_only(world):
     reproduced from raw data sample by sample (after a fault, on resume)."""
     import numpy as np
 
-    from prefast.data import digits
-    from prefast.feed import TensorSource
+    from prefast.data.datasets import digits
+    from prefast.data.sources import TensorSource
 
     train_ds, test_ds = digits()
 

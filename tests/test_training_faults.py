@@ -31,13 +31,13 @@ from helpers import (
     train_cache_key,
     train_recording,
 )
+
+from prefast.config import TrainConfig
 from prefast.store import CacheRoot
 from prefast.store.errors import CacheUnavailableError
 from prefast.store.manage import list_caches
 from prefast.store.zarr_writer import ZarrWriter
-
-from prefast.config import TrainConfig
-from prefast.trainer import train
+from prefast.training.trainer import train
 
 N_DIGITS = 1437
 
@@ -599,9 +599,9 @@ def test_a_damaged_test_cache_evaluates_the_rest_as_the_cache_holds_it(tmp_path,
     gives the clean run's logits, bit for bit. (Before, the rest entered at stage 0 in
     float32, and stage 4's test cache, and every evaluation after, differed.)"""
     import numpy as np
-    from prefast.store import open_reader
 
-    from prefast.trainer import Trainer
+    from prefast.store import open_reader
+    from prefast.training.trainer import Trainer
 
     monkeypatch.setattr("prefast.store.base.CHUNK_BYTES", 4096)  # many chunks per test cache
 
@@ -646,7 +646,7 @@ def test_a_damaged_test_cache_evaluates_the_rest_as_the_cache_holds_it(tmp_path,
 def test_test_cache_that_cannot_open_is_tried_once_per_boundary(
     tmp_path, monkeypatch, freezeout_ref
 ):
-    from prefast.cachectx import CacheContext
+    from prefast.caching.cachectx import CacheContext
 
     original = CacheContext.writer
     opened = []
@@ -665,7 +665,7 @@ def test_test_cache_that_cannot_open_is_tried_once_per_boundary(
 
 
 def test_evaluation_that_raises_leaves_no_thread_lock_or_partial_cache(tmp_path, monkeypatch):
-    from prefast.trainer import Trainer
+    from prefast.training.trainer import Trainer
 
     cfg = prefast_cfg(tmp_path, epochs=5)
     tr = Trainer(cfg)

@@ -11,14 +11,14 @@ import psutil
 import pytest
 import torch
 from helpers import cli, cli_in_process, leftovers
-from prefast.store.order import batch_slices, epoch_order
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from prefast import StagedModel, TrainConfig, train
-from prefast.data import digits
+from prefast.data.datasets import digits
+from prefast.data.loader import data_identity
 from prefast.errors import ConfigError
-from prefast.loader_source import data_identity
+from prefast.store.order import batch_slices, epoch_order
 
 CFG = dict(
     epochs=6, batch_size=64, t0=0.5, augment="none", cache_dtype="float32", device="cpu",
@@ -101,7 +101,7 @@ def test_the_loader_serves_the_shared_seed_epoch_order():
 
 
 def train_recording_user(cfg, train_ds, test_ds):
-    from prefast.trainer import Trainer
+    from prefast.training.trainer import Trainer
 
     tr = Trainer(cfg, small_net(), train_ds, test_ds)
     steps: dict = {}
@@ -268,7 +268,7 @@ def test_imagefolder_problems_are_one_line_errors(tmp_path, problem, capsys, cap
 
 
 def test_imagefolder_identity_changes_when_a_file_changes(tmp_path):
-    from prefast.imagefolder import imagefolder_splits
+    from prefast.data.imagefolder import imagefolder_splits
 
     data = write_image_folder(tmp_path / "imgs", per_class=(3, 2))
     before = data_identity(imagefolder_splits(data, 8, "none")[0])
@@ -340,8 +340,7 @@ def test_write_through_stores_the_prefix_output_even_when_the_step_writes_into_i
     import prefast.store.disk_writer as disk_writer
     from prefast.store import CacheRoot, open_reader
     from prefast.store.manage import list_caches
-
-    from prefast.trainer import Trainer
+    from prefast.training.trainer import Trainer
 
     steps = threading.Semaphore(0)
     train_threads: set[str] = set()

@@ -1,1 +1,0 @@
-"""The ``prefast`` command line (installed as ``prefast.cli``)."""

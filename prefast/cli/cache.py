@@ -1,0 +1,200 @@
+"""`prefast cache ls | inspect | verify | purge`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+
+from .common import human_bytes, write_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="list, inspect, verify and purge activation caches",
+        description="Manage the activation caches under the cache root.",
+    )
+    csub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        q = csub.add_parser(name, help=help, description=help)
+        q.add_argument(
+            "--cache-dir", help="cache root (default $PREFAST_CACHE_DIR or ~/.cache/prefast)"
+        )
+        return q
+
+    q = add("ls", "one row per cache: status, shape, codec, sizes, times")
+    q.add_argument("--json", action="store_true", help="print a JSON list")
+    q.set_defaults(func=run_ls)
+    q = add("inspect", "attributes, completion record and array statistics of one cache")
+    q.add_argument("key", help="cache key (a unique prefix is enough)")
+    q.set_defaults(func=run_inspect)
+    q = add("verify", "read every chunk and check checksums; exit 1 naming each bad cache")
+    q.add_argument("key", nargs="?", help="cache key or prefix")
+    q.add_argument("--all", action="store_true", help="verify every cache")
+    q.set_defaults(func=run_verify)
+    q = add("purge", "delete caches")
+    q.add_argument("key", nargs="*", help="cache keys or prefixes")
+    q.add_argument("--all", action="store_true", help="every cache")
+    q.add_argument("--partial", action="store_true", help="caches whose writer died")
+    q.add_argument("--older-than", metavar="AGE", help="not used for AGE, e.g. 7d, 12h")
+    q.add_argument("--max-size", metavar="SIZE", help="delete least recently used until under SIZE")
+    q.add_argument("--dry-run", action="store_true", help="show what would be deleted")
+    q.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    q.set_defaults(func=run_purge)
+
+
+def _root(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from prefast.config import default_cache_dir
+    from prefast.store import CacheRoot
+
+    return CacheRoot(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    from prefast.store.manage import list_caches
+
+    root = _root(args)
+    rows = list_caches(root)
+    if args.json:
+        write_json("-", rows)
+        return 0
+    if not rows:
+        print(f"no caches under {root.path}")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"caches under {root.path}")
+    for col in (
+        "key",
+        "status",
+        "tier",
+        "model",
+        "split",
+        "rank",
+        "boundary",
+        "rows",
+        "shape",
+        "dtype",
+        "row",
+        "codec",
+        "ratio",
+        "on disk",
+        "logical",
+        "created",
+        "last used",
+    ):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["key"][:12],
+            r["status"],
+            str(r["tier"]),
+            str(r["model"]),
+            str(r["split"]),
+            f"{r['rank']}/{r['world']}",
+            str(r["boundary"]),
+            str(r["rows"]),
+            "x".join(map(str, r["shape"] or [])),
+            str(r["dtype"]),
+            human_bytes(r["row_bytes"]),
+            str(r["codec"]),
+            f"{r['compression_ratio'] or 0:.2f}",
+            human_bytes(r["bytes"]),
+            human_bytes(r["logical_bytes"]),
+            _when(r["created"]),
+            _when(r["last_used"]),
+        )
+    Console(width=200).print(table)
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from prefast.store.manage import inspect
+
+    root = _root(args)
+    write_json("-", inspect(root, root.resolve(args.key)))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from prefast.store.errors import CacheLockedError, ConfigError
+    from prefast.store.manage import verify
+
+    root = _root(args)
+    if bool(args.all) == bool(args.key):
+        raise ConfigError("cache verify needs a KEY or --all (not both)")
+    keys = root.cache_keys() if args.all else [root.resolve(args.key)]
+    bad = 0
+    for key in keys:
+        if not root.is_complete(key):
+            print(f"{key}  partial (never read; remove with `prefast cache purge --partial`)")
+            continue
+        try:
+            problems = verify(root, key)
+        except CacheLockedError as exc:
+            print(f"{key}  busy ({exc})")
+            continue
+        print(f"{key}  {'ok' if not problems else 'CORRUPTED'}")
+        for p in problems:
+            print(f"  {p}")
+        bad += bool(problems)
+    if bad:
+        print(f"{bad} corrupted cache(s)", file=sys.stderr)
+        return 1
+    print(f"verified {len(keys)} cache(s) under {root.path}")
+    return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    from prefast.config import parse_duration, parse_size
+    from prefast.errors import ConfigError
+    from prefast.store.manage import PurgeRule, purge_candidates
+
+    root = _root(args)
+    rule = PurgeRule(
+        all=args.all,
+        partial=args.partial,
+        older_than_s=parse_duration(args.older_than) if args.older_than else None,
+        max_size=parse_size(args.max_size, "--max-size"),
+    )
+    if not (args.key or rule.all or rule.partial or args.older_than or args.max_size):
+        raise ConfigError("cache purge needs KEY..., --all, --partial, --older-than or --max-size")
+    keys = [root.resolve(k) for k in args.key]
+    doomed = purge_candidates(root, keys, rule)
+    total = sum(r["bytes"] for r in doomed)
+    for r in doomed:
+        print(
+            f"{'would delete' if args.dry_run else 'delete'} {r['key']}  {r['status']}  {human_bytes(r['bytes'])}"
+        )
+    if not doomed:
+        print("nothing to purge")
+        return 0
+    if args.dry_run:
+        print(f"dry run: {len(doomed)} cache(s), {human_bytes(total)}")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("refusing to delete without confirmation: pass --yes")
+        if (
+            input(f"delete {len(doomed)} cache(s), {human_bytes(total)}? [y/N] ").strip().lower()
+            != "y"
+        ):
+            print("kept everything")
+            return 0
+    deleted = freed = 0
+    for r in doomed:
+        if root.remove(r["key"]):  # only under the key's exclusive lock
+            deleted, freed = deleted + 1, freed + r["bytes"]
+        else:
+            print(f"skipped {r['key']}: in use by a live process (reading or writing it)")
+    print(f"deleted {deleted} cache(s), freed {human_bytes(freed)}")
+    return 0

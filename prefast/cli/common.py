@@ -1,0 +1,252 @@
+"""Shared CLI pieces: training flags, config building, output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from prefast.config import BOUNDARY_POLICIES, CACHE_DTYPES, MODES, TIERS, TrainConfig, parse_size
+from prefast.data.datasets import AUGMENTS, DATASETS
+from prefast.freezing.schedule import SCALES
+from prefast.models import MODELS
+
+
+def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
+    g = p.add_argument_group("model and data")
+    if modes:
+        g.add_argument(
+            "--mode",
+            default="freezeout",
+            choices=MODES,
+            help="baseline: no freezing; freezeout: freeze, skip backward; "
+            "prefast: also cache frozen outputs (default: %(default)s)",
+        )
+    g.add_argument(
+        "--model",
+        default="densenet-bc",
+        metavar="M",
+        help=f"one of {', '.join(MODELS)} (default: %(default)s)",
+    )
+    g.add_argument(
+        "--dataset",
+        default="synthetic",
+        metavar="D",
+        help=f"one of {', '.join(DATASETS)} (default: %(default)s)",
+    )
+    g.add_argument("--depth", type=int, help="network depth (DenseNet-BC default 76, WRN 16)")
+    g.add_argument("--growth-rate", type=int, default=12, help="DenseNet growth rate k")
+    g.add_argument("--width", type=int, default=4, help="WRN widening factor")
+    g.add_argument(
+        "--data-dir",
+        default="data",
+        help="where torchvision datasets live; for imagefolder the folder holding "
+        "train/<class>/* and val/<class>/* (or test/<class>/*)",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="imagefolder: resize images to N x N (default: the first image's size)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="DataLoader processes for imagefolder (default: cores - 1; 0: the main process)",
+    )
+    g.add_argument("--subset", type=int, help="train on a seeded random subset of N samples")
+    g.add_argument(
+        "--synthetic-size",
+        default="50000,10000",
+        metavar="TRAIN,TEST",
+        help="sample counts of the synthetic set (default: %(default)s)",
+    )
+    g.add_argument(
+        "--augment",
+        default="standard",
+        choices=AUGMENTS,
+        help="random crop (padding 1/8 of the side) + horizontal flip, or none "
+        "(default: %(default)s)",
+    )
+    s = p.add_argument_group("schedule")
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument(
+        "--t0",
+        type=float,
+        default=0.8,
+        help="fraction of training when the first stage freezes (default 0.8)",
+    )
+    s.add_argument(
+        "--scale",
+        default="cubic",
+        choices=tuple(SCALES),
+        help="how t_i is bent (default: %(default)s)",
+    )
+    s.add_argument("--no-scale-lr", action="store_true", help="do not scale lr by 1/t_i")
+    s.add_argument("--lr", type=float, default=0.1, help="base learning rate")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    s.add_argument("--checkpoint", help="save a checkpoint here after every epoch")
+    s.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    c = p.add_argument_group("activation cache (prefast mode)")
+    c.add_argument(
+        "--cache-dir", help="cache root (default $PREFAST_CACHE_DIR or ~/.cache/prefast)"
+    )
+    c.add_argument(
+        "--cache-tier",
+        default="auto",
+        choices=TIERS,
+        help="force a tier; auto lets the memory governor choose",
+    )
+    c.add_argument(
+        "--cache-dtype",
+        default="auto",
+        choices=CACHE_DTYPES,
+        metavar="DTYPE",
+        help="how cached activations are stored: float32, float16, bfloat16, int8 (1 byte: "
+        "per-channel affine), float8 (1 byte: e4m3, per-channel scale) or bitroundN "
+        "(float16 keeping N=1..9 of 10 mantissa bits; saves bytes in zarr only). auto: "
+        "bfloat16 under CUDA autocast, else float16, and int8 for a boundary where 1 byte "
+        "reaches a faster tier with a measured error <= 1%% (default: auto)",
+    )
+    c.add_argument(
+        "--cache-views",
+        type=int,
+        default=1,
+        help="augmented views materialized per boundary; epoch e reads view e mod K",
+    )
+    c.add_argument(
+        "--feature-augment",
+        default="",
+        metavar="OPS",
+        help="augment cached activations on the training device, per sample and epoch, no "
+        "extra bytes: shift (translate the feature map by up to 1/8 of its side, as the "
+        "input crop), flip (mirror it), mix (Manifold Mixup of two samples and their "
+        "labels); comma-separated, e.g. shift,flip (default: none)",
+    )
+    c.add_argument(
+        "--cache-boundaries",
+        default="auto",
+        choices=BOUNDARY_POLICIES,
+        help="auto: materialize a boundary only when the cost model says it pays; "
+        "every: at every epoch start where the frozen prefix grew (default: %(default)s)",
+    )
+    c.add_argument("--max-ram", help="host RAM budget for caches, e.g. 4GB")
+    c.add_argument("--max-gpu-mem", help="GPU memory budget for caches, e.g. 10GB")
+    c.add_argument("--max-disk", help="disk budget for caches, e.g. 50GB")
+    gpu = p.add_argument_group("GPU habits (CUDA only; on by default)")
+    gpu.add_argument(
+        "--no-amp",
+        dest="amp",
+        action="store_false",
+        help="no bf16 autocast (the step, evaluation and cache writes run in float32)",
+    )
+    gpu.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="keep the model and inputs in the default (NCHW) memory layout",
+    )
+    gpu.add_argument(
+        "--no-cudnn-benchmark",
+        dest="cudnn_benchmark",
+        action="store_false",
+        help="do not let cuDNN time and pick its fastest kernels",
+    )
+    gpu.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels (torch.use_deterministic_algorithms; no cuDNN "
+        "autotuning): the same command gives the same numbers on a GPU, somewhat slower "
+        "(CPU runs are deterministic already)",
+    )
+    d = p.add_argument_group("torchrun (data parallel; see README)")
+    d.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds a collective may wait for the other ranks before the run fails "
+        "(default: %(default)s)",
+    )
+    d.add_argument(
+        "--check-replicas",
+        action="store_true",
+        help="after every epoch, check that all ranks hold identical weights",
+    )
+
+
+def config_from_args(args: argparse.Namespace, mode: str | None = None) -> TrainConfig:
+    """Every flag named like a TrainConfig field fills it; four need converting."""
+    try:
+        sizes = tuple(int(v) for v in args.synthetic_size.split(","))
+        assert len(sizes) == 2
+    except (ValueError, AssertionError):
+        from prefast.errors import ConfigError
+
+        raise ConfigError(
+            f"--synthetic-size {args.synthetic_size!r} must be TRAIN,TEST counts, e.g. 50000,10000"
+        ) from None
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values.update(
+        mode=str(mode or getattr(args, "mode", "freezeout")),
+        scale_lr=not args.no_scale_lr,
+        synthetic_size=(sizes[0], sizes[1]),
+        **{
+            name: parse_size(args.__dict__[name], "--" + name.replace("_", "-"))
+            for name in ("max_ram", "max_gpu_mem", "max_disk")
+        },
+    )
+    return TrainConfig(**values)
+
+
+def write_json(path: str | None, doc: object) -> None:
+    """Write ``doc`` to ``path`` ("-" = stdout) atomically."""
+    if not path:
+        return
+    text = json.dumps(doc, indent=2, default=str)
+    if path == "-":
+        print(text)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(target)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def epoch_line(rec: dict, epochs: int) -> str:
+    tier = rec.get("cache_tier") or "-"
+    return (
+        f"epoch {rec['epoch'] + 1:>3}/{epochs}  loss {rec['train_loss']:.4f}  "
+        f"test_acc {rec['test_acc']:.4f}  time {rec['time_s']:.2f}s  "
+        f"data {rec.get('data_s', 0.0):.2f}s  frozen {rec['frozen_stages']}  cache {tier}"
+    )
+
+
+def is_main_rank() -> bool:
+    """Rank 0 under torchrun (or the only process): it alone prints and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()

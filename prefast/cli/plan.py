@@ -1,0 +1,54 @@
+"""`prefast plan`: stages, freeze points, boundaries, tiers and predicted times."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_train_flags, config_from_args, human_bytes, write_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="show the freeze schedule, cache boundaries, tiers and predicted times",
+        description="Times each stage on one batch, then shows when each stage freezes, which "
+        "boundaries PreFast would materialize, the tier the governor picks and why, and the "
+        "ideal wall-clock of baseline, freezeout and prefast.",
+    )
+    add_train_flags(p, modes=False)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefast.training.plan import measure_and_plan
+
+    plan = measure_and_plan(config_from_args(args, mode="prefast"))
+    plan.pop("costs")
+    if args.json:
+        write_json("-", plan)
+        return 0
+    print(
+        f"{'stage':>5} {'freeze_iter':>11} {'freeze_epoch':>12} {'fwd_ms':>8} {'fwd+bwd_ms':>10}"
+        f" {'int8 err':>8} {'fp8 err':>8}  output"
+    )
+    for s in plan["stages"]:
+        err = {d: f"{e:.2%}" for d, e in s["rel_error"].items()}  # error of storing the output
+        print(
+            f"{s['stage']:>5} {s['freeze_iter']:>11} {s['freeze_epoch']:>12.2f} {s['fwd_ms']:>8.2f} "
+            f"{s['fwd_bwd_ms']:>10.2f} {err.get('int8', '-'):>8} {err.get('float8', '-'):>8}  "
+            f"{'x'.join(map(str, s['out_shape']))}"
+        )
+    print("\nboundaries (materialized during epoch, read from the next):")
+    if not plan["boundaries"]:
+        print("  none: no frozen prefix pays for its cache in this run")
+    for b in plan["boundaries"]:
+        print(
+            f"  epoch {b['epoch']}: stages 0..{b['stage'] - 1}  {human_bytes(b['bytes'])}  -> "
+            f"{b['tier']} in {b['dtype']} ({b['reason']})"
+        )
+    print("\npredicted wall-clock (ideal cost model, no I/O):")
+    pred = plan["predicted_s"]
+    for mode, secs in pred.items():
+        print(f"  {mode:<10} {secs:8.1f}s  ({pred['baseline'] / secs:.2f}x vs baseline)")
+    return 0

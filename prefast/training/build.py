@@ -1,0 +1,176 @@
+"""Names to objects: the device, data, model and schedule of a run.
+
+``train(cfg)`` and ``train(cfg, model=..., train_data=..., test_data=...)``
+meet here: names from the config become the same kind of objects a user
+passes (a StagedModel, two map-style Datasets), and both go through
+:func:`build_run` into the one trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from prefast.config import TrainConfig
+from prefast.data.datasets import Splits, TensorImageDataset, load_dataset
+from prefast.data.sources import RawSource, TensorSource
+from prefast.distributed import SINGLE, Dist
+from prefast.errors import ConfigError
+from prefast.freezing.schedule import FreezeOutSchedule
+from prefast.models import StagedModel, as_staged_model, build_model
+from prefast.store.device import canonical, is_accelerator
+
+log = logging.getLogger("prefast")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda was asked for but no CUDA GPU is visible: use --device cpu"
+        )
+    return canonical(name)  # cuda:N, as its tensors report themselves
+
+
+def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
+    """Options that need a GPU fail here, before any data is loaded or epoch trained."""
+    if is_accelerator(device):
+        return
+    where = "no CUDA GPU is visible" if not torch.cuda.is_available() else "--device is cpu"
+    if cfg.cache_tier == "gpu":
+        raise ConfigError(
+            f"--cache-tier gpu keeps caches in the training GPU's memory, but {where}: "
+            "use --cache-tier ram (or auto)"
+        )
+    if cfg.max_gpu_mem is not None:
+        raise ConfigError(
+            f"--max-gpu-mem budgets the training GPU's memory, but {where}: drop it "
+            "(--max-ram and --max-disk budget the other tiers)"
+        )
+
+
+def check_not_empty(train: Dataset, test: Dataset, name: str | None = None) -> None:
+    """An empty split would train nothing or report accuracy 0.0: refuse it, naming it."""
+    for split, ds in (("training", train), ("test", test)):
+        if len(ds) == 0:  # type: ignore[arg-type]
+            raise ConfigError(
+                f"the {split} set of {name or type(ds).__name__} is empty (0 samples): give it "
+                "at least one sample (for synthetic data, --synthetic-size TRAIN,TEST, both > 0)"
+            )
+
+
+def load_for(cfg: TrainConfig) -> Splits:
+    """The (train, test) datasets ``cfg.dataset`` names."""
+    return load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.subset,
+        cfg.seed,
+        cfg.synthetic_size,
+        image_size=cfg.image_size,
+        augment=cfg.augment,
+    )
+
+
+def source_for(
+    cfg: TrainConfig,
+    train: Dataset,
+    test: Dataset,
+    device: torch.device,
+    data_id: str | None = None,
+    ctx: Dist = SINGLE,
+) -> RawSource:
+    """In-memory built-in splits are served from device memory; any other dataset
+    goes through a DataLoader. Under torchrun each rank reads only its shard."""
+    r, w = ctx.rank, ctx.world
+    if isinstance(train, TensorImageDataset) and isinstance(test, TensorImageDataset):
+        return TensorSource(train, test, cfg.batch_size, cfg.seed, cfg.augment, device, r, w)
+    from prefast.data.loader import LoaderSource
+
+    return LoaderSource(
+        train, test, cfg.batch_size, cfg.seed, device, cfg.workers, data_id, rank=r, world=w
+    )
+
+
+def model_for(cfg: TrainConfig, ds_shape: tuple[int, int, int], num_classes: int) -> StagedModel:
+    c, h, _ = ds_shape
+    return build_model(
+        cfg.model,
+        in_channels=c,
+        num_classes=num_classes,
+        image_size=h,
+        depth=cfg.depth,
+        growth_rate=cfg.growth_rate,
+        width=cfg.width,
+    )
+
+
+def build_run(
+    cfg: TrainConfig,
+    model: nn.Module | None = None,
+    train_data: Dataset | None = None,
+    test_data: Dataset | None = None,
+    data_id: str | None = None,
+    ctx: Dist = SINGLE,
+) -> tuple[TrainConfig, StagedModel, RawSource]:
+    """The run's config (as recorded), model on its device, and raw data source."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)  # one GPU per rank
+    check_device_options(cfg, device)
+    if (train_data is None) != (test_data is None):
+        raise ConfigError("pass both train_data and test_data (or neither, to use cfg.dataset)")
+    if train_data is None or test_data is None:
+        train_data, test_data = load_for(cfg)
+        check_not_empty(train_data, test_data, cfg.dataset)
+    else:
+        check_not_empty(train_data, test_data, data_id)
+        if (
+            not isinstance(train_data, TensorImageDataset)
+            and cfg.augment != "none"
+            and getattr(train_data, "augment_applied", None) != cfg.augment  # our imagefolder
+        ):
+            log.warning(
+                "augment=%r is ignored for your own datasets: their transform is the augmentation",
+                cfg.augment,
+            )
+            cfg = cfg.replace(augment="none")
+    source = source_for(cfg, train_data, test_data, device, data_id, ctx)
+    if model is None:
+        torch.manual_seed(cfg.seed)  # the same initial weights in every mode
+        staged = model_for(cfg, *shape_and_classes(train_data))
+    else:
+        staged = as_staged_model(model)
+    return cfg, staged.to(device), source
+
+
+def shape_and_classes(ds: Dataset) -> tuple[tuple[int, int, int], int]:
+    """Input shape and class count of a dataset, for building a zoo model on it."""
+    if isinstance(ds, TensorImageDataset):
+        return ds.shape, ds.num_classes
+    x, _ = ds[0]
+    classes = getattr(ds, "classes", None) or getattr(getattr(ds, "dataset", None), "classes", None)
+    if x.dim() != 3 or classes is None:
+        raise ConfigError(
+            "cannot build a zoo model for this dataset (items must be (C, H, W) images and the "
+            "dataset needs a .classes list): pass model= (a StagedModel or nn.Sequential)"
+        )
+    c, h, w = x.shape
+    return (int(c), int(h), int(w)), len(classes)
+
+
+def schedule_for(cfg: TrainConfig, num_stages: int, batches_per_epoch: int) -> FreezeOutSchedule:
+    # Baseline = t0 of 1: no stage freezes early, every stage anneals over the run.
+    baseline = cfg.mode == "baseline"
+    return FreezeOutSchedule(
+        num_stages,
+        cfg.epochs * batches_per_epoch,
+        t0=1.0 if baseline else cfg.t0,
+        scale=cfg.scale,
+        scale_lr=cfg.scale_lr and not baseline,
+        base_lr=cfg.lr,
+    )

@@ -1,0 +1,82 @@
+"""Run several modes on the same data and seed, and tabulate the speedups."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from prefast.config import TrainConfig
+from prefast.training.build import load_for
+from prefast.training.plan import measure_and_plan
+from prefast.training.trainer import train
+
+
+def compare(
+    cfg: TrainConfig,
+    modes: list[str],
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    *,
+    model: nn.Module | None = None,
+    train_data: Dataset | None = None,
+    test_data: Dataset | None = None,
+    data_id: str | None = None,
+) -> dict[str, dict]:
+    """Train ``cfg`` once per mode, one after another in this process.
+
+    Takes what ``train`` takes; every mode starts from the same initial weights
+    (a given ``model`` is copied per mode). Returns ``{mode: run record}``; each
+    record gains ``final.predicted_s`` (the ideal cost model's prediction) so
+    measured/ideal can be read off. Named datasets are loaded once for the probe
+    and every run; each prefast run still times its own stages, as a standalone
+    run would.
+    """
+    runs: dict[str, dict] = {}
+    if train_data is None and test_data is None:
+        train_data, test_data = load_for(cfg)
+    plan = measure_and_plan(cfg.replace(mode="prefast"), model, train_data, test_data)
+    for mode in modes:
+        if log:
+            log(f"--- {mode} ---")
+
+        def on_epoch(r: dict, m: str = mode) -> None:
+            if log:
+                log(
+                    f"[{m}] epoch {r['epoch'] + 1}: loss {r['train_loss']:.4f} "
+                    f"acc {r['test_acc']:.4f} {r['time_s']:.2f}s"
+                )
+
+        result = train(
+            cfg.replace(mode=mode),
+            progress=progress,
+            on_epoch=on_epoch,
+            model=copy.deepcopy(model) if model is not None else None,
+            train_data=train_data,
+            test_data=test_data,
+            data_id=data_id,
+        )
+        result["final"]["predicted_s"] = plan["predicted_s"][mode]
+        for record, ideal in zip(result["epochs"], plan["predicted_epochs"][mode], strict=True):
+            record["predicted_train_s"] = ideal["train_s"]
+            record["predicted_eval_s"] = ideal["eval_s"]
+        runs[mode] = result
+    return runs
+
+
+def format_table(runs: dict[str, dict]) -> str:
+    """Mode, wall-clock, speedups vs baseline and freezeout, accuracy, measured/predicted."""
+    walls = {m: r["final"]["wall_s"] for m, r in runs.items()}
+    header = f"{'mode':<10} {'wall_s':>8} {'vs_baseline':>11} {'vs_freezeout':>12} {'test_acc':>8} {'meas/pred':>9}"
+    lines = [header, "-" * len(header)]
+    for mode, r in runs.items():
+        f = r["final"]
+        vs_b = f"{walls['baseline'] / walls[mode]:.2f}x" if "baseline" in walls else "-"
+        vs_f = f"{walls['freezeout'] / walls[mode]:.2f}x" if "freezeout" in walls else "-"
+        ratio = f"{f['wall_s'] / f['predicted_s']:.2f}" if f.get("predicted_s") else "-"
+        lines.append(
+            f"{mode:<10} {f['wall_s']:>8.1f} {vs_b:>11} {vs_f:>12} {f['test_acc']:>8.4f} {ratio:>9}"
+        )
+    return "\n".join(lines)
