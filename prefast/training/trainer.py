@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +30,11 @@ import prefast.distributed as distributed
 import prefast.training.checkpoint as checkpoint
 from prefast.caching.costmodel import StageCost
 from prefast.config import TrainConfig
-from prefast.data.sources import Batch, Feed, batch_loss, data_share
+from prefast.data.sources import Batch, Feed, batch_loss
 from prefast.models import StagedModel
 from prefast.store.device import to_host
 from prefast.training.build import build_run, schedule_for
+from prefast.training.record import run_record
 
 log = logging.getLogger("prefast")
 
@@ -63,10 +63,6 @@ def deterministic_kernels(on: bool) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at each call
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 class Trainer:
@@ -257,39 +253,18 @@ class Trainer:
         finally:
             self.feed.close()
             self.replicas.close()
-        report = self.feed.report()
-        return {
-            "config": self.cfg.to_json(),
-            "model": {
-                "name": "custom" if self.custom_model else self.model.name,
-                "num_stages": self.model.num_stages,
-            },
-            "data": {"name": self.raw.name, "train": self.raw.num_train, "test": self.raw.num_test},
-            "epochs": self.history,
-            "final": {
-                "test_acc": self.history[-1]["test_acc"] if self.history else None,
-                "wall_s": time.perf_counter() - t_start + self.feed_setup_s,
-                "feed_setup_s": self.feed_setup_s,
-                "data_share": data_share(self.history),  # of train_s spent waiting for data
-                "peak_rss_mb": peak_rss_mb(),
-                "batches_per_epoch": self.raw.batches_per_epoch,
-                "freeze_iters": [
-                    self.schedule.freeze_iter(i) for i in range(self.model.num_stages)
-                ],
-                "world_size": self.dist.world,
-                "rank_cache_bytes": distributed.gather(
-                    self.dist, report.get("cache_peak_bytes", 0)
-                ),
-                **report,
-                # under torchrun: every rank's own cache events (tiers, dtypes and faults
-                # are per rank; ``cache_events`` above are rank 0's)
-                **(
-                    {"rank_cache_events": distributed.gather(self.dist, report["cache_events"])}
-                    if self.dist.enabled and "cache_events" in report
-                    else {}
-                ),
-            },
-        }
+        return run_record(
+            self.cfg,
+            self.model,
+            "custom" if self.custom_model else self.model.name,
+            self.raw,
+            self.history,
+            self.schedule,
+            self.dist,
+            self.feed.report(),
+            wall_s=time.perf_counter() - t_start + self.feed_setup_s,
+            feed_setup_s=self.feed_setup_s,
+        )
 
     # -- checkpoints (prefast/training/checkpoint.py) ---------------------------------------
     def _save_checkpoint(self, path: Path, next_epoch: int, feeds: list[dict]) -> None:
