@@ -19,6 +19,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/prefast compare --modes baseline,freezeout,prefast $(DEMO_FLAGS) \
 	    --cache-dir .prefast-cache/demo --json-out runs/demo.json
+	@$(PY) benchmarks/tradeoff.py benchmarks/results/train_subset.md
 
 lint: install
 	$(VENV)/bin/ruff check prefast tests benchmarks examples

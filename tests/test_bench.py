@@ -1,5 +1,7 @@
 """The cost model and the benchmark arithmetic (pure functions, no training)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,36 @@ def test_the_image_folder_time_split_adds_up_to_the_wall_clock():
     assert list(parts) == list(PARTS)
     assert parts["compute"] == pytest.approx(6.0 - 0.5 - 0.2 - 1.0)
     assert parts["setup"] == pytest.approx(0.5) and sum(parts.values()) == pytest.approx(8.0)
+
+
+def test_the_demo_says_where_its_accuracy_gaps_come_from_with_its_own_numbers():
+    from prefast.training.compare import accuracy_notes
+
+    def run(acc: float, cached: int = 0) -> dict:
+        epochs = [{"cached_batches": 32 if e < cached else 0} for e in range(5)]
+        final = {"test_acc": acc, "batches_per_epoch": 32, "freeze_iters": [20, 60, 100]}
+        cfg = {"epochs": 5, "t0": 0.5, "scale": "cubic"}
+        return {"config": cfg, "epochs": epochs, "final": {**final, "cache_dtype": "float16"}}
+
+    notes = "\n".join(
+        accuracy_notes({"baseline": run(0.99), "freezeout": run(0.9415), "prefast": run(0.941, 2)})
+    )
+    assert "prefast - freezeout test accuracy: -0.0005, what the float16 cache changed" in notes
+    assert "(2 of 5 epochs read it)" in notes
+    assert "freezeout - baseline: -0.0485, FreezeOut's schedule, not the cache" in notes
+    assert "first stage freezes at iteration 20 of 160 (12%)" in notes
+    assert "meas/pred" in notes
+
+
+def test_the_demo_prints_the_measured_t0_trade_off_from_the_committed_results(capsys):
+    from prefast.benchmarks.tradeoff import main, rows
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "train_subset.md"
+    assert main(str(path)) == 0
+    out = capsys.readouterr().out
+    prefast_rows = {
+        t0: cells for (t0, mode), cells in rows(path.read_text()).items() if mode == "prefast"
+    }
+    assert len(prefast_rows) >= 2  # a trade-off needs two settings of t0
+    for t0, cells in prefast_rows.items():
+        assert f"--t0 {t0}: prefast {cells[3]} vs baseline, test acc {cells[5]}" in out

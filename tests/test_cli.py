@@ -127,6 +127,9 @@ def test_compare_and_plan_and_cache_ls(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert set(runs) == {"baseline", "freezeout", "prefast"}
     assert "vs_freezeout" in res.stdout
+    gap = runs["prefast"]["final"]["test_acc"] - runs["freezeout"]["final"]["test_acc"]
+    assert f"prefast - freezeout test accuracy: {gap:+.4f}" in res.stdout
+    assert "FreezeOut's schedule, not the cache: at --t0 0.5" in res.stdout
     ls = json.loads(prefast("cache", "ls", "--json", "--cache-dir", str(cache)).stdout)
     assert ls and all(r["status"] == "complete" for r in ls)
     for key in (

@@ -71,7 +71,7 @@ def _quiet(*_: object, **__: object) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     from prefast.errors import ConfigError
-    from prefast.training.compare import compare, format_table
+    from prefast.training.compare import accuracy_notes, compare, format_table
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("baseline", "freezeout", "prefast")]
@@ -84,5 +84,6 @@ def run_compare(args: argparse.Namespace) -> int:
     runs = compare(cfg, modes, progress=stderr_is_tty() and main, log=print if main else None)
     if main:
         print(format_table(runs))
+        print("\n".join(accuracy_notes(runs)))
         write_json(args.json_out, {"runs": runs})
     return 0

@@ -80,3 +80,32 @@ def format_table(runs: dict[str, dict]) -> str:
             f"{mode:<10} {f['wall_s']:>8.1f} {vs_b:>11} {vs_f:>12} {f['test_acc']:>8.4f} {ratio:>9}"
         )
     return "\n".join(lines)
+
+
+def accuracy_notes(runs: dict[str, dict]) -> list[str]:
+    """Lines for under the table: what its columns mean and where the accuracy gaps come
+    from, from the runs' own numbers (a newcomer otherwise reads the gap to baseline as
+    the cache's cost)."""
+    lines = ["meas/pred: measured wall-clock over the cost model's prediction for the mode."]
+    acc = {m: r["final"]["test_acc"] for m, r in runs.items()}
+    if acc.get("prefast") is not None and acc.get("freezeout") is not None:
+        run = runs["prefast"]
+        cached = sum(1 for e in run["epochs"] if e.get("cached_batches"))
+        lines.append(
+            f"prefast - freezeout test accuracy: {acc['prefast'] - acc['freezeout']:+.4f}, what "
+            f"the {run['final'].get('cache_dtype', '?')} cache changed ({cached} of "
+            f"{len(run['epochs'])} epochs read it)."
+        )
+    if acc.get("freezeout") is not None and acc.get("baseline") is not None:
+        run = runs["freezeout"]
+        cfg, final = run["config"], run["final"]
+        total = final["batches_per_epoch"] * cfg["epochs"]
+        first = final["freeze_iters"][0]
+        lines += [
+            f"freezeout - baseline: {acc['freezeout'] - acc['baseline']:+.4f}, FreezeOut's "
+            f"schedule, not the cache: at --t0 {cfg['t0']} ({cfg['scale']} scaling) the first "
+            f"stage freezes at iteration {first} of {total} ({first / total:.0%}).",
+            "A larger --t0 freezes later: more accuracy, less time saved (FreezeOut's default "
+            "is 0.8); docs/results.md has the trade-off, measured over seeds.",
+        ]
+    return lines
