@@ -119,7 +119,7 @@ class HostMemory:
 
     def __init__(self, monkeypatch, short: bool = False):
         self.real, self.short = psutil.virtual_memory, short
-        monkeypatch.setattr("prefast.caching.governor.psutil.virtual_memory", self)
+        monkeypatch.setattr("prefast.caching.budgets.psutil.virtual_memory", self)
 
     def __call__(self):
         vm = self.real()  # the real total
