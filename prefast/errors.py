@@ -26,6 +26,11 @@ class DataUnavailableError(PrefastError):
     exit_code = 2
 
 
+class TrainingDivergedError(PrefastError):
+    """The training loss is not finite: the run stops (no cache of non-finite values is
+    kept); the message names the learning rate and its 1/t_i scaling."""
+
+
 class Terminated(BaseException):
     """SIGTERM arrived (the CLI turns the signal into this exception, so the run unwinds:
     writers abort, locks are released). A ``BaseException``, like ``KeyboardInterrupt``:
@@ -53,4 +58,5 @@ __all__ = [
     "DiskFullError",
     "PrefastError",
     "Terminated",
+    "TrainingDivergedError",
 ]

@@ -196,6 +196,13 @@ class PrefastFeed(BoundaryTransitions):
 
     def end_epoch(self, epoch: int) -> None:
         t = self.target
+        if t is not None and t.state is State.WRITING and (bad := t.nonfinite_written()):
+            self._abandon(  # never a complete cache of NaN or inf (a diverging prefix)
+                epoch,
+                f"{bad} NaN or inf values in stage {t.stage}'s output: a cache of them is "
+                "never kept (the model diverged?)",
+            )
+            t = None
         if t is not None and t.state is State.WRITING:
             try:
                 with self.ctx.timed("write_s"):
@@ -311,6 +318,7 @@ class PrefastFeed(BoundaryTransitions):
         if writing is None or writing.state is not State.WRITING:
             return batch
         out = self._run_prefix(batch.x, batch.start, writing.stage)
+        writing.count_nonfinite(out)
         stored, x = self.ctx.as_stored(out, writing.dtype)  # the writer keeps what x decodes
         try:
             with self.ctx.timed("write_s"):

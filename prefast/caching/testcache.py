@@ -30,7 +30,7 @@ from prefast.errors import (
     CacheUnavailableError,
 )
 from prefast.store import Reader, Writer
-from prefast.store.device import Uploader
+from prefast.store.device import Uploader, to_host
 from prefast.store.order import batch_slices
 
 log = logging.getLogger("prefast.caching.materialize")
@@ -77,12 +77,15 @@ class TestCache:
         old = self.reader if self.reader is not None and self.stage < stage else None
         source = self._read(old, self.stage, epoch) if old is not None else self.raw.test_batches()
         opened = not write
+        nonfinite = torch.zeros((), dtype=torch.int64, device=self.ctx.device)  # on the device
         try:
             for batch in source:
                 x = self.run_prefix(batch.x, batch.start, stage)
                 if not opened:
                     opened = True
                     self._open(stage, tier, tuple(x.shape[1:]), epoch, dtype)
+                if self.writer is not None:
+                    nonfinite += (~torch.isfinite(x)).sum()
                 # x as the cache holds it: what later evaluations read, written or not
                 stored, x = self.ctx.as_stored(x, dtype)
                 if self.writer is not None:
@@ -93,6 +96,11 @@ class TestCache:
                         self.writer = None
                         self._failed(stage, epoch, exc)
                 yield Batch(x, batch.y, batch.ids, batch.labels, stage)
+            bad = int(to_host(nonfinite)) if self.writer is not None else 0
+            if bad and self.writer is not None:  # never a complete cache of NaN or inf
+                self.writer.abort()
+                self.writer = None
+                self._failed(stage, epoch, ValueError(f"{bad} NaN or inf values in its rows"))
             if self.writer is not None:
                 writer, self.writer = self.writer, None
                 try:

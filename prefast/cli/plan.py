@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json("-", plan)
         return 0
+    if plan["scaling_warning"]:
+        print(f"warning: {plan['scaling_warning']}\n")
     print(
         f"{'stage':>5} {'freeze_iter':>11} {'freeze_epoch':>12} {'fwd_ms':>8} {'fwd+bwd_ms':>10}"
         f" {'int8 err':>8} {'fp8 err':>8}  output"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from prefast.errors import ConfigError
 
 SCALES = {"linear": 1, "squared": 2, "cubic": 3}
+SCALING_WARN = 20.0  # a stage rate scaled past this many times the base rate: say so
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,26 @@ class FreezeOutSchedule:
 
     def initial_lr(self, i: int) -> float:
         return self.base_lr / self.t(i) if self.scale_lr else self.base_lr
+
+    def rate_multiplier(self) -> float:
+        """The most ``1/t_i`` scaling multiplies a trainable stage's rate by (1: no scaling)."""
+        if not self.scale_lr or self.num_stages < 2:
+            return 1.0
+        return max(1.0 / self.t(i) for i in range(self.num_stages - 1))
+
+    def scaling_warning(self) -> str | None:
+        """A line for the run header and ``prefast plan`` when 1/t_i scaling multiplies a
+        stage's rate by more than ``SCALING_WARN``: such rates often diverge."""
+        m = self.rate_multiplier()
+        if m <= SCALING_WARN:
+            return None
+        return (
+            f"FreezeOut's 1/t_i scaling multiplies stage 0's learning rate by {m:,.0f}x "
+            f"(--t0 {self.t0}, {self.scale} scaling: stage 0 trains for "
+            f"{self.freeze_iter(0)} of {self.total_iters} iterations, at up to "
+            f"{self.base_lr * m:.4g}); if the loss "
+            "diverges, raise --t0, lower --lr or pass --no-scale-lr"
+        )
 
     def lr(self, i: int, it: int) -> float:
         """Learning rate of stage ``i`` at iteration ``it`` (0 once frozen)."""

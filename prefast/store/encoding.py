@@ -187,6 +187,17 @@ def decode(stored: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Te
     return x.reshape(b, *shape)
 
 
+def nonfinite_rows(rows: np.ndarray, dtype: str, shape: tuple[int, ...]) -> int:
+    """How many of the stored ``rows`` (as a disk tier holds them) hold a NaN or an inf.
+    8-bit rows cannot (their values are put inside each channel's finite range); their
+    parameters can."""
+    t = torch.from_numpy(np.ascontiguousarray(rows))
+    if dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    x = decode(t, dtype, shape).float().reshape(len(t), -1)
+    return int((~torch.isfinite(x)).any(1).sum())
+
+
 def bit_round(x: torch.Tensor, bits: int) -> torch.Tensor:
     """float16 ``x`` keeping ``bits`` mantissa bits, bit for bit what ``numcodecs.BitRound``
     writes (round half to even). Done here, in torch, because the write-through epoch

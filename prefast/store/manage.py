@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .disk_reader import DiskReader
-from .encoding import decode
+from .encoding import decode, nonfinite_rows
 from .errors import CacheError, CacheLockedError, CacheReadError
 from .layout import MARKER, CacheRoot, disk_usage
 from .readers import open_reader
@@ -110,11 +110,20 @@ def verify(root: CacheRoot, key: str) -> list[str]:
         ids = reader.ids()
         if len(np.unique(ids)) != len(ids) or len(ids) != reader.spec.rows:
             problems.append(f"cache {key}: sample ids are not unique (some samples missing)")
+        nonfinite = 0
         for i in range(reader.num_chunks):
             try:
-                reader.read_chunk(i)
+                chunk = reader.read_chunk(i)
             except CacheReadError as exc:
                 problems.append(str(exc))
+                continue
+            nonfinite += nonfinite_rows(chunk, reader.spec.dtype, reader.spec.shape)
+        if nonfinite:
+            problems.append(
+                f"cache {key}: {nonfinite} of {reader.spec.rows} rows hold NaN or inf (the "
+                "run that wrote it diverged); its checksums match, but training on it would "
+                "not: purge it"
+            )
     finally:
         reader.close()
     return problems

@@ -81,6 +81,7 @@ def measure_and_plan(
             held = f"train@{b.stage}"
             governor.hold(held, d.tier, d.bytes)
     return {
+        "scaling_warning": sched_f.scaling_warning(),
         "stages": [
             {
                 "stage": i,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -31,12 +32,31 @@ import prefast.training.checkpoint as checkpoint
 from prefast.caching.costmodel import StageCost
 from prefast.config import TrainConfig
 from prefast.data.sources import Batch, Feed, batch_loss
+from prefast.errors import TrainingDivergedError
+from prefast.freezing.schedule import FreezeOutSchedule
 from prefast.models import StagedModel
 from prefast.store.device import to_host
 from prefast.training.build import build_run, schedule_for
 from prefast.training.record import run_record
 
 log = logging.getLogger("prefast")
+
+
+def diverged(cfg: TrainConfig, schedule: FreezeOutSchedule, epoch: int, loss: float) -> str:
+    """The one line a diverged run ends with: where, and the likely cause."""
+    m = schedule.rate_multiplier() if cfg.mode != "baseline" else 1.0
+    scaled = (
+        f", which FreezeOut's 1/t_i scaling multiplies by up to {m:,.0f}x at --t0 {cfg.t0} "
+        f"({cfg.scale} scaling)"
+        if m > 1.0
+        else ""
+    )
+    fixes = "lower --lr" + (", raise --t0 or pass --no-scale-lr" if m > 1.0 else "")
+    return (
+        f"training diverged in epoch {epoch + 1}: the mean training loss is {loss}. Likely "
+        f"cause: the learning rate (--lr {cfg.lr}{scaled}); {fixes}. No cache holding "
+        "non-finite values was kept."
+    )
 
 
 def make_optimizer(model: StagedModel, lr: float) -> torch.optim.SGD:
@@ -101,6 +121,9 @@ class Trainer:
         self.replicas = distributed.Replicas(self.dist, self.model, lambda: self.model.num_frozen)
         self.opt = make_optimizer(self.model, cfg.lr)
         self.schedule = schedule_for(cfg, self.model.num_stages, self.raw.batches_per_epoch)
+        warning = self.schedule.scaling_warning() if cfg.mode != "baseline" else None
+        if warning and self.dist.is_main:
+            log.warning(warning)
         self.on_epoch = on_epoch
         self.history: list[dict] = []
         self.start_epoch = 0
@@ -202,12 +225,16 @@ class Trainer:
                 steps, samples = steps + 1, samples + len(batch.ids)
                 advance()
         loss_sum = float(to_host(losses))  # the epoch's one read of the device
+        # Summed over ranks before the feed finishes its caches: a NaN on any rank stops
+        # every rank here, and no view of this epoch is ever marked complete.
+        loss_all, steps_all = distributed.all_sum(self.dist, loss_sum, steps)
+        if not math.isfinite(loss_all):
+            raise TrainingDivergedError(diverged(self.cfg, self.schedule, epoch, loss_all))
         self.feed.end_epoch(epoch)
         self.replicas.sync_buffers()
         t_eval = time.perf_counter()
         test_acc = self.evaluate()
         t_end = time.perf_counter()
-        loss_all, steps_all = distributed.all_sum(self.dist, loss_sum, steps)
         return {
             "epoch": epoch,
             "train_loss": loss_all / max(1, steps_all),  # over every rank's steps
