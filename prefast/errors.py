@@ -31,6 +31,20 @@ class TrainingDivergedError(PrefastError):
     kept); the message names the learning rate and its 1/t_i scaling."""
 
 
+class UnreadableImageError(DataUnavailableError):
+    """An image file that cannot be decoded; the message names its path and the decoder's
+    word. Raised in a DataLoader worker, it comes back with the worker's traceback in its
+    message: only the line that names the file is kept, so the CLI says one line."""
+
+    MARK = "cannot decode image "
+
+    def __init__(self, message: str):
+        ours = [line for line in message.splitlines() if self.MARK in line]
+        if ours:
+            message = ours[-1][ours[-1].index(self.MARK) :]
+        super().__init__(message)
+
+
 class Terminated(BaseException):
     """SIGTERM arrived (the CLI turns the signal into this exception, so the run unwinds:
     writers abort, locks are released). A ``BaseException``, like ``KeyboardInterrupt``:
@@ -59,4 +73,5 @@ __all__ = [
     "PrefastError",
     "Terminated",
     "TrainingDivergedError",
+    "UnreadableImageError",
 ]

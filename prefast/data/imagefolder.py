@@ -15,11 +15,12 @@ DataLoader, exactly as it reads a user's own dataset.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
-from prefast.errors import DataUnavailableError
+from prefast.errors import DataUnavailableError, UnreadableImageError
 
 
 def imagefolder_splits(root: Path, image_size: int | None, augment: str):  # type: ignore[no-untyped-def]
@@ -56,9 +57,23 @@ def imagefolder_splits(root: Path, image_size: int | None, augment: str):  # typ
     return train, test
 
 
+def load_image(path: str):  # type: ignore[no-untyped-def]
+    """torchvision's loader, with a file it cannot decode named in one line (also from a
+    DataLoader worker: a module-level function, so workers can unpickle it)."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is OSError
+        word = re.split(r" ['<]", str(exc))[0] or type(exc).__name__  # cut PIL's repeated path
+        raise UnreadableImageError(
+            f"{UnreadableImageError.MARK}{path} ({word}): remove the file or replace it"
+        ) from None
+
+
 def _folder(datasets, path: Path, transform):  # type: ignore[no-untyped-def]
     try:
-        return datasets.ImageFolder(str(path), transform=transform)
+        return datasets.ImageFolder(str(path), transform=transform, loader=load_image)
     except (FileNotFoundError, OSError) as exc:  # an empty class folder, or no classes
         detail = str(exc).split(". Supported extensions")[0]
         raise DataUnavailableError(f"{path}: {detail}") from None

@@ -9,12 +9,14 @@ passes (a StagedModel, two map-style Datasets), and both go through
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from prefast.config import TrainConfig
+from prefast.config import TrainConfig, default_cache_dir
 from prefast.data.datasets import Splits, TensorImageDataset, load_dataset
 from prefast.data.sources import RawSource, TensorSource
 from prefast.distributed import SINGLE, Dist
@@ -109,6 +111,24 @@ def model_for(cfg: TrainConfig, ds_shape: tuple[int, int, int], num_classes: int
     )
 
 
+def check_cache_dir(cfg: TrainConfig) -> None:
+    """A prefast run's cache dir must be a writable directory (created if missing): refused
+    here, before any training, instead of each boundary failing and the run going on as
+    FreezeOut."""
+    path = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    name = f"--cache-dir {path}" if cfg.cache_dir else f"the cache dir {path}"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name} is not a directory: pass a directory (created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{name} cannot be created ({exc.strerror}): pass a writable directory"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} is not writable: pass a directory this process may write")
+
+
 def build_run(
     cfg: TrainConfig,
     model: nn.Module | None = None,
@@ -122,6 +142,8 @@ def build_run(
     if device.type == "cuda" and ctx.enabled:
         device = torch.device("cuda", ctx.local_rank)  # one GPU per rank
     check_device_options(cfg, device)
+    if cfg.mode == "prefast":
+        check_cache_dir(cfg)
     if (train_data is None) != (test_data is None):
         raise ConfigError("pass both train_data and test_data (or neither, to use cfg.dataset)")
     if train_data is None or test_data is None:
