@@ -30,9 +30,9 @@ from pathlib import Path
 import numcodecs
 import numpy as np
 import torch
+
 from prefast.benchmarks.plotting import panels, save
 from prefast.benchmarks.train_bench import _ms as mean_std
-
 from prefast.config import TrainConfig
 from prefast.store import CacheRoot, encoding, open_reader
 from prefast.store.layout import disk_usage

@@ -27,7 +27,6 @@ from prefast.benchmarks.store_bench import (
     summarize,
 )
 from prefast.benchmarks.store_floors import raw_file_floors
-
 from prefast.store import chunkio
 from prefast.store.base import SHUFFLE_BUFFER_BYTES
 

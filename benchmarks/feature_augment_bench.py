@@ -32,7 +32,6 @@ from pathlib import Path
 from prefast.benchmarks.imagefolder_bench import write_digits_folder
 from prefast.benchmarks.plotting import panels, save
 from prefast.benchmarks.train_bench import _ms as mean_std
-
 from prefast.config import FEATURE_OPS as OPS
 from prefast.config import TrainConfig
 from prefast.store import CacheRoot

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefast.benchmarks.train_bench import run_sweep
 
+from prefast.benchmarks.train_bench import run_sweep
 from prefast.config import TrainConfig
 from prefast.data.datasets import load_dataset
 from prefast.models import build_model

@@ -24,9 +24,8 @@ from pathlib import Path
 
 from prefast.benchmarks.store_bench import machine, markdown, plot, run_store_bench
 from prefast.benchmarks.train_bench import accuracy_table, run_sweep
-from prefast.store.base import SHUFFLE_BUFFER_BYTES
-
 from prefast.config import TrainConfig
+from prefast.store.base import SHUFFLE_BUFFER_BYTES
 
 MODES = ["baseline", "freezeout", "prefast"]
 

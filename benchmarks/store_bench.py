@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+
 from prefast.benchmarks.plotting import panels, save
 from prefast.benchmarks.store_floors import (
     evict,
@@ -34,7 +35,6 @@ from prefast.benchmarks.store_floors import (
     trainer_slowdown,
     zstd_chunk_floor,
 )
-
 from prefast.store.base import SHUFFLE_BUFFER_BYTES, CacheSpec, Writer, chunk_bytes_for
 from prefast.store.encoding import encode
 from prefast.store.layout import CacheRoot

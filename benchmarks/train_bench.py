@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prefast.benchmarks.plotting import panels, save
-
 from prefast.config import TrainConfig
 from prefast.training.compare import compare
 

@@ -17,6 +17,7 @@ import threading
 import time
 
 import torch
+
 from prefast.store import CacheRoot, CacheSpec, open_writer
 
 root = CacheRoot(sys.argv[1])

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from prefast.benchmarks.store_bench import run_store_bench
 from prefast.benchmarks.train_bench import OVERHEAD_PARTS, overhead_breakdown, summarize
-
 from prefast.caching.costmodel import StageCost, plan_boundaries, predict_epochs
 from prefast.freezing.schedule import FreezeOutSchedule
 
@@ -196,6 +196,7 @@ def test_the_gpu_check_dry_run_checks_its_wheels_and_states_its_budget(tmp_path)
 
 def test_image_folders_hold_every_image_once_in_its_codec(tmp_path):
     from PIL import Image
+
     from prefast.benchmarks.imagefolder_bench import write_digits_folder
 
     for codec, ext in (("png", "png"), ("jpeg", "jpg")):

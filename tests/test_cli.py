@@ -161,3 +161,32 @@ def test_bench_store_dir_is_created_or_a_one_line_error(tmp_path):
         res.returncode == 2 and "--dir /proc/prefast-cannot-create cannot be created" in res.stderr
     )
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_every_training_option_has_help_and_shows_its_default():
+    import argparse
+
+    from prefast.cli.main import build_parser
+    from prefast.freezing.schedule import FreezeOutSchedule
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("train", "compare", "plan"):
+        parser = sub.choices[name]
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            flag = action.option_strings[-1] if action.option_strings else None
+            if flag in (None, "--help"):
+                continue
+            assert action.help, f"prefast {name} {flag} has no help text"
+            switch = action.nargs == 0
+            if action.default not in (None, False, "") and not switch:
+                shown = " ".join(
+                    parser._get_formatter()._expand_help(action).split()  # type: ignore[attr-defined]
+                )
+                assert "default" in shown, f"prefast {name} {flag} hides its default: {shown}"
+        assert "(default: 10)" in text and "(default: 64)" in text  # --epochs, --batch-size
+        assert "(default: 0.1)" in text and "(default: 0)" in text  # --lr, --seed
+        # --t0 says what it is, and its first freeze point under the default scaling is true
+        assert "the first stage freezes at t0^3: t0 0.8 at 51% of training, 0.5 at 12.5%" in text
+    assert FreezeOutSchedule(4, 1000, t0=0.5).t(0) == 0.125
+    assert round(FreezeOutSchedule(4, 1000, t0=0.8).t(0), 2) == 0.51

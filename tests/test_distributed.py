@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+
 from prefast.store import CacheRoot
 from prefast.store.manage import list_caches, verify
 
@@ -318,6 +319,7 @@ def _env(p: psutil.Process) -> dict:
 @pytest.mark.parametrize("world", [2, 3])
 def test_shards_cover_the_training_set_with_at_most_one_pad_per_rank(world):
     import numpy as np
+
     from prefast.store.order import shard_rows, test_rows
 
     n = 1437

@@ -132,8 +132,8 @@ def test_verify_reports_a_cache_with_a_nan_row(tmp_path, dtype):
     w.finish().close()
     problems = verify(root, "nanrows")
     assert problems == [
-        "cache nanrows: 2 of 20 rows hold NaN or inf (the run that wrote it diverged); its "
-        "checksums match, but training on it would not: purge it"
+        "cache nanrows: 2 of 20 rows hold NaN or inf (the run that wrote it diverged). Delete "
+        f"it with `prefast cache purge nanrows --cache-dir {tmp_path} --yes`"
     ]
     res = subprocess.run(
         [sys.executable, "-m", "prefast.cli.main", "cache", "verify", "nanrows",

@@ -13,10 +13,10 @@ import time
 import psutil
 import pytest
 import torch
-from prefast.store import CacheRoot, CacheSpec, open_writer
-from prefast.store.manage import list_caches, verify
 
 from prefast.errors import CacheLockedError
+from prefast.store import CacheRoot, CacheSpec, open_writer
+from prefast.store.manage import list_caches, verify
 
 SHAPE = (8, 8, 8)
 
@@ -158,6 +158,12 @@ def test_flipped_byte_is_detected(tmp_path, tier):
     res = prefast_cli("cache", "verify", "good", "--cache-dir", str(tmp_path))
     assert res.returncode == 1
     assert "good" in res.stdout and "CORRUPTED" in res.stdout
+    # The hint is a command that works as printed: it names the --cache-dir passed.
+    hint = f"`prefast cache purge good --cache-dir {tmp_path} --yes`"
+    assert hint in res.stdout, res.stdout
+    purge = prefast_cli(*hint.strip("`").split()[1:])
+    assert purge.returncode == 0, purge.stderr
+    assert not root.dir_for("good").exists()
 
 
 def test_second_writer_gets_lock_error(tmp_path):

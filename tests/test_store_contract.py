@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from prefast.store import CacheRoot, CacheSpec, PrefetchLoader, open_writer
 from prefast.store.order import epoch_order
 
@@ -173,6 +174,7 @@ def test_a_shuffled_disk_epoch_holds_at_most_its_buffer(tier, tmp_path, no_threa
 def test_zarr_python_reads_what_the_parallel_writer_wrote(codec, tmp_path, no_thread_leak):
     """Chunk files are written by PreFast's own encoder: they must stay plain Zarr v3."""
     import zarr
+
     from prefast.store.zarr_writer import ZarrWriter
 
     rows = 3000  # 2 chunks of 2,048 rows at 2 KiB: the last one padded, as zarr does

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import cli, run_with_deadline
+
 from prefast.store import CacheRoot, CacheSpec, open_reader, open_writer
 from prefast.store.disk_writer import ABORT_WAIT_S
 from prefast.store.errors import (

@@ -118,6 +118,7 @@ class CacheContext:
             log.warning("cache %s cannot be read now (%s): kept", exc.cache, exc.detail)
             raise
         except CacheCorruptedError as exc:
+            exc.root = self.root.path  # the purge hint names this run's --cache-dir
             self.event(epoch, "corrupted", key=key, detail=str(exc))
             log.warning("cache %s is corrupted (%s): rebuilding it", exc.cache, exc.detail)
             with contextlib.suppress(OSError):

@@ -344,6 +344,7 @@ class BoundaryTransitions(DiskCharges):
             exc.cache,
             exc.detail,
         )
+        exc.root = self.ctx.root.path  # the purge hint names this run's --cache-dir
         self.ctx.event(epoch, "corrupted", stage=source.stage, detail=str(exc))
         source.corrupt(str(exc))
         if source is self.current:

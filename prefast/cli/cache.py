@@ -140,7 +140,10 @@ def run_verify(args: argparse.Namespace) -> int:
     bad = 0
     for key in keys:
         if not root.is_complete(key):
-            print(f"{key}  partial (never read; remove with `prefast cache purge --partial`)")
+            where = f" --cache-dir {root.path}" if args.cache_dir else ""
+            print(
+                f"{key}  partial (never read; remove with `prefast cache purge --partial{where}`)"
+            )
             continue
         try:
             problems = verify(root, key)

@@ -15,6 +15,20 @@ from prefast.freezing.schedule import SCALES
 from prefast.models import MODELS
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already says it or there
+    is none to say (a switch, or an option whose absence means something the text says)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        shown = not (d is None or d is False or d == "" or d == argparse.SUPPRESS)
+        switch = action.nargs == 0  # --flag / --no-flag: the text says what it does
+        if shown and not switch and action.option_strings and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     g = p.add_argument_group("model and data")
     if modes:
@@ -37,13 +51,16 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         metavar="D",
         help=f"one of {', '.join(DATASETS)} (default: %(default)s)",
     )
-    g.add_argument("--depth", type=int, help="network depth (DenseNet-BC default 76, WRN 16)")
-    g.add_argument("--growth-rate", type=int, default=12, help="DenseNet growth rate k")
+    g.add_argument(
+        "--depth", type=int, help="network depth (default: DenseNet-BC 76, WRN 16, others fixed)"
+    )
+    g.add_argument("--growth-rate", type=int, default=12, help="DenseNet-BC growth rate k")
     g.add_argument("--width", type=int, default=4, help="WRN widening factor")
     g.add_argument(
         "--data-dir",
         default="data",
-        help="where torchvision datasets live; for imagefolder the folder holding "
+        help="where torchvision datasets live (downloaded there when online); for "
+        "imagefolder the folder holding "
         "train/<class>/* and val/<class>/* (or test/<class>/*)",
     )
     g.add_argument(
@@ -58,7 +75,12 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         metavar="N",
         help="DataLoader processes for imagefolder (default: cores - 1; 0: the main process)",
     )
-    g.add_argument("--subset", type=int, help="train on a seeded random subset of N samples")
+    g.add_argument(
+        "--subset",
+        type=int,
+        metavar="N",
+        help="train on a seeded random subset of N training samples (default: all)",
+    )
     g.add_argument(
         "--synthetic-size",
         default="50000,10000",
@@ -69,39 +91,74 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         "--augment",
         default="standard",
         choices=AUGMENTS,
-        help="random crop (padding 1/8 of the side) + horizontal flip, or none "
+        help="standard: random crop (padding 1/8 of the side) + horizontal flip; none. "
+        "Built-in datasets only: your own dataset's transform is its augmentation "
         "(default: %(default)s)",
     )
     s = p.add_argument_group("schedule")
-    s.add_argument("--epochs", type=int, default=10)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--epochs", type=int, default=10, help="passes over the training set")
+    s.add_argument(
+        "--batch-size", type=int, default=64, help="samples per step (per rank under torchrun)"
+    )
     s.add_argument(
         "--t0",
         type=float,
         default=0.8,
-        help="fraction of training when the first stage freezes (default 0.8)",
+        help="FreezeOut's t_0, in (0, 1]: stage i freezes at a fraction t_i of training, "
+        "t_i running from t0 (first stage) to 1 (the head) and then raised to the power "
+        "--scale. With the default cubic scaling the first stage freezes at t0^3: t0 0.8 "
+        "at 51%% of training, 0.5 at 12.5%%. Larger: more accuracy, less time saved",
     )
     s.add_argument(
         "--scale",
         default="cubic",
         choices=tuple(SCALES),
-        help="how t_i is bent (default: %(default)s)",
+        help="the power t_i is raised to: linear 1, squared 2, cubic 3",
     )
-    s.add_argument("--no-scale-lr", action="store_true", help="do not scale lr by 1/t_i")
-    s.add_argument("--lr", type=float, default=0.1, help="base learning rate")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    s.add_argument("--checkpoint", help="save a checkpoint here after every epoch")
-    s.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    s.add_argument(
+        "--no-scale-lr",
+        action="store_true",
+        help="do not multiply stage i's learning rate by 1/t_i (FreezeOut does, so a stage "
+        "that trains for a short time moves as far; at t0 0.5 cubic that is 8x for stage 0)",
+    )
+    s.add_argument(
+        "--lr",
+        type=float,
+        default=0.1,
+        help="base learning rate (SGD, Nesterov momentum 0.9, cosine-annealed per stage)",
+    )
+    s.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the initial weights, the sample order and the augmentation: every mode "
+        "sees the same batches",
+    )
+    s.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto: cuda when a GPU is visible, else cpu",
+    )
+    s.add_argument("--checkpoint", metavar="PATH", help="save a checkpoint here after every epoch")
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint (another --epochs re-plans the later freezes)",
+    )
     c = p.add_argument_group("activation cache (prefast mode)")
     c.add_argument(
-        "--cache-dir", help="cache root (default $PREFAST_CACHE_DIR or ~/.cache/prefast)"
+        "--cache-dir",
+        metavar="DIR",
+        help="where caches live, a writable directory (default: $PREFAST_CACHE_DIR, else "
+        "$XDG_CACHE_HOME/prefast, else ~/.cache/prefast)",
     )
     c.add_argument(
         "--cache-tier",
         default="auto",
         choices=TIERS,
-        help="force a tier; auto lets the memory governor choose",
+        help="force a tier (gpu, ram, mmap, zarr: chunked, compressed, checksummed on disk); "
+        "auto lets the memory governor choose",
     )
     c.add_argument(
         "--cache-dtype",
@@ -136,9 +193,12 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         help="auto: materialize a boundary only when the cost model says it pays; "
         "every: at every epoch start where the frozen prefix grew (default: %(default)s)",
     )
-    c.add_argument("--max-ram", help="host RAM budget for caches, e.g. 4GB")
-    c.add_argument("--max-gpu-mem", help="GPU memory budget for caches, e.g. 10GB")
-    c.add_argument("--max-disk", help="disk budget for caches, e.g. 50GB")
+    budget = "(default: read from the machine as the run goes)"
+    c.add_argument("--max-ram", metavar="SIZE", help=f"host RAM for caches, e.g. 4GB {budget}")
+    c.add_argument(
+        "--max-gpu-mem", metavar="SIZE", help=f"GPU memory for caches, e.g. 10GB {budget}"
+    )
+    c.add_argument("--max-disk", metavar="SIZE", help=f"disk for caches, e.g. 50GB {budget}")
     gpu = p.add_argument_group("GPU habits (CUDA only; on by default)")
     gpu.add_argument(
         "--no-amp",
@@ -165,7 +225,7 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         "autotuning): the same command gives the same numbers on a GPU, somewhat slower "
         "(CPU runs are deterministic already)",
     )
-    d = p.add_argument_group("torchrun (data parallel; see README)")
+    d = p.add_argument_group("torchrun (data parallel; see docs/distributed.md)")
     d.add_argument(
         "--dist-timeout",
         type=float,

@@ -44,9 +44,14 @@ class CacheCorruptedError(CacheReadError):
     def __init__(self, cache: str, detail: str):
         self.cache = cache
         self.detail = detail
-        super().__init__(
-            f"cache {cache} is corrupted: {detail}. "
-            f"Delete it with `prefast cache purge {cache} --yes`; it will be recomputed."
+        self.root: object | None = None  # the cache root, once known: the hint names it
+        super().__init__(cache, detail)
+
+    def __str__(self) -> str:
+        where = f" --cache-dir {self.root}" if self.root is not None else ""
+        return (
+            f"cache {self.cache} is corrupted: {self.detail}. Delete it with "
+            f"`prefast cache purge {self.cache}{where} --yes`; it will be recomputed."
         )
 
 

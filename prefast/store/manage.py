@@ -9,7 +9,7 @@ import numpy as np
 
 from .disk_reader import DiskReader
 from .encoding import decode, nonfinite_rows
-from .errors import CacheError, CacheLockedError, CacheReadError
+from .errors import CacheCorruptedError, CacheError, CacheLockedError, CacheReadError
 from .layout import MARKER, CacheRoot, disk_usage
 from .readers import open_reader
 
@@ -91,6 +91,13 @@ def inspect(root: CacheRoot, key: str) -> dict:
     return info
 
 
+def in_root(exc: BaseException, root: CacheRoot) -> BaseException:
+    """``exc``, its purge hint naming ``root`` (the --cache-dir the user passed)."""
+    if isinstance(exc, CacheCorruptedError):
+        exc.root = root.path
+    return exc
+
+
 def verify(root: CacheRoot, key: str) -> list[str]:
     """Check that every chunk the completion marker lists is present and matches its
     checksum; returns the problems found (empty: the cache is sound).
@@ -104,7 +111,7 @@ def verify(root: CacheRoot, key: str) -> list[str]:
     except CacheLockedError:
         raise
     except (CacheError, KeyError, OSError, ValueError) as exc:
-        return [str(exc)]
+        return [str(in_root(exc, root))]
     problems = []
     try:
         ids = reader.ids()
@@ -115,14 +122,14 @@ def verify(root: CacheRoot, key: str) -> list[str]:
             try:
                 chunk = reader.read_chunk(i)
             except CacheReadError as exc:
-                problems.append(str(exc))
+                problems.append(str(in_root(exc, root)))
                 continue
             nonfinite += nonfinite_rows(chunk, reader.spec.dtype, reader.spec.shape)
         if nonfinite:
             problems.append(
                 f"cache {key}: {nonfinite} of {reader.spec.rows} rows hold NaN or inf (the "
-                "run that wrote it diverged); its checksums match, but training on it would "
-                "not: purge it"
+                "run that wrote it diverged). Delete it with "
+                f"`prefast cache purge {key} --cache-dir {root.path} --yes`"
             )
     finally:
         reader.close()
