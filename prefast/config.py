@@ -78,6 +78,7 @@ class TrainConfig:
     image_size: int | None = None  # imagefolder: resize to N x N
     workers: int | None = None  # DataLoader processes for dataset objects (None: cores - 1)
     checkpoint: str | None = None
+    plan_from: str | None = None  # prefast: replay this JSON's boundaries, tiers and dtypes
     resume: bool = False
     # prefast mode
     cache_dir: str | None = None

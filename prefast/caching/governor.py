@@ -117,6 +117,7 @@ class Governor(Ledger):
         prefix_epoch_s: float,
         compress_ratio: float,
         below: str | None = None,
+        replayed: str | None = None,
     ) -> Decision:
         """Tier for a boundary of ``views`` training views of ``view_bytes`` plus the test set.
 
@@ -125,9 +126,12 @@ class Governor(Ledger):
         test set, so that is what a disk tier must read faster than computing.
         ``compress_ratio`` is the measured zstd-1 ratio of the boundary's output.
         ``below``: only tiers after this one (its allocation just failed).
+        ``replayed``: the tier a replayed plan (``--plan-from``) took, forced like
+        ``--cache-tier``.
         """
         total = views * view_bytes + test_bytes
-        forced = self.budgets.tier
+        forced = replayed or self.budgets.tier
+        label = f"{forced} (replayed by --plan-from)" if replayed else f"--cache-tier {forced}"
 
         def offered(tier: str) -> bool:  # a tier after the one that just failed, if any
             return below is None or LEVEL[tier] > LEVEL[below]
@@ -149,10 +153,10 @@ class Governor(Ledger):
                 return Decision(
                     "recompute",
                     need,
-                    f"forced --cache-tier {forced}, but {_mib(need)} exceeds what is left "
+                    f"forced {label}, but {_mib(need)} exceeds what is left "
                     f"of its budget ({_mib(room)})",
                 )
-            return held(forced, f"forced by --cache-tier {forced}")
+            return held(forced, f"forced by {label}")
         gpu = self.room("gpu") if offered("gpu") else 0
         ram = self.room("ram") if offered("ram") else 0
         disk = self.room("disk") if offered("mmap") else 0
@@ -199,6 +203,7 @@ class Governor(Ledger):
         batches_per_epoch: float,
         below: str | None = None,
         lossy: tuple[str, ...] = (),
+        replayed: str | None = None,
     ) -> Decision:
         """:meth:`choose` for the boundary before ``stage``, from the probe's costs.
 
@@ -213,7 +218,9 @@ class Governor(Ledger):
         def decide(d: str) -> Decision:
             row = encoding.row_bytes(cost.out_shape, d)
             n_train, n_test = rows[0] * row, rows[1] * row
-            decision = self._decide(n_train, views, n_test, prefix_s, cost.ratio(d), below)
+            decision = self._decide(
+                n_train, views, n_test, prefix_s, cost.ratio(d), below, replayed
+            )
             return replace(decision, dtype=d)
 
         best = decide(dtype)

@@ -53,6 +53,7 @@ from prefast.caching.costmodel import StageCost, plan_boundaries
 from prefast.caching.feature_augment import FeatureAugment
 from prefast.caching.governor import Governor, cache_dtype, cache_views
 from prefast.caching.probe import measure_stage_costs
+from prefast.caching.replay import check_plan
 from prefast.caching.spill import relieve_pressure
 from prefast.caching.testcache import TestCache
 from prefast.caching.transitions import BoundaryTransitions
@@ -86,6 +87,7 @@ class PrefastFeed(BoundaryTransitions):
         ctx: Dist = SINGLE,
         amp: bool = False,
         resume: dict | None = None,
+        replay: list[dict] | None = None,
     ):
         self.cfg, self.raw, self.model, self.device = cfg, raw, model, device
         self.autocast = autocast  # ``amp``: it is an autocast (the model takes the cache dtype)
@@ -105,19 +107,26 @@ class PrefastFeed(BoundaryTransitions):
                 copy.deepcopy(model), probe, backward=False, cache_dtype=dtype
             )
         self.costs: list[StageCost] = distributed.broadcast(ctx, costs)  # one plan for all ranks
-        planned = plan_boundaries(
-            schedule,
-            raw.batches_per_epoch,
-            cfg.epochs,
-            self.costs,
-            raw.num_train,
-            policy=cfg.cache_boundaries,
-            views=self.views,
-        )
-        # The plan is a function of the schedule that runs: on resume that is the resumed
-        # schedule (``ResumedSchedule``: the checkpoint's frozen stages, this run's epochs),
-        # never the plan the checkpoint was made with.
-        self.planned = {b.epoch: b.stage for b in planned}  # as planned, for the report
+        # A replayed plan (--plan-from, or compare's one plan) fixes boundaries, tiers and
+        # dtypes; else the plan is a function of the schedule that runs: on resume that is
+        # the resumed schedule (``ResumedSchedule``: the checkpoint's frozen stages, this
+        # run's epochs), never the plan the checkpoint was made with.
+        self.replay = {(b["epoch"], b["stage"]): b for b in replay or []}
+        if replay is not None:
+            check_plan(replay, schedule, raw.batches_per_epoch, cfg.epochs)
+            self.planned = {b["epoch"]: b["stage"] for b in replay}
+        else:
+            planned = plan_boundaries(
+                schedule,
+                raw.batches_per_epoch,
+                cfg.epochs,
+                self.costs,
+                raw.num_train,
+                policy=cfg.cache_boundaries,
+                views=self.views,
+            )
+            self.planned = {b.epoch: b.stage for b in planned}  # as planned, for the report
+        self.decided: list[dict] = []  # the planned boundaries' tiers and dtypes, as taken
         self.plan = dict(self.planned)  # plus re-materializations after faults
         # Resumed: the boundaries the first part of the run held, found again by their keys
         # (recomputed here, for this rank) at the first epoch. A run resumed with another
@@ -241,6 +250,7 @@ class PrefastFeed(BoundaryTransitions):
         return {
             "cache_events": self.ctx.events,
             "planned_boundaries": self.planned,
+            "plan": self.decided,  # what --plan-from replays
             "cache_dtype": self.ctx.dtype,
             "cache_views": self.views,
             "cache_peak_bytes": self.governor.peak,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from prefast.caching.boundary import BoundaryCache, State
 from prefast.caching.cachectx import DISK_TIERS, CacheContext
 from prefast.caching.diskcharges import DiskCharges
-from prefast.caching.governor import Governor, lossy_candidates, tier_bytes
+from prefast.caching.governor import Decision, Governor, lossy_candidates, tier_bytes
 from prefast.errors import (
     CacheAllocationError,
     CacheCorruptedError,
@@ -52,6 +52,8 @@ class BoundaryTransitions(DiskCharges):
     target: BoundaryCache | None
     planned: dict[int, int]
     plan: dict[int, int]
+    replay: dict[tuple[int, int], dict]  # (epoch, stage) -> a replayed plan's boundary
+    decided: list[dict]
     restored: list[dict]
     resharded: bool
     resumed_from: dict
@@ -190,16 +192,30 @@ class BoundaryTransitions(DiskCharges):
 
     def _plan_target(self, epoch: int, stage: int, below: str | None = None) -> None:
         test_batches = len(batch_slices(self.raw.num_test, self.cfg.batch_size))
-        decision = self.governor.choose_boundary(
-            self.costs,
-            stage,
-            self.ctx.dtype,
-            (self.raw.num_train, self.raw.num_test),
-            self.views,
-            self.raw.batches_per_epoch + test_batches,
-            below,
-            lossy_candidates(self.cfg.cache_dtype),
-        )
+        replayed = self.replay.get((epoch, stage)) if below is None else None
+        if replayed is not None and replayed["tier"] == "recompute":
+            decision = Decision(
+                "recompute",
+                0,
+                "recomputed, as in the replayed plan (--plan-from)",
+                dtype=self.ctx.dtype,
+            )
+        else:
+            decision = self.governor.choose_boundary(
+                self.costs,
+                stage,
+                replayed["dtype"] if replayed else self.ctx.dtype,
+                (self.raw.num_train, self.raw.num_test),
+                self.views,
+                self.raw.batches_per_epoch + test_batches,
+                below,
+                () if replayed else lossy_candidates(self.cfg.cache_dtype),
+                replayed=replayed["tier"] if replayed else None,
+            )
+        if self.planned.get(epoch) == stage and below is None:
+            self.decided.append(
+                {"epoch": epoch, "stage": stage, "tier": decision.tier, "dtype": decision.dtype}
+            )
         self.ctx.event(
             epoch,
             "boundary",

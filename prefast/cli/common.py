@@ -172,6 +172,13 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         "reaches a faster tier with a measured error <= 1%% (default: auto)",
     )
     c.add_argument(
+        "--plan-from",
+        metavar="JSON",
+        help="replay the boundaries, tiers and dtypes of an earlier run (its --json-out "
+        "record, a compare record or `prefast plan --json`), so the same command gives the "
+        "same numbers (default: plan from timing probes and free memory)",
+    )
+    c.add_argument(
         "--cache-views",
         type=int,
         default=1,

@@ -99,6 +99,17 @@ class FreezeOutSchedule:
             "diverges, raise --t0, lower --lr or pass --no-scale-lr"
         )
 
+    def divergence_cause(self) -> str:
+        """What the one line of a diverged run names: the rate, and what scaling made of it."""
+        m = self.rate_multiplier()
+        if m <= 1.0:
+            return f"the learning rate (--lr {self.base_lr}); lower --lr"
+        return (
+            f"the learning rate (--lr {self.base_lr}, which FreezeOut's 1/t_i scaling "
+            f"multiplies by up to {m:,.0f}x at --t0 {self.t0} ({self.scale} scaling)); lower "
+            "--lr, raise --t0 or pass --no-scale-lr"
+        )
+
     def lr(self, i: int, it: int) -> float:
         """Learning rate of stage ``i`` at iteration ``it`` (0 once frozen)."""
         end = self.freeze_iter(i)

@@ -31,8 +31,9 @@ def compare(
     (a given ``model`` is copied per mode). Returns ``{mode: run record}``; each
     record gains ``final.predicted_s`` (the ideal cost model's prediction) so
     measured/ideal can be read off. Named datasets are loaded once for the probe
-    and every run; each prefast run still times its own stages, as a standalone
-    run would.
+    and every run. The prefast run replays the plan made here, once (its
+    boundaries, tiers and dtypes; ``cfg.plan_from`` if given instead), so it caches
+    what the table's prediction assumed; it still times its own stages.
     """
     runs: dict[str, dict] = {}
     if train_data is None and test_data is None:
@@ -57,6 +58,7 @@ def compare(
             train_data=train_data,
             test_data=test_data,
             data_id=data_id,
+            plan=plan["boundaries"] if mode == "prefast" and not cfg.plan_from else None,
         )
         result["final"]["predicted_s"] = plan["predicted_s"][mode]
         for record, ideal in zip(result["epochs"], plan["predicted_epochs"][mode], strict=True):

@@ -30,33 +30,16 @@ from torch.utils.data import Dataset
 import prefast.distributed as distributed
 import prefast.training.checkpoint as checkpoint
 from prefast.caching.costmodel import StageCost
+from prefast.caching.replay import load_plan
 from prefast.config import TrainConfig
 from prefast.data.sources import Batch, Feed, batch_loss
 from prefast.errors import TrainingDivergedError
-from prefast.freezing.schedule import FreezeOutSchedule
 from prefast.models import StagedModel
 from prefast.store.device import to_host
 from prefast.training.build import build_run, schedule_for
 from prefast.training.record import run_record
 
 log = logging.getLogger("prefast")
-
-
-def diverged(cfg: TrainConfig, schedule: FreezeOutSchedule, epoch: int, loss: float) -> str:
-    """The one line a diverged run ends with: where, and the likely cause."""
-    m = schedule.rate_multiplier() if cfg.mode != "baseline" else 1.0
-    scaled = (
-        f", which FreezeOut's 1/t_i scaling multiplies by up to {m:,.0f}x at --t0 {cfg.t0} "
-        f"({cfg.scale} scaling)"
-        if m > 1.0
-        else ""
-    )
-    fixes = "lower --lr" + (", raise --t0 or pass --no-scale-lr" if m > 1.0 else "")
-    return (
-        f"training diverged in epoch {epoch + 1}: the mean training loss is {loss}. Likely "
-        f"cause: the learning rate (--lr {cfg.lr}{scaled}); {fixes}. No cache holding "
-        "non-finite values was kept."
-    )
 
 
 def make_optimizer(model: StagedModel, lr: float) -> torch.optim.SGD:
@@ -102,6 +85,7 @@ class Trainer:
         on_epoch: Callable[[dict], None] | None = None,
         data_id: str | None = None,
         costs: list[StageCost] | None = None,
+        plan: list[dict] | None = None,
     ):
         self.dist = distributed.from_env()
         distributed.init(self.dist, cfg.dist_timeout)
@@ -152,6 +136,7 @@ class Trainer:
                 self.dist,
                 amp=self.amp,
                 resume=self.resume_feed,
+                replay=load_plan(cfg.plan_from) if cfg.plan_from else plan,
             )
             self.feed_setup_s = time.perf_counter() - t
 
@@ -229,7 +214,11 @@ class Trainer:
         # every rank here, and no view of this epoch is ever marked complete.
         loss_all, steps_all = distributed.all_sum(self.dist, loss_sum, steps)
         if not math.isfinite(loss_all):
-            raise TrainingDivergedError(diverged(self.cfg, self.schedule, epoch, loss_all))
+            raise TrainingDivergedError(
+                f"training diverged in epoch {epoch + 1}: the mean training loss is {loss_all}."
+                f" Likely cause: {self.schedule.divergence_cause()}. No cache holding "
+                "non-finite values was kept."
+            )
         self.feed.end_epoch(epoch)
         self.replicas.sync_buffers()
         t_eval = time.perf_counter()
@@ -327,6 +316,7 @@ def train(
     train_data: Dataset | None = None,
     test_data: Dataset | None = None,
     data_id: str | None = None,
+    plan: list[dict] | None = None,
 ) -> dict:
     """Train and return the run record (the ``--json-out`` document).
 
@@ -344,6 +334,12 @@ def train(
         ``cfg.workers`` processes, in the same (seed, epoch) order as every mode.
     data_id
         Names the data in cache keys instead of a digest of it.
+    plan
+        Boundaries to replay in prefast mode (``[{"epoch", "stage", "tier", "dtype"}]``,
+        as ``final["plan"]`` of a run record holds them); ``cfg.plan_from`` reads them
+        from a file.
     """
-    trainer = Trainer(cfg, model, train_data, test_data, on_epoch=on_epoch, data_id=data_id)
+    trainer = Trainer(
+        cfg, model, train_data, test_data, on_epoch=on_epoch, data_id=data_id, plan=plan
+    )
     return trainer.run(progress=progress)
