@@ -20,6 +20,7 @@ from pathlib import Path
 
 from prefast.benchmarks.plotting import panels, save
 from prefast.config import TrainConfig
+from prefast.training.build import built_in_augment
 from prefast.training.compare import compare
 
 OVERHEAD_PARTS = ("setup", "write_epochs", "read_epochs", "compute_epochs", "eval")
@@ -99,6 +100,7 @@ def _x(row: dict, key: str) -> str:
 
 
 def markdown(rows: list[dict], cfg: TrainConfig, machine: dict, seeds: list[int]) -> str:
+    cfg = built_in_augment(cfg)  # the augmentation the runs had, not "auto"
     head = (
         f"Training benchmark: {cfg.model} depth {cfg.depth} k={cfg.growth_rate} on {cfg.dataset}"
         f"{f' subset {cfg.subset}' if cfg.subset else ''}, {cfg.epochs} epochs, batch {cfg.batch_size}, "

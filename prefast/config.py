@@ -74,7 +74,7 @@ class TrainConfig:
     data_dir: str = "data"
     subset: int | None = None
     synthetic_size: tuple[int, int] = (50_000, 10_000)
-    augment: str = "standard"
+    augment: str = "auto"  # standard for built-in datasets, none (your transform) for yours
     image_size: int | None = None  # imagefolder: resize to N x N
     workers: int | None = None  # DataLoader processes for dataset objects (None: cores - 1)
     checkpoint: str | None = None
@@ -105,7 +105,7 @@ class TrainConfig:
             "model": MODELS,
             "dataset": DATASETS,
             "scale": tuple(SCALES),
-            "augment": AUGMENTS,
+            "augment": ("auto", *AUGMENTS),
             "cache_tier": TIERS,
             "cache_dtype": CACHE_DTYPES,
             "cache_boundaries": BOUNDARY_POLICIES,

@@ -383,3 +383,46 @@ def test_write_through_stores_the_prefix_output_even_when_the_step_writes_into_i
     reused = train(cfg, model=inplace_net(), train_data=train_ds, test_data=test_ds)
     assert [e["write_s"] for e in reused["epochs"]][-1] == 0
     assert [e["train_loss"] for e in reused["epochs"]] == [e["train_loss"] for e in wrote["epochs"]]
+
+
+def test_train_hands_your_model_back_as_you_passed_it_and_warns_only_when_asked(caplog):
+    """Trained in place, with each parameter's requires_grad and each module's mode as
+    given; augment is ignored silently for your data unless you set it."""
+    from prefast import TrainConfig, train
+
+    x = torch.randn(96, 1, 8, 8)
+    y = torch.randint(0, 3, (96,))
+    data = TensorDataset(x, y)
+    seq = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)),
+    )
+    seq[2][2].bias.requires_grad_(False)  # the user's own choice, kept
+    seq.eval()
+    before = [p.detach().clone() for p in seq.parameters()]
+    cfg = TrainConfig(mode="freezeout", epochs=3, batch_size=32, t0=0.3, device="cpu")
+    with caplog.at_level("WARNING"):
+        run = train(cfg, model=seq, train_data=data, test_data=data)
+    assert run["epochs"][-1]["frozen_stages"] == 2  # the run froze stages 0 and 1 ...
+    assert [p.requires_grad for p in seq.parameters()] == [True] * 7 + [False]  # ... handed back
+    assert not any(m.training for m in seq.modules())  # eval, as passed
+    assert any(not torch.equal(a, b) for a, b in zip(before, seq.parameters(), strict=True))
+    assert run["config"]["augment"] == "none"
+    assert not any("augment" in r.message for r in caplog.records)
+    with caplog.at_level("WARNING"):
+        train(cfg.replace(augment="standard", epochs=1), model=seq, train_data=data, test_data=data)
+    assert any("augment='standard' is ignored" in r.message for r in caplog.records)
+
+
+def test_progress_into_a_pipe_prints_one_line_per_epoch(tmp_path):
+    code = (
+        "from prefast import TrainConfig, train\n"
+        "train(TrainConfig(dataset='digits', model='densenet-bc', depth=10, epochs=2, "
+        "device='cpu', mode='freezeout'), progress=True)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], res.stderr
+    assert "test acc" in lines[0] and "frozen stages" in lines[0]

@@ -107,3 +107,23 @@ def as_staged_model(model: nn.Module, name: str = "custom") -> StagedModel:
         "nn.Sequential whose children are the stages (the last is the head), or a "
         "torchvision ResNet"
     )
+
+
+def remember_state(module: nn.Module) -> Any:
+    """A function that puts ``module`` back as it is now: each parameter's
+    ``requires_grad``, train or eval mode (per submodule) and, for a StagedModel, its
+    frozen count. Training changes all three; ``prefast.train`` hands your model back with
+    them as you passed them (and its trained weights)."""
+    grads = [(p, p.requires_grad) for p in module.parameters()]
+    modes = [(m, m.training) for m in module.modules()]
+    frozen = module.num_frozen if isinstance(module, StagedModel) else None
+
+    def restore() -> None:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        if frozen is not None:
+            module.num_frozen = frozen  # type: ignore[assignment]
+        for m, training in modes:
+            m.training = training  # per module: not .train(), which recurses
+
+    return restore

@@ -55,6 +55,19 @@ def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
         )
 
 
+def deterministic_kernels(on: bool) -> None:
+    """``--deterministic`` on CUDA: kernels whose sums do not depend on thread timing, so
+    two runs of one command give the same numbers (without it, atomics in the backward
+    pass make every run differ in the last bits, and training amplifies that). cuBLAS
+    needs a fixed workspace for it; an op with no deterministic kernel warns, naming
+    itself, instead of failing the run. Off, the process's own settings stay as they are."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at each call
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+
+
 def check_not_empty(train: Dataset, test: Dataset, name: str | None = None) -> None:
     """An empty split would train nothing or report accuracy 0.0: refuse it, naming it."""
     for split, ds in (("training", train), ("test", test)):
@@ -65,8 +78,14 @@ def check_not_empty(train: Dataset, test: Dataset, name: str | None = None) -> N
             )
 
 
+def built_in_augment(cfg: TrainConfig) -> TrainConfig:
+    """``augment="auto"`` (the default) for a built-in dataset: the standard crop and flip."""
+    return cfg.replace(augment="standard") if cfg.augment == "auto" else cfg
+
+
 def load_for(cfg: TrainConfig) -> Splits:
     """The (train, test) datasets ``cfg.dataset`` names."""
+    cfg = built_in_augment(cfg)
     return load_dataset(
         cfg.dataset,
         cfg.data_dir,
@@ -147,14 +166,19 @@ def build_run(
     if (train_data is None) != (test_data is None):
         raise ConfigError("pass both train_data and test_data (or neither, to use cfg.dataset)")
     if train_data is None or test_data is None:
+        cfg = built_in_augment(cfg)
         train_data, test_data = load_for(cfg)
         check_not_empty(train_data, test_data, cfg.dataset)
     else:
         check_not_empty(train_data, test_data, data_id)
-        if (
+        applied = getattr(train_data, "augment_applied", None)  # our imagefolder's
+        if cfg.augment == "auto":  # not asked for: as the data comes (your transform)
+            standard = isinstance(train_data, TensorImageDataset)
+            cfg = cfg.replace(augment="standard" if standard else applied or "none")
+        elif (
             not isinstance(train_data, TensorImageDataset)
             and cfg.augment != "none"
-            and getattr(train_data, "augment_applied", None) != cfg.augment  # our imagefolder
+            and applied != cfg.augment
         ):
             log.warning(
                 "augment=%r is ignored for your own datasets: their transform is the augmentation",

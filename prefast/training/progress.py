@@ -1,10 +1,31 @@
-"""Progress bars (rich), shown only when asked and stderr is a terminal."""
+"""Progress: bars (rich) when asked and stderr is a terminal, else plain epoch lines."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
+
+
+def bar_shown() -> bool:
+    """Bars are drawn on a terminal only (a pipe or a log file gets epoch lines)."""
+    return sys.stderr.isatty()
+
+
+def epoch_lines(epochs: int, then: Callable[[dict], None] | None = None) -> Callable[[dict], None]:
+    """An ``on_epoch`` that prints one plain line per epoch on stderr, then calls ``then``."""
+
+    def report(r: dict) -> None:
+        print(
+            f"epoch {r['epoch'] + 1}/{epochs}: loss {r['train_loss']:.4f}, test acc "
+            f"{r['test_acc']:.4f}, {r['time_s']:.1f}s, frozen stages {r['frozen_stages']}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if then is not None:
+            then(r)
+
+    return report
 
 
 def _noop(n: int = 1) -> None:

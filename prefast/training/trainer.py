@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +34,10 @@ from prefast.config import TrainConfig
 from prefast.data.sources import Batch, Feed, batch_loss
 from prefast.errors import TrainingDivergedError
 from prefast.models import StagedModel
+from prefast.models.staged import remember_state
 from prefast.store.device import to_host
-from prefast.training.build import build_run, schedule_for
+from prefast.training.build import build_run, deterministic_kernels, schedule_for
+from prefast.training.progress import bar_shown, epoch_lines
 from prefast.training.record import run_record
 
 log = logging.getLogger("prefast")
@@ -53,19 +54,6 @@ def drop_from_optimizer(opt: torch.optim.Optimizer, stages: list[int]) -> None:
         for p in group["params"]:
             opt.state.pop(p, None)
         opt.param_groups.remove(group)
-
-
-def deterministic_kernels(on: bool) -> None:
-    """``--deterministic`` on CUDA: kernels whose sums do not depend on thread timing, so
-    two runs of one command give the same numbers (without it, atomics in the backward
-    pass make every run differ in the last bits, and training amplifies that). cuBLAS
-    needs a fixed workspace for it; an op with no deterministic kernel warns, naming
-    itself, instead of failing the run. Off, the process's own settings stay as they are."""
-    if not on:
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at each call
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
 
 
 class Trainer:
@@ -325,9 +313,16 @@ def train(
     cfg
         The run configuration. ``cfg.model``/``depth``/``growth_rate``/``width``
         are ignored when ``model`` is given, ``cfg.dataset`` when the data is.
+    progress
+        A progress bar per epoch on a terminal; into a pipe or a file, one plain line
+        per epoch on stderr.
+    on_epoch
+        Called with each epoch's record (the ``epochs`` entries of the result).
     model
         Your own network: a :class:`~prefast.StagedModel`, an ``nn.Sequential``
-        (each child is a stage, the last is the head) or a torchvision ResNet.
+        (each child is a stage, the last is the head) or a torchvision ResNet. It is
+        trained in place; when ``train`` returns (or raises), every parameter's
+        ``requires_grad`` and every submodule's train/eval mode are as you passed them.
     train_data, test_data
         Any map-style ``torch.utils.data.Dataset`` yielding ``(tensor, int)``;
         its transform is the augmentation. Read through a DataLoader with
@@ -339,7 +334,12 @@ def train(
         as ``final["plan"]`` of a run record holds them); ``cfg.plan_from`` reads them
         from a file.
     """
-    trainer = Trainer(
-        cfg, model, train_data, test_data, on_epoch=on_epoch, data_id=data_id, plan=plan
-    )
-    return trainer.run(progress=progress)
+    restore = remember_state(model) if model is not None else lambda: None
+    report = epoch_lines(cfg.epochs, on_epoch) if progress and not bar_shown() else on_epoch
+    try:
+        trainer = Trainer(
+            cfg, model, train_data, test_data, on_epoch=report, data_id=data_id, plan=plan
+        )
+        return trainer.run(progress=progress)
+    finally:
+        restore()
