@@ -229,7 +229,7 @@ class BoundaryTransitions(DiskCharges):
         )
         log.info(
             "epoch %d: boundary at stage %d -> %s (%s)",
-            epoch,
+            epoch + 1,
             stage,
             decision.tier,
             decision.reason,

@@ -25,7 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         return q
 
     q = add("ls", "one row per cache: status, shape, codec, sizes, times")
-    q.add_argument("--json", action="store_true", help="print a JSON list")
+    q.add_argument("--json", action="store_true", help="print a JSON list (every field)")
+    q.add_argument(
+        "--long",
+        action="store_true",
+        help="every column (rank, shape, bytes per row, codec, ratio, logical size, created); "
+        "without it the table fits an 80-column terminal",
+    )
     q.set_defaults(func=run_ls)
     q = add("inspect", "attributes, completion record and array statistics of one cache")
     q.add_argument("key", help="cache key (a unique prefix is enough)")
@@ -58,6 +64,14 @@ def _root(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return CacheRoot(path)
 
 
+# What a user tells caches apart by; --long adds the rest (the JSON has every field).
+SHORT_COLUMNS = ("key", "status", "tier", "split", "boundary", "dtype", "on disk", "last used")
+LONG_COLUMNS = (
+    "key", "status", "tier", "model", "split", "rank", "boundary", "rows", "shape", "dtype",
+    "row", "codec", "ratio", "on disk", "logical", "created", "last used",
+)  # fmt: skip
+
+
 def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
 
@@ -71,53 +85,41 @@ def run_ls(args: argparse.Namespace) -> int:
         write_json("-", rows)
         return 0
     if not rows:
-        print(f"no caches under {root.path}")
+        print(
+            f"no caches under {root.path}: caches in the gpu and ram tiers live only as long "
+            "as their run (the governor puts a boundary there when it fits); --cache-tier "
+            "mmap or zarr keeps them on disk for the next run"
+        )
         return 0
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"caches under {root.path}")
-    for col in (
-        "key",
-        "status",
-        "tier",
-        "model",
-        "split",
-        "rank",
-        "boundary",
-        "rows",
-        "shape",
-        "dtype",
-        "row",
-        "codec",
-        "ratio",
-        "on disk",
-        "logical",
-        "created",
-        "last used",
-    ):
-        table.add_column(col)
+    columns = LONG_COLUMNS if args.long else SHORT_COLUMNS
+    for col in columns:
+        table.add_column(col, no_wrap=col in ("key", "last used"))
     for r in rows:
-        table.add_row(
-            r["key"][:12],
-            r["status"],
-            str(r["tier"]),
-            str(r["model"]),
-            str(r["split"]),
-            f"{r['rank']}/{r['world']}",
-            str(r["boundary"]),
-            str(r["rows"]),
-            "x".join(map(str, r["shape"] or [])),
-            str(r["dtype"]),
-            human_bytes(r["row_bytes"]),
-            str(r["codec"]),
-            f"{r['compression_ratio'] or 0:.2f}",
-            human_bytes(r["bytes"]),
-            human_bytes(r["logical_bytes"]),
-            _when(r["created"]),
-            _when(r["last_used"]),
-        )
-    Console(width=200).print(table)
+        cells = {
+            "key": r["key"][:12],
+            "status": r["status"],
+            "tier": str(r["tier"]),
+            "model": str(r["model"]),
+            "split": str(r["split"]),
+            "rank": f"{r['rank']}/{r['world']}",
+            "boundary": str(r["boundary"]),
+            "rows": str(r["rows"]),
+            "shape": "x".join(map(str, r["shape"] or [])),
+            "dtype": str(r["dtype"]),
+            "row": human_bytes(r["row_bytes"]),
+            "codec": str(r["codec"]),
+            "ratio": f"{r['compression_ratio'] or 0:.2f}",
+            "on disk": human_bytes(r["bytes"]),
+            "logical": human_bytes(r["logical_bytes"]),
+            "created": _when(r["created"]),
+            "last used": _when(r["last_used"]),
+        }
+        table.add_row(*(cells[c] for c in columns))
+    Console(width=200 if args.long else None).print(table)  # None: the terminal's width
     return 0
 
 
@@ -125,7 +127,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     from prefast.store.manage import inspect
 
     root = _root(args)
-    write_json("-", inspect(root, root.resolve(args.key)))
+    info = inspect(root, root.resolve(args.key))
+    for when in ("created", "last_used"):  # a date a person reads, not a Unix timestamp
+        if isinstance(info.get(when), (int, float)):
+            info[when] = dt.datetime.fromtimestamp(info[when]).isoformat(timespec="seconds")
+    write_json("-", info)
     return 0
 
 

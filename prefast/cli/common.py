@@ -302,7 +302,7 @@ def epoch_line(rec: dict, epochs: int) -> str:
     return (
         f"epoch {rec['epoch'] + 1:>3}/{epochs}  loss {rec['train_loss']:.4f}  "
         f"test_acc {rec['test_acc']:.4f}  time {rec['time_s']:.2f}s  "
-        f"data {rec.get('data_s', 0.0):.2f}s  frozen {rec['frozen_stages']}  cache {tier}"
+        f"data {rec.get('data_s', 0.0):.2f}s  frozen {rec['frozen_stages']}/{rec.get('num_stages', '?')} stages  cache {tier}"
     )
 
 

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print("  none: no frozen prefix pays for its cache in this run")
     for b in plan["boundaries"]:
         print(
-            f"  epoch {b['epoch']}: stages 0..{b['stage'] - 1}  {human_bytes(b['bytes'])}  -> "
+            f"  epoch {b['epoch'] + 1}: stages 0..{b['stage'] - 1}  {human_bytes(b['bytes'])}  -> "
             f"{b['tier']} in {b['dtype']} ({b['reason']})"
         )
     print("\npredicted wall-clock (ideal cost model, no I/O):")

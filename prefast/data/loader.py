@@ -111,7 +111,8 @@ class LoaderSource(RawSource):
         self.train_ds, self.test_ds = train, test
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.workers = default_workers() if workers is None else workers
-        self.name = data_id or type(train).__name__
+        root = getattr(train, "root", None)  # an image folder's path says which data it is
+        self.name = data_id or " ".join(str(s) for s in (type(train).__name__, root) if s)
         self.identity = (
             hashlib.sha256(f"user:{data_id}".encode()).hexdigest()[:16]
             if data_id

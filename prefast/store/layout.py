@@ -87,15 +87,33 @@ class KeyLock:
     def try_acquire(self, shared: bool) -> bool:
         if self.fd is not None:
             raise RuntimeError(f"{self.path} is already held by this KeyLock")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            # A deleter unlinks the lock file while it holds it (remove_file): a lock taken
+            # on the unlinked file locks nothing anyone else sees. Take the new one.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd, self.shared = fd, shared
+                return True
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            return False
-        self.fd, self.shared = fd, shared
-        return True
+
+    def remove_file(self) -> None:
+        """Unlink the lock file while holding it exclusive (the key's cache is gone), then
+        release: nothing of a purged key is left behind."""
+        assert self.fd is not None and not self.shared
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self.release()
 
     def downgrade(self) -> None:
         """Exclusive -> shared: a writer hands its finished cache to a reader."""
@@ -178,8 +196,10 @@ class CacheRoot:
             return False
         try:
             self.remove_held(key)
-        finally:
+        except BaseException:
             lock.release()
+            raise
+        lock.remove_file()
         return True
 
     def remove_held(self, key: str) -> None:

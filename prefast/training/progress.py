@@ -18,7 +18,7 @@ def epoch_lines(epochs: int, then: Callable[[dict], None] | None = None) -> Call
     def report(r: dict) -> None:
         print(
             f"epoch {r['epoch'] + 1}/{epochs}: loss {r['train_loss']:.4f}, test acc "
-            f"{r['test_acc']:.4f}, {r['time_s']:.1f}s, frozen stages {r['frozen_stages']}",
+            f"{r['test_acc']:.4f}, {r['time_s']:.1f}s, frozen {r['frozen_stages']}/{r['num_stages']} stages",
             file=sys.stderr,
             flush=True,
         )

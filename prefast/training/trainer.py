@@ -223,6 +223,7 @@ class Trainer:
             "steps": steps,
             "samples": samples,
             "frozen_stages": self.model.num_frozen,
+            "num_stages": self.model.num_stages,
             # cache_tier: what the epoch's training batches were read from (None: raw data)
             **distributed.slowest_data_wait(self.dist, self.feed.take_epoch_stats()),
             **self._check_replicas(),
@@ -292,7 +293,7 @@ class Trainer:
         drop_from_optimizer(self.opt, self.model.freeze_prefix(ck.num_frozen))
         self.opt.load_state_dict(ck.optimizer)
         self.history, self.start_epoch, self.resume_feed = ck.history, ck.next_epoch, ck.feed
-        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+        log.info("resumed from %s at epoch %d", path, self.start_epoch + 1)
 
 
 def train(
