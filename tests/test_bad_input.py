@@ -66,6 +66,7 @@ def test_an_unreadable_image_found_while_scanning_is_one_line(tmp_path, capsys, 
     )
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_found_mid_epoch_in_a_dataloader_worker_is_one_line(tmp_path):
     """600 training images: the channel statistics read every 2nd one, so the file at
     index 1 is first read by a DataLoader worker during the epoch."""

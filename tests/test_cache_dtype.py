@@ -182,7 +182,9 @@ def test_ls_inspect_and_verify_know_eight_bit_caches(tmp_path, tier, capsys, cap
     info = inspect(root, "k")
     assert info["arrays"]["activations"]["dtype"] == "int8"
     assert abs(info["arrays"]["activations"]["first_chunk_mean"] - x[:20].mean().item()) < 0.01
-    out = cli_in_process(capsys, caplog, "cache", "ls", "--cache-dir", str(tmp_path)).stdout
+    out = cli_in_process(
+        capsys, caplog, "cache", "ls", "--long", "--cache-dir", str(tmp_path)
+    ).stdout
     assert "int8" in out and "198 B" in out
     assert verify(root, "k") == []
     # A byte of a row's scales, not of its values: the chunk's checksum still catches it.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import DIGITS
+from helpers import DIGITS, cli_in_process
 from torch import nn
 
 from prefast import StagedModel, TrainConfig, train
@@ -53,6 +53,7 @@ def test_a_diverging_run_stops_in_its_first_diverged_epoch_with_one_line(tmp_pat
     assert complete_caches(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_the_cli_exits_non_zero_with_one_line_when_the_loss_is_not_finite(tmp_path):
     args = ["--dataset", "digits", "--model", "densenet-bc", "--depth", "16", "--epochs", "3"]
     res = subprocess.run(
@@ -121,8 +122,10 @@ def test_a_test_set_cache_holding_nan_is_never_complete(tmp_path):
         assert verify(CacheRoot(tmp_path), row["key"]) == []
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_verify_reports_a_cache_with_a_nan_row(tmp_path, dtype):
+@pytest.mark.parametrize(
+    "dtype", ["float16", pytest.param("bfloat16", marks=pytest.mark.slow), "float32"]
+)
+def test_verify_reports_a_cache_with_a_nan_row(tmp_path, dtype, capsys, caplog):
     root = CacheRoot(tmp_path)
     w = open_writer("zarr", CacheSpec("nanrows", 20, (2, 3, 3), dtype), root)
     acts = torch.randn(20, 2, 3, 3)
@@ -135,11 +138,7 @@ def test_verify_reports_a_cache_with_a_nan_row(tmp_path, dtype):
         "cache nanrows: 2 of 20 rows hold NaN or inf (the run that wrote it diverged). Delete "
         f"it with `prefast cache purge nanrows --cache-dir {tmp_path} --yes`"
     ]
-    res = subprocess.run(
-        [sys.executable, "-m", "prefast.cli.main", "cache", "verify", "nanrows",
-         "--cache-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    res = cli_in_process(capsys, caplog, "cache", "verify", "nanrows", "--cache-dir", str(tmp_path))
     assert res.returncode == 1 and "2 of 20 rows hold NaN or inf" in res.stdout + res.stderr
 
 

@@ -13,6 +13,7 @@ import time
 import psutil
 import pytest
 import torch
+from helpers import cli_in_process
 
 from prefast.errors import CacheLockedError
 from prefast.store import CacheRoot, CacheSpec, open_writer
@@ -140,7 +141,7 @@ def test_sigterm_during_finish_under_torchrun_stops_every_rank(tmp_path):
 
 
 @pytest.mark.parametrize("tier", ["zarr", "mmap"])
-def test_flipped_byte_is_detected(tmp_path, tier):
+def test_flipped_byte_is_detected(tmp_path, tier, capsys, caplog):
     root = CacheRoot(tmp_path)
     make_cache(root, tier=tier)
     d = root.dir_for("good")
@@ -155,13 +156,13 @@ def test_flipped_byte_is_detected(tmp_path, tier):
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     assert verify(root, "good")
-    res = prefast_cli("cache", "verify", "good", "--cache-dir", str(tmp_path))
+    res = cli_in_process(capsys, caplog, "cache", "verify", "good", "--cache-dir", str(tmp_path))
     assert res.returncode == 1
     assert "good" in res.stdout and "CORRUPTED" in res.stdout
     # The hint is a command that works as printed: it names the --cache-dir passed.
     hint = f"`prefast cache purge good --cache-dir {tmp_path} --yes`"
     assert hint in res.stdout, res.stdout
-    purge = prefast_cli(*hint.strip("`").split()[1:])
+    purge = cli_in_process(capsys, caplog, *hint.strip("`").split()[1:])
     assert purge.returncode == 0, purge.stderr
     assert not root.dir_for("good").exists()
 

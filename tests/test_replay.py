@@ -44,6 +44,7 @@ def test_a_replayed_plan_gives_the_same_boundaries_and_losses(tmp_path):
     assert reasons and all("replayed by --plan-from" in r for r in reasons)
 
 
+@pytest.mark.slow
 def test_compare_runs_prefast_with_the_plan_it_made_once(tmp_path):
     runs = compare(cfg(tmp_path), ["freezeout", "prefast"])
     events = runs["prefast"]["final"]["cache_events"]

@@ -415,6 +415,7 @@ def test_train_hands_your_model_back_as_you_passed_it_and_warns_only_when_asked(
     assert any("augment='standard' is ignored" in r.message for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_progress_into_a_pipe_prints_one_line_per_epoch(tmp_path):
     code = (
         "from prefast import TrainConfig, train\n"

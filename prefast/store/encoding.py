@@ -191,7 +191,7 @@ def nonfinite_rows(rows: np.ndarray, dtype: str, shape: tuple[int, ...]) -> int:
     """How many of the stored ``rows`` (as a disk tier holds them) hold a NaN or an inf.
     8-bit rows cannot (their values are put inside each channel's finite range); their
     parameters can."""
-    t = torch.from_numpy(np.ascontiguousarray(rows))
+    t = torch.from_numpy(np.require(rows, requirements=["C", "W"]))  # a mapped chunk: copied
     if dtype == "bfloat16":
         t = t.view(torch.bfloat16)
     x = decode(t, dtype, shape).float().reshape(len(t), -1)
