@@ -61,7 +61,7 @@ def main() -> None:
         workers=2,
         device="auto",
     )
-    runs = prefast.training.compare(
+    runs = prefast.compare(
         cfg,
         ["freezeout", "prefast"],
         model=my_model(len(train_data.classes)),

@@ -155,7 +155,7 @@ def test_zarr_python_reads_the_raw_rows_and_the_readme_recipe_decodes_them(tmp_p
     acts = relu_batch(40, (6, 5, 5))
     write(CacheRoot(tmp_path), "zarr", dtype, acts)
     group = zarr.open_group(tmp_path / "k", mode="r")  # plain zarr-python
-    # The README's recipe ("Reading a cache without PreFast"), word for word:
+    # The recipe of docs/reading-a-cache.md, word for word:
     rows = group["activations"][:]  # uint8, (rows, bytes per row)
     shape = group.attrs["encoding"]["values_shape"]  # (C, H, W)
     c, n_params = shape[0], rows.shape[1] - int(np.prod(shape))

@@ -1,5 +1,5 @@
 """Resuming with another epoch count: the checkpoint's frozen stages stay frozen, the rest
-follow the new schedule, and the plan is the one of the schedule that runs (README
+follow the new schedule, and the plan is the one of the schedule that runs (docs/how-it-works.md
 "Resume")."""
 
 from __future__ import annotations

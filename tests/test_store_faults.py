@@ -1,6 +1,6 @@
 """The store's fault contract: missing chunks, failing writers, full disks, live readers.
 
-Each test here is one row of the README "Faults" table.
+Each test here is one row of the fault table (docs/faults.md).
 """
 
 from __future__ import annotations

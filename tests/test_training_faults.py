@@ -1,6 +1,6 @@
 """The fault contract seen from training: a prefast run is never worse than FreezeOut.
 
-Every test is one row of the README "Faults" table. Faults are real where the
+Every test is one row of the fault table (docs/faults.md). Faults are real where the
 machine allows it: corrupted bytes in real chunk files, a real full tmpfs.
 """
 

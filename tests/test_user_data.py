@@ -290,11 +290,11 @@ def test_the_example_script_runs(tmp_path):
     assert "prefast vs freezeout" in res.stdout
 
 
-def test_the_readme_example_runs_and_prints_what_it_says(tmp_path):
+def test_the_python_api_docs_example_runs_and_prints_what_it_says(tmp_path):
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "python-api.md").read_text()
     code = re.search(r"```python\n(import torch\n.*?)```", readme, re.S).group(1)
     code = code.replace("/tmp/prefast-example", str(tmp_path))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
