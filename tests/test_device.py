@@ -174,7 +174,8 @@ def test_prefast_on_an_accelerator_matches_freezeout_and_never_reads_the_device_
 @pytest.mark.parametrize(
     "tier, dtype",
     [
-        ("mmap", "int8"),  # make test; the strict gpu tier is the slow one to emulate
+        # make check: 8-bit decoding on the host is make test's (test_cache_dtype.py)
+        pytest.param("mmap", "int8", marks=pytest.mark.slow),
         pytest.param("gpu", "int8", marks=pytest.mark.slow),
         pytest.param("gpu", "float8", marks=pytest.mark.slow),
     ],

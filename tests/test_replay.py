@@ -21,6 +21,7 @@ def losses(run: dict) -> list[float]:
     return [e["train_loss"] for e in run["epochs"]]
 
 
+@pytest.mark.slow  # three runs (make check); the refusals below are make test's
 def test_a_replayed_plan_gives_the_same_boundaries_and_losses(tmp_path):
     first = train(cfg(tmp_path))
     assert first["final"]["plan"], "the run planned no boundary: nothing to replay"

@@ -310,6 +310,7 @@ def test_a_writer_stops_at_its_disk_allowance(tmp_path, tier, no_thread_leak):
 HUNG_WRITE = str(Path(__file__).parent / "hung_write.py")
 
 
+@pytest.mark.slow  # a subprocess that waits out the abort bound
 def test_abort_with_a_chunk_write_hung_in_the_encode_pool_returns_and_the_process_exits(tmp_path):
     """The zarr tier writes chunk files on its encode pool. With one such write hung (NFS
     stall) and the writer thread drained, abort() used to shut the pool down waiting for

@@ -259,6 +259,7 @@ def test_an_io_error_on_a_chunk_mid_epoch_serves_the_rest_from_raw_data(
     assert result["epochs"][-1]["cached_batches"] == bpe
 
 
+@pytest.mark.slow  # waits out the stall bound
 def test_a_chunk_read_that_hangs_is_given_up_after_the_stall_bound(tmp_path, monkeypatch):
     """A read of a chunk file that never returns (an NFS stall): after IO_STALL_S the
     reader gives up on it (``unavailable``: the cache is kept, not deleted), the rest of
