@@ -10,7 +10,7 @@ from pathlib import Path
 from prefast.data.datasets import AUGMENTS, DATASETS
 from prefast.errors import ConfigError
 from prefast.freezing.schedule import SCALES
-from prefast.models import MODELS
+from prefast.models import MODELS, is_library_model
 from prefast.store.encoding import DTYPES
 
 MODES = ("baseline", "freezeout", "prefast")
@@ -102,7 +102,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {
             "mode": MODES,
-            "model": MODELS,
             "dataset": DATASETS,
             "scale": tuple(SCALES),
             "augment": ("auto", *AUGMENTS),
@@ -118,6 +117,11 @@ class TrainConfig:
                     f"--{name.replace('_', '-')} {value!r} is not valid: choose one of "
                     + ", ".join(allowed)
                 )
+        if self.model not in MODELS and not is_library_model(self.model):
+            raise ConfigError(
+                f"--model {self.model!r} is not valid: choose one of {', '.join(MODELS)} or "
+                "torchvision:NAME (e.g. torchvision:resnet50)"
+            )
         positive = ("epochs", "batch_size", "growth_rate", "width", "cache_views")
         for name in positive:
             if getattr(self, name) < 1:

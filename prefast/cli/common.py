@@ -43,7 +43,9 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         "--model",
         default="densenet-bc",
         metavar="M",
-        help=f"one of {', '.join(MODELS)} (default: %(default)s)",
+        help=f"one of {', '.join(MODELS)}, or torchvision:NAME for any torchvision "
+        "classification model, split into stages by its structure (docs/models.md) "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--dataset",

@@ -6,10 +6,11 @@ from torch import nn
 
 from prefast.errors import ConfigError
 from prefast.models.densenet import densenet_bc_stages
+from prefast.models.library import is_library_model, library_model
 from prefast.models.resnet import preact_resnet18_stages, wrn_stages
+from prefast.models.split import as_staged_model
 from prefast.models.staged import (
     StagedModel,
-    as_staged_model,
     from_sequential,
     from_torchvision_resnet,
 )
@@ -32,6 +33,10 @@ def build_model(
 
     ``depth`` defaults to FreezeOut's 76 for DenseNet-BC and 16 for WRN.
     """
+    if is_library_model(name):
+        return library_model(
+            name, in_channels=in_channels, num_classes=num_classes, image_size=image_size
+        )
     if name == "densenet-bc":
         stages = densenet_bc_stages(depth or 76, growth_rate, in_channels, num_classes)
     elif name == "preact-resnet18":
@@ -43,7 +48,9 @@ def build_model(
     elif name == "resnet18":
         return torchvision_resnet18(in_channels, num_classes)
     else:
-        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+        raise ConfigError(
+            f"unknown model {name!r}: choose one of {', '.join(MODELS)} or torchvision:NAME"
+        )
     return StagedModel(stages, name=name)
 
 
@@ -63,6 +70,7 @@ __all__ = [
     "StagedModel",
     "as_staged_model",
     "build_model",
+    "is_library_model",
     "from_sequential",
     "from_torchvision_resnet",
 ]

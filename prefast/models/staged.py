@@ -92,23 +92,6 @@ def from_torchvision_resnet(model: Any, name: str = "tv-resnet") -> StagedModel:
     return StagedModel([stem, *blocks, head], name=name)
 
 
-def as_staged_model(model: nn.Module, name: str = "custom") -> StagedModel:
-    """A user's model as stages: a StagedModel as is, an ``nn.Sequential`` (each child a
-    stage, the last the head) or a torchvision ResNet (stem, residual blocks, head)."""
-    if isinstance(model, StagedModel):
-        return model
-    if isinstance(model, nn.Sequential):
-        return from_sequential(model, name=name)
-    if all(hasattr(model, a) for a in ("conv1", "bn1", "maxpool", "layer4", "avgpool", "fc")):
-        return from_torchvision_resnet(model, name=name)
-    raise ConfigError(
-        f"cannot split a {type(model).__name__} into freeze stages: pass "
-        "prefast.StagedModel([stage0, stage1, ..., head]) with the modules in order, an "
-        "nn.Sequential whose children are the stages (the last is the head), or a "
-        "torchvision ResNet"
-    )
-
-
 def remember_state(module: nn.Module) -> Any:
     """A function that puts ``module`` back as it is now: each parameter's
     ``requires_grad``, train or eval mode (per submodule) and, for a StagedModel, its

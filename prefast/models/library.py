@@ -1,0 +1,95 @@
+"""Models by name from torchvision (``--model torchvision:NAME``), built for the data.
+
+The model is torchvision's own builder, untrained, with the dataset's class count, its
+first convolution taking the dataset's channels, and, where the family takes an input
+size (ViT), the dataset's image size; it is then split by its own structure
+(prefast/models/split.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from prefast.errors import ConfigError
+from prefast.models.split import split_model
+from prefast.models.staged import StagedModel
+
+PREFIXES = ("torchvision:",)
+BY_HAND = (
+    "pass the stages by hand from Python: prefast.train(cfg, model=prefast.StagedModel("
+    "[stage0, stage1, ..., head])) (docs/python-api.md)"
+)
+
+
+def is_library_model(name: str) -> bool:
+    return name.startswith(PREFIXES)
+
+
+def _first_conv_takes(model: nn.Module, in_channels: int) -> None:
+    """Replace the first 2-D convolution by one taking ``in_channels`` (same geometry)."""
+    for parent in model.modules():
+        for child_name, conv in parent.named_children():
+            if isinstance(conv, nn.Conv2d):
+                if conv.in_channels != in_channels:
+                    geometry: dict[str, Any] = dict(
+                        kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                    )  # fmt: skip
+                    setattr(parent, child_name, nn.Conv2d(
+                        in_channels, conv.out_channels, padding_mode=conv.padding_mode, **geometry
+                    ))  # fmt: skip
+                return
+
+
+def _takes_image_size(builder: object) -> bool:
+    """Whether the class a torchvision builder returns takes ``image_size`` (asked of its
+    signature, not by trying: a failed call would have drawn random weights already)."""
+    import inspect
+    import typing
+
+    try:
+        cls = typing.get_type_hints(builder).get("return")
+    except Exception:  # an annotation that does not resolve: build at the default size
+        return False
+    return inspect.isclass(cls) and "image_size" in inspect.signature(cls).parameters
+
+
+def torchvision_model(
+    name: str, *, in_channels: int, num_classes: int, image_size: int
+) -> StagedModel:
+    """torchvision's ``NAME`` (``torchvision.models.list_models()``), split into stages."""
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise ConfigError(
+            f"--model torchvision:{name} is not a torchvision classification model: choose "
+            "one of torchvision.models.list_models(), e.g. torchvision:resnet50, "
+            "torchvision:convnext_tiny, torchvision:vit_b_16"
+        )
+    kwargs: dict = {"weights": None, "num_classes": num_classes}
+    if _takes_image_size(torchvision.models.get_model_builder(name)):
+        kwargs["image_size"] = image_size  # a ViT is built at the data's size
+    try:
+        model = torchvision.models.get_model(name, **kwargs)
+    except (AssertionError, ValueError) as err:
+        raise ConfigError(
+            f"--model torchvision:{name} cannot take {image_size} px images ({err}): "
+            "choose an --image-size the family allows (a multiple of its patch size)"
+        ) from None
+    _first_conv_takes(model, in_channels)
+    staged = split_model(model, name=f"torchvision:{name}")
+    if staged is None:
+        raise ConfigError(f"cannot split torchvision:{name} into freeze stages: {BY_HAND}")
+    return staged
+
+
+def library_model(name: str, *, in_channels: int, num_classes: int, image_size: int) -> StagedModel:
+    source, _, model_name = name.partition(":")
+    if source == "torchvision":
+        return torchvision_model(
+            model_name, in_channels=in_channels, num_classes=num_classes, image_size=image_size
+        )
+    raise ConfigError(f"--model {name!r}: unknown model library {source!r}")

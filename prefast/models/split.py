@@ -1,0 +1,159 @@
+"""Models from the ecosystem, split into freeze stages by their own structure.
+
+There is no list of names per model: a family is recognised by the attributes its own
+``forward`` uses, and the head is that ``forward`` itself with the stages taken out, so
+the split model computes exactly what the unsplit one does (tests/test_split.py checks
+the logits family by family). The families and their cuts are in docs/models.md.
+
+- ResNet, Wide-ResNet, ResNeXt (``conv1`` … ``layer4``): the stem, one stage per
+  residual block, then ``avgpool``/``fc``.
+- A ``features`` sequence (VGG, AlexNet, SqueezeNet, DenseNet, EfficientNet, MobileNet,
+  ConvNeXt, Swin) or RegNet's ``stem`` + ``trunk_output``: one stage per child module;
+  plain layers in a row (VGG's conv, ReLU, conv, ReLU, pool) form one stage up to each
+  pooling layer. The head is the model's forward after the sequence (pooling, norm,
+  classifier).
+- A torchvision ViT (``conv_proj``, ``class_token``, ``encoder.layers``): stage 0 is the
+  patch embedding with the class token and position embedding, each encoder block a
+  stage, the head the final norm, the class token's row and the classifier.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from prefast.errors import ConfigError
+from prefast.models.staged import StagedModel, from_sequential, from_torchvision_resnet
+
+POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+# (stem attributes, sequence attribute): a forward that runs these first, then the head.
+SEQUENCES = ((("stem",), "trunk_output"), ((), "features"), ((), "layers"))
+
+
+class ForwardWithout(nn.Module):
+    """``model``'s own forward with some of its submodules replaced by identity: the
+    head of a model whose forward runs those submodules first.
+
+    It holds a shallow copy of ``model`` (the same parameters and submodules, its own
+    table of children), so the model passed in is left as it was."""
+
+    def __init__(self, model: nn.Module, removed: tuple[str, ...]):
+        super().__init__()
+        rest = copy.copy(model)
+        rest._modules = dict(model._modules)
+        for name in removed:
+            rest._modules[name] = nn.Identity()
+        self.rest = rest
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rest(x)
+
+
+def _has_parameters(modules: list[nn.Module]) -> bool:
+    return any(True for m in modules for _ in m.parameters())
+
+
+def group_children(children: list[nn.Module]) -> list[nn.Module]:
+    """A sequence's children as stages: a child with children of its own (a block, a
+    dense block, a stage of a ConvNeXt) is one stage; a run of plain layers is one stage
+    up to each pooling layer. A run that ends without pooling, or holds no parameters
+    (a lone pooling layer), joins the stage before it."""
+    stages: list[nn.Module] = []
+    run: list[nn.Module] = []
+
+    def flush(ended_by_pooling: bool) -> None:
+        if not run:
+            return
+        own = ended_by_pooling and _has_parameters(run)
+        if stages and not own:
+            stages[-1] = nn.Sequential(stages[-1], *run)
+        else:
+            stages.append(run[0] if len(run) == 1 else nn.Sequential(*run))
+        run.clear()
+
+    for child in children:
+        if next(child.children(), None) is None:  # a plain layer
+            run.append(child)
+            if isinstance(child, POOLING):
+                flush(ended_by_pooling=True)
+        else:
+            flush(ended_by_pooling=False)
+            stages.append(child)
+    flush(ended_by_pooling=False)
+    return stages
+
+
+class ViTEmbedding(nn.Module):
+    """A torchvision ViT's input stage: patches, class token, position embedding (its
+    ``_process_input`` and the first lines of its encoder)."""
+
+    def __init__(self, vit: Any):
+        super().__init__()
+        self.conv_proj = vit.conv_proj
+        self.class_token = vit.class_token
+        self.pos_embedding = vit.encoder.pos_embedding
+        self.dropout = vit.encoder.dropout
+        self.hidden_dim = vit.hidden_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = self.conv_proj(x).reshape(n, self.hidden_dim, -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        return self.dropout(x + self.pos_embedding)
+
+
+class ViTHead(nn.Module):
+    """A torchvision ViT's head: the encoder's final norm, the class token's row, the
+    classifier."""
+
+    def __init__(self, vit: Any):
+        super().__init__()
+        self.ln = vit.encoder.ln
+        self.heads = vit.heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.ln(x)[:, 0])
+
+
+def is_torchvision_resnet(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("conv1", "bn1", "maxpool", "layer4", "avgpool", "fc"))
+
+
+def split_model(model: Any, name: str) -> StagedModel | None:
+    """``model`` as stages by its own structure, or None for a family not recognised."""
+    if is_torchvision_resnet(model):
+        return from_torchvision_resnet(model, name=name)
+    if all(hasattr(model, a) for a in ("conv_proj", "class_token", "encoder", "heads")):
+        blocks = list(model.encoder.layers.children())
+        return StagedModel([ViTEmbedding(model), *blocks, ViTHead(model)], name=name)
+    for stem, attr in SEQUENCES:
+        sequence = getattr(model, attr, None)
+        if not isinstance(sequence, nn.Sequential) or not all(hasattr(model, s) for s in stem):
+            continue
+        stages = [getattr(model, s) for s in stem] + group_children(list(sequence.children()))
+        if len(stages) >= 1:
+            return StagedModel([*stages, ForwardWithout(model, (*stem, attr))], name=name)
+    return None
+
+
+def as_staged_model(model: nn.Module, name: str = "custom") -> StagedModel:
+    """A user's model as stages: a StagedModel as is, an ``nn.Sequential`` (each child a
+    stage, the last the head) or a torchvision model of a family that splits by its own
+    structure (ResNet, VGG, DenseNet, EfficientNet, MobileNet, ConvNeXt, Swin, ViT...:
+    prefast/models/split.py)."""
+    if isinstance(model, StagedModel):
+        return model
+    if isinstance(model, nn.Sequential):
+        return from_sequential(model, name=name)
+    staged = split_model(model, name=name)
+    if staged is not None:
+        return staged
+    raise ConfigError(
+        f"cannot split a {type(model).__name__} into freeze stages: pass "
+        "prefast.StagedModel([stage0, stage1, ..., head]) with the modules in order, an "
+        "nn.Sequential whose children are the stages (the last is the head), or a model "
+        "of a family docs/models.md lists"
+    )

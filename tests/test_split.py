@@ -1,0 +1,97 @@
+"""Models from torchvision split by their own structure compute what the unsplit model
+computes (docs/models.md lists the families and their cuts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from prefast import StagedModel
+from prefast.errors import ConfigError
+from prefast.models import as_staged_model, build_model
+from prefast.models.split import split_model
+
+# The smallest variant of each family, its stage count (head included) and an input size
+# it takes; the slow ones (tens of millions of parameters) run in make check.
+FAMILIES = [
+    ("resnet18", 10, 32),
+    pytest.param("wide_resnet50_2", 18, 32, marks=pytest.mark.slow),
+    pytest.param("resnext50_32x4d", 18, 32, marks=pytest.mark.slow),
+    ("vgg11_bn", 6, 32),
+    ("alexnet", 4, 64),
+    ("squeezenet1_0", 10, 64),
+    ("densenet121", 9, 32),
+    ("efficientnet_b0", 10, 32),
+    ("mobilenet_v2", 20, 32),
+    ("mobilenet_v3_small", 14, 32),
+    ("mnasnet0_5", 8, 32),
+    ("regnet_x_400mf", 6, 32),
+    ("convnext_tiny", 9, 32),
+    ("swin_t", 9, 32),
+    pytest.param("vit_b_16", 14, 32, marks=pytest.mark.slow),
+]
+
+
+def unsplit(name: str, size: int) -> nn.Module:
+    extra = {"image_size": size} if name.startswith("vit_") else {}
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None, num_classes=10, **extra).eval()
+
+
+def max_abs_difference(split: StagedModel, model: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (split(x).cpu() - model(x.cpu())).abs().max().item()
+
+
+@pytest.mark.parametrize("name, stages, size", FAMILIES)
+def test_the_split_model_gives_the_unsplit_models_logits(name, stages, size):
+    model = unsplit(name, size)
+    children = dict(model.named_children())
+    split = as_staged_model(model, name=name).eval()
+    assert split.num_stages == stages
+    x = torch.randn(2, 3, size, size)
+    assert max_abs_difference(split, model, x) == 0.0
+    # the model passed in is left as it was (the head runs a copy of its forward)
+    assert dict(model.named_children()) == children
+    # each stage's parameters are the model's own, and no two stages share one
+    ids = [id(p) for s in split.stages for p in s.parameters()]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "name, size",
+    [("resnet18", 32), ("efficientnet_b0", 32), pytest.param("vit_b_16", 32, marks=pytest.mark.slow),
+     pytest.param("convnext_tiny", 32, marks=pytest.mark.slow),
+     pytest.param("swin_t", 32, marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_the_split_model_runs_on_the_strict_device_with_the_cpu_logits(name, size, strict):
+    model = unsplit(name, size)
+    split = split_model(unsplit(name, size), name=name).eval().to(strict.device)
+    x = torch.randn(2, 3, size, size)
+    assert max_abs_difference(split, model, x.to(strict.device)) == 0.0
+
+
+def test_a_library_model_is_built_for_the_data():
+    """Digits: one channel, 8 px, 10 classes; a ViT takes the data's image size."""
+    m = build_model("torchvision:resnet18", in_channels=1, num_classes=10, image_size=8)
+    assert m.num_stages == 10 and m(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    vit = build_model("torchvision:vit_b_32", in_channels=3, num_classes=7, image_size=64)
+    assert vit.num_stages == 14 and vit(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    assert vit.stages[0](torch.randn(1, 3, 64, 64)).shape == (1, 1 + 4, 768)  # token rows
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("shufflenet_v2_x0_5", r"cannot split torchvision:shufflenet_v2_x0_5 into freeze stages: pass the stages "
+                      r"by hand from Python: prefast.train\(cfg, model=prefast.StagedModel\("),
+        ("resnet9000", "is not a torchvision classification model"),
+        ("vit_b_16", "cannot take 8 px images"),
+    ],
+)  # fmt: skip
+def test_a_library_model_that_cannot_be_built_or_split_is_one_line(name, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        build_model(f"torchvision:{name}", in_channels=1, num_classes=10, image_size=8)
+    assert "\n" not in str(err.value)
