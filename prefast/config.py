@@ -63,6 +63,7 @@ class TrainConfig:
     depth: int | None = None
     growth_rate: int = 12
     width: int = 4
+    weights: str | None = None  # a state dict or checkpoint file to start from
     epochs: int = 10
     batch_size: int = 64
     t0: float = 0.8

@@ -59,6 +59,13 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     g.add_argument("--growth-rate", type=int, default=12, help="DenseNet-BC growth rate k")
     g.add_argument("--width", type=int, default=4, help="WRN widening factor")
     g.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="start from these weights: a state dict or a checkpoint holding one (under "
+        "state_dict, model or model_state_dict); keys must match the model's except the "
+        "classifier's, which is replaced for the dataset's classes (docs/models.md)",
+    )
+    g.add_argument(
         "--data-dir",
         default="data",
         help="where torchvision datasets live (downloaded there when online); for "

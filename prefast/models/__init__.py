@@ -15,6 +15,7 @@ from prefast.models.staged import (
     from_torchvision_resnet,
 )
 from prefast.models.vgg import vgg16_stages
+from prefast.models.weights import load_weights
 
 MODELS = ("densenet-bc", "preact-resnet18", "wrn", "vgg16", "resnet18")
 
@@ -28,15 +29,18 @@ def build_model(
     depth: int | None = None,
     growth_rate: int = 12,
     width: int = 4,
+    weights: str | None = None,
 ) -> StagedModel:
     """Build a model by name; input shape and class count come from the dataset.
 
-    ``depth`` defaults to FreezeOut's 76 for DenseNet-BC and 16 for WRN.
+    ``depth`` defaults to FreezeOut's 76 for DenseNet-BC and 16 for WRN. ``weights``: a
+    state dict or checkpoint file to start from (prefast/models/weights.py).
     """
     if is_library_model(name):
         return library_model(
-            name, in_channels=in_channels, num_classes=num_classes, image_size=image_size
-        )
+            name, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+            weights=weights,
+        )  # fmt: skip
     if name == "densenet-bc":
         stages = densenet_bc_stages(depth or 76, growth_rate, in_channels, num_classes)
     elif name == "preact-resnet18":
@@ -46,12 +50,15 @@ def build_model(
     elif name == "vgg16":
         stages = vgg16_stages(in_channels, num_classes, image_size)
     elif name == "resnet18":
-        return torchvision_resnet18(in_channels, num_classes)
+        stages = list(torchvision_resnet18(in_channels, num_classes).stages)
     else:
         raise ConfigError(
             f"unknown model {name!r}: choose one of {', '.join(MODELS)} or torchvision:NAME"
         )
-    return StagedModel(stages, name=name)
+    model = StagedModel(stages, name=name)
+    if weights:  # a built-in model's keys are its stages': stages.0.…
+        load_weights(model, weights)
+    return model
 
 
 def torchvision_resnet18(in_channels: int, num_classes: int) -> StagedModel:

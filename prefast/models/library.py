@@ -3,7 +3,8 @@
 The model is torchvision's own builder, untrained, with the dataset's class count, its
 first convolution taking the dataset's channels, and, where the family takes an input
 size (ViT), the dataset's image size; it is then split by its own structure
-(prefast/models/split.py).
+(prefast/models/split.py). ``--weights PATH`` is loaded before the split, with
+torchvision's own key names (prefast/models/weights.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from prefast.errors import ConfigError
 from prefast.models.split import split_model
 from prefast.models.staged import StagedModel
+from prefast.models.weights import load_weights
 
 PREFIXES = ("torchvision:",)
 BY_HAND = (
@@ -57,7 +59,7 @@ def _takes_image_size(builder: object) -> bool:
 
 
 def torchvision_model(
-    name: str, *, in_channels: int, num_classes: int, image_size: int
+    name: str, *, in_channels: int, num_classes: int, image_size: int, weights: str | None = None
 ) -> StagedModel:
     """torchvision's ``NAME`` (``torchvision.models.list_models()``), split into stages."""
     import torchvision
@@ -80,16 +82,21 @@ def torchvision_model(
             "choose an --image-size the family allows (a multiple of its patch size)"
         ) from None
     _first_conv_takes(model, in_channels)
+    if weights:  # torchvision's own key names, before the split
+        load_weights(model, weights)
     staged = split_model(model, name=f"torchvision:{name}")
     if staged is None:
         raise ConfigError(f"cannot split torchvision:{name} into freeze stages: {BY_HAND}")
     return staged
 
 
-def library_model(name: str, *, in_channels: int, num_classes: int, image_size: int) -> StagedModel:
+def library_model(
+    name: str, *, in_channels: int, num_classes: int, image_size: int, weights: str | None = None
+) -> StagedModel:
     source, _, model_name = name.partition(":")
     if source == "torchvision":
         return torchvision_model(
-            model_name, in_channels=in_channels, num_classes=num_classes, image_size=image_size
-        )
+            model_name, in_channels=in_channels, num_classes=num_classes,
+            image_size=image_size, weights=weights,
+        )  # fmt: skip
     raise ConfigError(f"--model {name!r}: unknown model library {source!r}")

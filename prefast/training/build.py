@@ -127,6 +127,7 @@ def model_for(cfg: TrainConfig, ds_shape: tuple[int, int, int], num_classes: int
         depth=cfg.depth,
         growth_rate=cfg.growth_rate,
         width=cfg.width,
+        weights=cfg.weights,
     )
 
 

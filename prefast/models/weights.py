@@ -1,0 +1,107 @@
+"""Weights from a file (``--weights PATH``): a state dict or a checkpoint holding one.
+
+Layouts read: a bare state dict; ``{"state_dict": ...}`` (Lightning and many training
+scripts); ``{"model": ...}`` (timm's and torchvision's reference training scripts, and
+PreFast's own checkpoints); ``{"model_state_dict": ...}``. A ``module.`` prefix (saved
+from DistributedDataParallel) is dropped.
+
+Keys match strictly, except the classifier's: when the file's classifier has another
+shape (ImageNet's 1,000 classes against the dataset's 10) the model keeps its new,
+untrained classifier and the log says so. A single-channel dataset takes RGB weights for
+the first convolution summed over the colours (as timm does), also logged. Anything else
+that does not match exits 2 with one line naming the first key that differs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prefast.errors import ConfigError
+
+log = logging.getLogger(__name__)
+NESTED = ("state_dict", "model", "model_state_dict")
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, whichever layout holds it."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--weights {path}: no such file (a state dict or a checkpoint)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(
+            f"--weights {path} is not a PyTorch weights file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}): pass a file saved with "
+            "torch.save(model.state_dict(), PATH)"
+        ) from None
+    for key in NESTED:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(
+            f"--weights {path} holds no state dict: expected tensors by name, at the top or "
+            f"under one of {', '.join(NESTED)}"
+        )
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """The module that maps features to classes: the model's last Linear (or, as in
+    SqueezeNet, its last convolution) in registration order."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            last = name
+    return last
+
+
+def first_conv_name(model: nn.Module) -> str | None:
+    return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load ``path`` into ``model`` (in place), as the module docstring says."""
+    theirs = read_state_dict(path)
+    ours = model.state_dict()
+    head = classifier_name(model)
+    conv = first_conv_name(model)
+    replaced, summed = [], None
+    for key in [*ours, *(k for k in theirs if k not in ours)]:  # the model's order first
+        in_head = head is not None and key.startswith(head + ".")
+        if key not in theirs or key not in ours:
+            if in_head:
+                replaced.append(key)
+                theirs.pop(key, None)
+                continue
+            where = "the model has it, the file not" if key in ours else "only the file has it"
+            raise ConfigError(
+                f"--weights {path} does not fit --model: the first key that differs is "
+                f"{key!r} ({where})"
+            )
+        mine, file_value = ours[key], theirs[key]
+        if mine.shape == file_value.shape:
+            continue
+        if in_head:
+            replaced.append(key)
+            theirs[key] = mine
+        elif conv is not None and key == conv + ".weight" and mine.shape[1] == 1:
+            theirs[key] = file_value.sum(dim=1, keepdim=True)  # RGB filters for one channel
+            summed = f"{key} summed over its {file_value.shape[1]} input channels"
+        else:
+            raise ConfigError(
+                f"--weights {path} does not fit --model: the first key that differs is "
+                f"{key!r} (file {tuple(file_value.shape)}, model {tuple(mine.shape)})"
+            )
+    model.load_state_dict(theirs, strict=not replaced)
+    if summed:  # logged once the whole file fits
+        log.warning("--weights: %s for one-channel images", summed)
+    if replaced:
+        log.warning(
+            "--weights: classifier %s replaced for the dataset's classes (the file's has "
+            "another shape): it starts untrained", head
+        )  # fmt: skip
