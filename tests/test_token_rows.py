@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from prefast import TrainConfig, train
+from prefast.errors import ConfigError
 from prefast.store import CacheRoot
 from prefast.store.manage import list_caches
 
@@ -67,3 +68,10 @@ def test_token_rows_go_through_every_tier_and_dtype(tmp_path, tier, dtype, views
         shapes = {tuple(c["shape"]) for c in list_caches(CacheRoot(tmp_path))
                   if c["split"] == "train"}  # fmt: skip
         assert shapes and all(len(s) == 2 and s[0] == 5 for s in shapes), shapes
+
+
+def test_feature_augment_refuses_token_rows_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="stage 1's output is a 5x16 row") as err:
+        train(config(mode="prefast", feature_augment="shift", cache_dir=str(tmp_path)),
+              model=tiny_vit())  # fmt: skip
+    assert "\n" not in str(err.value)

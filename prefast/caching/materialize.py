@@ -64,6 +64,7 @@ from prefast.errors import (
     CacheError,
     CacheReadError,
     CacheUnavailableError,
+    ConfigError,
 )
 from prefast.freezing.schedule import FreezeOutSchedule
 from prefast.models import StagedModel
@@ -151,6 +152,14 @@ class PrefastFeed(BoundaryTransitions):
         self.warned_fixed_aug = False
         self.disk_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         ops = parse_ops(cfg.feature_augment)
+        rows = [(i, c.out_shape) for i, c in enumerate(self.costs[:-1]) if len(c.out_shape) != 3]
+        if ops and rows:  # shift and flip move pixels of (C, H, W) maps
+            stage, shape = rows[0]
+            raise ConfigError(
+                f"--feature-augment {cfg.feature_augment} works on (C, H, W) feature maps, but "
+                f"stage {stage + 1}'s output is a {'x'.join(map(str, shape))} row (a "
+                "transformer's tokens x dim): drop --feature-augment for this model"
+            )
         self.features = FeatureAugment(ops, cfg.seed, raw.num_train) if ops else None
         self._reset_stats()
 
