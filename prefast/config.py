@@ -64,6 +64,7 @@ class TrainConfig:
     growth_rate: int = 12
     width: int = 4
     weights: str | None = None  # a state dict or checkpoint file to start from
+    freeze_prefix: int | str = 0  # stages frozen from the first iteration, or "all" (probe)
     epochs: int = 10
     batch_size: int = 64
     t0: float = 0.8
@@ -123,6 +124,15 @@ class TrainConfig:
                 f"--model {self.model!r} is not valid: choose one of {', '.join(MODELS)} or "
                 "torchvision:NAME (e.g. torchvision:resnet50)"
             )
+        if isinstance(self.freeze_prefix, str) and self.freeze_prefix != "all":
+            if not self.freeze_prefix.isdigit():
+                raise ConfigError(
+                    f"--freeze-prefix {self.freeze_prefix!r} is not valid: a number of stages "
+                    "(0: none) or all (every stage but the head: a linear probe)"
+                )
+            object.__setattr__(self, "freeze_prefix", int(self.freeze_prefix))
+        if isinstance(self.freeze_prefix, int) and self.freeze_prefix < 0:
+            raise ConfigError(f"--freeze-prefix {self.freeze_prefix} must be >= 0")
         positive = ("epochs", "batch_size", "growth_rate", "width", "cache_views")
         for name in positive:
             if getattr(self, name) < 1:

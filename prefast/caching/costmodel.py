@@ -86,7 +86,7 @@ def plan_boundaries(
         raise ValueError(f"boundary policy {policy!r}: choose one of {BOUNDARY_POLICIES}")
     chosen: list[Boundary] = []
     last = 0
-    for epoch in range(1, epochs - views):  # epochs e..e+views-1 write; a later one reads
+    for epoch in range(epochs - views):  # epochs e..e+views-1 write; a later one reads
         p = schedule.frozen_prefix(epoch * batches_per_epoch)
         if p <= last or p >= schedule.num_stages:
             continue
@@ -124,7 +124,8 @@ def predict_epochs(
             cached = 0
         train = 0.0
         for b in range(batches_per_epoch):
-            f = 0 if mode == "baseline" else schedule.frozen_prefix(epoch * batches_per_epoch + b)
+            it = epoch * batches_per_epoch + b
+            f = getattr(schedule, "prefix", 0) if mode == "baseline" else schedule.frozen_prefix(it)
             train += sum(fwd[cached:f]) + sum(fb[max(f, cached) :])
         # The test set is read from the cache once the boundary exists.
         out.append({"train_s": train, "eval_s": eval_batches * sum(fwd[cached:])})

@@ -59,6 +59,15 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     g.add_argument("--growth-rate", type=int, default=12, help="DenseNet-BC growth rate k")
     g.add_argument("--width", type=int, default=4, help="WRN widening factor")
     g.add_argument(
+        "--freeze-prefix",
+        default="0",
+        metavar="K",
+        help="freeze stages 0..K-1 from the first iteration (fine-tuning a backbone); all: "
+        "every stage but the head (a linear probe). FreezeOut's t_i then run over the "
+        "other stages (--t0 1: one cosine, no progressive freezing); in prefast mode the "
+        "prefix is cached from the first epoch",
+    )
+    g.add_argument(
         "--weights",
         metavar="PATH",
         help="start from these weights: a state dict or a checkpoint holding one (under "

@@ -10,6 +10,10 @@ stage) to 1 (the head, last index) and optionally bent by a power::
     lr(i, it)    = lr0_i * 0.5 * (1 + cos(pi * it / freeze_iter(i)))  for it < freeze_iter
     lr0_i        = base_lr / t_i  if scale_lr  else base_lr
 
+With a fixed frozen prefix of ``K`` stages (``--freeze-prefix K``: fine-tuning with a
+frozen backbone), stages ``0..K-1`` are frozen from iteration 0 and ``t_i`` is spaced
+over stages ``K..n-1`` (``i - K`` over ``n - 1 - K``): stage ``K`` takes ``t0``.
+
 No torch here: this module is tested against the closed form.
 """
 
@@ -45,6 +49,8 @@ class FreezeOutSchedule:
         about as far in weight space as if it trained the whole run.
     base_lr
         Initial learning rate before scaling.
+    prefix
+        Stages frozen from the first iteration (a fixed frozen prefix); 0: none.
     """
 
     num_stages: int
@@ -53,6 +59,7 @@ class FreezeOutSchedule:
     scale: str = "cubic"
     scale_lr: bool = True
     base_lr: float = 0.1
+    prefix: int = 0
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:
@@ -65,25 +72,37 @@ class FreezeOutSchedule:
             raise ConfigError(f"scale={self.scale!r} must be one of {sorted(SCALES)}")
         if self.base_lr <= 0:
             raise ConfigError(f"base_lr={self.base_lr} must be positive")
+        if not 0 <= self.prefix < self.num_stages:
+            raise ConfigError(
+                f"--freeze-prefix {self.prefix}: the model has {self.num_stages} stages, the "
+                f"last being the head: freeze at most {self.num_stages - 1} (or pass all)"
+            )
 
     def t(self, i: int) -> float:
         """Fraction of training at which stage ``i`` freezes."""
         self._check_stage(i)
-        frac = 1.0 if self.num_stages == 1 else i / (self.num_stages - 1)
+        if i < self.prefix:
+            return 0.0
+        trainable = self.num_stages - 1 - self.prefix
+        frac = 1.0 if trainable == 0 else (i - self.prefix) / trainable
         return float((self.t0 + (1.0 - self.t0) * frac) ** SCALES[self.scale])
 
     def freeze_iter(self, i: int) -> int:
-        """Iteration from which stage ``i`` is frozen (at least 1)."""
+        """Iteration from which stage ``i`` is frozen (at least 1; 0 in a fixed prefix)."""
+        if i < self.prefix:
+            return 0
         return max(1, round(self.t(i) * self.total_iters))
 
     def initial_lr(self, i: int) -> float:
+        if i < self.prefix:
+            return 0.0
         return self.base_lr / self.t(i) if self.scale_lr else self.base_lr
 
     def rate_multiplier(self) -> float:
         """The most ``1/t_i`` scaling multiplies a trainable stage's rate by (1: no scaling)."""
-        if not self.scale_lr or self.num_stages < 2:
+        if not self.scale_lr or self.num_stages - 1 <= self.prefix:
             return 1.0
-        return max(1.0 / self.t(i) for i in range(self.num_stages - 1))
+        return max(1.0 / self.t(i) for i in range(self.prefix, self.num_stages - 1))
 
     def scaling_warning(self) -> str | None:
         """A line for the run header and ``prefast plan`` when 1/t_i scaling multiplies a
@@ -92,9 +111,9 @@ class FreezeOutSchedule:
         if m <= SCALING_WARN:
             return None
         return (
-            f"FreezeOut's 1/t_i scaling multiplies stage 0's learning rate by {m:,.0f}x "
-            f"(--t0 {self.t0}, {self.scale} scaling: stage 0 trains for "
-            f"{self.freeze_iter(0)} of {self.total_iters} iterations, at up to "
+            f"FreezeOut's 1/t_i scaling multiplies stage {self.prefix}'s learning rate by "
+            f"{m:,.0f}x (--t0 {self.t0}, {self.scale} scaling: stage {self.prefix} trains for "
+            f"{self.freeze_iter(self.prefix)} of {self.total_iters} iterations, at up to "
             f"{self.base_lr * m:.4g}); if the loss "
             "diverges, raise --t0, lower --lr or pass --no-scale-lr"
         )
@@ -124,7 +143,7 @@ class FreezeOutSchedule:
     def frozen_prefix(self, it: int) -> int:
         """Number of leading stages frozen at iteration ``it``.
 
-        ``t_i`` grows with ``i``, so frozen stages always form a prefix.
+        ``t_i`` grows with ``i`` (a fixed prefix has 0), so frozen stages form a prefix.
         """
         return sum(1 for i in range(self.num_stages) if self.is_frozen(i, it))
 

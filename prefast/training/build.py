@@ -211,8 +211,10 @@ def shape_and_classes(ds: Dataset) -> tuple[tuple[int, int, int], int]:
 
 
 def schedule_for(cfg: TrainConfig, num_stages: int, batches_per_epoch: int) -> FreezeOutSchedule:
-    # Baseline = t0 of 1: no stage freezes early, every stage anneals over the run.
+    # Baseline = t0 of 1: no stage freezes early, every stage anneals over the run (but a
+    # fixed frozen prefix, which every mode keeps frozen from the first iteration).
     baseline = cfg.mode == "baseline"
+    prefix = num_stages - 1 if cfg.freeze_prefix == "all" else int(cfg.freeze_prefix)
     return FreezeOutSchedule(
         num_stages,
         cfg.epochs * batches_per_epoch,
@@ -220,4 +222,5 @@ def schedule_for(cfg: TrainConfig, num_stages: int, batches_per_epoch: int) -> F
         scale=cfg.scale,
         scale_lr=cfg.scale_lr and not baseline,
         base_lr=cfg.lr,
+        prefix=prefix,
     )

@@ -69,7 +69,11 @@ def load(path: Path, cfg: TrainConfig, ctx: Dist) -> Resumed:
     state = torch.load(path, map_location="cpu", weights_only=False)
     saved = json.loads(json.dumps(state["config"]))
     mine = json.loads(json.dumps(cfg.to_json()))
-    changed = sorted(k for k in mine if k not in MAY_CHANGE and saved.get(k) != mine[k])
+    # a setting the checkpoint predates had its default then
+    defaults = json.loads(json.dumps(TrainConfig().to_json()))
+    changed = sorted(
+        k for k in mine if k not in MAY_CHANGE and saved.get(k, defaults[k]) != mine[k]
+    )
     if changed:
         raise ConfigError(
             f"checkpoint {path} was made with different settings ({', '.join(changed)}): "

@@ -137,7 +137,7 @@ class Trainer:
 
     def _apply_schedule(self, it: int) -> int:
         """Freeze newly frozen stages and set every trainable stage's rate."""
-        if self.cfg.mode != "baseline":
+        if self.cfg.mode != "baseline" or self.schedule.prefix:
             newly = self.model.freeze_prefix(self.schedule.frozen_prefix(it))
             if newly:
                 drop_from_optimizer(self.opt, newly)
