@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 
 import torch
 from helpers import cli_in_process
@@ -26,6 +27,7 @@ def test_cache_ls_fits_80_columns_and_long_shows_every_column(
     res = cli_in_process(capsys, caplog, "cache", "ls", "--cache-dir", str(tmp_path))
     assert res.returncode == 0 and "aaaaaaaaaaaa" in res.stdout
     assert max(len(line) for line in res.stdout.splitlines()) <= 80, res.stdout
+    assert "…" not in res.stdout, res.stdout  # no cell cut short
     res = cli_in_process(capsys, caplog, "cache", "ls", "--long", "--cache-dir", str(tmp_path))
     assert "logical" in res.stdout and "codec" in res.stdout
 
@@ -41,6 +43,8 @@ def test_inspect_shows_dates_a_person_reads(tmp_path, capsys, caplog):
     res = cli_in_process(capsys, caplog, "cache", "inspect", "k1", "--cache-dir", str(tmp_path))
     created = json.loads(res.stdout)["created"]
     assert dt.datetime.fromisoformat(created).year >= 2024  # an ISO date, not 1.7e9
+    # ... at every depth: no number that looks like a Unix time is left
+    assert not re.search(r"\b1[0-9]{9}\.[0-9]+", res.stdout), res.stdout
 
 
 def test_purge_leaves_no_lock_file_behind(tmp_path, capsys, caplog):

@@ -91,13 +91,19 @@ def run_ls(args: argparse.Namespace) -> int:
             "mmap or zarr keeps them on disk for the next run"
         )
         return 0
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"caches under {root.path}")
+    # No vertical rules and one space between columns: the short table's widest rows
+    # ("complete", "float16", "612.0 KiB", a date) fit 80 columns without cutting a cell.
+    table = Table(
+        title=f"caches under {root.path}", box=box.SIMPLE_HEAD, show_edge=False,
+        pad_edge=False, padding=0, title_justify="left",
+    )  # fmt: skip
     columns = LONG_COLUMNS if args.long else SHORT_COLUMNS
     for col in columns:
-        table.add_column(col, no_wrap=col in ("key", "last used"))
+        table.add_column(col, no_wrap=True)
     for r in rows:
         cells = {
             "key": r["key"][:12],
@@ -127,12 +133,25 @@ def run_inspect(args: argparse.Namespace) -> int:
     from prefast.store.manage import inspect
 
     root = _root(args)
-    info = inspect(root, root.resolve(args.key))
-    for when in ("created", "last_used"):  # a date a person reads, not a Unix timestamp
-        if isinstance(info.get(when), (int, float)):
-            info[when] = dt.datetime.fromtimestamp(info[when]).isoformat(timespec="seconds")
-    write_json("-", info)
+    write_json("-", _dates(inspect(root, root.resolve(args.key))))
     return 0
+
+
+DATES = ("created", "last_used", "completed_at")  # Unix timestamps in the cache's files
+
+
+def _dates(info: object) -> object:
+    """Every timestamp, at any depth (the completion record has its own), as a date a
+    person reads."""
+    if isinstance(info, dict):
+        return {
+            k: dt.datetime.fromtimestamp(v).isoformat(timespec="seconds")
+            if k in DATES and isinstance(v, int | float) else _dates(v)
+            for k, v in info.items()
+        }  # fmt: skip
+    if isinstance(info, list):
+        return [_dates(v) for v in info]
+    return info
 
 
 def run_verify(args: argparse.Namespace) -> int:
