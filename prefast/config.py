@@ -64,6 +64,7 @@ class TrainConfig:
     growth_rate: int = 12
     width: int = 4
     weights: str | None = None  # a state dict or checkpoint file to start from
+    pretrained: bool = False  # the model library's own default weights (torchvision:NAME)
     freeze_prefix: int | str = 0  # stages frozen from the first iteration, or "all" (probe)
     epochs: int = 10
     batch_size: int = 64

@@ -68,6 +68,13 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         "prefix is cached from the first epoch",
     )
     g.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="torchvision:NAME only: start from torchvision's default weights, read from "
+        "$TORCH_HOME/hub/checkpoints (downloaded there when online; offline and absent: "
+        "exit 2 naming the file); the classifier is replaced for the dataset's classes",
+    )
+    g.add_argument(
         "--weights",
         metavar="PATH",
         help="start from these weights: a state dict or a checkpoint holding one (under "

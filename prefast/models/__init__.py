@@ -30,6 +30,7 @@ def build_model(
     growth_rate: int = 12,
     width: int = 4,
     weights: str | None = None,
+    pretrained: bool = False,
 ) -> StagedModel:
     """Build a model by name; input shape and class count come from the dataset.
 
@@ -39,8 +40,13 @@ def build_model(
     if is_library_model(name):
         return library_model(
             name, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-            weights=weights,
+            weights=weights, pretrained=pretrained,
         )  # fmt: skip
+    if pretrained:
+        raise ConfigError(
+            f"--pretrained: the built-in {name} has no published weights: use "
+            "--model torchvision:NAME --pretrained, or --weights PATH"
+        )
     if name == "densenet-bc":
         stages = densenet_bc_stages(depth or 76, growth_rate, in_channels, num_classes)
     elif name == "preact-resnet18":

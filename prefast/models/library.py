@@ -16,7 +16,7 @@ from torch import nn
 from prefast.errors import ConfigError
 from prefast.models.split import split_model
 from prefast.models.staged import StagedModel
-from prefast.models.weights import load_weights
+from prefast.models.weights import load_state, load_weights
 
 PREFIXES = ("torchvision:",)
 BY_HAND = (
@@ -58,8 +58,50 @@ def _takes_image_size(builder: object) -> bool:
     return inspect.isclass(cls) and "image_size" in inspect.signature(cls).parameters
 
 
+def _online(host: str, seconds: float = 3.0) -> bool:
+    """Whether ``host`` answers on 443 within ``seconds`` (no hanging on a dead network)."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=seconds).close()
+        return True
+    except OSError:
+        return False
+
+
+def torchvision_pretrained(name: str) -> dict:
+    """torchvision's default weights for ``name``, through its own loading: from the torch
+    hub cache (``$TORCH_HOME/hub/checkpoints``), downloaded when absent and online; absent
+    and offline, one line naming the file and where to put it."""
+    import os
+    from urllib.parse import urlparse
+
+    import torch
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT  # type: ignore[attr-defined]
+    except (ValueError, AttributeError):
+        raise ConfigError(f"--pretrained: torchvision has no weights for {name}") from None
+    url = weights.url
+    file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if not os.path.exists(file) and not _online(urlparse(url).hostname or ""):
+        raise ConfigError(
+            f"--pretrained torchvision:{name}: {file} is not there and {url} cannot be reached "
+            f"(offline?): download it elsewhere and put it at {file} (or set TORCH_HOME), or "
+            "pass --weights PATH"
+        )
+    return weights.get_state_dict(progress=False, check_hash=False)
+
+
 def torchvision_model(
-    name: str, *, in_channels: int, num_classes: int, image_size: int, weights: str | None = None
+    name: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    weights: str | None = None,
+    pretrained: bool = False,
 ) -> StagedModel:
     """torchvision's ``NAME`` (``torchvision.models.list_models()``), split into stages."""
     import torchvision
@@ -82,6 +124,8 @@ def torchvision_model(
             "choose an --image-size the family allows (a multiple of its patch size)"
         ) from None
     _first_conv_takes(model, in_channels)
+    if pretrained:
+        load_state(model, torchvision_pretrained(name), f"--pretrained torchvision:{name}")
     if weights:  # torchvision's own key names, before the split
         load_weights(model, weights)
     staged = split_model(model, name=f"torchvision:{name}")
@@ -91,12 +135,18 @@ def torchvision_model(
 
 
 def library_model(
-    name: str, *, in_channels: int, num_classes: int, image_size: int, weights: str | None = None
+    name: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    weights: str | None = None,
+    pretrained: bool = False,
 ) -> StagedModel:
     source, _, model_name = name.partition(":")
     if source == "torchvision":
         return torchvision_model(
             model_name, in_channels=in_channels, num_classes=num_classes,
-            image_size=image_size, weights=weights,
+            image_size=image_size, weights=weights, pretrained=pretrained,
         )  # fmt: skip
     raise ConfigError(f"--model {name!r}: unknown model library {source!r}")

@@ -66,7 +66,29 @@ def first_conv_name(model: nn.Module) -> str | None:
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Load ``path`` into ``model`` (in place), as the module docstring says."""
-    theirs = read_state_dict(path)
+    load_state(model, read_state_dict(path), f"--weights {path}")
+
+
+def _resample_vit_positions(model: nn.Module, theirs: dict[str, torch.Tensor]) -> None:
+    """A torchvision ViT built at another image size than its weights: resample the
+    position embedding as torchvision does (bicubic over the patch grid)."""
+    key = "encoder.pos_embedding"
+    ours = model.state_dict().get(key)
+    if ours is None or key not in theirs or theirs[key].shape == ours.shape:
+        return
+    if not hasattr(model, "patch_size") or not hasattr(model, "image_size"):
+        return
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    before = theirs[key].shape[1]
+    theirs.update(interpolate_embeddings(model.image_size, model.patch_size, theirs))  # type: ignore[arg-type]
+    log.warning("weights: %s resampled from %d to %d positions for %d px images", key, before,
+                ours.shape[1], model.image_size)  # fmt: skip
+
+
+def load_state(model: nn.Module, theirs: dict[str, torch.Tensor], label: str) -> None:
+    """Load a state dict into ``model`` (in place); ``label`` names it in messages."""
+    _resample_vit_positions(model, theirs)
     ours = model.state_dict()
     head = classifier_name(model)
     conv = first_conv_name(model)
@@ -80,8 +102,7 @@ def load_weights(model: nn.Module, path: str) -> None:
                 continue
             where = "the model has it, the file not" if key in ours else "only the file has it"
             raise ConfigError(
-                f"--weights {path} does not fit --model: the first key that differs is "
-                f"{key!r} ({where})"
+                f"{label} does not fit --model: the first key that differs is {key!r} ({where})"
             )
         mine, file_value = ours[key], theirs[key]
         if mine.shape == file_value.shape:
@@ -94,14 +115,14 @@ def load_weights(model: nn.Module, path: str) -> None:
             summed = f"{key} summed over its {file_value.shape[1]} input channels"
         else:
             raise ConfigError(
-                f"--weights {path} does not fit --model: the first key that differs is "
-                f"{key!r} (file {tuple(file_value.shape)}, model {tuple(mine.shape)})"
+                f"{label} does not fit --model: the first key that differs is {key!r} "
+                f"(file {tuple(file_value.shape)}, model {tuple(mine.shape)})"
             )
     model.load_state_dict(theirs, strict=not replaced)
     if summed:  # logged once the whole file fits
-        log.warning("--weights: %s for one-channel images", summed)
+        log.warning("%s: %s for one-channel images", label, summed)
     if replaced:
         log.warning(
-            "--weights: classifier %s replaced for the dataset's classes (the file's has "
-            "another shape): it starts untrained", head
+            "%s: classifier %s replaced for the dataset's classes (the file's has "
+            "another shape): it starts untrained", label.split(" ")[0], head
         )  # fmt: skip

@@ -128,6 +128,7 @@ def model_for(cfg: TrainConfig, ds_shape: tuple[int, int, int], num_classes: int
         growth_rate=cfg.growth_rate,
         width=cfg.width,
         weights=cfg.weights,
+        pretrained=cfg.pretrained,
     )
 
 
