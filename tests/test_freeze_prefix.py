@@ -152,3 +152,24 @@ def test_a_sweep_reads_the_prefix_from_the_cache_from_its_first_epoch(tmp_path):
     first, second = (r["epochs"][0] for r in runs)
     assert first["cached_batches"] == 0 and second["cached_batches"] == second["steps"]
     assert any(e["event"] == "reused" for e in runs[1]["final"]["cache_events"])
+
+
+@pytest.mark.slow  # a subprocess training twice
+def test_the_finetune_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from test_user_data import write_image_folder
+
+    data = write_image_folder(tmp_path / "imgs", per_class=(16, 6))
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "backbone.pt")
+    res = subprocess.run(
+        [sys.executable, "examples/finetune.py", str(data), "--weights",
+         str(tmp_path / "backbone.pt"), "--epochs", "2", "--image-size", "32",
+         "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    lines = {ln.split()[0]: ln.split() for ln in res.stdout.splitlines() if " losses " in ln}
+    assert lines["freezeout"][2:4] == lines["prefast"][2:4]  # the same two epoch losses
+    assert "prefast vs the prefix computed every step" in res.stdout
