@@ -123,7 +123,7 @@ class TrainConfig:
         if self.model not in MODELS and not is_library_model(self.model):
             raise ConfigError(
                 f"--model {self.model!r} is not valid: choose one of {', '.join(MODELS)} or "
-                "torchvision:NAME (e.g. torchvision:resnet50)"
+                "torchvision:NAME or timm:NAME (e.g. torchvision:resnet50)"
             )
         if isinstance(self.freeze_prefix, str) and self.freeze_prefix != "all":
             if not self.freeze_prefix.isdigit():

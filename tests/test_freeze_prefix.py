@@ -42,6 +42,14 @@ def resnet_for_digits() -> nn.Module:
     return m
 
 
+def timm_vit() -> nn.Module:
+    """timm's ViT-Tiny at digits' size: 8 px, 4 px patches, 3 blocks."""
+    timm = pytest.importorskip("timm", reason="the timm extra: pip install 'prefast[timm]'")
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
+                             img_size=8, patch_size=4, in_chans=1, depth=3)  # fmt: skip
+
+
 def recorded_run(cfg: TrainConfig, model: nn.Module) -> tuple[dict, dict[int, list]]:
     """PreFast's run and the sample ids of each of its steps."""
     train_ds, test_ds = digits_tensors()
@@ -83,9 +91,11 @@ def plain_pytorch(model: nn.Module, head: nn.Module, steps: dict[int, list]) -> 
 
 
 @pytest.mark.parametrize("tier", ["ram", pytest.param("zarr", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("family", ["resnet", pytest.param("vit", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "family", ["resnet", "timm-vit", pytest.param("vit", marks=pytest.mark.slow)]
+)
 def test_a_linear_probe_gives_the_plain_pytorch_loops_losses(tmp_path, tier, family):
-    build = resnet_for_digits if family == "resnet" else tiny_vit
+    build = {"resnet": resnet_for_digits, "vit": tiny_vit, "timm-vit": timm_vit}[family]
     cfg = TrainConfig(**{**DIGITS, "epochs": EPOCHS, "lr": LR, "mode": "prefast", "t0": 1.0,
                          "freeze_prefix": "all", "cache_dtype": "float32", "augment": "none",
                          "cache_tier": tier, "cache_dir": str(tmp_path)})  # fmt: skip
@@ -94,7 +104,11 @@ def test_a_linear_probe_gives_the_plain_pytorch_loops_losses(tmp_path, tier, fam
     assert read[0] == 0 and all(n == len(steps[e]) for e, n in enumerate(read) if e > 0)
     model = build()
     # PreFast's head: ResNet's pool and fc; a ViT's final norm, class token and classifier
-    head = model.fc if family == "resnet" else nn.ModuleList([model.encoder.ln, model.heads])
+    head = {
+        "resnet": lambda: model.fc,
+        "vit": lambda: nn.ModuleList([model.encoder.ln, model.heads]),
+        "timm-vit": lambda: nn.ModuleList([model.norm, model.fc_norm, model.head]),
+    }[family]()
     plain = plain_pytorch(model, head, steps)
     prefast = [e["train_loss"] for e in run["epochs"]]
     assert max(abs(a - b) / b for a, b in zip(prefast, plain, strict=True)) <= 1e-6, (

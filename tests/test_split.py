@@ -3,6 +3,8 @@ computes (docs/models.md lists the families and their cuts)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -95,3 +97,42 @@ def test_a_library_model_that_cannot_be_built_or_split_is_one_line(name, message
     with pytest.raises(ConfigError, match=message) as err:
         build_model(f"torchvision:{name}", in_channels=1, num_classes=10, image_size=8)
     assert "\n" not in str(err.value)
+
+
+# timm (the optional extra): the smallest variant of each family, its stages, and the
+# input size it is built at (img_size for a ViT).
+TIMM_FAMILIES = [
+    ("vit_tiny_patch16_224", 14),  # embedding + 12 blocks + head
+    ("deit_tiny_patch16_224", 14),
+    ("convnext_atto", 6),  # stem + 4 stages + head
+    ("resnet18", 10),  # stem + 8 blocks + head
+    ("efficientnet_b0", 9),  # stem + 7 block stages + head
+]
+
+
+@pytest.mark.parametrize("name, stages", TIMM_FAMILIES)
+def test_a_timm_model_split_gives_the_unsplit_models_logits(name, stages):
+    timm = pytest.importorskip("timm", reason="the timm extra: pip install 'prefast[timm]'")
+    extra = {"img_size": 32} if "patch" in name else {}
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **extra).eval()
+    split = as_staged_model(model, name=name).eval()
+    assert split.num_stages == stages
+    assert max_abs_difference(split, model, torch.randn(2, 3, 32, 32)) == 0.0
+    ids = [id(p) for s in split.stages for p in s.parameters()]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_a_timm_vit_is_built_at_the_datas_size_and_runs_on_the_strict_device(strict):
+    pytest.importorskip("timm", reason="the timm extra: pip install 'prefast[timm]'")
+    m = build_model("timm:vit_tiny_patch16_224", in_channels=1, num_classes=10, image_size=32)
+    assert m.num_stages == 14 and m.stages[0](torch.randn(1, 1, 32, 32)).shape == (1, 5, 192)
+    cpu = copy.deepcopy(m).eval()
+    x = torch.randn(2, 1, 32, 32)
+    # timm's attention is F.scaled_dot_product_attention: the strict device dispatches its
+    # math kernel, the CPU its fused one (3.6e-7 apart here); against the CPU's math
+    # kernel the split model on the strict device is exact.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        assert max_abs_difference(m.eval().to(strict.device), cpu, x.to(strict.device)) == 0.0

@@ -43,8 +43,8 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         "--model",
         default="densenet-bc",
         metavar="M",
-        help=f"one of {', '.join(MODELS)}, or torchvision:NAME for any torchvision "
-        "classification model, split into stages by its structure (docs/models.md) "
+        help=f"one of {', '.join(MODELS)}, or torchvision:NAME / timm:NAME for a torchvision "
+        "or timm classification model, split into stages by its structure (docs/models.md) "
         "(default: %(default)s)",
     )
     g.add_argument(

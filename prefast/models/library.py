@@ -1,4 +1,4 @@
-"""Models by name from torchvision (``--model torchvision:NAME``), built for the data.
+"""Models by name from torchvision and timm (``--model torchvision:NAME``, ``timm:NAME``).
 
 The model is torchvision's own builder, untrained, with the dataset's class count, its
 first convolution taking the dataset's channels, and, where the family takes an input
@@ -18,7 +18,7 @@ from prefast.models.split import split_model
 from prefast.models.staged import StagedModel
 from prefast.models.weights import load_state, load_weights
 
-PREFIXES = ("torchvision:",)
+PREFIXES = ("torchvision:", "timm:")
 BY_HAND = (
     "pass the stages by hand from Python: prefast.train(cfg, model=prefast.StagedModel("
     "[stage0, stage1, ..., head])) (docs/python-api.md)"
@@ -149,4 +149,47 @@ def library_model(
             model_name, in_channels=in_channels, num_classes=num_classes,
             image_size=image_size, weights=weights, pretrained=pretrained,
         )  # fmt: skip
+    if source == "timm":
+        if pretrained:
+            raise ConfigError(
+                f"--pretrained is for torchvision:NAME models: for {name}, save timm's weights "
+                "with torch.save(model.state_dict(), PATH) and pass --weights PATH"
+            )
+        return timm_model(
+            model_name, in_channels=in_channels, num_classes=num_classes,
+            image_size=image_size, weights=weights,
+        )  # fmt: skip
     raise ConfigError(f"--model {name!r}: unknown model library {source!r}")
+
+
+def timm_model(
+    name: str, *, in_channels: int, num_classes: int, image_size: int, weights: str | None = None
+) -> StagedModel:
+    """timm's ``NAME`` (``timm.list_models()``), untrained, built for the data (``in_chans``,
+    ``num_classes`` and, for the families that take it, ``img_size``), split into stages."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"--model timm:{name} needs timm: pip install 'prefast[timm]'") from None
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"--model timm:{name} is not a timm model: choose one of timm.list_models(), e.g. "
+            "timm:vit_tiny_patch16_224, timm:convnext_atto, timm:resnet18"
+        )
+    kwargs: dict[str, Any] = {
+        "pretrained": False,
+        "num_classes": num_classes,
+        "in_chans": in_channels,
+    }
+    try:  # a ViT is built at the data's size (timm resamples a position embedding itself)
+        model = timm.create_model(name, img_size=image_size, **kwargs)
+    except TypeError as err:  # raised binding the arguments: nothing was built yet
+        if "img_size" not in str(err):
+            raise
+        model = timm.create_model(name, **kwargs)
+    if weights:
+        load_weights(model, weights)
+    staged = split_model(model, name=f"timm:{name}")
+    if staged is None:
+        raise ConfigError(f"cannot split timm:{name} into freeze stages: {BY_HAND}")
+    return staged

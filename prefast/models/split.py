@@ -52,6 +52,55 @@ class ForwardWithout(nn.Module):
         return self.rest(x)
 
 
+class TimmPart(nn.Module):
+    """A part of a timm model that runs the model's own ``forward_features`` (and, for the
+    head, ``forward_head``) on a shallow copy whose other parts are identity.
+
+    timm models share one interface: ``forward_features`` (stem, trunk, the norm after
+    it) and ``forward_head`` (pooling, classifier). The stem is the copy with the trunk
+    and every module registered after it taken out; the head is the copy with every
+    module up to the trunk taken out, its own parameters (a ViT's class token and
+    position embedding) left to the stem, and a ViT's ``_pos_embed`` step an identity."""
+
+    def __init__(self, model: nn.Module, removed: list[str], head: bool):
+        super().__init__()
+        rest = copy.copy(model)
+        rest._modules = dict(model._modules)
+        for name in removed:
+            rest._modules[name] = nn.Identity()
+        if head:
+            rest._parameters, rest._buffers = {}, {}
+            if hasattr(model, "_pos_embed"):  # an instance attribute shadows the method
+                object.__setattr__(rest, "_pos_embed", nn.Identity())
+        self.rest: Any = rest  # a timm model: forward_features, forward_head
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.rest.forward_features(x)
+        return self.rest.forward_head(features) if self.head else features
+
+
+def split_timm(model: Any, name: str) -> StagedModel | None:
+    """A timm model (``forward_features``/``forward_head``) whose trunk is ``blocks``
+    (ViT, DeiT, EfficientNet), ``stages`` (ConvNeXt), ``layers`` (Swin) or ``layer1..4``
+    (ResNet): the stem,
+    each block of the trunk, the head."""
+    trunk = [
+        n
+        for n in ("blocks", "stages", "layers")
+        if isinstance(getattr(model, n, None), nn.Sequential)
+    ]
+    trunk = trunk[:1] or [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, n)]
+    if not trunk:
+        return None
+    names = list(model._modules)
+    first, last = names.index(trunk[0]), names.index(trunk[-1])
+    stem = TimmPart(model, names[first:], head=False)
+    blocks = [block for t in trunk for block in model._modules[t].children()]
+    head = TimmPart(model, names[: last + 1], head=True)
+    return StagedModel([stem, *blocks, head], name=name)
+
+
 def _has_parameters(modules: list[nn.Module]) -> bool:
     return any(True for m in modules for _ in m.parameters())
 
@@ -124,6 +173,8 @@ def is_torchvision_resnet(model: nn.Module) -> bool:
 
 def split_model(model: Any, name: str) -> StagedModel | None:
     """``model`` as stages by its own structure, or None for a family not recognised."""
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):  # timm's
+        return split_timm(model, name)
     if is_torchvision_resnet(model):
         return from_torchvision_resnet(model, name=name)
     if all(hasattr(model, a) for a in ("conv_proj", "class_token", "encoder", "heads")):
