@@ -29,7 +29,10 @@ def backbone(weights: str, num_classes: int) -> torch.nn.Module:
     model = torchvision.models.resnet18()
     state = torch.load(weights, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    model.load_state_dict(state, strict=False)  # every key but the classifier's
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("fc.") for k in missing):  # only fc may be new
+        raise SystemExit(f"{weights} is not a state dict of resnet18: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")  # fmt: skip
     model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
     return model  # prefast splits it: stem, 8 residual blocks, head
 

@@ -125,8 +125,13 @@ class TrainConfig:
                 f"--model {self.model!r} is not valid: choose one of {', '.join(MODELS)} or "
                 "torchvision:NAME or timm:NAME (e.g. torchvision:resnet50)"
             )
+        if isinstance(self.freeze_prefix, bool) or not isinstance(self.freeze_prefix, int | str):
+            raise ConfigError(
+                f"--freeze-prefix {self.freeze_prefix!r} is not valid: a number of stages "
+                "(0: none) or all (every stage but the head: a linear probe)"
+            )
         if isinstance(self.freeze_prefix, str) and self.freeze_prefix != "all":
-            if not self.freeze_prefix.isdigit():
+            if not (self.freeze_prefix.isascii() and self.freeze_prefix.isdigit()):
                 raise ConfigError(
                     f"--freeze-prefix {self.freeze_prefix!r} is not valid: a number of stages "
                     "(0: none) or all (every stage but the head: a linear probe)"

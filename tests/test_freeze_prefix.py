@@ -90,11 +90,13 @@ def plain_pytorch(model: nn.Module, head: nn.Module, steps: dict[int, list]) -> 
     return losses
 
 
-@pytest.mark.parametrize("tier", ["ram", pytest.param("zarr", marks=pytest.mark.slow)])
 @pytest.mark.parametrize(
-    "family", ["resnet", "timm-vit", pytest.param("vit", marks=pytest.mark.slow)]
-)
-def test_a_linear_probe_gives_the_plain_pytorch_loops_losses(tmp_path, tier, family):
+    "family, tier",
+    [("resnet", "ram"), ("timm-vit", "zarr")]
+    + [pytest.param(f, t, marks=pytest.mark.slow)
+       for f, t in (("resnet", "zarr"), ("timm-vit", "ram"), ("vit", "ram"), ("vit", "zarr"))],
+)  # fmt: skip
+def test_a_linear_probe_gives_the_plain_pytorch_loops_losses(tmp_path, family, tier):
     build = {"resnet": resnet_for_digits, "vit": tiny_vit, "timm-vit": timm_vit}[family]
     cfg = TrainConfig(**{**DIGITS, "epochs": EPOCHS, "lr": LR, "mode": "prefast", "t0": 1.0,
                          "freeze_prefix": "all", "cache_dtype": "float32", "augment": "none",

@@ -16,22 +16,22 @@ from prefast.models import as_staged_model, build_model
 from prefast.models.split import split_model
 
 # The smallest variant of each family, its stage count (head included) and an input size
-# it takes; the slow ones (tens of millions of parameters) run in make check.
+# it takes; make test checks one of each kind of split, make check every family.
 FAMILIES = [
     ("resnet18", 10, 32),
     pytest.param("wide_resnet50_2", 18, 32, marks=pytest.mark.slow),
     pytest.param("resnext50_32x4d", 18, 32, marks=pytest.mark.slow),
     ("vgg11_bn", 6, 32),
-    ("alexnet", 4, 64),
-    ("squeezenet1_0", 10, 64),
-    ("densenet121", 9, 32),
+    pytest.param("alexnet", 4, 64, marks=pytest.mark.slow),
+    pytest.param("squeezenet1_0", 10, 64, marks=pytest.mark.slow),
+    pytest.param("densenet121", 9, 32, marks=pytest.mark.slow),
     ("efficientnet_b0", 10, 32),
-    ("mobilenet_v2", 20, 32),
-    ("mobilenet_v3_small", 14, 32),
-    ("mnasnet0_5", 8, 32),
-    ("regnet_x_400mf", 6, 32),
+    pytest.param("mobilenet_v2", 20, 32, marks=pytest.mark.slow),
+    pytest.param("mobilenet_v3_small", 14, 32, marks=pytest.mark.slow),
+    pytest.param("mnasnet0_5", 8, 32, marks=pytest.mark.slow),
+    pytest.param("regnet_x_400mf", 6, 32, marks=pytest.mark.slow),
     ("convnext_tiny", 9, 32),
-    ("swin_t", 9, 32),
+    pytest.param("swin_t", 9, 32, marks=pytest.mark.slow),
     pytest.param("vit_b_16", 14, 32, marks=pytest.mark.slow),
 ]
 
@@ -103,10 +103,10 @@ def test_a_library_model_that_cannot_be_built_or_split_is_one_line(name, message
 # input size it is built at (img_size for a ViT).
 TIMM_FAMILIES = [
     ("vit_tiny_patch16_224", 14),  # embedding + 12 blocks + head
-    ("deit_tiny_patch16_224", 14),
+    pytest.param("deit_tiny_patch16_224", 14, marks=pytest.mark.slow),
     ("convnext_atto", 6),  # stem + 4 stages + head
-    ("resnet18", 10),  # stem + 8 blocks + head
-    ("efficientnet_b0", 9),  # stem + 7 block stages + head
+    pytest.param("resnet18", 10, marks=pytest.mark.slow),  # stem + 8 blocks + head
+    pytest.param("efficientnet_b0", 9, marks=pytest.mark.slow),  # stem + 7 block stages + head
 ]
 
 
@@ -136,3 +136,25 @@ def test_a_timm_vit_is_built_at_the_datas_size_and_runs_on_the_strict_device(str
 
     with sdpa_kernel(SDPBackend.MATH):
         assert max_abs_difference(m.eval().to(strict.device), cpu, x.to(strict.device)) == 0.0
+
+
+def test_a_model_whose_forward_does_more_than_its_parts_is_refused():
+    """Recognised by its ``features`` but rescaling its input first: the rule's split would
+    apply the rescale to the feature maps; the check against its own forward refuses it."""
+
+    class Rescaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2))
+            self.classifier = nn.Linear(8 * 3 * 3, 10)
+
+        def forward(self, x):
+            return self.classifier(self.features(x * 2 - 1).flatten(1))
+
+    model = Rescaled()
+    with pytest.raises(ConfigError, match="does not compute what its forward does") as err:
+        as_staged_model(model, check_on=torch.randn(2, 3, 8, 8))
+    assert "\n" not in str(err.value)
+    assert model.training  # put back as it was
+    resnet = torchvision.models.resnet18(num_classes=10)  # a torchvision model passes
+    assert as_staged_model(resnet, check_on=torch.randn(2, 3, 32, 32)).num_stages == 10

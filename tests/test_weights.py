@@ -25,11 +25,12 @@ def imagenet_resnet18() -> dict[str, torch.Tensor]:
     [
         lambda sd: sd,
         lambda sd: {"state_dict": sd, "epoch": 3},
-        lambda sd: {"model": sd, "optimizer": {}},
+        lambda sd: {"model": sd, "optimizer": {}, "args": __import__("argparse").Namespace(lr=0.1)},
         lambda sd: {"model_state_dict": sd},
         lambda sd: {f"module.{k}": v for k, v in sd.items()},  # saved from DDP
+        lambda sd: {"state_dict": {f"model.{k}": v for k, v in sd.items()}},  # Lightning
     ],
-    ids=["bare", "state_dict", "model", "model_state_dict", "ddp-prefix"],
+    ids=["bare", "state_dict", "model-with-args", "model_state_dict", "ddp", "lightning"],
 )
 def test_each_layout_loads_and_the_classifier_is_replaced(tmp_path, layout, caplog):
     file = tmp_path / "w.pt"
@@ -81,7 +82,7 @@ def test_a_file_that_does_not_fit_exits_2_naming_the_first_key(tmp_path, capsys,
     "content, message",
     [
         (None, "no such file"),
-        (b"not a torch file", "is not a PyTorch weights file"),
+        (b"not a torch file", "cannot be read as weights"),
         ({"epoch": 3}, "holds no state dict"),
     ],
 )

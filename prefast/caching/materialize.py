@@ -153,12 +153,13 @@ class PrefastFeed(BoundaryTransitions):
         self.disk_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         ops = parse_ops(cfg.feature_augment)
         rows = [(i, c.out_shape) for i, c in enumerate(self.costs[:-1]) if len(c.out_shape) != 3]
-        if ops and rows:  # shift and flip move pixels of (C, H, W) maps
+        spatial = [op for op in ops if op in ("shift", "flip")]
+        if spatial and rows:  # shift and flip move pixels of (C, H, W) maps; mix takes any row
             stage, shape = rows[0]
             raise ConfigError(
-                f"--feature-augment {cfg.feature_augment} works on (C, H, W) feature maps, but "
-                f"stage {stage + 1}'s output is a {'x'.join(map(str, shape))} row (a "
-                "transformer's tokens x dim): drop --feature-augment for this model"
+                f"--feature-augment {','.join(spatial)} moves pixels of (C, H, W) feature maps, "
+                f"but stage {stage}'s output is a {'x'.join(map(str, shape))} row (a "
+                "transformer's tokens x dim): use --feature-augment mix, or none, for this model"
             )
         self.features = FeatureAugment(ops, cfg.seed, raw.num_train) if ops else None
         self._reset_stats()

@@ -85,7 +85,8 @@ def torchvision_pretrained(name: str) -> dict:
         raise ConfigError(f"--pretrained: torchvision has no weights for {name}") from None
     url = weights.url
     file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
-    if not os.path.exists(file) and not _online(urlparse(url).hostname or ""):
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
+    if not os.path.exists(file) and not proxied and not _online(urlparse(url).hostname or ""):
         raise ConfigError(
             f"--pretrained torchvision:{name}: {file} is not there and {url} cannot be reached "
             f"(offline?): download it elsewhere and put it at {file} (or set TORCH_HOME), or "

@@ -190,7 +190,32 @@ def split_model(model: Any, name: str) -> StagedModel | None:
     return None
 
 
-def as_staged_model(model: nn.Module, name: str = "custom") -> StagedModel:
+def check_split(model: nn.Module, staged: StagedModel, x: torch.Tensor) -> None:
+    """A model split by a rule must compute what its own forward does: compared on ``x``
+    (a sample or two of the training data) in eval mode, without gradients; the modes
+    are put back. A forward that does more than run the recognised parts in order (a
+    rescaled input, a skip around the trunk) is refused in one line."""
+    from prefast.models.staged import remember_state
+
+    restore = remember_state(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            difference = (staged(x) - model(x)).abs().max().item()
+    finally:
+        restore()
+    if not difference <= 1e-4:
+        raise ConfigError(
+            f"the split of your {type(model).__name__} into {staged.num_stages} stages does "
+            f"not compute what its forward does (logits differ by up to {difference:.3g}): "
+            "its forward does more than run the parts docs/models.md names in order; pass "
+            "prefast.StagedModel([stage0, stage1, ..., head]) with the modules in order"
+        )
+
+
+def as_staged_model(
+    model: nn.Module, name: str = "custom", check_on: torch.Tensor | None = None
+) -> StagedModel:
     """A user's model as stages: a StagedModel as is, an ``nn.Sequential`` (each child a
     stage, the last the head) or a torchvision model of a family that splits by its own
     structure (ResNet, VGG, DenseNet, EfficientNet, MobileNet, ConvNeXt, Swin, ViT...:
@@ -201,6 +226,8 @@ def as_staged_model(model: nn.Module, name: str = "custom") -> StagedModel:
         return from_sequential(model, name=name)
     staged = split_model(model, name=name)
     if staged is not None:
+        if check_on is not None:
+            check_split(model, staged, check_on)
         return staged
     raise ConfigError(
         f"cannot split a {type(model).__name__} into freeze stages: pass "

@@ -1,9 +1,10 @@
 """Weights from a file (``--weights PATH``): a state dict or a checkpoint holding one.
 
 Layouts read: a bare state dict; ``{"state_dict": ...}`` (Lightning and many training
-scripts); ``{"model": ...}`` (timm's and torchvision's reference training scripts, and
-PreFast's own checkpoints); ``{"model_state_dict": ...}``. A ``module.`` prefix (saved
-from DistributedDataParallel) is dropped.
+scripts); ``{"model": ...}`` (timm's and torchvision's reference training scripts, which
+also hold their ``args``); ``{"model_state_dict": ...}``. A ``module.`` prefix (saved
+from DistributedDataParallel) is dropped, as is a prefix every key shares when it names
+a wrapper (Lightning's ``model.``). Files are read with ``weights_only=True``.
 
 Keys match strictly, except the classifier's: when the file's classifier has another
 shape (ImageNet's 1,000 classes against the dataset's 10) the model keeps its new,
@@ -30,13 +31,16 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The state dict in ``path``, whichever layout holds it."""
     if not Path(path).is_file():
         raise ConfigError(f"--weights {path}: no such file (a state dict or a checkpoint)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    import argparse
+
+    try:  # tensors and plain containers only; torchvision's and timm's scripts add their args
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ConfigError(
-            f"--weights {path} is not a PyTorch weights file ({type(err).__name__}: "
+            f"--weights {path} cannot be read as weights ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}): pass a file saved with "
-            "torch.save(model.state_dict(), PATH)"
+            "torch.save(model.state_dict(), PATH) (a PreFast --checkpoint is for --resume)"
         ) from None
     for key in NESTED:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -48,6 +52,22 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             f"under one of {', '.join(NESTED)}"
         )
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _strip_wrapper_prefix(ours: dict, theirs: dict) -> dict:
+    """Keys saved from a wrapper (a LightningModule's ``self.model``, a ``backbone``
+    attribute) carry its name first: drop a prefix that every file key shares when that
+    makes the model's first key appear."""
+    first = next(iter(ours), None)
+    if first is None or first in theirs:
+        return theirs
+    for key in theirs:
+        if key.endswith("." + first):
+            prefix = key[: -len(first)]
+            if all(k.startswith(prefix) for k in theirs):
+                return {k[len(prefix) :]: v for k, v in theirs.items()}
+            break
+    return theirs
 
 
 def classifier_name(model: nn.Module) -> str | None:
@@ -88,8 +108,9 @@ def _resample_vit_positions(model: nn.Module, theirs: dict[str, torch.Tensor]) -
 
 def load_state(model: nn.Module, theirs: dict[str, torch.Tensor], label: str) -> None:
     """Load a state dict into ``model`` (in place); ``label`` names it in messages."""
-    _resample_vit_positions(model, theirs)
     ours = model.state_dict()
+    theirs = _strip_wrapper_prefix(ours, theirs)
+    _resample_vit_positions(model, theirs)
     head = classifier_name(model)
     conv = first_conv_name(model)
     replaced, summed = [], None

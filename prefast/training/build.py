@@ -127,9 +127,14 @@ def model_for(cfg: TrainConfig, ds_shape: tuple[int, int, int], num_classes: int
         depth=cfg.depth,
         growth_rate=cfg.growth_rate,
         width=cfg.width,
-        weights=cfg.weights,
-        pretrained=cfg.pretrained,
+        # a resumed run's weights are its checkpoint's: the file need not be there again
+        weights=None if resuming(cfg) else cfg.weights,
+        pretrained=cfg.pretrained and not resuming(cfg),
     )
+
+
+def resuming(cfg: TrainConfig) -> bool:
+    return bool(cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists())
 
 
 def check_cache_dir(cfg: TrainConfig) -> None:
@@ -191,9 +196,17 @@ def build_run(
     if model is None:
         torch.manual_seed(cfg.seed)  # the same initial weights in every mode
         staged = model_for(cfg, *shape_and_classes(train_data))
-    else:
-        staged = as_staged_model(model)
+    else:  # a model split by a rule is checked against its own forward on two samples
+        staged = as_staged_model(model, check_on=_two_samples(train_data, model))
     return cfg, staged.to(device), source
+
+
+def _two_samples(data: Dataset, model: nn.Module) -> torch.Tensor:
+    """Two training inputs as a float batch on the model's device (the split check's)."""
+    x = torch.stack([data[i][0] for i in range(min(2, len(data)))])  # type: ignore[arg-type]
+    param = next(model.parameters(), None)
+    x = x if x.is_floating_point() else x.float()
+    return x.to(param.device) if param is not None else x
 
 
 def shape_and_classes(ds: Dataset) -> tuple[tuple[int, int, int], int]:

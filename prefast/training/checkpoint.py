@@ -29,7 +29,10 @@ from prefast.store.device import to_host
 log = logging.getLogger("prefast")
 
 # More epochs (or fewer) may be asked for on resume; these change nothing that was trained.
-MAY_CHANGE = ("resume", "checkpoint", "epochs", "dist_timeout", "check_replicas", "workers")
+MAY_CHANGE = (
+    "resume", "checkpoint", "epochs", "dist_timeout", "check_replicas", "workers",
+    "weights", "pretrained",  # the starting weights: a resumed run takes the checkpoint's
+)  # fmt: skip
 
 
 def host_state(state: dict) -> dict:

@@ -79,54 +79,60 @@ class Trainer:
         distributed.init(self.dist, cfg.dist_timeout)
         cfg, self.model, self.raw = build_run(cfg, model, train_data, test_data, data_id, self.dist)
         self.cfg, self.device = cfg, self.raw.device
-        self.custom_model = model is not None
-        # GPU habits, each switchable: bf16 autocast, channels_last, cuDNN autotuning.
-        cuda = self.device.type == "cuda"
-        self.amp = cuda and cfg.amp
-        self.channels_last = cuda and cfg.channels_last
-        if cuda:
-            # fixed shapes: tune once (autotuning may pick other kernels on every run)
-            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
-            deterministic_kernels(cfg.deterministic)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.replicas = distributed.Replicas(self.dist, self.model, lambda: self.model.num_frozen)
-        self.opt = make_optimizer(self.model, cfg.lr)
-        self.schedule = schedule_for(cfg, self.model.num_stages, self.raw.batches_per_epoch)
-        warning = self.schedule.scaling_warning() if cfg.mode != "baseline" else None
-        if warning and self.dist.is_main:
-            log.warning(warning)
-        self.on_epoch = on_epoch
-        self.history: list[dict] = []
-        self.start_epoch = 0
-        self.resume_feed: dict | None = None  # the feed's state in the checkpoint
-        if cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists():
-            self._load_checkpoint(Path(cfg.checkpoint))
-            # The schedule that runs from here: the checkpoint's frozen stages stay frozen,
-            # the rest follow this run's schedule (its epoch count may differ); the prefast
-            # feed plans its boundaries from this very schedule.
-            at = self.start_epoch * self.raw.batches_per_epoch
-            self.schedule = self.schedule.resumed(self.model.num_frozen, at)
-        self.feed: Feed = self.raw
-        self.feed_setup_s = 0.0  # counted in wall_s: it is part of what prefast costs
-        if cfg.mode == "prefast":
-            from prefast.caching.materialize import PrefastFeed
-
-            t = time.perf_counter()
-            self.feed = PrefastFeed(
-                cfg,
-                self.raw,
-                self.model,
-                self.schedule,
-                self.device,
-                self._autocast,
-                costs,
-                self.dist,
-                amp=self.amp,
-                resume=self.resume_feed,
-                replay=load_plan(cfg.plan_from) if cfg.plan_from else plan,
+        try:  # refused after the data source started (workers, threads): stop it
+            self.custom_model = model is not None
+            # GPU habits, each switchable: bf16 autocast, channels_last, cuDNN autotuning.
+            cuda = self.device.type == "cuda"
+            self.amp = cuda and cfg.amp
+            self.channels_last = cuda and cfg.channels_last
+            if cuda:
+                # fixed shapes: tune once (autotuning may pick other kernels on every run)
+                torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
+                deterministic_kernels(cfg.deterministic)
+            if self.channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
+            self.replicas = distributed.Replicas(
+                self.dist, self.model, lambda: self.model.num_frozen
             )
-            self.feed_setup_s = time.perf_counter() - t
+            self.opt = make_optimizer(self.model, cfg.lr)
+            self.schedule = schedule_for(cfg, self.model.num_stages, self.raw.batches_per_epoch)
+            warning = self.schedule.scaling_warning() if cfg.mode != "baseline" else None
+            if warning and self.dist.is_main:
+                log.warning(warning)
+            self.on_epoch = on_epoch
+            self.history: list[dict] = []
+            self.start_epoch = 0
+            self.resume_feed: dict | None = None  # the feed's state in the checkpoint
+            if cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists():
+                self._load_checkpoint(Path(cfg.checkpoint))
+                # The schedule that runs from here: the checkpoint's frozen stages stay frozen,
+                # the rest follow this run's schedule (its epoch count may differ); the prefast
+                # feed plans its boundaries from this very schedule.
+                at = self.start_epoch * self.raw.batches_per_epoch
+                self.schedule = self.schedule.resumed(self.model.num_frozen, at)
+            self.feed: Feed = self.raw
+            self.feed_setup_s = 0.0  # counted in wall_s: it is part of what prefast costs
+            if cfg.mode == "prefast":
+                from prefast.caching.materialize import PrefastFeed
+
+                t = time.perf_counter()
+                self.feed = PrefastFeed(
+                    cfg,
+                    self.raw,
+                    self.model,
+                    self.schedule,
+                    self.device,
+                    self._autocast,
+                    costs,
+                    self.dist,
+                    amp=self.amp,
+                    resume=self.resume_feed,
+                    replay=load_plan(cfg.plan_from) if cfg.plan_from else plan,
+                )
+                self.feed_setup_s = time.perf_counter() - t
+        except BaseException:
+            self.raw.close()
+            raise
 
     # -- one iteration -------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -320,10 +326,9 @@ def train(
     on_epoch
         Called with each epoch's record (the ``epochs`` entries of the result).
     model
-        Your own network: a :class:`~prefast.StagedModel`, an ``nn.Sequential``
-        (each child is a stage, the last is the head) or a torchvision ResNet. It is
-        trained in place; when ``train`` returns (or raises), every parameter's
-        ``requires_grad`` and every submodule's train/eval mode are as you passed them.
+        A :class:`~prefast.StagedModel`, an ``nn.Sequential`` (each child a stage, the
+        last the head) or a torchvision or timm model docs/models.md lists. Trained in
+        place; then each parameter's ``requires_grad`` and module's mode are as passed.
     train_data, test_data
         Any map-style ``torch.utils.data.Dataset`` yielding ``(tensor, int)``;
         its transform is the augmentation. Read through a DataLoader with
@@ -332,8 +337,7 @@ def train(
         Names the data in cache keys instead of a digest of it.
     plan
         Boundaries to replay in prefast mode (``[{"epoch", "stage", "tier", "dtype"}]``,
-        as ``final["plan"]`` of a run record holds them); ``cfg.plan_from`` reads them
-        from a file.
+        as a record's ``final["plan"]``); ``cfg.plan_from`` reads them from a file.
     """
     restore = remember_state(model) if model is not None else lambda: None
     report = epoch_lines(cfg.epochs, on_epoch) if progress and not bar_shown() else on_epoch
