@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefast.data.datasets import AUGMENTS, DATASETS
+from prefast.data.datasets import AUGMENTS, DATASETS, NORMALIZE
 from prefast.errors import ConfigError
 from prefast.freezing.schedule import SCALES
 from prefast.models import MODELS, is_library_model
@@ -65,6 +65,7 @@ class TrainConfig:
     width: int = 4
     weights: str | None = None  # a state dict or checkpoint file to start from
     pretrained: bool = False  # the model library's own default weights (torchvision:NAME)
+    normalize: str = "data"  # input statistics: the training set's, or ImageNet's
     freeze_prefix: int | str = 0  # stages frozen from the first iteration, or "all" (probe)
     epochs: int = 10
     batch_size: int = 64
@@ -112,6 +113,7 @@ class TrainConfig:
             "cache_dtype": CACHE_DTYPES,
             "cache_boundaries": BOUNDARY_POLICIES,
             "device": ("auto", "cpu", "cuda"),
+            "normalize": NORMALIZE,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)

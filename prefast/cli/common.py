@@ -68,6 +68,13 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         "prefix is cached from the first epoch",
     )
     g.add_argument(
+        "--normalize",
+        default="data",
+        choices=("data", "imagenet"),
+        help="input statistics: the training set's own per-channel mean and std, or "
+        "ImageNet's (what pretrained weights expect; one channel takes their mean)",
+    )
+    g.add_argument(
         "--pretrained",
         action="store_true",
         help="torchvision:NAME only: start from torchvision's default weights, read from "

@@ -68,6 +68,8 @@ class TensorImageDataset(TorchDataset):
     def identity(self) -> str:
         """Short digest of the data itself: part of every cache key."""
         h = hashlib.sha256(self.name.encode())
+        if self.norm.fixed is not None:  # another normalization is other data for a cache
+            h.update(repr(self.norm.fixed).encode())
         for t in (self.x, self.y):
             h.update(str(tuple(t.shape)).encode())
             h.update(t[:: max(1, len(t) // 512)].cpu().numpy().tobytes())  # sampled rows: cheap
@@ -114,6 +116,7 @@ def load_dataset(
     synthetic_size: tuple[int, int] = (50_000, 10_000),
     image_size: int | None = None,
     augment: str = "none",
+    normalize: str = "data",
 ) -> Splits:
     """Training and test split of ``name``; ``subset`` keeps a seeded random subset
     of the training set. Built-in sets come as :class:`TensorImageDataset`;
@@ -122,7 +125,7 @@ def load_dataset(
     if name == "imagefolder":
         from prefast.data.imagefolder import imagefolder_splits
 
-        train, test = imagefolder_splits(Path(data_dir), image_size, augment)
+        train, test = imagefolder_splits(Path(data_dir), image_size, augment, normalize)
         train = _subset(train, subset, seed, name)
         train.augment_applied = augment  # type: ignore[attr-defined]  # its transform has it
         return train, test
@@ -136,7 +139,20 @@ def load_dataset(
         splits = torchvision_dataset(name, Path(data_dir))
     else:
         raise ConfigError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if normalize == "imagenet":
+        splits = renormalized(*splits)
     return _subset(splits[0], subset, seed, name), splits[1]
+
+
+def renormalized(
+    train: TensorImageDataset, test: TensorImageDataset
+) -> tuple[TensorImageDataset, TensorImageDataset]:
+    """The same images standardized by ImageNet's statistics (the tensors are shared)."""
+    norm = Normalizer(train.x, fixed=imagenet_stats(train.shape[0]))
+    return (
+        TensorImageDataset(train.name, train.x, train.y, train.classes, train.flip, norm),
+        TensorImageDataset(test.name, test.x, test.y, test.classes, test.flip, norm),
+    )
 
 
 def _subset(train: TorchDataset, subset: int | None, seed: int, name: str) -> TorchDataset:
@@ -236,13 +252,36 @@ def torchvision_dataset(name: str, root: Path) -> tuple[TensorImageDataset, Tens
     return tensor_splits(name, tx, ty, vx, vy, num_classes, flip)
 
 
-class Normalizer:
-    """uint8 (B, C, H, W) -> float, per-channel standardized by train statistics."""
+# ImageNet's per-channel statistics (torchvision's and timm's pretrained weights expect
+# them); one channel takes their mean, as timm does for in_chans=1.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZE = ("data", "imagenet")
 
-    def __init__(self, train_x: torch.Tensor):
-        x = train_x[:: max(1, len(train_x) // 10_000)].float() / 255.0
-        self.mean = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
-        self.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, -1, 1, 1)
+
+def imagenet_stats(channels: int) -> tuple[list[float], list[float]]:
+    """ImageNet's mean and std for ``channels`` input channels (1 or 3)."""
+    if channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if channels == 1:
+        return [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
+    raise ConfigError(
+        f"--normalize imagenet needs 1- or 3-channel images, not {channels}: use --normalize data"
+    )
+
+
+class Normalizer:
+    """uint8 (B, C, H, W) -> float, per-channel standardized by train statistics, or by
+    fixed ones (``--normalize imagenet``)."""
+
+    def __init__(self, train_x: torch.Tensor, fixed: tuple[list[float], list[float]] | None = None):
+        if fixed is not None:
+            self.mean = torch.tensor(fixed[0]).view(1, -1, 1, 1)
+            self.std = torch.tensor(fixed[1]).view(1, -1, 1, 1)
+        else:
+            x = train_x[:: max(1, len(train_x) // 10_000)].float() / 255.0
+            self.mean = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
+            self.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, -1, 1, 1)
+        self.fixed = fixed
         self.on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # per device, once
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

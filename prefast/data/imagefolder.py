@@ -23,7 +23,7 @@ import torch
 from prefast.errors import DataUnavailableError, UnreadableImageError
 
 
-def imagefolder_splits(root: Path, image_size: int | None, augment: str):  # type: ignore[no-untyped-def]
+def imagefolder_splits(root: Path, image_size: int | None, augment: str, normalize: str = "data"):  # type: ignore[no-untyped-def]
     from torchvision import datasets
     from torchvision import transforms as T
 
@@ -42,7 +42,12 @@ def imagefolder_splits(root: Path, image_size: int | None, augment: str):  # typ
     else:
         size = (image_size, image_size)
     base = [T.Resize(size), T.ToTensor()]
-    mean, std = _channel_stats(probe, T.Compose(base))
+    if normalize == "imagenet":  # what pretrained weights expect
+        from prefast.data.datasets import imagenet_stats
+
+        mean, std = imagenet_stats(T.Compose(base)(probe.loader(probe.samples[0][0])).shape[0])
+    else:
+        mean, std = _channel_stats(probe, T.Compose(base))
     normalize = T.Normalize(mean, std)
     train_tf = [*base]
     if augment == "standard":

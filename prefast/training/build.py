@@ -94,6 +94,7 @@ def load_for(cfg: TrainConfig) -> Splits:
         cfg.synthetic_size,
         image_size=cfg.image_size,
         augment=cfg.augment,
+        normalize=cfg.normalize,
     )
 
 
@@ -192,6 +193,9 @@ def build_run(
                 cfg.augment,
             )
             cfg = cfg.replace(augment="none")
+        if cfg.normalize != "data":
+            log.warning("normalize=%r is ignored for your own datasets: their transform "
+                        "normalizes", cfg.normalize)  # fmt: skip
     source = source_for(cfg, train_data, test_data, device, data_id, ctx)
     if model is None:
         torch.manual_seed(cfg.seed)  # the same initial weights in every mode
