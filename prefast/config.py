@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefast.data.datasets import AUGMENTS, DATASETS, NORMALIZE
+from prefast.data.datasets import AUGMENTS, DATASETS
+from prefast.data.normalize import NORMALIZE
 from prefast.errors import ConfigError
 from prefast.freezing.schedule import SCALES
 from prefast.models import MODELS, is_library_model

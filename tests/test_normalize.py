@@ -9,7 +9,8 @@ from helpers import DIGITS
 from test_user_data import write_image_folder
 
 from prefast import TrainConfig, train
-from prefast.data.datasets import IMAGENET_MEAN, IMAGENET_STD, load_dataset
+from prefast.data.datasets import load_dataset
+from prefast.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from prefast.errors import ConfigError
 
 

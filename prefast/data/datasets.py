@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Subset
 
+from prefast.data.normalize import imagenet_stats
 from prefast.errors import ConfigError, DataUnavailableError
 from prefast.store.device import to_device
 from prefast.store.order import rng_for
@@ -250,23 +251,6 @@ def torchvision_dataset(name: str, root: Path) -> tuple[TensorImageDataset, Tens
         splits += [x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)]
     tx, ty, vx, vy = splits
     return tensor_splits(name, tx, ty, vx, vy, num_classes, flip)
-
-
-# ImageNet's per-channel statistics (torchvision's and timm's pretrained weights expect
-# them); one channel takes their mean, as timm does for in_chans=1.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-NORMALIZE = ("data", "imagenet")
-
-
-def imagenet_stats(channels: int) -> tuple[list[float], list[float]]:
-    """ImageNet's mean and std for ``channels`` input channels (1 or 3)."""
-    if channels == 3:
-        return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    if channels == 1:
-        return [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
-    raise ConfigError(
-        f"--normalize imagenet needs 1- or 3-channel images, not {channels}: use --normalize data"
-    )
 
 
 class Normalizer:

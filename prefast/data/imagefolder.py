@@ -43,7 +43,7 @@ def imagefolder_splits(root: Path, image_size: int | None, augment: str, normali
         size = (image_size, image_size)
     base = [T.Resize(size), T.ToTensor()]
     if normalize == "imagenet":  # what pretrained weights expect
-        from prefast.data.datasets import imagenet_stats
+        from prefast.data.normalize import imagenet_stats
 
         mean, std = imagenet_stats(T.Compose(base)(probe.loader(probe.samples[0][0])).shape[0])
     else:
