@@ -128,18 +128,15 @@ class TrainConfig:
                 f"--model {self.model!r} is not valid: choose one of {', '.join(MODELS)} or "
                 "torchvision:NAME or timm:NAME (e.g. torchvision:resnet50)"
             )
-        if isinstance(self.freeze_prefix, bool) or not isinstance(self.freeze_prefix, int | str):
+        prefix = self.freeze_prefix
+        digits = isinstance(prefix, str) and prefix.isascii() and prefix.isdigit()
+        if isinstance(prefix, bool) or not (isinstance(prefix, int) or prefix == "all" or digits):
             raise ConfigError(
-                f"--freeze-prefix {self.freeze_prefix!r} is not valid: a number of stages "
+                f"--freeze-prefix {prefix!r} is not valid: a number of stages "
                 "(0: none) or all (every stage but the head: a linear probe)"
             )
-        if isinstance(self.freeze_prefix, str) and self.freeze_prefix != "all":
-            if not (self.freeze_prefix.isascii() and self.freeze_prefix.isdigit()):
-                raise ConfigError(
-                    f"--freeze-prefix {self.freeze_prefix!r} is not valid: a number of stages "
-                    "(0: none) or all (every stage but the head: a linear probe)"
-                )
-            object.__setattr__(self, "freeze_prefix", int(self.freeze_prefix))
+        if digits:
+            object.__setattr__(self, "freeze_prefix", int(prefix))
         if isinstance(self.freeze_prefix, int) and self.freeze_prefix < 0:
             raise ConfigError(f"--freeze-prefix {self.freeze_prefix} must be >= 0")
         positive = ("epochs", "batch_size", "growth_rate", "width", "cache_views")

@@ -16,7 +16,7 @@ from torch import nn
 from prefast.errors import ConfigError
 from prefast.models.split import split_model
 from prefast.models.staged import StagedModel
-from prefast.models.weights import load_state, load_weights
+from prefast.models.weights import first_conv_name, load_state, load_weights
 
 PREFIXES = ("torchvision:", "timm:")
 BY_HAND = (
@@ -31,18 +31,20 @@ def is_library_model(name: str) -> bool:
 
 def _first_conv_takes(model: nn.Module, in_channels: int) -> None:
     """Replace the first 2-D convolution by one taking ``in_channels`` (same geometry)."""
-    for parent in model.modules():
-        for child_name, conv in parent.named_children():
-            if isinstance(conv, nn.Conv2d):
-                if conv.in_channels != in_channels:
-                    geometry: dict[str, Any] = dict(
-                        kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                    )  # fmt: skip
-                    setattr(parent, child_name, nn.Conv2d(
-                        in_channels, conv.out_channels, padding_mode=conv.padding_mode, **geometry
-                    ))  # fmt: skip
-                return
+    name = first_conv_name(model)
+    if name is None:
+        return
+    conv = model.get_submodule(name)
+    assert isinstance(conv, nn.Conv2d)
+    if conv.in_channels != in_channels:
+        parent, _, attr = name.rpartition(".")
+        geometry: dict[str, Any] = dict(
+            kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+        )  # fmt: skip
+        setattr(model.get_submodule(parent), attr, nn.Conv2d(
+            in_channels, conv.out_channels, padding_mode=conv.padding_mode, **geometry
+        ))  # fmt: skip
 
 
 def _takes_image_size(builder: object) -> bool:
@@ -127,11 +129,17 @@ def torchvision_model(
     _first_conv_takes(model, in_channels)
     if pretrained:
         load_state(model, torchvision_pretrained(name), f"--pretrained torchvision:{name}")
-    if weights:  # torchvision's own key names, before the split
+    return _weighted_and_split(model, f"torchvision:{name}", weights)
+
+
+def _weighted_and_split(model: nn.Module, name: str, weights: str | None) -> StagedModel:
+    """``weights`` loaded with the library's own key names (before the split), then the
+    model split by its structure, or refused in one line."""
+    if weights:
         load_weights(model, weights)
-    staged = split_model(model, name=f"torchvision:{name}")
+    staged = split_model(model, name=name)
     if staged is None:
-        raise ConfigError(f"cannot split torchvision:{name} into freeze stages: {BY_HAND}")
+        raise ConfigError(f"cannot split {name} into freeze stages: {BY_HAND}")
     return staged
 
 
@@ -188,9 +196,4 @@ def timm_model(
         if "img_size" not in str(err):
             raise
         model = timm.create_model(name, **kwargs)
-    if weights:
-        load_weights(model, weights)
-    staged = split_model(model, name=f"timm:{name}")
-    if staged is None:
-        raise ConfigError(f"cannot split timm:{name} into freeze stages: {BY_HAND}")
-    return staged
+    return _weighted_and_split(model, f"timm:{name}", weights)

@@ -26,27 +26,35 @@ import torch
 from torch import nn
 
 from prefast.errors import ConfigError
-from prefast.models.staged import StagedModel, from_sequential, from_torchvision_resnet
+from prefast.models.staged import (
+    StagedModel,
+    from_sequential,
+    from_torchvision_resnet,
+    remember_state,
+)
 
 POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 # (stem attributes, sequence attribute): a forward that runs these first, then the head.
 SEQUENCES = ((("stem",), "trunk_output"), ((), "features"), ((), "layers"))
 
 
+def _copy_without(model: nn.Module, removed: list[str] | tuple[str, ...]) -> nn.Module:
+    """A shallow copy of ``model``: the same parameters and submodules, but its own table
+    of children, where ``removed`` are identity. The model passed in is left as it was."""
+    rest = copy.copy(model)
+    rest._modules = dict(model._modules)
+    for name in removed:
+        rest._modules[name] = nn.Identity()
+    return rest
+
+
 class ForwardWithout(nn.Module):
     """``model``'s own forward with some of its submodules replaced by identity: the
-    head of a model whose forward runs those submodules first.
-
-    It holds a shallow copy of ``model`` (the same parameters and submodules, its own
-    table of children), so the model passed in is left as it was."""
+    head of a model whose forward runs those submodules first."""
 
     def __init__(self, model: nn.Module, removed: tuple[str, ...]):
         super().__init__()
-        rest = copy.copy(model)
-        rest._modules = dict(model._modules)
-        for name in removed:
-            rest._modules[name] = nn.Identity()
-        self.rest = rest
+        self.rest = _copy_without(model, removed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.rest(x)
@@ -64,10 +72,7 @@ class TimmPart(nn.Module):
 
     def __init__(self, model: nn.Module, removed: list[str], head: bool):
         super().__init__()
-        rest = copy.copy(model)
-        rest._modules = dict(model._modules)
-        for name in removed:
-            rest._modules[name] = nn.Identity()
+        rest = _copy_without(model, removed)
         if head:
             rest._parameters, rest._buffers = {}, {}
             if hasattr(model, "_pos_embed"):  # an instance attribute shadows the method
@@ -83,8 +88,7 @@ class TimmPart(nn.Module):
 def split_timm(model: Any, name: str) -> StagedModel | None:
     """A timm model (``forward_features``/``forward_head``) whose trunk is ``blocks``
     (ViT, DeiT, EfficientNet), ``stages`` (ConvNeXt), ``layers`` (Swin) or ``layer1..4``
-    (ResNet): the stem,
-    each block of the trunk, the head."""
+    (ResNet): the stem, each block of the trunk, the head."""
     trunk = [
         n
         for n in ("blocks", "stages", "layers")
@@ -195,13 +199,11 @@ def check_split(model: nn.Module, staged: StagedModel, x: torch.Tensor) -> None:
     (a sample or two of the training data) in eval mode, without gradients; the modes
     are put back. A forward that does more than run the recognised parts in order (a
     rescaled input, a skip around the trunk) is refused in one line."""
-    from prefast.models.staged import remember_state
-
     restore = remember_state(model)
     try:
         model.eval()
-        with torch.no_grad():
-            difference = (staged(x) - model(x)).abs().max().item()
+        with torch.no_grad():  # one explicit read back to the host, at setup
+            difference = float((staged(x) - model(x)).abs().max().cpu())
     finally:
         restore()
     if not difference <= 1e-4:

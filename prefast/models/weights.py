@@ -89,11 +89,13 @@ def load_weights(model: nn.Module, path: str) -> None:
     load_state(model, read_state_dict(path), f"--weights {path}")
 
 
-def _resample_vit_positions(model: nn.Module, theirs: dict[str, torch.Tensor]) -> None:
+def _resample_vit_positions(
+    model: nn.Module, state: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
+) -> None:
     """A torchvision ViT built at another image size than its weights: resample the
     position embedding as torchvision does (bicubic over the patch grid)."""
     key = "encoder.pos_embedding"
-    ours = model.state_dict().get(key)
+    ours = state.get(key)
     if ours is None or key not in theirs or theirs[key].shape == ours.shape:
         return
     if not hasattr(model, "patch_size") or not hasattr(model, "image_size"):
@@ -110,7 +112,7 @@ def load_state(model: nn.Module, theirs: dict[str, torch.Tensor], label: str) ->
     """Load a state dict into ``model`` (in place); ``label`` names it in messages."""
     ours = model.state_dict()
     theirs = _strip_wrapper_prefix(ours, theirs)
-    _resample_vit_positions(model, theirs)
+    _resample_vit_positions(model, ours, theirs)
     head = classifier_name(model)
     conv = first_conv_name(model)
     replaced, summed = [], None
