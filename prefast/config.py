@@ -65,7 +65,7 @@ class TrainConfig:
     growth_rate: int = 12
     width: int = 4
     weights: str | None = None  # a state dict or checkpoint file to start from
-    pretrained: bool = False  # the model library's own default weights (torchvision:NAME)
+    pretrained: bool = False  # the model library's own default weights (torchvision:, timm:)
     normalize: str = "data"  # input statistics: the training set's, or ImageNet's
     freeze_prefix: int | str = 0  # stages frozen from the first iteration, or "all" (probe)
     epochs: int = 10

@@ -77,9 +77,10 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     g.add_argument(
         "--pretrained",
         action="store_true",
-        help="torchvision:NAME only: start from torchvision's default weights, read from "
-        "$TORCH_HOME/hub/checkpoints (downloaded there when online; offline and absent: "
-        "exit 2 naming the file); the classifier is replaced for the dataset's classes",
+        help="start from the library's own weights: torchvision's default weights from "
+        "$TORCH_HOME/hub/checkpoints, timm's pretrained tag from the Hugging Face cache "
+        "(downloaded when online; offline and absent: exit 2 naming the file); the "
+        "classifier is replaced for the dataset's classes",
     )
     g.add_argument(
         "--weights",

@@ -9,6 +9,7 @@ torchvision's own key names (prefast/models/weights.py).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
@@ -18,6 +19,7 @@ from prefast.models.split import split_model
 from prefast.models.staged import StagedModel
 from prefast.models.weights import first_conv_name, load_state, load_weights
 
+log = logging.getLogger(__name__)
 PREFIXES = ("torchvision:", "timm:")
 BY_HAND = (
     "pass the stages by hand from Python: prefast.train(cfg, model=prefast.StagedModel("
@@ -159,23 +161,66 @@ def library_model(
             image_size=image_size, weights=weights, pretrained=pretrained,
         )  # fmt: skip
     if source == "timm":
-        if pretrained:
-            raise ConfigError(
-                f"--pretrained is for torchvision:NAME models: for {name}, save timm's weights "
-                "with torch.save(model.state_dict(), PATH) and pass --weights PATH"
-            )
         return timm_model(
             model_name, in_channels=in_channels, num_classes=num_classes,
-            image_size=image_size, weights=weights,
+            image_size=image_size, weights=weights, pretrained=pretrained,
         )  # fmt: skip
     raise ConfigError(f"--model {name!r}: unknown model library {source!r}")
 
 
+def hf_hub_cache() -> str:
+    """The Hugging Face hub cache as the environment names it now (``HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``)."""
+    import os
+
+    home = os.environ.get("HF_HOME", os.path.join("~", ".cache", "huggingface"))
+    return os.path.expanduser(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
+
+
+def timm_pretrained_file(name: str) -> str | None:
+    """The file of timm's pretrained tag for ``name`` in the Hugging Face cache; None when
+    it is not there and the hub answers (timm then downloads it as it always does); absent
+    and offline, one line naming what to fetch and where."""
+    import os
+
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise ConfigError(f"--pretrained: timm has no Hugging Face weights for {name}")
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    cache = hf_hub_cache()
+    for filename in ("model.safetensors", "pytorch_model.bin"):  # what timm looks for
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache, revision=revision or None)
+        if isinstance(found, str):
+            return found
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
+    if offline or (not proxied and not _online("huggingface.co")):
+        raise ConfigError(
+            f"--pretrained timm:{name}: {repo} is not in the Hugging Face cache {cache} and "
+            f"huggingface.co cannot be reached (offline?): run `hf download {repo}` where "
+            "there is a network and copy that cache here (or set HF_HUB_CACHE), or pass "
+            "--weights PATH"
+        )
+    return None
+
+
 def timm_model(
-    name: str, *, in_channels: int, num_classes: int, image_size: int, weights: str | None = None
+    name: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    weights: str | None = None,
+    pretrained: bool = False,
 ) -> StagedModel:
-    """timm's ``NAME`` (``timm.list_models()``), untrained, built for the data (``in_chans``,
-    ``num_classes`` and, for the families that take it, ``img_size``), split into stages."""
+    """timm's ``NAME`` (``timm.list_models()``) built for the data (``in_chans``,
+    ``num_classes`` and, for the families that take it, ``img_size``), split into stages.
+    ``pretrained``: timm's pretrained tag through timm's own loading (its classifier
+    dropped for another class count, its first convolution adapted to the channels, a ViT's
+    position embedding resampled), from the Hugging Face cache or downloaded."""
     try:
         import timm
     except ImportError:
@@ -186,14 +231,24 @@ def timm_model(
             "timm:vit_tiny_patch16_224, timm:convnext_atto, timm:resnet18"
         )
     kwargs: dict[str, Any] = {
-        "pretrained": False,
+        "pretrained": pretrained,
         "num_classes": num_classes,
         "in_chans": in_channels,
     }
+    if pretrained:
+        file = timm_pretrained_file(name)
+        if file is not None:
+            kwargs["pretrained_cfg_overlay"] = {"file": file}
     try:  # a ViT is built at the data's size (timm resamples a position embedding itself)
         model = timm.create_model(name, img_size=image_size, **kwargs)
     except TypeError as err:  # raised binding the arguments: nothing was built yet
         if "img_size" not in str(err):
             raise
         model = timm.create_model(name, **kwargs)
+    theirs = getattr(model, "pretrained_cfg", {})  # a dict timm sets on every model
+    if pretrained and theirs.get("num_classes") != num_classes:
+        log.warning(
+            "--pretrained: classifier %s replaced for the dataset's classes (timm's weights "
+            "have %s): it starts untrained", theirs.get("classifier"), theirs.get("num_classes")
+        )  # fmt: skip
     return _weighted_and_split(model, f"timm:{name}", weights)

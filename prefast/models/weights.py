@@ -92,20 +92,32 @@ def load_weights(model: nn.Module, path: str) -> None:
 def _resample_vit_positions(
     model: nn.Module, state: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
 ) -> None:
-    """A torchvision ViT built at another image size than its weights: resample the
-    position embedding as torchvision does (bicubic over the patch grid)."""
-    key = "encoder.pos_embedding"
-    ours = state.get(key)
-    if ours is None or key not in theirs or theirs[key].shape == ours.shape:
+    """A ViT built at another image size than its weights: resample the position
+    embedding over the patch grid (bicubic) as its library does, torchvision's
+    ``interpolate_embeddings`` or timm's ``resample_abs_pos_embed``."""
+    for key in ("encoder.pos_embedding", "pos_embed"):  # torchvision's, timm's
+        ours = state.get(key)
+        if ours is not None and key in theirs and theirs[key].shape != ours.shape:
+            break
+    else:
         return
-    if not hasattr(model, "patch_size") or not hasattr(model, "image_size"):
-        return
-    from torchvision.models.vision_transformer import interpolate_embeddings
-
     before = theirs[key].shape[1]
-    theirs.update(interpolate_embeddings(model.image_size, model.patch_size, theirs))  # type: ignore[arg-type]
+    if key == "pos_embed" and hasattr(model, "patch_embed"):
+        from timm.layers import resample_abs_pos_embed
+
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        grid = model.patch_embed.grid_size  # type: ignore[union-attr]
+        theirs[key] = resample_abs_pos_embed(theirs[key], new_size=grid, num_prefix_tokens=prefix)
+        pixels = grid[0] * model.patch_embed.patch_size[0]  # type: ignore[union-attr,index]
+    elif key == "encoder.pos_embedding" and hasattr(model, "patch_size"):
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        theirs.update(interpolate_embeddings(model.image_size, model.patch_size, theirs))  # type: ignore[arg-type]
+        pixels = model.image_size  # type: ignore[assignment]
+    else:
+        return
     log.warning("weights: %s resampled from %d to %d positions for %d px images", key, before,
-                ours.shape[1], model.image_size)  # fmt: skip
+                ours.shape[1], pixels)  # fmt: skip
 
 
 def load_state(model: nn.Module, theirs: dict[str, torch.Tensor], label: str) -> None:
