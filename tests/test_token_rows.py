@@ -79,3 +79,17 @@ def test_feature_augment_refuses_token_rows_in_one_line(tmp_path):
         config(mode="prefast", feature_augment="mix", cache_dir=str(tmp_path)), model=tiny_vit()
     )  # fmt: skip  (mix takes token rows)
     assert run["epochs"][-1]["cached_batches"]
+
+
+def test_feature_augment_refuses_swins_channels_last_maps(tmp_path):
+    """torchvision's Swin keeps its maps (H, W, C): shift and flip would move channels."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    swin = SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[1, 1], num_heads=[1, 1],
+                           window_size=[2, 2], num_classes=10)  # fmt: skip
+    swin.features[0][0] = nn.Conv2d(1, 8, 2, 2)  # digits have one channel
+    with pytest.raises(ConfigError, match=r"stage 0's output is a 4x4x8 \(H, W, C\) map") as err:
+        train(config(mode="prefast", feature_augment="flip", cache_dir=str(tmp_path)),
+              model=swin)  # fmt: skip
+    assert "\n" not in str(err.value)

@@ -152,14 +152,23 @@ class PrefastFeed(BoundaryTransitions):
         self.warned_fixed_aug = False
         self.disk_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         ops = parse_ops(cfg.feature_augment)
-        rows = [(i, c.out_shape) for i, c in enumerate(self.costs[:-1]) if len(c.out_shape) != 3]
+        rows = [
+            (i, c.out_shape)
+            for i, c in enumerate(self.costs[:-1])
+            if len(c.out_shape) != 3 or model.channels_last
+        ]
         spatial = [op for op in ops if op in ("shift", "flip")]
         if spatial and rows:  # shift and flip move pixels of (C, H, W) maps; mix takes any row
             stage, shape = rows[0]
+            what = (
+                "(H, W, C) map (channels last, as Swin keeps them)"
+                if len(shape) == 3
+                else "row (a transformer's tokens x dim)"
+            )
             raise ConfigError(
                 f"--feature-augment {','.join(spatial)} moves pixels of (C, H, W) feature maps, "
-                f"but stage {stage}'s output is a {'x'.join(map(str, shape))} row (a "
-                "transformer's tokens x dim): use --feature-augment mix, or none, for this model"
+                f"but stage {stage}'s output is a {'x'.join(map(str, shape))} {what}: use "
+                "--feature-augment mix, or none, for this model"
             )
         self.features = FeatureAugment(ops, cfg.seed, raw.num_train) if ops else None
         self._reset_stats()

@@ -102,7 +102,9 @@ def split_timm(model: Any, name: str) -> StagedModel | None:
     stem = TimmPart(model, names[first:], head=False)
     blocks = [block for t in trunk for block in model._modules[t].children()]
     head = TimmPart(model, names[: last + 1], head=True)
-    return StagedModel([stem, *blocks, head], name=name)
+    staged = StagedModel([stem, *blocks, head], name=name)
+    staged.channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"  # timm's Swin
+    return staged
 
 
 def _has_parameters(modules: list[nn.Module]) -> bool:
@@ -190,7 +192,10 @@ def split_model(model: Any, name: str) -> StagedModel | None:
             continue
         stages = [getattr(model, s) for s in stem] + group_children(list(sequence.children()))
         if len(stages) >= 1:
-            return StagedModel([*stages, ForwardWithout(model, (*stem, attr))], name=name)
+            staged = StagedModel([*stages, ForwardWithout(model, (*stem, attr))], name=name)
+            # torchvision's Swin permutes its (H, W, C) features to (C, H, W) in the head
+            staged.channels_last = hasattr(model, "permute")
+            return staged
     return None
 
 

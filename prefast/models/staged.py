@@ -27,6 +27,9 @@ class StagedModel(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.name = name
         self.num_frozen = 0  # frozen stages always form a prefix
+        # Rows of 3-D stage outputs are (H, W, C) maps, not (C, H, W) ones (Swin keeps
+        # channels last): --feature-augment's shift and flip would move the wrong axes.
+        self.channels_last = False
 
     @property
     def num_stages(self) -> int:
