@@ -3,7 +3,7 @@
     python benchmarks/run_all.py               # `make bench`: every table and plot (about 2 h 45 min on 2 cores)
     python benchmarks/run_all.py --quick       # `make bench-quick`: the same pipeline, CI-sized (minutes)
     python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits,
-                                               # imagefolder, cache_dtype, feature_augment,
+                                               # imagefolder, finetune, cache_dtype, feature_augment,
                                                # store, store_8bit, chunk_size, map_advice, ddp)
 
 Writes JSON + markdown (+ PNG) per benchmark, then ``bench_run.json`` with the
@@ -189,6 +189,14 @@ def feature_augment(out: Path, quick: bool, cache: str) -> list[Path]:
     return run_feature_augment_bench(out, cache, quick)
 
 
+def finetune(out: Path, quick: bool, cache: str) -> list[Path]:
+    """A pretrained ResNet-50 (128 px) and ViT-tiny (64 px) with a frozen prefix computed
+    every step or cached; a sweep of four head learning rates (quick: 32 px, 256 images)."""
+    from prefast.benchmarks.finetune_bench import run_finetune_bench
+
+    return run_finetune_bench(out, cache, quick)
+
+
 def imagefolder(out: Path, quick: bool, cache: str) -> list[Path]:
     """Image files at 32/64/128 px, PNG and JPEG, 0 and 2 workers: data wait and speedup."""
     from prefast.benchmarks.imagefolder_bench import run_imagefolder_bench
@@ -202,6 +210,7 @@ SECTIONS = {
     "train_full": train_full,
     "digits": digits,
     "imagefolder": imagefolder,
+    "finetune": finetune,
     "cache_dtype": cache_dtype,
     "feature_augment": feature_augment,
     "store": store,

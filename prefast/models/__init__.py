@@ -45,7 +45,7 @@ def build_model(
     if pretrained:
         raise ConfigError(
             f"--pretrained: the built-in {name} has no published weights: use "
-            "--model torchvision:NAME --pretrained, or --weights PATH"
+            "--model torchvision:NAME or timm:NAME with --pretrained, or --weights PATH"
         )
     if name == "densenet-bc":
         stages = densenet_bc_stages(depth or 76, growth_rate, in_channels, num_classes)

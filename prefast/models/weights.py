@@ -16,6 +16,7 @@ that does not match exits 2 with one line naming the first key that differs.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -102,11 +103,15 @@ def _resample_vit_positions(
     else:
         return
     before = theirs[key].shape[1]
-    if key == "pos_embed" and hasattr(model, "patch_embed"):
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if key == "pos_embed" and grid is not None and ours.dim() == 3:
         from timm.layers import resample_abs_pos_embed
 
-        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-        grid = model.patch_embed.grid_size  # type: ignore[union-attr]
+        # the positions beyond the grid's are the prefix tokens' (none in CaiT, ConViT)
+        prefix = ours.shape[1] - grid[0] * grid[1]
+        side = math.isqrt(max(before - prefix, 0))
+        if prefix < 0 or side * side != before - prefix:
+            return  # not a square grid plus prefix: load_state names the key that differs
         theirs[key] = resample_abs_pos_embed(theirs[key], new_size=grid, num_prefix_tokens=prefix)
         pixels = grid[0] * model.patch_embed.patch_size[0]  # type: ignore[union-attr,index]
     elif key == "encoder.pos_embedding" and hasattr(model, "patch_size"):
