@@ -73,6 +73,16 @@ def _online(host: str, seconds: float = 3.0) -> bool:
         return False
 
 
+def _reachable(host: str) -> bool:
+    """Whether a download from ``host`` may work: behind a proxy we cannot probe it (and
+    assume so); otherwise it must answer on 443 within seconds."""
+    import os
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return True
+    return _online(host)
+
+
 def torchvision_pretrained(name: str) -> dict:
     """torchvision's default weights for ``name``, through its own loading: from the torch
     hub cache (``$TORCH_HOME/hub/checkpoints``), downloaded when absent and online; absent
@@ -89,8 +99,7 @@ def torchvision_pretrained(name: str) -> dict:
         raise ConfigError(f"--pretrained: torchvision has no weights for {name}") from None
     url = weights.url
     file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
-    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
-    if not os.path.exists(file) and not proxied and not _online(urlparse(url).hostname or ""):
+    if not os.path.exists(file) and not _reachable(urlparse(url).hostname or ""):
         raise ConfigError(
             f"--pretrained torchvision:{name}: {file} is not there and {url} cannot be reached "
             f"(offline?): download it elsewhere and put it at {file} (or set TORCH_HOME), or "
@@ -196,8 +205,7 @@ def timm_pretrained_file(name: str) -> str | None:
         if isinstance(found, str):
             return found
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
-    if offline or (not proxied and not _online("huggingface.co")):
+    if offline or not _reachable("huggingface.co"):
         raise ConfigError(
             f"--pretrained timm:{name}: {repo} is not in the Hugging Face cache {cache} and "
             f"huggingface.co cannot be reached (offline?): run `hf download {repo}` where "
