@@ -10,6 +10,7 @@ from pathlib import Path
 from prefast.data.datasets import AUGMENTS, DATASETS
 from prefast.data.normalize import NORMALIZE
 from prefast.errors import ConfigError
+from prefast.freezing.adaptive import FREEZE_RULES
 from prefast.freezing.schedule import SCALES
 from prefast.models import MODELS, is_library_model
 from prefast.store.encoding import DTYPES
@@ -45,6 +46,16 @@ def parse_ops(text: str) -> tuple[str, ...]:
     return ops
 
 
+def clock_flags_refused(flags: list[str]) -> ConfigError:
+    """The one line for FreezeOut's schedule flags given with ``--freeze auto``."""
+    one = len(flags) == 1
+    return ConfigError(
+        f"{' and '.join(flags)} set{'s' if one else ''} FreezeOut's clock, which --freeze auto "
+        "does not follow (stages freeze when their gradients settle; the rest share one "
+        f"cosine rate): drop {'it' if one else 'them'}, or use --freeze freezeout"
+    )
+
+
 def parse_duration(text: str) -> float:
     """'7d', '12h', '30m', '45s' -> seconds."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhdw])\s*", text)
@@ -70,6 +81,9 @@ class TrainConfig:
     freeze_prefix: int | str = 0  # stages frozen from the first iteration, or "all" (probe)
     epochs: int = 10
     batch_size: int = 64
+    freeze: str = "freezeout"  # FreezeOut's fixed clock, or "auto": AutoFreeze's gradient rule
+    freeze_interval: int | None = None  # auto: iterations per decision (None: a quarter epoch)
+    freeze_percentile: float = 50.0  # auto: freeze below this percentile of change rates
     t0: float = 0.8
     scale: str = "cubic"
     scale_lr: bool = True
@@ -107,6 +121,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {
             "mode": MODES,
+            "freeze": FREEZE_RULES,
             "dataset": DATASETS,
             "scale": tuple(SCALES),
             "augment": ("auto", *AUGMENTS),
@@ -145,6 +160,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if not 0.0 < self.t0 <= 1.0:
             raise ConfigError(f"--t0 {self.t0} must be in (0, 1]; FreezeOut's default is 0.8")
+        self._check_freeze_rule()
         if self.dist_timeout <= 0:
             raise ConfigError(
                 f"--dist-timeout {self.dist_timeout} must be a positive number of seconds"
@@ -176,6 +192,54 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive size")
+
+    def _check_freeze_rule(self) -> None:
+        """``--freeze auto`` decides freeze points from gradients: FreezeOut's clock settings
+        mean nothing to it, and baseline freezes nothing."""
+        if self.freeze_interval is not None and self.freeze_interval < 1:
+            raise ConfigError(f"--freeze-interval {self.freeze_interval} must be >= 1 iteration")
+        if not 0.0 < self.freeze_percentile <= 100.0:
+            raise ConfigError(
+                f"--freeze-percentile {self.freeze_percentile} must be in (0, 100]; "
+                "AutoFreeze's median is 50"
+            )
+        if self.freeze != "auto":
+            if self.freeze_interval is not None or self.freeze_percentile != 50.0:
+                raise ConfigError(
+                    "--freeze-interval and --freeze-percentile set --freeze auto's rule: add "
+                    "--freeze auto, or drop them"
+                )
+            return
+        if self.mode == "baseline":
+            raise ConfigError(
+                "--freeze auto freezes stages as they stop learning, and baseline mode freezes "
+                "nothing: use --mode freezeout or prefast with it (or drop --freeze auto)"
+            )
+        clock = [
+            flag
+            for flag, value, default in (
+                ("--t0", self.t0, 0.8),
+                ("--scale", self.scale, "cubic"),
+                ("--no-scale-lr", self.scale_lr, True),
+            )
+            if value != default
+        ]
+        if clock:
+            raise clock_flags_refused(clock)
+        if self.plan_from:
+            raise ConfigError(
+                "--plan-from replays boundaries planned from a fixed schedule, but --freeze auto "
+                "decides them during the run: drop --plan-from (or use --freeze freezeout)"
+            )
+
+    def for_mode(self, mode: str) -> TrainConfig:
+        """This configuration in ``mode``; baseline drops ``--freeze auto`` (it freezes
+        nothing), so ``compare`` and ``plan`` can put the three modes side by side."""
+        if mode == "baseline" and self.freeze == "auto":
+            return self.replace(
+                mode=mode, freeze="freezeout", freeze_interval=None, freeze_percentile=50.0
+            )
+        return self.replace(mode=mode)
 
     def replace(self, **changes: object) -> TrainConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -5,7 +5,7 @@
                                 [--kill-at-epoch E [--kill-at-step S]]
                                 [--chunk-bytes N] [--truncate-at E:S | --truncate-after E]
                                 [--ids-out FILE] [--disk-free-rank R BYTES]
-                                [--assert-ddp-freed] -- train ...
+                                [--assert-ddp-freed] [--decisions-out FILE] -- train ...
 
 ``--strict`` trains on the strict test device (``tests/strict_device.py``) instead
 of the CPU; ``--fail-rank R --fail-step N`` makes rank R raise a local error (a
@@ -24,7 +24,8 @@ of steps and whether the steps' sample ids were every sample exactly once;
 node, with a fuller disk), so its tiers and auto dtypes differ from the other ranks';
 ``--assert-ddp-freed`` fails the rank if a DDP wrapper is still in memory (even as
 uncollected garbage) when the process group is destroyed: freed later, gloo could
-abort the process at exit.
+abort the process at exit; ``--decisions-out FILE`` (``{rank}`` in it: the rank) writes the
+rank's own ``--freeze auto`` decisions (iteration, stages) as JSON when it has trained.
 Everything after ``--`` goes to the real CLI.
 """
 
@@ -54,6 +55,7 @@ def main() -> int:
     p.add_argument("--ids-out")
     p.add_argument("--disk-free-rank", nargs=2, type=int, metavar=("R", "BYTES"))
     p.add_argument("--assert-ddp-freed", action="store_true")
+    p.add_argument("--decisions-out")
     opts = p.parse_args(sys.argv[1:split])
     rank = int(os.environ.get("RANK", "0"))
     cli_args = sys.argv[split + 1 :]
@@ -84,6 +86,20 @@ def main() -> int:
                 os._exit(3)
 
         dist.destroy_process_group = checked_destroy
+    if opts.decisions_out:
+        import json
+
+        from prefast.training.trainer import Trainer
+
+        real_run = Trainer.run
+
+        def run_and_tell(self, *a, **kw):
+            record = real_run(self, *a, **kw)
+            mine = [{"iter": d["iter"], "stages": d["stages"]} for d in self.schedule.decisions]
+            Path(opts.decisions_out.format(rank=rank)).write_text(json.dumps(mine))
+            return record
+
+        Trainer.run = run_and_tell  # type: ignore[method-assign]
     if opts.chunk_bytes:
         import prefast.store.base
 

@@ -90,14 +90,36 @@ def plan_boundaries(
         p = schedule.frozen_prefix(epoch * batches_per_epoch)
         if p <= last or p >= schedule.num_stages:
             continue
-        remaining = epochs - epoch - 1
-        row_bytes = costs[p - 1].out_row_bytes
-        saving = remaining * batches_per_epoch * sum(c.fwd_s for c in costs[last:p])
-        cost = rows * row_bytes / write_bw + remaining * rows * row_bytes / read_bw
-        if saving > cost or policy == "every":
-            chosen.append(Boundary(epoch, p, row_bytes, saving, cost))
+        b = boundary_value(
+            costs, last, p, epoch, epochs, batches_per_epoch, rows, write_bw, read_bw
+        )
+        if b.saving_s > b.cost_s or policy == "every":
+            chosen.append(b)
             last = p
     return chosen
+
+
+def boundary_value(
+    costs: list[StageCost],
+    cached: int,
+    stage: int,
+    epoch: int,
+    epochs: int,
+    batches_per_epoch: int,
+    rows: int,
+    write_bw: float = 300e6,
+    read_bw: float = 1e9,
+) -> Boundary:
+    """What a boundary at ``stage`` materialized during ``epoch`` saves and costs over the
+    epochs left, when stages ``0..cached-1`` are cached already: the forward of stages
+    ``cached..stage-1`` in every later epoch, against writing the cache once and reading
+    it every later epoch. The same freeze saves less the later it comes: ``--freeze auto``
+    asks this when a stage freezes (``plan_boundaries`` for every planned epoch)."""
+    remaining = epochs - epoch - 1
+    row_bytes = costs[stage - 1].out_row_bytes
+    saving = remaining * batches_per_epoch * sum(c.fwd_s for c in costs[cached:stage])
+    cost = rows * row_bytes / write_bw + remaining * rows * row_bytes / read_bw
+    return Boundary(epoch, stage, row_bytes, saving, cost)
 
 
 def prefix_seconds(costs: list[StageCost], stage: int, batches: float) -> float:

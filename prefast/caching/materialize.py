@@ -66,6 +66,7 @@ from prefast.errors import (
     CacheUnavailableError,
     ConfigError,
 )
+from prefast.freezing.adaptive import AutoFreezeSchedule
 from prefast.freezing.schedule import FreezeOutSchedule
 from prefast.models import StagedModel
 from prefast.store import CacheRoot, PrefetchLoader
@@ -81,7 +82,7 @@ class PrefastFeed(BoundaryTransitions):
         cfg: TrainConfig,
         raw: RawSource,
         model: StagedModel,
-        schedule: FreezeOutSchedule,  # on resume a ResumedSchedule
+        schedule: FreezeOutSchedule | AutoFreezeSchedule,  # on resume a ResumedSchedule
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         costs: list[StageCost] | None = None,
@@ -91,6 +92,7 @@ class PrefastFeed(BoundaryTransitions):
         replay: list[dict] | None = None,
     ):
         self.cfg, self.raw, self.model, self.device = cfg, raw, model, device
+        self.schedule = schedule
         self.autocast = autocast  # ``amp``: it is an autocast (the model takes the cache dtype)
         # Host RAM and disk are the node's: its ranks share them; a GPU is a rank's own.
         self.governor = Governor(replace(budgets_for(cfg), share=ctx.local_world), device)
@@ -128,6 +130,10 @@ class PrefastFeed(BoundaryTransitions):
             )
             self.planned = {b.epoch: b.stage for b in planned}  # as planned, for the report
         self.decided: list[dict] = []  # the planned boundaries' tiers and dtypes, as taken
+        # --freeze auto: boundaries are also planned when the rule freezes (``_plan_online``)
+        self.online = isinstance(schedule, AutoFreezeSchedule) and replay is None
+        self.considered: int | None = None  # the deepest frozen prefix planned for so far
+        self.freezes_told = 0  # the rule's decisions recorded as events so far
         self.plan = dict(self.planned)  # plus re-materializations after faults
         # Resumed: the boundaries the first part of the run held, found again by their keys
         # (recomputed here, for this rank) at the first epoch. A run resumed with another
@@ -188,6 +194,8 @@ class PrefastFeed(BoundaryTransitions):
             if b is not None:
                 ratio = self._ratio(b.stage, b.dtype)
                 relieve_pressure(b, self.ctx, ratio, epoch, self.test.drop)
+        if self.online:
+            self._plan_online(epoch, frozen_prefix, first)
         if epoch in self.plan:
             self._start_planned(epoch, frozen_prefix)
         if self.target is not None and self.target.state is State.PLANNED:

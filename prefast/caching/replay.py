@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from prefast.caching.costmodel import Schedule
 from prefast.errors import ConfigError
-from prefast.freezing.schedule import FreezeOutSchedule
 from prefast.store.encoding import DTYPES
 
 TIERS = ("gpu", "ram", "mmap", "zarr", "recompute")
@@ -51,9 +51,7 @@ def load_plan(path: str) -> list[dict]:
         ) from None
 
 
-def check_plan(
-    plan: list[dict], schedule: FreezeOutSchedule, batches_per_epoch: int, epochs: int
-) -> None:
+def check_plan(plan: list[dict], schedule: Schedule, batches_per_epoch: int, epochs: int) -> None:
     """Each boundary must fit this run: an epoch it has, a prefix frozen by then."""
     for b in plan:
         epoch, stage = b["epoch"], b["stage"]

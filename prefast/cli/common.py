@@ -9,8 +9,17 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from prefast.config import BOUNDARY_POLICIES, CACHE_DTYPES, MODES, TIERS, TrainConfig, parse_size
+from prefast.config import (
+    BOUNDARY_POLICIES,
+    CACHE_DTYPES,
+    MODES,
+    TIERS,
+    TrainConfig,
+    clock_flags_refused,
+    parse_size,
+)
 from prefast.data.datasets import AUGMENTS, DATASETS
+from prefast.freezing.adaptive import FREEZE_RULES
 from prefast.freezing.schedule import SCALES
 from prefast.models import MODELS
 
@@ -134,19 +143,41 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
         "--batch-size", type=int, default=64, help="samples per step (per rank under torchrun)"
     )
     s.add_argument(
+        "--freeze",
+        default="freezeout",
+        choices=FREEZE_RULES,
+        help="when a stage freezes: freezeout, at a fixed fraction of training (--t0, "
+        "--scale); auto, when its gradients stop changing (AutoFreeze's rule, decided every "
+        "--freeze-interval iterations; the rest train at one cosine rate; docs/freezing.md)",
+    )
+    s.add_argument(
+        "--freeze-interval",
+        type=int,
+        metavar="N",
+        help="--freeze auto: iterations per decision (default: a quarter of an epoch)",
+    )
+    s.add_argument(
+        "--freeze-percentile",
+        type=float,
+        default=50.0,
+        metavar="P",
+        help="--freeze auto: freeze the leading stages whose gradient-norm change is below "
+        "the P-th percentile of all training stages' (AutoFreeze's median: 50; larger "
+        "freezes sooner)",
+    )
+    s.add_argument(
         "--t0",
         type=float,
-        default=0.8,
         help="FreezeOut's t_0, in (0, 1]: stage i freezes at a fraction t_i of training, "
         "t_i running from t0 (first stage) to 1 (the head) and then raised to the power "
         "--scale. With the default cubic scaling the first stage freezes at t0^3: t0 0.8 "
-        "at 51%% of training, 0.5 at 12.5%%. Larger: more accuracy, less time saved",
+        "at 51%% of training, 0.5 at 12.5%%. Larger: more accuracy, less time saved "
+        "(default: 0.8)",
     )
     s.add_argument(
         "--scale",
-        default="cubic",
         choices=tuple(SCALES),
-        help="the power t_i is raised to: linear 1, squared 2, cubic 3",
+        help="the power t_i is raised to: linear 1, squared 2, cubic 3 (default: cubic)",
     )
     s.add_argument(
         "--no-scale-lr",
@@ -293,6 +324,12 @@ def config_from_args(args: argparse.Namespace, mode: str | None = None) -> Train
             f"--synthetic-size {args.synthetic_size!r} must be TRAIN,TEST counts, e.g. 50000,10000"
         ) from None
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    # FreezeOut's clock flags default to None here, so that one given with --freeze auto is
+    # refused even at its default value; absent, TrainConfig's defaults apply.
+    clock = [f"--{n}" for n in ("t0", "scale") if values.get(n) is not None]
+    if args.freeze == "auto" and (clock or args.no_scale_lr):
+        raise clock_flags_refused(clock + ["--no-scale-lr"] * args.no_scale_lr)
+    values = {n: v for n, v in values.items() if not (n in ("t0", "scale") and v is None)}
     values.update(
         mode=str(mode or getattr(args, "mode", "freezeout")),
         scale_lr=not args.no_scale_lr,

@@ -30,19 +30,38 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if plan["scaling_warning"]:
         print(f"warning: {plan['scaling_warning']}\n")
+    if plan["freeze_rule"]:
+        print(f"freeze points are decided during the run ({plan['freeze_rule']})\n")
     print(
         f"{'stage':>5} {'freeze_iter':>11} {'freeze_epoch':>12} {'fwd_ms':>8} {'fwd+bwd_ms':>10}"
         f" {'int8 err':>8} {'fp8 err':>8}  output"
     )
     for s in plan["stages"]:
         err = {d: f"{e:.2%}" for d, e in s["rel_error"].items()}  # error of storing the output
+        it, ep = s["freeze_iter"], s["freeze_epoch"]
+        it, ep = ("run", "run") if it is None else (it, f"{ep:.2f}")
         print(
-            f"{s['stage']:>5} {s['freeze_iter']:>11} {s['freeze_epoch']:>12.2f} {s['fwd_ms']:>8.2f} "
+            f"{s['stage']:>5} {it:>11} {ep:>12} {s['fwd_ms']:>8.2f} "
             f"{s['fwd_bwd_ms']:>10.2f} {err.get('int8', '-'):>8} {err.get('float8', '-'):>8}  "
             f"{'x'.join(map(str, s['out_shape']))}"
         )
+    if plan["if_frozen"]:
+        print("\nif the rule freezes stages 0..i-1 (the cache after stage i-1):")
+        for b in plan["if_frozen"]:
+            last = b["last_paying_epoch"]
+            when = (
+                f"pays if frozen by the start of epoch {last + 1}"
+                if last is not None
+                else ("never pays in this run")
+            )
+            print(
+                f"  stage {b['stage']:>2}: {human_bytes(b['bytes'])} -> {b['tier']} in "
+                f"{b['dtype']}; {when}"
+            )
     print("\nboundaries (materialized during epoch, read from the next):")
-    if not plan["boundaries"]:
+    if not plan["boundaries"] and plan["freeze_rule"]:
+        print("  planned when the rule freezes (none before: no --freeze-prefix)")
+    elif not plan["boundaries"]:
         print("  none: no frozen prefix pays for its cache in this run")
     for b in plan["boundaries"]:
         print(
@@ -53,4 +72,6 @@ def run(args: argparse.Namespace) -> int:
     pred = plan["predicted_s"]
     for mode, secs in pred.items():
         print(f"  {mode:<10} {secs:8.1f}s  ({pred['baseline'] / secs:.2f}x vs baseline)")
+    if plan["freeze_rule"]:
+        print("  freezeout, prefast: depend on when the rule freezes (the run record says)")
     return 0

@@ -79,7 +79,8 @@ def run_compare(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--modes {args.modes!r}: use a comma list of baseline, freezeout, prefast"
         )
-    cfg = config_from_args(args, mode=modes[0])
+    # built for a freezing mode: baseline takes --freeze auto off by itself (for_mode)
+    cfg = config_from_args(args, mode=next((m for m in modes if m != "baseline"), modes[0]))
     main = is_main_rank()
     runs = compare(cfg, modes, progress=stderr_is_tty() and main, log=print if main else None)
     if main:

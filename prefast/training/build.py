@@ -21,6 +21,7 @@ from prefast.data.datasets import Splits, TensorImageDataset, load_dataset
 from prefast.data.sources import RawSource, TensorSource
 from prefast.distributed import SINGLE, Dist
 from prefast.errors import ConfigError
+from prefast.freezing.adaptive import AutoFreezeSchedule, default_interval
 from prefast.freezing.schedule import FreezeOutSchedule
 from prefast.models import StagedModel, as_staged_model, build_model
 from prefast.store.device import canonical, is_accelerator
@@ -228,11 +229,22 @@ def shape_and_classes(ds: Dataset) -> tuple[tuple[int, int, int], int]:
     return (int(c), int(h), int(w)), len(classes)
 
 
-def schedule_for(cfg: TrainConfig, num_stages: int, batches_per_epoch: int) -> FreezeOutSchedule:
+def schedule_for(
+    cfg: TrainConfig, num_stages: int, batches_per_epoch: int
+) -> FreezeOutSchedule | AutoFreezeSchedule:
     # Baseline = t0 of 1: no stage freezes early, every stage anneals over the run (but a
     # fixed frozen prefix, which every mode keeps frozen from the first iteration).
     baseline = cfg.mode == "baseline"
     prefix = num_stages - 1 if cfg.freeze_prefix == "all" else int(cfg.freeze_prefix)
+    if cfg.freeze == "auto" and not baseline:  # freeze points decided during the run
+        return AutoFreezeSchedule(
+            num_stages,
+            cfg.epochs * batches_per_epoch,
+            cfg.freeze_interval or default_interval(batches_per_epoch),
+            cfg.freeze_percentile,
+            base_lr=cfg.lr,
+            prefix=prefix,
+        )
     return FreezeOutSchedule(
         num_stages,
         cfg.epochs * batches_per_epoch,

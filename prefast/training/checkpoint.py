@@ -64,6 +64,7 @@ class Resumed:
     optimizer: dict
     history: list[dict]
     feed: dict | None  # this rank's feed state (rank 0's after a world size change)
+    freeze_rule: dict | None = None  # --freeze auto: its decisions and running sums
 
 
 def load(path: Path, cfg: TrainConfig, ctx: Dist) -> Resumed:
@@ -104,4 +105,5 @@ def load(path: Path, cfg: TrainConfig, ctx: Dist) -> Resumed:
         optimizer=state["optimizer"],
         history=state["history"],
         feed=(feeds[ctx.rank] if same_world else feeds[0]) or None,
+        freeze_rule=state.get("freeze_rule"),
     )

@@ -39,6 +39,7 @@ def compare(
     if train_data is None and test_data is None:
         train_data, test_data = load_for(cfg)
     plan = measure_and_plan(cfg.replace(mode="prefast"), model, train_data, test_data)
+    replayable = not cfg.plan_from and cfg.freeze != "auto"
     for mode in modes:
         if log:
             log(f"--- {mode} ---")
@@ -51,19 +52,21 @@ def compare(
                 )
 
         result = train(
-            cfg.replace(mode=mode),
+            cfg.for_mode(mode),
             progress=progress,
             on_epoch=on_epoch,
             model=copy.deepcopy(model) if model is not None else None,
             train_data=train_data,
             test_data=test_data,
             data_id=data_id,
-            plan=plan["boundaries"] if mode == "prefast" and not cfg.plan_from else None,
+            # --freeze auto plans its boundaries as the rule freezes: nothing to replay
+            plan=plan["boundaries"] if mode == "prefast" and replayable else None,
         )
-        result["final"]["predicted_s"] = plan["predicted_s"][mode]
-        for record, ideal in zip(result["epochs"], plan["predicted_epochs"][mode], strict=True):
-            record["predicted_train_s"] = ideal["train_s"]
-            record["predicted_eval_s"] = ideal["eval_s"]
+        if mode in plan["predicted_s"]:  # --freeze auto: baseline's alone is known beforehand
+            result["final"]["predicted_s"] = plan["predicted_s"][mode]
+            for record, ideal in zip(result["epochs"], plan["predicted_epochs"][mode], strict=True):
+                record["predicted_train_s"] = ideal["train_s"]
+                record["predicted_eval_s"] = ideal["eval_s"]
         runs[mode] = result
     return runs
 
@@ -102,7 +105,16 @@ def accuracy_notes(runs: dict[str, dict]) -> list[str]:
         run = runs["freezeout"]
         cfg, final = run["config"], run["final"]
         total = final["batches_per_epoch"] * cfg["epochs"]
-        first = final["freeze_iters"][0]
+        prefix = final["freeze_iters"].count(0)  # --freeze-prefix: frozen from the start
+        first = final["freeze_iters"][min(prefix, len(final["freeze_iters"]) - 1)]
+        if cfg.get("freeze") == "auto":
+            lines.append(
+                f"freezeout - baseline: {acc['freezeout'] - acc['baseline']:+.4f}, the freezing "
+                f"rule's, not the cache's: --freeze auto froze stage {prefix} at iteration "
+                f"{first} of {total} ({first / total:.0%}); a lower --freeze-percentile "
+                "freezes later."
+            )
+            return lines
         lines += [
             f"freezeout - baseline: {acc['freezeout'] - acc['baseline']:+.4f}, FreezeOut's "
             f"schedule, not the cache: at --t0 {cfg['t0']} ({cfg['scale']} scaling) the first "

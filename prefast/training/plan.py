@@ -16,10 +16,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from prefast.caching.budgets import budgets_for
-from prefast.caching.costmodel import plan_boundaries, predict_epochs
+from prefast.caching.costmodel import boundary_value, plan_boundaries, predict_epochs
 from prefast.caching.governor import Governor, cache_dtype, cache_views, lossy_candidates
 from prefast.caching.probe import measure_stage_costs
 from prefast.config import TrainConfig
+from prefast.freezing.adaptive import AutoFreezeSchedule
 from prefast.training.build import build_run, schedule_for
 
 
@@ -42,14 +43,17 @@ def measure_and_plan(
     costs = measure_stage_costs(staged, probe, cache_dtype=dtype)
     bpe, rows = raw.batches_per_epoch, raw.num_train
     sched_f = schedule_for(cfg.replace(mode="freezeout"), staged.num_stages, bpe)
+    online = isinstance(sched_f, AutoFreezeSchedule)  # --freeze auto: freeze points come later
     views = cache_views(cfg.cache_views, cfg.augment)
     boundaries = plan_boundaries(
         sched_f, bpe, cfg.epochs, costs, rows, policy=cfg.cache_boundaries, views=views
     )
     eval_batches = math.ceil(raw.num_test / cfg.batch_size)
     predicted, predicted_epochs = {}, {}
-    for mode in ("baseline", "freezeout", "prefast"):
-        sched = schedule_for(cfg.replace(mode=mode), staged.num_stages, bpe)
+    # With --freeze auto only baseline's time is known beforehand: the others depend on
+    # when the rule freezes.
+    for mode in ("baseline",) if online else ("baseline", "freezeout", "prefast"):
+        sched = schedule_for(cfg.for_mode(mode), staged.num_stages, bpe)
         per_epoch = predict_epochs(mode, sched, bpe, cfg.epochs, costs, boundaries, eval_batches)
         predicted_epochs[mode] = per_epoch
         predicted[mode] = sum(e["train_s"] + e["eval_s"] for e in per_epoch)
@@ -82,11 +86,27 @@ def measure_and_plan(
             governor.hold(held, d.tier, d.bytes)
     return {
         "scaling_warning": sched_f.scaling_warning(),
+        # --freeze auto: decided during the run; per stage, what a boundary there would be
+        "freeze_rule": sched_f.describe() if isinstance(sched_f, AutoFreezeSchedule) else None,
+        "if_frozen": if_frozen(
+            costs,
+            cfg,
+            Governor(budgets_for(cfg), device),
+            dtype,
+            views,
+            (rows, raw.num_test),
+            bpe,
+            eval_batches,
+        )
+        if online
+        else None,  # fmt: skip
         "stages": [
             {
                 "stage": i,
-                "freeze_iter": sched_f.freeze_iter(i),
-                "freeze_epoch": sched_f.freeze_iter(i) / bpe,
+                "freeze_iter": None if online and i >= sched_f.prefix else sched_f.freeze_iter(i),
+                "freeze_epoch": None
+                if online and i >= sched_f.prefix
+                else sched_f.freeze_iter(i) / bpe,
                 "fwd_ms": c.fwd_s * 1e3,
                 "fwd_bwd_ms": c.fwd_bwd_s * 1e3,
                 "out_shape": list(c.out_shape),
@@ -102,3 +122,47 @@ def measure_and_plan(
         "budgets": Governor(budgets_for(cfg), device).report(),
         "costs": costs,
     }
+
+
+def if_frozen(
+    costs: list,
+    cfg: TrainConfig,
+    governor: Governor,
+    dtype: str,
+    views: int,
+    splits: tuple[int, int],
+    bpe: int,
+    eval_batches: int,
+) -> list[dict]:
+    """--freeze auto: for each boundary a freeze could make (after stage i), the tier and
+    dtype the governor would give it and the last epoch whose start it still pays at (the
+    cost model's test, with nothing cached before it), so a user sees how late a freeze
+    may come and still be cached."""
+    rows = splits[0]
+    out = []
+    for stage in range(1, len(costs)):
+        d = governor.choose_boundary(
+            costs,
+            stage,
+            dtype,
+            splits,
+            views,
+            bpe + eval_batches,
+            lossy=lossy_candidates(cfg.cache_dtype),
+        )
+        paying = [
+            e
+            for e in range(cfg.epochs - views)  # a later epoch must be left to read it
+            if cfg.cache_boundaries == "every"
+            or (v := boundary_value(costs, 0, stage, e, cfg.epochs, bpe, rows)).saving_s > v.cost_s
+        ]
+        out.append(
+            {
+                "stage": stage,
+                "tier": d.tier,
+                "dtype": d.dtype,
+                "bytes": d.bytes,
+                "last_paying_epoch": max(paying) if paying else None,
+            }
+        )
+    return out

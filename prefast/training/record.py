@@ -19,6 +19,7 @@ import prefast.distributed as distributed
 from prefast.config import TrainConfig
 from prefast.data.sources import RawSource, data_share
 from prefast.distributed import Dist
+from prefast.freezing.adaptive import AutoFreezeSchedule
 from prefast.freezing.schedule import FreezeOutSchedule
 from prefast.models import StagedModel
 
@@ -33,7 +34,7 @@ def run_record(
     model_name: str,
     raw: RawSource,
     history: list[dict],
-    schedule: FreezeOutSchedule,
+    schedule: FreezeOutSchedule | AutoFreezeSchedule,
     dist: Dist,
     report: dict[str, Any],
     *,
@@ -60,6 +61,12 @@ def run_record(
             "peak_rss_mb": peak_rss_mb(),
             "batches_per_epoch": raw.batches_per_epoch,
             "freeze_iters": [schedule.freeze_iter(i) for i in range(model.num_stages)],
+            # --freeze auto: each decision that froze stages (iteration, stages, rates)
+            **(
+                {"freeze_decisions": schedule.decisions}
+                if isinstance(schedule, AutoFreezeSchedule)
+                else {}
+            ),
             "world_size": dist.world,
             "rank_cache_bytes": rank_bytes,
             **report,

@@ -33,10 +33,12 @@ from prefast.caching.replay import load_plan
 from prefast.config import TrainConfig
 from prefast.data.sources import Batch, Feed, batch_loss
 from prefast.errors import TrainingDivergedError
+from prefast.freezing.adaptive import AutoFreezeSchedule
 from prefast.models import StagedModel
 from prefast.models.staged import remember_state
 from prefast.store.device import to_host
 from prefast.training.build import build_run, deterministic_kernels, schedule_for
+from prefast.training.gradnorms import GradNormMeter
 from prefast.training.progress import bar_shown, epoch_lines
 from prefast.training.record import run_record
 
@@ -99,6 +101,9 @@ class Trainer:
             warning = self.schedule.scaling_warning() if cfg.mode != "baseline" else None
             if warning and self.dist.is_main:
                 log.warning(warning)
+            # --freeze auto: per-stage gradient norms summed on the device, read per interval
+            self.rule = self.schedule if isinstance(self.schedule, AutoFreezeSchedule) else None
+            self.meter = GradNormMeter(self.model, self.device) if self.rule else None
             self.on_epoch = on_epoch
             self.history: list[dict] = []
             self.start_epoch = 0
@@ -164,8 +169,31 @@ class Trainer:
             loss = batch_loss(out.float(), batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.meter is not None:
+            self.meter.add()  # device ops only: read at the interval's end, outside the step
         self.opt.step()
         return loss.detach()
+
+    def _decide_freezes(self, it: int) -> None:
+        """--freeze auto, at the end of an interval (between steps): read the summed gradient
+        norms once, average them over the ranks (DDP made them equal; every rank must take
+        the same decision) and let the rule freeze; the next step applies it."""
+        assert self.meter is not None and self.rule is not None
+        norms = self.meter.take()
+        if self.dist.enabled:
+            norms = [v / self.dist.world for v in distributed.all_sum(self.dist, *norms)]
+        decision = self.rule.decide(it, norms)
+        if decision and self.dist.is_main:
+            log.info(
+                "iteration %d (epoch %d): --freeze auto froze stage%s %s (gradient-norm change "
+                "below %.4g, the %gth percentile)",
+                it,
+                it // self.raw.batches_per_epoch + 1,
+                "s" if len(decision["stages"]) > 1 else "",
+                ", ".join(map(str, decision["stages"])),
+                decision["threshold"],
+                self.rule.percentile,
+            )
 
     # -- epochs ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -202,6 +230,8 @@ class Trainer:
             for batch in batches:
                 losses += self._step(batch, epoch * bpe + steps)
                 steps, samples = steps + 1, samples + len(batch.ids)
+                if self.rule is not None and self.rule.due(epoch * bpe + steps):
+                    self._decide_freezes(epoch * bpe + steps)
                 advance()
         loss_sum = float(to_host(losses))  # the epoch's one read of the device
         # Summed over ranks before the feed finishes its caches: a NaN on any rank stops
@@ -290,11 +320,22 @@ class Trainer:
                 "config": self.cfg.to_json(),
                 "world": self.dist.world,
                 "feeds": feeds,  # every rank's, by rank
+                # --freeze auto: the rule's decisions and the interval in progress
+                **({"freeze_rule": self._rule_state()} if self.meter is not None else {}),
             },
         )
 
+    def _rule_state(self) -> dict:
+        assert self.meter is not None and self.rule is not None
+        return {**self.rule.state(), "sums": self.meter.state()}
+
     def _load_checkpoint(self, path: Path) -> None:
         ck = checkpoint.load(path, self.cfg, self.dist)
+        if self.meter is not None and self.rule is not None:
+            rule = ck.freeze_rule or {}  # decided before: repeated, never decided again
+            self.rule.load_state(rule)
+            if "sums" in rule:
+                self.meter.load_state(rule["sums"])
         self.model.load_state_dict(ck.model)
         drop_from_optimizer(self.opt, self.model.freeze_prefix(ck.num_frozen))
         self.opt.load_state_dict(ck.optimizer)
