@@ -52,6 +52,7 @@ from prefast.caching.cachectx import DISK_TIERS, CacheContext
 from prefast.caching.costmodel import StageCost, plan_boundaries
 from prefast.caching.feature_augment import FeatureAugment
 from prefast.caching.governor import Governor, cache_dtype, cache_views
+from prefast.caching.online import plan_online
 from prefast.caching.probe import measure_stage_costs
 from prefast.caching.replay import check_plan
 from prefast.caching.spill import relieve_pressure
@@ -195,7 +196,7 @@ class PrefastFeed(BoundaryTransitions):
                 ratio = self._ratio(b.stage, b.dtype)
                 relieve_pressure(b, self.ctx, ratio, epoch, self.test.drop)
         if self.online:
-            self._plan_online(epoch, frozen_prefix, first)
+            plan_online(self, epoch, frozen_prefix, first)
         if epoch in self.plan:
             self._start_planned(epoch, frozen_prefix)
         if self.target is not None and self.target.state is State.PLANNED:

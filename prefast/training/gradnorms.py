@@ -9,10 +9,16 @@ itself is ``prefast/freezing/adaptive.py``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+import prefast.distributed as distributed
+from prefast.freezing.adaptive import AutoFreezeSchedule
 from prefast.models import StagedModel
 from prefast.store.device import to_host
+
+log = logging.getLogger("prefast")
 
 
 class GradNormMeter:
@@ -57,3 +63,28 @@ class GradNormMeter:
 
     def load_state(self, values: list[float]) -> None:
         self.sums = torch.tensor(values, dtype=self.wide).to(self.device)
+
+
+def decide_freezes(
+    rule: AutoFreezeSchedule | None,
+    meter: GradNormMeter | None,
+    dist: distributed.Dist,
+    it: int,
+    batches_per_epoch: int,
+) -> None:
+    """The end of an interval, between steps: read the summed norms once, average them over
+    the ranks (DDP made them equal; every rank must take the same decision) and let the rule
+    freeze; the trainer's next step applies it."""
+    assert rule is not None and meter is not None
+    norms = meter.take()
+    if dist.enabled:
+        norms = [v / dist.world for v in distributed.all_sum(dist, *norms)]
+    decision = rule.decide(it, norms)
+    if decision and dist.is_main:
+        stages = decision["stages"]
+        log.info(
+            "iteration %d (epoch %d): --freeze auto froze stage%s %s (gradient-norm change "
+            "below %.4g, the %gth percentile)",
+            it, it // batches_per_epoch + 1, "s" if len(stages) > 1 else "",
+            ", ".join(map(str, stages)), decision["threshold"], rule.percentile,
+        )  # fmt: skip

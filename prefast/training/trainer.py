@@ -38,7 +38,7 @@ from prefast.models import StagedModel
 from prefast.models.staged import remember_state
 from prefast.store.device import to_host
 from prefast.training.build import build_run, deterministic_kernels, schedule_for
-from prefast.training.gradnorms import GradNormMeter
+from prefast.training.gradnorms import GradNormMeter, decide_freezes
 from prefast.training.progress import bar_shown, epoch_lines
 from prefast.training.record import run_record
 
@@ -174,27 +174,6 @@ class Trainer:
         self.opt.step()
         return loss.detach()
 
-    def _decide_freezes(self, it: int) -> None:
-        """--freeze auto, at the end of an interval (between steps): read the summed gradient
-        norms once, average them over the ranks (DDP made them equal; every rank must take
-        the same decision) and let the rule freeze; the next step applies it."""
-        assert self.meter is not None and self.rule is not None
-        norms = self.meter.take()
-        if self.dist.enabled:
-            norms = [v / self.dist.world for v in distributed.all_sum(self.dist, *norms)]
-        decision = self.rule.decide(it, norms)
-        if decision and self.dist.is_main:
-            log.info(
-                "iteration %d (epoch %d): --freeze auto froze stage%s %s (gradient-norm change "
-                "below %.4g, the %gth percentile)",
-                it,
-                it // self.raw.batches_per_epoch + 1,
-                "s" if len(decision["stages"]) > 1 else "",
-                ", ".join(map(str, decision["stages"])),
-                decision["threshold"],
-                self.rule.percentile,
-            )
-
     # -- epochs ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -231,7 +210,7 @@ class Trainer:
                 losses += self._step(batch, epoch * bpe + steps)
                 steps, samples = steps + 1, samples + len(batch.ids)
                 if self.rule is not None and self.rule.due(epoch * bpe + steps):
-                    self._decide_freezes(epoch * bpe + steps)
+                    decide_freezes(self.rule, self.meter, self.dist, epoch * bpe + steps, bpe)
                 advance()
         loss_sum = float(to_host(losses))  # the epoch's one read of the device
         # Summed over ranks before the feed finishes its caches: a NaN on any rank stops
