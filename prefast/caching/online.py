@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from prefast.caching.costmodel import boundary_value
+from prefast.freezing.adaptive import AutoFreezeSchedule
 
 if TYPE_CHECKING:
     from prefast.caching.transitions import BoundaryTransitions
@@ -20,7 +21,8 @@ def plan_online(self: BoundaryTransitions, epoch: int, frozen_prefix: int, first
     epoch and the governor picks its tier and dtype as for any boundary; if not, an event
     says why and the prefix is computed to the end."""
     bpe = self.raw.batches_per_epoch
-    decisions = getattr(self.schedule, "decisions", [])
+    assert isinstance(self.schedule, AutoFreezeSchedule)  # called for --freeze auto alone
+    decisions = self.schedule.decisions
     if first:  # a resumed run tells the decisions of the epoch before it, as it would have
         self.freezes_told = sum(1 for d in decisions if d["iter"] <= (epoch - 1) * bpe)
         self.considered = self.schedule.frozen_prefix(max(0, (epoch - 1) * bpe))

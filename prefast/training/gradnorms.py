@@ -2,8 +2,9 @@
 
 After each backward pass :meth:`GradNormMeter.add` adds every trainable stage's
 gradient norm (the L2 norm over all its parameters' gradients) to a device vector,
-with a few device ops and no read back; :meth:`GradNormMeter.take` reads the
-vector once, at the end of an evaluation interval, and starts the next. The rule
+with a few device ops and no read back; :meth:`GradNormMeter.after_step` reads the
+vector once, at the end of an evaluation interval, between steps, lets the rule decide,
+and starts the next. The rule
 itself is ``prefast/freezing/adaptive.py``.
 """
 
@@ -22,8 +23,10 @@ log = logging.getLogger("prefast")
 
 
 class GradNormMeter:
-    def __init__(self, model: StagedModel, device: torch.device):
-        self.model = model
+    """The norms of one ``--freeze auto`` run, and its rule (the two are saved together)."""
+
+    def __init__(self, model: StagedModel, device: torch.device, rule: AutoFreezeSchedule):
+        self.model, self.rule = model, rule
         self.device = device
         # float64 where the device has it: an interval sums hundreds of norms
         self.wide = torch.float32 if device.type == "mps" else torch.float64
@@ -51,40 +54,40 @@ class GradNormMeter:
         per_stage = torch.zeros_like(self.sums).index_add_(0, self._index, squares)
         self.sums += per_stage.sqrt()
 
-    def take(self) -> list[float]:
-        """The interval's sums, read from the device (once per interval), and a fresh start."""
-        values = to_host(self.sums).tolist()
+    def after_step(self, it: int, dist: distributed.Dist, batches_per_epoch: int) -> None:
+        """Between steps, after ``it`` of them: at the end of an interval, read the sums once,
+        average them over the ranks (DDP made them equal; every rank must take the same
+        decision) and let the rule freeze; the trainer's next step applies it."""
+        if not self.rule.due(it):
+            return
+        norms = to_host(self.sums).tolist()
         self.sums.zero_()
-        return values
+        if dist.enabled:
+            norms = [v / dist.world for v in distributed.all_sum(dist, *norms)]
+        decision = self.rule.decide(it, norms)
+        if decision and dist.is_main:
+            stages = decision["stages"]
+            log.info(
+                "iteration %d (epoch %d): --freeze auto froze stage%s %s (gradient-norm "
+                "change below %.4g, the %gth percentile)",
+                it, it // batches_per_epoch + 1, "s" if len(stages) > 1 else "",
+                ", ".join(map(str, stages)), decision["threshold"], self.rule.percentile,
+            )  # fmt: skip
 
-    def state(self) -> list[float]:
-        """The sums of the interval in progress (a checkpoint's; a read of the device)."""
-        return to_host(self.sums).tolist()
+    def state(self) -> dict:
+        """The rule's decisions and the sums of the interval in progress (a checkpoint's;
+        a read of the device)."""
+        return {**self.rule.state(), "sums": to_host(self.sums).tolist()}
 
-    def load_state(self, values: list[float]) -> None:
-        self.sums = torch.tensor(values, dtype=self.wide).to(self.device)
+    def load_state(self, state: dict) -> None:
+        """A checkpoint's: decided before, so repeated, never decided again."""
+        self.rule.load_state(state)
+        if "sums" in state:
+            self.sums = torch.tensor(state["sums"], dtype=self.wide).to(self.device)
 
 
-def decide_freezes(
-    rule: AutoFreezeSchedule | None,
-    meter: GradNormMeter | None,
-    dist: distributed.Dist,
-    it: int,
-    batches_per_epoch: int,
-) -> None:
-    """The end of an interval, between steps: read the summed norms once, average them over
-    the ranks (DDP made them equal; every rank must take the same decision) and let the rule
-    freeze; the trainer's next step applies it."""
-    assert rule is not None and meter is not None
-    norms = meter.take()
-    if dist.enabled:
-        norms = [v / dist.world for v in distributed.all_sum(dist, *norms)]
-    decision = rule.decide(it, norms)
-    if decision and dist.is_main:
-        stages = decision["stages"]
-        log.info(
-            "iteration %d (epoch %d): --freeze auto froze stage%s %s (gradient-norm change "
-            "below %.4g, the %gth percentile)",
-            it, it // batches_per_epoch + 1, "s" if len(stages) > 1 else "",
-            ", ".join(map(str, stages)), decision["threshold"], rule.percentile,
-        )  # fmt: skip
+def meter_for(model: StagedModel, device: torch.device, schedule: object) -> GradNormMeter | None:
+    """A meter for a ``--freeze auto`` run; None for any other schedule."""
+    return (
+        GradNormMeter(model, device, schedule) if isinstance(schedule, AutoFreezeSchedule) else None
+    )

@@ -33,29 +33,15 @@ from prefast.caching.replay import load_plan
 from prefast.config import TrainConfig
 from prefast.data.sources import Batch, Feed, batch_loss
 from prefast.errors import TrainingDivergedError
-from prefast.freezing.adaptive import AutoFreezeSchedule
-from prefast.models import StagedModel
 from prefast.models.staged import remember_state
 from prefast.store.device import to_host
 from prefast.training.build import build_run, deterministic_kernels, schedule_for
-from prefast.training.gradnorms import GradNormMeter, decide_freezes
+from prefast.training.gradnorms import meter_for
+from prefast.training.optimizer import drop_from_optimizer, make_optimizer
 from prefast.training.progress import bar_shown, epoch_lines
 from prefast.training.record import run_record
 
 log = logging.getLogger("prefast")
-
-
-def make_optimizer(model: StagedModel, lr: float) -> torch.optim.SGD:
-    groups = [{"params": list(s.parameters()), "stage": i} for i, s in enumerate(model.stages)]
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
-
-
-def drop_from_optimizer(opt: torch.optim.Optimizer, stages: list[int]) -> None:
-    """Remove frozen stages' parameter groups and their momentum buffers."""
-    for group in [g for g in opt.param_groups if g["stage"] in stages]:
-        for p in group["params"]:
-            opt.state.pop(p, None)
-        opt.param_groups.remove(group)
 
 
 class Trainer:
@@ -102,8 +88,7 @@ class Trainer:
             if warning and self.dist.is_main:
                 log.warning(warning)
             # --freeze auto: per-stage gradient norms summed on the device, read per interval
-            self.rule = self.schedule if isinstance(self.schedule, AutoFreezeSchedule) else None
-            self.meter = GradNormMeter(self.model, self.device) if self.rule else None
+            self.meter = meter_for(self.model, self.device, self.schedule)
             self.on_epoch = on_epoch
             self.history: list[dict] = []
             self.start_epoch = 0
@@ -209,8 +194,8 @@ class Trainer:
             for batch in batches:
                 losses += self._step(batch, epoch * bpe + steps)
                 steps, samples = steps + 1, samples + len(batch.ids)
-                if self.rule is not None and self.rule.due(epoch * bpe + steps):
-                    decide_freezes(self.rule, self.meter, self.dist, epoch * bpe + steps, bpe)
+                if self.meter is not None:  # --freeze auto decides between steps
+                    self.meter.after_step(epoch * bpe + steps, self.dist, bpe)
                 advance()
         loss_sum = float(to_host(losses))  # the epoch's one read of the device
         # Summed over ranks before the feed finishes its caches: a NaN on any rank stops
@@ -300,21 +285,14 @@ class Trainer:
                 "world": self.dist.world,
                 "feeds": feeds,  # every rank's, by rank
                 # --freeze auto: the rule's decisions and the interval in progress
-                **({"freeze_rule": self._rule_state()} if self.meter is not None else {}),
+                **({"freeze_rule": self.meter.state()} if self.meter is not None else {}),
             },
         )
 
-    def _rule_state(self) -> dict:
-        assert self.meter is not None and self.rule is not None
-        return {**self.rule.state(), "sums": self.meter.state()}
-
     def _load_checkpoint(self, path: Path) -> None:
         ck = checkpoint.load(path, self.cfg, self.dist)
-        if self.meter is not None and self.rule is not None:
-            rule = ck.freeze_rule or {}  # decided before: repeated, never decided again
-            self.rule.load_state(rule)
-            if "sums" in rule:
-                self.meter.load_state(rule["sums"])
+        if self.meter is not None:
+            self.meter.load_state(ck.freeze_rule or {})
         self.model.load_state_dict(ck.model)
         drop_from_optimizer(self.opt, self.model.freeze_prefix(ck.num_frozen))
         self.opt.load_state_dict(ck.optimizer)
