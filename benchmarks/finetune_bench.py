@@ -116,9 +116,12 @@ def _vit(image_size: int, num_classes: int) -> torch.nn.Module:
     )
 
 
-def pretrain(folder: Path, quick: bool, cache: str, log=print) -> dict:  # type: ignore[no-untyped-def]
-    """Train both backbones briefly on the synthetic set (baseline mode) and save each
-    without its classifier: ``folder``/resnet50.pt and vit_tiny.pt."""
+def pretrain(  # type: ignore[no-untyped-def]
+    folder: Path, quick: bool, cache: str, log=print,
+    names: tuple[str, ...] = ("resnet50", "vit_tiny"),
+) -> dict:  # fmt: skip
+    """Train the backbones ``names`` briefly on the synthetic set (baseline mode) and save
+    each without its classifier: ``folder``/resnet50.pt and vit_tiny.pt."""
     import torchvision
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -132,6 +135,8 @@ def pretrain(folder: Path, quick: bool, cache: str, log=print) -> dict:  # type:
         ("resnet50", lambda: torchvision.models.resnet50(num_classes=10), 1, "fc."),
         ("vit_tiny", lambda: _vit(32, 10), 1 if quick else 2, "head."),
     ):
+        if name not in names:
+            continue
         torch.manual_seed(0)
         model = build()
         run = train(cfg.replace(epochs=epochs), model=model)
@@ -149,9 +154,12 @@ def pretrain(folder: Path, quick: bool, cache: str, log=print) -> dict:  # type:
 class Runner:
     """Builds each cell's config and model; the data folders and backbones are shared."""
 
-    def __init__(self, quick: bool, cache: Path, weights: Path):
+    def __init__(
+        self, quick: bool, cache: Path, weights: Path,
+        names: tuple[str, ...] = ("resnet50", "vit_tiny"),
+    ):  # fmt: skip
         self.quick, self.cache, self.weights = quick, cache, weights
-        self.backbones = backbones(quick)
+        self.backbones = {k: b for k, b in backbones(quick).items() if k in names}
         train_images = 256 if quick else 1500
         self.folders = {
             size: write_digits_folder(

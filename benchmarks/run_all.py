@@ -3,8 +3,9 @@
     python benchmarks/run_all.py               # `make bench`: every table and plot (about 3 h 30 min on 2 cores)
     python benchmarks/run_all.py --quick       # `make bench-quick`: the same pipeline, CI-sized (minutes)
     python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits,
-                                               # imagefolder, finetune, cache_dtype, feature_augment,
-                                               # store, store_8bit, chunk_size, map_advice, ddp)
+                                               # imagefolder, finetune, auto_freeze, cache_dtype,
+                                               # feature_augment, store, store_8bit, chunk_size,
+                                               # map_advice, ddp)
 
 Writes JSON + markdown (+ PNG) per benchmark, then ``bench_run.json`` with the
 machine and the run time per section (a section rerun with ``--only`` replaces
@@ -197,6 +198,14 @@ def finetune(out: Path, quick: bool, cache: str) -> list[Path]:
     return run_finetune_bench(out, cache, quick)
 
 
+def auto_freeze(out: Path, quick: bool, cache: str) -> list[Path]:
+    """--freeze auto against FreezeOut's clock, computed and cached: the subset setting from
+    scratch and a ViT-tiny fine-tune, 3 seeds (quick: depth 10 and 32 px, one seed)."""
+    from prefast.benchmarks.auto_freeze_bench import run_auto_freeze_bench
+
+    return run_auto_freeze_bench(out, cache, quick, subset_config(quick, cache))
+
+
 def imagefolder(out: Path, quick: bool, cache: str) -> list[Path]:
     """Image files at 32/64/128 px, PNG and JPEG, 0 and 2 workers: data wait and speedup."""
     from prefast.benchmarks.imagefolder_bench import run_imagefolder_bench
@@ -211,6 +220,7 @@ SECTIONS = {
     "digits": digits,
     "imagefolder": imagefolder,
     "finetune": finetune,
+    "auto_freeze": auto_freeze,
     "cache_dtype": cache_dtype,
     "feature_augment": feature_augment,
     "store": store,
