@@ -165,6 +165,15 @@ def test_plan_says_freeze_points_are_decided_during_the_run(capsys, caplog):
     assert "freezeout, prefast: depend on when the rule freezes" in out
 
 
+def test_plan_says_why_a_fixed_prefix_has_no_boundary(capsys, caplog):
+    res = cli_in_process(capsys, caplog, "plan", "--dataset", "digits", "--model",
+                         "densenet-bc", "--depth", "16", "--epochs", "6", "--freeze", "auto",
+                         "--freeze-prefix", "1")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "  stage  1: " in res.stdout and "never pays in this run" in res.stdout
+    assert "(none before: the --freeze-prefix 1 stage(s) do not pay for a cache)" in res.stdout
+
+
 # -- exactness and the online boundaries --------------------------------------------------------
 @pytest.mark.parametrize("prefix", [0, 2])
 def test_freezeout_and_prefast_freeze_alike_and_prefast_reads_its_online_boundaries(

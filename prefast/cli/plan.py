@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from prefast.training.plan import measure_and_plan
 
-    plan = measure_and_plan(config_from_args(args, mode="prefast"))
+    cfg = config_from_args(args, mode="prefast")
+    plan = measure_and_plan(cfg)
     plan.pop("costs")
     if args.json:
         write_json("-", plan)
@@ -60,7 +61,13 @@ def run(args: argparse.Namespace) -> int:
             )
     print("\nboundaries (materialized during epoch, read from the next):")
     if not plan["boundaries"] and plan["freeze_rule"]:
-        print("  planned when the rule freezes (none before: no --freeze-prefix)")
+        prefix = cfg.freeze_prefix
+        why = (
+            f"the --freeze-prefix {prefix} stage(s) do not pay for a cache"
+            if prefix
+            else "no --freeze-prefix"
+        )
+        print(f"  planned when the rule freezes (none before: {why})")
     elif not plan["boundaries"]:
         print("  none: no frozen prefix pays for its cache in this run")
     for b in plan["boundaries"]:
