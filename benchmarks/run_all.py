@@ -1,6 +1,6 @@
 """Regenerate every benchmark result under benchmarks/results/.
 
-    python benchmarks/run_all.py               # `make bench`: every table and plot (about 3 h 30 min on 2 cores)
+    python benchmarks/run_all.py               # `make bench`: every table and plot (about 5 h 15 min on 2 cores)
     python benchmarks/run_all.py --quick       # `make bench-quick`: the same pipeline, CI-sized (minutes)
     python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits,
                                                # imagefolder, finetune, auto_freeze, cache_dtype,

@@ -80,3 +80,19 @@ def test_the_readme_is_a_front_door():
     ]
     for doc in DOCS[1:]:  # every page is on the README's map
         assert f"(docs/{doc.name})" in readme, f"{doc.name} is not on the README's map"
+
+
+def test_the_freezing_page_states_the_rule_s_defaults_as_the_code_has_them():
+    """docs/freezing.md says a quarter epoch and AutoFreeze's median: so must the code."""
+    from prefast.freezing.adaptive import DECISIONS_PER_EPOCH, default_interval
+
+    page = (ROOT / "docs" / "freezing.md").read_text()
+    defaults = {
+        a.dest: a.default
+        for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions  # type: ignore[union-attr]
+    }
+    assert "a quarter of an epoch" in page and DECISIONS_PER_EPOCH == 4
+    assert default_interval(24) == 6 and default_interval(2) == 1  # "at least 1"
+    assert "| `--freeze-percentile P` | 50 (AutoFreeze's median)" in page
+    assert defaults["freeze_percentile"] == 50.0 and defaults["freeze"] == "freezeout"
+    assert "| `freezeout` (default) |" in page
