@@ -43,12 +43,16 @@ def schedules(quick: bool) -> list[tuple[str, dict]]:
     return [clock[0], rule[0]] if quick else [*clock, *rule]
 
 
+VIT_MODEL_NAME = "timm vit_tiny, 8 px patches, pretrained here (passed as a model object)"
+
+
 @dataclass
 class Setting:
     name: str
     title: str
     cfg: TrainConfig
     model: Callable[[int], torch.nn.Module | None]  # seed -> the model object (None: by name)
+    model_name: str | None = None  # what the model object is (cfg.model names it otherwise)
 
 
 def summarize(run: dict) -> dict:
@@ -89,7 +93,10 @@ def run_setting(setting: Setting, seeds: list[int], quick: bool, cache: Path, lo
                 log(f"  {mode:<10} wall {f['wall_s']:.1f}s acc {f['test_acc']:.4f} "
                     f"freeze_iters {f['freeze_iters']}")  # fmt: skip
             shutil.rmtree(where, ignore_errors=True)
-    return {"name": setting.name, "title": setting.title, "config": setting.cfg.to_json(),
+    config = setting.cfg.to_json()
+    if setting.model_name:  # cfg.model is unused when a model object is passed
+        config["model"] = setting.model_name
+    return {"name": setting.name, "title": setting.title, "config": config,
             "seeds": seeds, "schedules": [label for label, _ in plan], "runs": runs}  # fmt: skip
 
 
@@ -116,7 +123,10 @@ def vit_setting(quick: bool, root: Path, log=print) -> tuple[Setting, dict]:  # 
              f"digits {size} px PNG folder ({256 if quick else 1500} train / 297 test), "
              f"{epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, cache dtype "
              f"{cfg.cache_dtype}")  # fmt: skip
-    return Setting("vit_finetune", title, cfg, lambda seed: runner.model(cell, seed)), pretrained
+    name = VIT_MODEL_NAME
+    return Setting(
+        "vit_finetune", title, cfg, lambda seed: runner.model(cell, seed), name
+    ), pretrained
 
 
 def run_auto_freeze_bench(  # type: ignore[no-untyped-def]

@@ -56,6 +56,14 @@ def clock_flags_refused(flags: list[str]) -> ConfigError:
     )
 
 
+def rule_flags_refused() -> ConfigError:
+    """The one line for ``--freeze auto``'s flags given without it."""
+    return ConfigError(
+        "--freeze-interval and --freeze-percentile set --freeze auto's rule: add "
+        "--freeze auto, or drop them"
+    )
+
+
 def parse_duration(text: str) -> float:
     """'7d', '12h', '30m', '45s' -> seconds."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhdw])\s*", text)
@@ -205,10 +213,7 @@ class TrainConfig:
             )
         if self.freeze != "auto":
             if self.freeze_interval is not None or self.freeze_percentile != 50.0:
-                raise ConfigError(
-                    "--freeze-interval and --freeze-percentile set --freeze auto's rule: add "
-                    "--freeze auto, or drop them"
-                )
+                raise rule_flags_refused()
             return
         if self.mode == "baseline":
             raise ConfigError(

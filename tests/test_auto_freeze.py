@@ -147,6 +147,10 @@ def test_bad_flag_combinations_exit_2_in_one_line(capsys, caplog, flags, message
 def test_the_rules_flags_without_freeze_auto_exit_2(capsys, caplog):
     res = cli_in_process(capsys, caplog, "train", "--dataset", "digits", "--freeze-interval", "5")
     assert res.returncode == 2 and "add --freeze auto, or drop them" in res.stderr
+    # the percentile is refused even at its default value
+    res = cli_in_process(capsys, caplog, "train", "--dataset", "digits", "--freeze-percentile",
+                         "50")  # fmt: skip
+    assert res.returncode == 2 and "add --freeze auto, or drop them" in res.stderr
     with pytest.raises(ConfigError, match="--t0 sets FreezeOut's clock"):
         TrainConfig(freeze="auto", t0=0.5)
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from prefast.cli.main import build_parser
+from prefast.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -76,7 +77,7 @@ def test_the_readme_is_a_front_door():
     assert readme.splitlines()[3:5] == [
         "make demo   # fresh machine: creates .venv, installs, trains briefly on synthetic "
         "data, prints the speedup table",
-        "make test   # installs if needed, lints, runs the fast tests (under 4 minutes on 2 cores)",
+        "make test   # installs if needed, lints, runs the fast tests (under 4½ minutes on 2 cores)",
     ]
     for doc in DOCS[1:]:  # every page is on the README's map
         assert f"(docs/{doc.name})" in readme, f"{doc.name} is not on the README's map"
@@ -94,5 +95,5 @@ def test_the_freezing_page_states_the_rule_s_defaults_as_the_code_has_them():
     assert "a quarter of an epoch" in page and DECISIONS_PER_EPOCH == 4
     assert default_interval(24) == 6 and default_interval(2) == 1  # "at least 1"
     assert "| `--freeze-percentile P` | 50 (AutoFreeze's median)" in page
-    assert defaults["freeze_percentile"] == 50.0 and defaults["freeze"] == "freezeout"
+    assert TrainConfig().freeze_percentile == 50.0 and defaults["freeze"] == "freezeout"
     assert "| `freezeout` (default) |" in page

@@ -17,6 +17,7 @@ from prefast.config import (
     TrainConfig,
     clock_flags_refused,
     parse_size,
+    rule_flags_refused,
 )
 from prefast.data.datasets import AUGMENTS, DATASETS
 from prefast.freezing.adaptive import FREEZE_RULES
@@ -159,11 +160,10 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     s.add_argument(
         "--freeze-percentile",
         type=float,
-        default=50.0,
         metavar="P",
         help="--freeze auto: freeze the leading stages whose gradient-norm change is below "
-        "the P-th percentile of all training stages' (AutoFreeze's median: 50; larger "
-        "freezes sooner)",
+        "the P-th percentile of all training stages' (larger freezes sooner; default: 50, "
+        "AutoFreeze's median)",
     )
     s.add_argument(
         "--t0",
@@ -329,7 +329,11 @@ def config_from_args(args: argparse.Namespace, mode: str | None = None) -> Train
     clock = [f"--{n}" for n in ("t0", "scale") if values.get(n) is not None]
     if args.freeze == "auto" and (clock or args.no_scale_lr):
         raise clock_flags_refused(clock + ["--no-scale-lr"] * args.no_scale_lr)
-    values = {n: v for n, v in values.items() if not (n in ("t0", "scale") and v is None)}
+    # Likewise the rule's percentile: given without --freeze auto it is refused even at 50.
+    if args.freeze != "auto" and values.get("freeze_percentile") is not None:
+        raise rule_flags_refused()
+    unset = ("t0", "scale", "freeze_percentile")  # None: TrainConfig's default applies
+    values = {n: v for n, v in values.items() if not (n in unset and v is None)}
     values.update(
         mode=str(mode or getattr(args, "mode", "freezeout")),
         scale_lr=not args.no_scale_lr,

@@ -36,8 +36,10 @@ DECISIONS_PER_EPOCH = 4  # the default interval: a quarter of an epoch (see defa
 
 def default_interval(batches_per_epoch: int) -> int:
     """Four decisions per epoch. A quarter epoch sums enough steps that one noisy batch
-    does not decide, and a stage frozen early in an epoch is cached from the next epoch
-    start (boundaries are only taken there), so deciding more often buys no cache sooner."""
+    does not decide, and a stage frozen mid-epoch is cached only from the next epoch start
+    (boundaries are only taken there), so deciding every few steps would seldom cache
+    sooner. Decisions fall on multiples of the interval counted over the whole run: they
+    meet epoch starts only where the batches per epoch divide by four."""
     return max(1, round(batches_per_epoch / DECISIONS_PER_EPOCH))
 
 
