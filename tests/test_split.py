@@ -123,6 +123,21 @@ def test_a_timm_model_split_gives_the_unsplit_models_logits(name, stages):
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
 
 
+def test_a_timm_name_with_a_tag_timm_does_not_have_is_one_line():
+    pytest.importorskip("timm", reason="the timm extra: pip install 'prefast[timm]'")
+    with pytest.raises(ConfigError) as err:
+        build_model("timm:vit_tiny_patch16_224.badtag", in_channels=1, num_classes=10,
+                    image_size=8)  # fmt: skip
+    assert str(err.value) == (
+        "--model timm:vit_tiny_patch16_224.badtag: timm has no pretrained tag 'badtag' for "
+        "vit_tiny_patch16_224: use one of augreg_in21k, augreg_in21k_ft_in1k, or "
+        "timm:vit_tiny_patch16_224 for its default"
+    )
+    vit = build_model("timm:vit_tiny_patch16_224.augreg_in21k", in_channels=1, num_classes=10,
+                      image_size=8)  # fmt: skip  # a tag timm has is built as before
+    assert vit.num_stages == 14
+
+
 def test_a_timm_vit_is_built_at_the_datas_size_and_runs_on_the_strict_device(strict):
     pytest.importorskip("timm", reason="the timm extra: pip install 'prefast[timm]'")
     m = build_model("timm:vit_tiny_patch16_224", in_channels=1, num_classes=10, image_size=32)

@@ -238,6 +238,14 @@ def timm_model(
             f"--model timm:{name} is not a timm model: choose one of timm.list_models(), e.g. "
             "timm:vit_tiny_patch16_224, timm:convnext_atto, timm:resnet18"
         )
+    arch, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(f"{arch}.*"):  # timm would raise deep inside
+        tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{arch}.*")]
+        raise ConfigError(
+            f"--model timm:{name}: timm has no pretrained tag {tag!r} for {arch}: use "
+            + (f"one of {', '.join(tags)}, or " if tags else "")
+            + f"timm:{arch} for its default"
+        )
     kwargs: dict[str, Any] = {
         "pretrained": pretrained,
         "num_classes": num_classes,
