@@ -106,11 +106,28 @@ def test_timm_weights_offline_and_absent_name_the_repo_and_the_cache(tmp_path, m
                     pretrained=True)  # fmt: skip
     assert str(err.value) == (
         "--pretrained timm:vit_tiny_patch16_224: timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k "
-        f"is not in the Hugging Face cache {tmp_path} and huggingface.co cannot be reached "
-        "(offline?): run `hf download timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k` where "
-        "there is a network and copy that cache here (or set HF_HUB_CACHE), or pass "
+        f"is not in the Hugging Face cache {tmp_path} and HF_HUB_OFFLINE is set (unset it to "
+        "let timm download it): run `hf download timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k`"
+        " where there is a network and copy that cache here (or set HF_HUB_CACHE), or pass "
         "--weights PATH"
     )
+
+
+def test_the_hugging_face_cache_is_found_where_huggingface_hub_looks(monkeypatch):
+    from prefast.models.library import hf_hub_cache
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", "/h")
+    assert hf_hub_cache() == "/h/.cache/huggingface/hub"
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert hf_hub_cache() == "/xdg/huggingface/hub"
+    monkeypatch.setenv("HF_HOME", "/hf")
+    assert hf_hub_cache() == "/hf/hub"
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", "/old")
+    assert hf_hub_cache() == "/old"
+    monkeypatch.setenv("HF_HUB_CACHE", "/new")
+    assert hf_hub_cache() == "/new"
 
 
 def test_a_timm_vit_built_at_another_size_resamples_its_position_embedding(tmp_path, caplog):

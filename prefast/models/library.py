@@ -178,12 +178,17 @@ def library_model(
 
 
 def hf_hub_cache() -> str:
-    """The Hugging Face hub cache as the environment names it now (``HF_HUB_CACHE``, else
-    ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``)."""
+    """The Hugging Face hub cache as the environment names it now, in huggingface_hub's
+    order (``HF_HUB_CACHE``, the older ``HUGGINGFACE_HUB_CACHE``, ``$HF_HOME/hub``,
+    ``$XDG_CACHE_HOME/huggingface/hub``, ``~/.cache/huggingface/hub``); read at each call,
+    not at import as huggingface_hub's constants are."""
     import os
 
-    home = os.environ.get("HF_HOME", os.path.join("~", ".cache", "huggingface"))
-    return os.path.expanduser(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
+    env = os.environ
+    xdg = env.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    home = env.get("HF_HOME", os.path.join(xdg, "huggingface"))
+    hub = env.get("HF_HUB_CACHE", env.get("HUGGINGFACE_HUB_CACHE", os.path.join(home, "hub")))
+    return os.path.expanduser(os.path.expandvars(hub))
 
 
 def timm_pretrained_file(name: str) -> str | None:
@@ -206,11 +211,15 @@ def timm_pretrained_file(name: str) -> str | None:
             return found
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     if offline or not _reachable("huggingface.co"):
+        why = (
+            "HF_HUB_OFFLINE is set (unset it to let timm download it)"
+            if offline
+            else "huggingface.co cannot be reached (offline?)"
+        )
         raise ConfigError(
             f"--pretrained timm:{name}: {repo} is not in the Hugging Face cache {cache} and "
-            f"huggingface.co cannot be reached (offline?): run `hf download {repo}` where "
-            "there is a network and copy that cache here (or set HF_HUB_CACHE), or pass "
-            "--weights PATH"
+            f"{why}: run `hf download {repo}` where there is a network and copy that cache "
+            "here (or set HF_HUB_CACHE), or pass --weights PATH"
         )
     return None
 
