@@ -41,7 +41,17 @@ def test_each_layout_loads_and_the_classifier_is_replaced(tmp_path, layout, capl
     assert torch.equal(m.stages[0][0].weight, saved["conv1.weight"])  # the stem's conv
     assert torch.equal(m.stages[8].conv2.weight, saved["layer4.1.conv2.weight"])
     assert m.stages[-1][-1].weight.shape == (10, 512)  # a new classifier for 10 classes
-    assert "classifier fc replaced for the dataset's classes" in caplog.text
+    assert "classifier fc replaced for the dataset's classes (the file's has another shape)" \
+        in caplog.text  # fmt: skip
+
+
+def test_a_backbone_saved_without_its_classifier_loads_and_the_log_says_so(tmp_path, caplog):
+    saved = {k: v for k, v in imagenet_resnet18().items() if not k.startswith("fc.")}
+    torch.save(saved, tmp_path / "backbone.pt")
+    m = build_model("torchvision:resnet18", in_channels=3, num_classes=10, image_size=32,
+                    weights=str(tmp_path / "backbone.pt"))  # fmt: skip
+    assert torch.equal(m.stages[8].conv2.weight, saved["layer4.1.conv2.weight"])
+    assert "classifier fc replaced for the dataset's classes (the file has none)" in caplog.text
 
 
 def test_a_file_with_the_datasets_classes_loads_whole_and_one_channel_sums_rgb(tmp_path, caplog):

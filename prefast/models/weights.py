@@ -132,12 +132,13 @@ def load_state(model: nn.Module, theirs: dict[str, torch.Tensor], label: str) ->
     _resample_vit_positions(model, ours, theirs)
     head = classifier_name(model)
     conv = first_conv_name(model)
-    replaced, summed = [], None
+    replaced, summed, headless = [], None, False
     for key in [*ours, *(k for k in theirs if k not in ours)]:  # the model's order first
         in_head = head is not None and key.startswith(head + ".")
         if key not in theirs or key not in ours:
             if in_head:
                 replaced.append(key)
+                headless |= key not in theirs  # saved without its classifier
                 theirs.pop(key, None)
                 continue
             where = "the model has it, the file not" if key in ours else "only the file has it"
@@ -162,7 +163,8 @@ def load_state(model: nn.Module, theirs: dict[str, torch.Tensor], label: str) ->
     if summed:  # logged once the whole file fits
         log.warning("%s: %s for one-channel images", label, summed)
     if replaced:
+        why = "the file has none" if headless else "the file's has another shape"
         log.warning(
-            "%s: classifier %s replaced for the dataset's classes (the file's has "
-            "another shape): it starts untrained", label.split(" ")[0], head
+            "%s: classifier %s replaced for the dataset's classes (%s): it starts untrained",
+            label.split(" ")[0], head, why,
         )  # fmt: skip
