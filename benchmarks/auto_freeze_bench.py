@@ -123,10 +123,9 @@ def vit_setting(quick: bool, root: Path, log=print) -> tuple[Setting, dict]:  # 
              f"digits {size} px PNG folder ({256 if quick else 1500} train / 297 test), "
              f"{epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, cache dtype "
              f"{cfg.cache_dtype}")  # fmt: skip
-    name = VIT_MODEL_NAME
-    return Setting(
-        "vit_finetune", title, cfg, lambda seed: runner.model(cell, seed), name
-    ), pretrained
+    setting = Setting("vit_finetune", title, cfg, lambda seed: runner.model(cell, seed),
+                      VIT_MODEL_NAME)  # fmt: skip
+    return setting, pretrained
 
 
 def run_auto_freeze_bench(  # type: ignore[no-untyped-def]

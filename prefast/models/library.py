@@ -248,8 +248,9 @@ def timm_model(
             "timm:vit_tiny_patch16_224, timm:convnext_atto, timm:resnet18"
         )
     arch, _, tag = name.partition(".")
-    if tag and name not in timm.list_pretrained(f"{arch}.*"):  # timm would raise deep inside
-        tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{arch}.*")]
+    known = timm.list_pretrained(f"{arch}.*") if tag else []
+    if tag and name not in known:  # timm would raise deep inside create_model
+        tags = [k.partition(".")[2] for k in known]
         raise ConfigError(
             f"--model timm:{name}: timm has no pretrained tag {tag!r} for {arch}: use "
             + (f"one of {', '.join(tags)}, or " if tags else "")
