@@ -4,7 +4,7 @@ Two sections of ``run_all.py`` use it:
 
 - ``chunk_size``: why the store writes chunks of up to 32 MiB (4, 16, 32 MiB);
 - ``map_advice``: why the readers map files with ``MADV_HUGEPAGE``
-  (``prefast/store/chunkio.py: map_for_reading``): 32 MiB chunks read with 4 KiB
+  (``store/chunkio.py: map_for_reading``): 32 MiB chunks read with 4 KiB
   page faults, then with 2 MiB ones.
 
 Each trial measures the raw-file floors, then writes and cold-reads the same

@@ -9,7 +9,9 @@ Public API::
 The packages, lowest layer first; each imports only the layers below it
 (``tests/test_shape.py`` checks it), and each package's docstring says what it owns:
 
-- :mod:`prefast.store`: the activation store (tiers, encodings, prefetching); stands alone.
+- :mod:`prefast.store` (the top-level ``store/`` folder, mapped into this namespace by
+  ``setup.cfg``'s ``package_dir``): the activation store (tiers, encodings, prefetching);
+  stands alone.
 - :mod:`prefast.errors`: the errors a user can catch.
 - :mod:`prefast.models`, :mod:`prefast.data`, :mod:`prefast.freezing`,
   :mod:`prefast.distributed`: staged models; datasets and raw batches; the freeze
@@ -17,7 +19,8 @@ The packages, lowest layer first; each imports only the layers below it
 - :mod:`prefast.config`: :class:`TrainConfig`, one validated description of a run.
 - :mod:`prefast.caching`: the caching policy that plans, places and moves boundaries.
 - :mod:`prefast.training`: the training loop and the run around it.
-- :mod:`prefast.cli`: the ``prefast`` command line.
+- :mod:`prefast.cli` (the top-level ``cli/`` folder, mapped the same way): the ``prefast``
+  command line.
 """
 
 from prefast.config import TrainConfig

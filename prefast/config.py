@@ -17,7 +17,7 @@ from prefast.store.encoding import DTYPES
 
 MODES = ("baseline", "freezeout", "prefast")
 TIERS = ("auto", "gpu", "ram", "mmap", "zarr")
-CACHE_DTYPES = ("auto", *DTYPES)  # prefast/store/encoding.py says what each stores
+CACHE_DTYPES = ("auto", *DTYPES)  # store/encoding.py says what each stores
 BOUNDARY_POLICIES = ("auto", "every")  # the cost model's choice, or every stage boundary
 FEATURE_OPS = ("shift", "flip", "mix")  # prefast/caching/feature_augment.py applies them
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}

@@ -1,4 +1,4 @@
-"""Lossy cache dtypes (prefast/store/encoding.py): 8-bit rows, bit rounding, and auto's choice."""
+"""Lossy cache dtypes (store/encoding.py): 8-bit rows, bit rounding, and auto's choice."""
 
 import json
 

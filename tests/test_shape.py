@@ -4,10 +4,17 @@ stands alone, small modules."""
 from __future__ import annotations
 
 import ast
+import configparser
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"prefast": ROOT / "prefast"}
+# The design card's top level: store/ and cli/ stand beside prefast/ and are mapped into
+# its namespace by setup.cfg's package_dir (imported as prefast.store and prefast.cli).
+PACKAGES = {
+    "prefast": ROOT / "prefast",
+    "prefast.store": ROOT / "store",
+    "prefast.cli": ROOT / "cli",
+}
 
 # The layers of prefast/, lowest first (the package docstrings say what each owns). A
 # module may import its own package and any lower layer, never a higher one nor another
@@ -122,3 +129,22 @@ def test_no_module_over_400_lines_and_a_short_trainer():
     big = {str(p.relative_to(ROOT)): n for p, n in sizes.items() if n > 400}
     assert not big, big
     assert sizes[ROOT / "prefast" / "training" / "trainer.py"] <= 350
+
+
+def test_the_top_level_is_the_design_cards_and_setup_cfg_maps_store_and_cli():
+    """DESIGN.md's layout: store/ and cli/ beside prefast/, imported as prefast.store/.cli."""
+    for name in ("prefast", "store", "cli", "tests", "benchmarks"):
+        assert (ROOT / name).is_dir(), f"{name}/ is missing from the top level"
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        assert (ROOT / name).is_file(), f"{name} is missing from the top level"
+    assert not (ROOT / "prefast" / "store").exists()
+    assert not (ROOT / "prefast" / "cli").exists()
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    mapping = dict(
+        (k.strip(), v.strip())
+        for k, v in (line.split("=") for line in cfg["options"]["package_dir"].split("\n") if line)
+    )
+    assert mapping["prefast.store"] == "store" and mapping["prefast.cli"] == "cli"
+    packages = cfg["options"]["packages"].split()
+    assert "prefast.store" in packages and "prefast.cli" in packages

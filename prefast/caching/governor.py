@@ -22,7 +22,7 @@ for one, and the boundary goes to the next tier down.
 
 Dtype (``--cache-dtype auto``): a boundary is stored in 16 bits unless an 8-bit
 encoding whose relative error the probe measured at most ``LOSSY_MAX_REL_ERROR``
-(``prefast/store/encoding.py``) reaches a better tier: RAM instead of disk, disk instead
+(``store/encoding.py``) reaches a better tier: RAM instead of disk, disk instead
 of recomputing. The decision's reason names the error and the 16-bit tier.
 """
 

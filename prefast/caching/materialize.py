@@ -26,7 +26,7 @@ next tier down. Memory pressure spills a boundary to a lower tier
 (``prefast/caching/spill.py``); a spill that fails leaves the cache where it was.
 
 Device boundary: batches read from a cache cross to the training device
-through the reader's staging buffers (``prefast/store/device.py``); sample ids and
+through the reader's staging buffers (``store/device.py``); sample ids and
 labels for the writers stay on the host, so this feed never reads a device
 tensor back.
 """

@@ -2,7 +2,7 @@
 
 ``gpu`` holds the activations in the training device's memory; ``ram`` in
 (pageable) host memory, whose batches cross to the device through a reader's
-pinned staging ring (``prefast/store/device.py``). Labels and ids stay on the host in
+pinned staging ring (``store/device.py``). Labels and ids stay on the host in
 both. Preallocating the full (rows, C, H, W) tensor and filling it in place
 avoids the original PreFast code's repeated ``torch.cat``, which copies the
 whole cache on every batch (quadratic time, twice the memory at the peak). An

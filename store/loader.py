@@ -2,7 +2,7 @@
 
 Decoding (zstd, crc32c, numpy gathers) releases the GIL for most of its time,
 so a reader thread overlaps it with the trainer's compute. For an accelerator
-the thread also starts each batch's copy to the device (``prefast/store/device.py``:
+the thread also starts each batch's copy to the device (``store/device.py``:
 staged in the loader's own reused buffers, pinned on CUDA, copied on a side
 stream); the consumer gets the batch once the compute stream waits on it.
 Sample ids never leave the host.

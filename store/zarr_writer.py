@@ -38,7 +38,7 @@ class ZarrWriter(DiskWriter):
         self.zstd = numcodecs.Zstd(level=1)
         self.workers = max(2, os.cpu_count() or 2)  # zstd encodes release the GIL
         # Daemon threads (not a ThreadPoolExecutor, which is joined at exit): a chunk write
-        # hung on the disk must not keep the process from exiting (prefast/store/iothreads.py).
+        # hung on the disk must not keep the process from exiting (store/iothreads.py).
         # Started by the writer thread at its first chunk, so a writer that fails to open
         # leaves no thread behind.
         self.pool: IOPool | None = None

@@ -10,7 +10,8 @@ Four tiers behind one interface, chosen by name::
         ...
     reader.close()                      # releases the shared lock that kept the cache alive
 
-The store imports nothing from the trainer side: it owns its errors
+It lives in the top-level ``store/`` folder, imported as ``prefast.store`` (``setup.cfg``'s
+``package_dir``). The store imports nothing from the trainer side: it owns its errors
 (``prefast.store.errors``) and its sample-order functions (``prefast.store.order``).
 """
 
