@@ -213,7 +213,7 @@ def test_stored_rows_never_share_memory_with_what_the_step_trains_on(dtype, auto
                        dtype, {}, autocast=autocast)  # fmt: skip
     acts = relu_batch(4, (3, 4, 4))
     acts = acts.to(torch.bfloat16) if autocast and dtype == "bfloat16" else acts
-    stored, x = ctx.as_stored(acts, dtype)
+    stored, x, _ = ctx.as_stored(acts, dtype)
     before = stored.clone()
     x.mul_(0)  # what nn.Dropout(inplace=True) may do to its input
     assert torch.equal(stored, before)

@@ -105,7 +105,7 @@ def test_a_prefix_output_holding_nan_is_never_cached_complete(tmp_path):
     assert all(np.isfinite(e["train_loss"]) for e in run["epochs"])
     events = run["final"]["cache_events"]
     (bad,) = [e for e in events if e["event"] == "abandoned"]
-    assert bad["epoch"] == 1 and "NaN or inf values in stage 1's output" in bad["detail"]
+    assert bad["epoch"] == 1 and "NaN or inf values in stage 1's training output" in bad["detail"]
     assert not any(e["event"] == "complete" and e["stage"] == 1 for e in events)
     for row in complete_caches(tmp_path):  # the boundary after the NaN stage is sound
         assert verify(CacheRoot(tmp_path), row["key"]) == []
@@ -117,7 +117,9 @@ def test_a_test_set_cache_holding_nan_is_never_complete(tmp_path):
     events = run["final"]["cache_events"]
     assert any(e["event"] == "complete" and e["stage"] == 1 for e in events)  # training rows
     failed = [e for e in events if e["event"] == "test_cache_failed"]
-    assert failed and all("NaN or inf values in its rows" in e["detail"] for e in failed)
+    assert failed and all(
+        "NaN or inf values in stage 1's test output" in e["detail"] for e in failed
+    )
     for row in complete_caches(tmp_path):
         assert verify(CacheRoot(tmp_path), row["key"]) == []
 

@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 import torch
 
+from prefast.caching.fits import Unfit
 from prefast.errors import BoundaryStateError, CacheUnavailableError
 from prefast.store import CacheRoot, Reader, Writer
-from prefast.store.device import to_host
 
 log = logging.getLogger("prefast.caching.boundary")
 
@@ -96,8 +96,9 @@ class BoundaryCache:
         # The governor's estimate of what one view and the test set take in ``tier``: what
         # the ledger charges until the feed measures the caches on disk.
         self.view_bytes, self.test_bytes = 0, 0
-        # NaN/inf values in the view being written, counted on the device (no host sync per
-        # batch) and read once before the view would be marked complete.
+        # Non-finite values in the view being written, as stored, and of them those that
+        # overflowed its dtype (``prefast/caching/fits.py``): counted on the device (no host
+        # sync per batch) and read once before the view would be marked complete.
         self.nonfinite: torch.Tensor | None = None
         self.unavailable = 0  # opens or reads in a row that failed with CacheUnavailableError
         self.why: str | None = None  # reason of a terminal state
@@ -147,14 +148,13 @@ class BoundaryCache:
         assert self.writer is not None
         self.writer.append(acts, labels, ids)
 
-    def count_nonfinite(self, values: torch.Tensor) -> None:
-        """Add the NaN and inf values of a batch the writer is given (on its device)."""
-        n = (~torch.isfinite(values)).sum()
-        self.nonfinite = n if self.nonfinite is None else self.nonfinite + n
+    def count_stored(self, counts: torch.Tensor) -> None:
+        """Add a batch's ``fits.mend`` counts (on the device: no host sync per batch)."""
+        self.nonfinite = counts if self.nonfinite is None else self.nonfinite + counts
 
-    def nonfinite_written(self) -> int:
-        """NaN and inf values written to the current view so far (one read of the device)."""
-        return 0 if self.nonfinite is None else int(to_host(self.nonfinite))
+    def stored_values(self) -> Unfit:
+        """What the view written so far holds that no cache keeps (one read of the device)."""
+        return Unfit.read(self.nonfinite)
 
     def finish_view(self) -> None:
         """Make the view being written readable; raises the writer's errors (then abandon).

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from prefast.caching.fits import mend
 from prefast.caching.governor import Governor
 from prefast.errors import (
     CacheAllocationError,
@@ -188,24 +189,26 @@ class CacheContext:
         finally:
             self.io_s[kind] += time.perf_counter() - t
 
-    def as_stored(self, acts: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``acts`` encoded in ``dtype`` (what the writer stores), and decoded again, exactly as
-        later epochs will read them back (what the model takes).
+    def as_stored(
+        self, acts: torch.Tensor, dtype: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``acts`` encoded in ``dtype`` (what the writer stores); decoded again, exactly as
+        later epochs will read them back (what the model takes); and ``(2,)`` counts on the
+        device of the values that are not finite as stored, and of them those that
+        overflowed ``dtype`` (``prefast/caching/fits.py``): the model takes those as computed,
+        and a cache holding them is never kept.
 
         Write-through epochs train and evaluate on the decoded rows, so a run gives the
         same numbers whether its caches were written in this run or reused from another.
 
-        The two never share memory: where encoding is a no-op (float32; a 16-bit cache
-        under autocast) the stored rows are a copy, queued on the device before the step.
-        A disk writer reads them later, on its own thread (on CUDA its copy to the host
+        The two never share memory (``fits.mend`` builds the decoded rows anew): a disk
+        writer reads the stored rows later, on its own thread (on CUDA its copy to the host
         is queued after the step), and a trainable stage that begins with an in-place op
-        (``nn.Dropout(inplace=True)``, ``nn.ReLU(inplace=True)``) writes into ``x``.
+        (``nn.Dropout(inplace=True)``, ``nn.ReLU(inplace=True)``) writes into what it takes.
         """
         stored = encoding.encode(acts, dtype)
-        x = self.to_compute(stored, dtype, tuple(acts.shape[1:]))
-        if x is stored:  # every no-op on the way (cast, move, decode) returned its input
-            stored = stored.clone()
-        return stored, x
+        counts, x = mend(acts, self.to_compute(stored, dtype, tuple(acts.shape[1:])))
+        return stored, x, counts
 
     def to_compute(self, stored: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Stored rows -> the device (a no-op when they came through a reader's staging),

@@ -31,10 +31,32 @@ import numpy as np
 import torch
 
 from prefast.data.augment import flipped_where, padded_crop
+from prefast.errors import ConfigError
 from prefast.store.device import to_device
 from prefast.store.order import rng_for
 
 MIX_ALPHA = 2.0  # Manifold Mixup's Beta(alpha, alpha) for hidden-layer mixing
+
+
+def check_feature_ops(ops: tuple[str, ...], costs: list, channels_last: bool) -> None:
+    """Refuse, in one line, spatial ops on rows that are not (C, H, W) maps: ``costs`` are
+    the probe's per-stage costs (their ``out_shape`` is each boundary's row)."""
+    rows = [
+        (i, c.out_shape) for i, c in enumerate(costs[:-1]) if len(c.out_shape) != 3 or channels_last
+    ]
+    spatial = [op for op in ops if op in ("shift", "flip")]
+    if spatial and rows:  # shift and flip move pixels of (C, H, W) maps; mix takes any row
+        stage, shape = rows[0]
+        what = (
+            "(H, W, C) map (channels last, as Swin keeps them)"
+            if len(shape) == 3
+            else "row (a transformer's tokens x dim)"
+        )
+        raise ConfigError(
+            f"--feature-augment {','.join(spatial)} moves pixels of (C, H, W) feature maps, "
+            f"but stage {stage}'s output is a {'x'.join(map(str, shape))} {what}: use "
+            "--feature-augment mix, or none, for this model"
+        )
 
 
 def max_shift(height: int) -> int:

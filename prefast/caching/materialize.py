@@ -50,7 +50,8 @@ from prefast.caching.boundary import BoundaryCache, State
 from prefast.caching.budgets import budgets_for
 from prefast.caching.cachectx import DISK_TIERS, CacheContext
 from prefast.caching.costmodel import StageCost, plan_boundaries
-from prefast.caching.feature_augment import FeatureAugment
+from prefast.caching.feature_augment import FeatureAugment, check_feature_ops
+from prefast.caching.fits import not_kept
 from prefast.caching.governor import Governor, cache_dtype, cache_views
 from prefast.caching.online import plan_online
 from prefast.caching.probe import measure_stage_costs
@@ -65,7 +66,6 @@ from prefast.errors import (
     CacheError,
     CacheReadError,
     CacheUnavailableError,
-    ConfigError,
 )
 from prefast.freezing.adaptive import AutoFreezeSchedule
 from prefast.freezing.schedule import FreezeOutSchedule
@@ -136,6 +136,7 @@ class PrefastFeed(BoundaryTransitions):
         self.considered: int | None = None  # the deepest frozen prefix planned for so far
         self.freezes_told = 0  # the rule's decisions recorded as events so far
         self.plan = dict(self.planned)  # plus re-materializations after faults
+        self.wider: dict[int, str] = {}  # stages whose rows overflowed their dtype (fits.py)
         # Resumed: the boundaries the first part of the run held, found again by their keys
         # (recomputed here, for this rank) at the first epoch. A run resumed with another
         # world size has other shards: their caches are built anew (resharding).
@@ -154,29 +155,14 @@ class PrefastFeed(BoundaryTransitions):
         self.ctx = CacheContext(root, self.governor, model, device, dtype, identity, autocast=amp)
         self.current: BoundaryCache | None = None  # complete: later epochs read it
         self.target: BoundaryCache | None = None  # being materialized
-        self.test = TestCache(self.ctx, raw, self._run_prefix, self._ratio, self._test_allowance)
+        self.test = TestCache(
+            self.ctx, raw, self._run_prefix, self._ratio, self._test_allowance, cfg.cache_dtype
+        )
         self.epoch: int | None = None
         self.warned_fixed_aug = False
         self.disk_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         ops = parse_ops(cfg.feature_augment)
-        rows = [
-            (i, c.out_shape)
-            for i, c in enumerate(self.costs[:-1])
-            if len(c.out_shape) != 3 or model.channels_last
-        ]
-        spatial = [op for op in ops if op in ("shift", "flip")]
-        if spatial and rows:  # shift and flip move pixels of (C, H, W) maps; mix takes any row
-            stage, shape = rows[0]
-            what = (
-                "(H, W, C) map (channels last, as Swin keeps them)"
-                if len(shape) == 3
-                else "row (a transformer's tokens x dim)"
-            )
-            raise ConfigError(
-                f"--feature-augment {','.join(spatial)} moves pixels of (C, H, W) feature maps, "
-                f"but stage {stage}'s output is a {'x'.join(map(str, shape))} {what}: use "
-                "--feature-augment mix, or none, for this model"
-            )
+        check_feature_ops(ops, self.costs, model.channels_last)
         self.features = FeatureAugment(ops, cfg.seed, raw.num_train) if ops else None
         self._reset_stats()
 
@@ -233,12 +219,8 @@ class PrefastFeed(BoundaryTransitions):
 
     def end_epoch(self, epoch: int) -> None:
         t = self.target
-        if t is not None and t.state is State.WRITING and (bad := t.nonfinite_written()):
-            self._abandon(  # never a complete cache of NaN or inf (a diverging prefix)
-                epoch,
-                f"{bad} NaN or inf values in stage {t.stage}'s output: a cache of them is "
-                "never kept (the model diverged?)",
-            )
+        if t is not None and t.state is State.WRITING and (unfit := t.stored_values()):
+            not_kept(self, epoch, t, unfit)  # never a complete cache of NaN or inf
             t = None
         if t is not None and t.state is State.WRITING:
             try:
@@ -251,6 +233,17 @@ class PrefastFeed(BoundaryTransitions):
         if self.target is not None and self.target.state is State.COMPLETE:
             self._promote(epoch)
         self._check()
+
+    def input_fault(self) -> str | None:
+        """The frozen prefix computed NaN or inf in the view being written (values that only
+        overflowed the cache dtype never reach the step: ``fits.mend``)."""
+        t = self.target
+        if t is None or t.state is not State.WRITING:
+            return None
+        unfit = t.stored_values()
+        if unfit.nonfinite <= unfit.overflowed:
+            return None
+        return f"the frozen prefix, not the learning rate: {unfit.detail(t.stage, t.dtype, 'training')}"
 
     def test_batches(self) -> BatchStream:
         if self.current is None:
@@ -356,8 +349,8 @@ class PrefastFeed(BoundaryTransitions):
         if writing is None or writing.state is not State.WRITING:
             return batch
         out = self._run_prefix(batch.x, batch.start, writing.stage)
-        writing.count_nonfinite(out)
-        stored, x = self.ctx.as_stored(out, writing.dtype)  # the writer keeps what x decodes
+        stored, x, counts = self.ctx.as_stored(out, writing.dtype)  # x: what stored decodes to
+        writing.count_stored(counts)  # the check runs on what is stored (fits.py)
         try:
             with self.ctx.timed("write_s"):
                 writing.write(stored, batch.labels, batch.ids)
@@ -379,7 +372,7 @@ class PrefastFeed(BoundaryTransitions):
         and decoded in its dtype, so the step (and the feature ops) see the very values a
         read would have given."""
         out = self._run_prefix(batch.x, batch.start, source.stage)
-        _, x = self.ctx.as_stored(out, source.dtype)
+        _, x, _ = self.ctx.as_stored(out, source.dtype)
         return replace(batch, x=x, start=source.stage, cached=True)
 
     def _run_prefix(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:

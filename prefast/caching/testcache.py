@@ -21,6 +21,8 @@ import torch
 
 from prefast.caching.boundary import discard
 from prefast.caching.cachectx import CacheContext
+from prefast.caching.fits import Unfit, wider_dtype
+from prefast.config import setting
 from prefast.data.sources import Batch, BatchStream, RawSource
 from prefast.errors import (
     CacheAllocationError,
@@ -30,7 +32,7 @@ from prefast.errors import (
     CacheUnavailableError,
 )
 from prefast.store import Reader, Writer
-from prefast.store.device import Uploader, to_host
+from prefast.store.device import Uploader
 from prefast.store.order import batch_slices
 
 log = logging.getLogger("prefast.caching.materialize")
@@ -45,8 +47,11 @@ class TestCache:
         run_prefix: RunPrefix,
         ratio_of: Callable[[int, str], float],
         allowance: Callable[[str], int | None],
+        requested_dtype: str = "auto",
     ):
         self.ctx, self.raw, self.run_prefix = ctx, raw, run_prefix
+        self.requested_dtype = requested_dtype  # --cache-dtype as given: auto may widen one
+        self.wider: dict[int, str] = {}  # stage -> the dtype its test rows fit in (fits.py)
         self.ratio_of = ratio_of  # a boundary's measured zstd ratio in a dtype (picks a disk tier)
         self.allowance = allowance  # tier -> bytes the test cache may put on disk there
         self.reader: Reader | None = None
@@ -55,7 +60,9 @@ class TestCache:
         self.failed_stage: int | None = None  # a boundary whose test cache could not be written
 
     def batches(self, stage: int, tier: str, epoch: int | None, dtype: str) -> BatchStream:
-        """The test set as input of stage ``stage``, in row order, cached in ``dtype``."""
+        """The test set as input of stage ``stage``, in row order, cached in ``dtype`` (or in
+        a wider one, where its rows overflowed ``dtype``)."""
+        dtype = self.wider.get(stage, dtype)
         if self.reader is not None and self.stage == stage:
             yield from self._read(self.reader, stage, epoch)
             return
@@ -77,17 +84,18 @@ class TestCache:
         old = self.reader if self.reader is not None and self.stage < stage else None
         source = self._read(old, self.stage, epoch) if old is not None else self.raw.test_batches()
         opened = not write
-        nonfinite = torch.zeros((), dtype=torch.int64, device=self.ctx.device)  # on the device
+        unfit = torch.zeros(2, dtype=torch.int64, device=self.ctx.device)  # fits.mend's counts
         try:
             for batch in source:
                 x = self.run_prefix(batch.x, batch.start, stage)
                 if not opened:
                     opened = True
                     self._open(stage, tier, tuple(x.shape[1:]), epoch, dtype)
+                # x as the cache holds it: what later evaluations read, written or not (a
+                # value that overflowed the dtype as computed: such rows are never kept)
+                stored, x, counts = self.ctx.as_stored(x, dtype)
                 if self.writer is not None:
-                    nonfinite += (~torch.isfinite(x)).sum()
-                # x as the cache holds it: what later evaluations read, written or not
-                stored, x = self.ctx.as_stored(x, dtype)
+                    unfit += counts  # the check runs on what is stored
                 if self.writer is not None:
                     try:
                         with self.ctx.timed("write_s"):
@@ -96,11 +104,10 @@ class TestCache:
                         self.writer = None
                         self._failed(stage, epoch, exc)
                 yield Batch(x, batch.y, batch.ids, batch.labels, stage)
-            bad = int(to_host(nonfinite)) if self.writer is not None else 0
-            if bad and self.writer is not None:  # never a complete cache of NaN or inf
+            if self.writer is not None and (bad := Unfit.read(unfit)):  # never NaN or inf
                 self.writer.abort()
                 self.writer = None
-                self._failed(stage, epoch, ValueError(f"{bad} NaN or inf values in its rows"))
+                self._unfit(stage, epoch, dtype, bad)
             if self.writer is not None:
                 writer, self.writer = self.writer, None
                 try:
@@ -141,6 +148,27 @@ class TestCache:
                 self._failed(stage, epoch, exc)
                 return
 
+    def _unfit(self, stage: int, epoch: int | None, dtype: str, bad: Unfit) -> None:
+        """The test rows hold values no cache keeps: where they only overflowed ``dtype``,
+        under auto the next evaluation writes them in a wider one; else not cached."""
+        detail = bad.detail(stage, dtype, "test")
+        wider = wider_dtype(dtype, self.requested_dtype)
+        if bad.overflowed == bad.nonfinite and wider is not None:
+            self.wider[stage] = wider
+            why = f"{detail}; written again as {wider} at the next evaluation"
+            log.warning("%s", why)
+            self.ctx.event(epoch, "dtype_changed", stage=stage, split="test", dtype=dtype,
+                           to=wider, values=bad.overflowed, detail=why)  # fmt: skip
+            return
+        if bad.overflowed < bad.nonfinite:  # the prefix's own output: no dtype helps
+            self._failed(stage, epoch, ValueError(detail))
+            return
+        detail += f"; not cached: {setting('cache_dtype', 'float32')} (or auto) stores them"
+        log.warning("not caching the test set at stage %d: %s", stage, detail)
+        self.ctx.event(epoch, "not_cached", stage=stage, split="test", dtype=dtype,
+                       values=bad.overflowed, reason=detail)  # fmt: skip
+        self.failed_stage = stage
+
     def _failed(self, stage: int, epoch: int | None, exc: BaseException) -> None:
         log.warning("not caching the test set at stage %d: %s", stage, exc)
         self.ctx.event(epoch, "test_cache_failed", stage=stage, detail=str(exc))
@@ -173,7 +201,7 @@ class TestCache:
             # the prefix, encoded and decoded in its dtype, entering stage ``start``.
             for batch in self.raw.test_batches(first_row=done):
                 x = self.run_prefix(batch.x, batch.start, start)
-                _, x = self.ctx.as_stored(x, reader.spec.dtype)
+                _, x, _ = self.ctx.as_stored(x, reader.spec.dtype)
                 yield Batch(x, batch.y, batch.ids, batch.labels, start, cached=True)
 
     def _replace(self, reader: Reader, stage: int) -> None:

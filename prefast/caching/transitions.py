@@ -62,6 +62,7 @@ class BoundaryTransitions(DiskCharges):
     warned_fixed_aug: bool
     schedule: FreezeOutSchedule | AutoFreezeSchedule
     considered: int | None  # --freeze auto (prefast/caching/online.py)
+    wider: dict[int, str]  # stage -> the dtype its rows fit in, after they overflowed (fits.py)
     freezes_told: int
 
     def _stream(self, epoch: int) -> int | None:
@@ -209,7 +210,7 @@ class BoundaryTransitions(DiskCharges):
             decision = self.governor.choose_boundary(
                 self.costs,
                 stage,
-                replayed["dtype"] if replayed else self.ctx.dtype,
+                replayed["dtype"] if replayed else self.wider.get(stage, self.ctx.dtype),
                 (self.raw.num_train, self.raw.num_test),
                 self.views,
                 self.raw.batches_per_epoch + test_batches,

@@ -81,6 +81,10 @@ class Feed(Protocol):
     def end_epoch(self, epoch: int) -> None:
         """The epoch's batches are consumed (before evaluation)."""
 
+    def input_fault(self) -> str | None:
+        """Why this epoch's batches held NaN or inf, where the feed knows (the training loss
+        diverged: the trainer names this instead of the learning rate); None otherwise."""
+
     def test_batches(self) -> BatchStream:
         """The test set, in order, every sample once."""
 
@@ -188,6 +192,9 @@ class RawSource:
 
     def end_epoch(self, epoch: int) -> None:
         pass
+
+    def input_fault(self) -> str | None:
+        return None  # raw data: what the model makes of it is the trainer's question
 
     def take_epoch_stats(self) -> dict[str, Any]:
         return {

@@ -202,10 +202,10 @@ class Trainer:
         # every rank here, and no view of this epoch is ever marked complete.
         loss_all, steps_all = distributed.all_sum(self.dist, loss_sum, steps)
         if not math.isfinite(loss_all):
+            cause = self.feed.input_fault() or self.schedule.divergence_cause()
             raise TrainingDivergedError(
                 f"training diverged in epoch {epoch + 1}: the mean training loss is {loss_all}."
-                f" Likely cause: {self.schedule.divergence_cause()}. No cache holding "
-                "non-finite values was kept."
+                f" Likely cause: {cause}. No cache holding non-finite values was kept."
             )
         self.feed.end_epoch(epoch)
         self.replicas.sync_buffers()
