@@ -67,3 +67,58 @@ def test_a_plan_that_does_not_fit_the_run_is_refused(tmp_path):
     record.write_text("{}")
     with pytest.raises(ConfigError, match="holds no prefast plan"):
         train(cfg(tmp_path, plan_from=str(record)))
+
+
+def test_a_plan_made_with_another_t0_is_refused_in_one_line(tmp_path, capsys, caplog):
+    """A plan replayed with another --t0 names a boundary below the prefix frozen at its
+    epoch. Before, it was accepted and not replayed: the feed caches the whole frozen
+    prefix and looked the entry up by its stage, missed, let the governor choose (lossy
+    dtypes included), and `final.plan` came out empty."""
+    from helpers import cli_in_process
+
+    args = ["--dataset", "digits", "--model", "densenet-bc", "--depth", "16", "--epochs", "6",
+            "--batch-size", "64", "--device", "cpu", "--cache-boundaries", "every"]  # fmt: skip
+    planned = cli_in_process(capsys, caplog, "plan", *args, "--t0", "0.5", "--json")
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    assert plan["boundaries"], "nothing planned: nothing to replay"
+    (tmp_path / "plan.json").write_text(planned.stdout)
+    res = cli_in_process(capsys, caplog, "train", "--mode", "prefast", *args, "--t0", "0.3",
+                         "--plan-from", str(tmp_path / "plan.json"),
+                         "--cache-dir", str(tmp_path / "c"))  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    # the one line (beside the warning a t0 of 0.3 gets about FreezeOut's rate scaling)
+    (line,) = [x for x in res.stderr.splitlines() if "plan-from" in x]
+    assert "Traceback" not in res.stderr
+    assert "--plan-from: the boundary after stage" in line and "does not fit this run" in line
+    assert "replay a plan with the --epochs, --t0, --scale and --model it was made with" in line
+
+
+@pytest.mark.parametrize(
+    ("doc", "says"),
+    [
+        ({"final": []}, "holds no prefast plan"),
+        ({"runs": []}, "holds no prefast plan"),
+        ({"runs": {"prefast": 3}}, "holds no prefast plan"),
+        ([1, 2], "holds no prefast plan"),
+        ({"boundaries": [7]}, "a boundary lacks epoch, stage, tier or dtype"),
+        (
+            {"boundaries": [{"epoch": 1.5, "stage": 1, "tier": "ram", "dtype": "float16"}]},
+            "a boundary's epoch is 1.5, not a whole number",
+        ),
+        (
+            {"boundaries": [{"epoch": 1, "stage": "2", "tier": "ram", "dtype": "float16"}]},
+            "a boundary's stage is '2', not a whole number",
+        ),
+    ],
+)
+def test_a_malformed_plan_file_is_refused_in_one_line(tmp_path, doc, says):
+    """Before: {"final": []} and {"runs": []} raised AttributeError (a traceback), and a
+    fractional epoch was truncated in silence."""
+    from prefast.caching.replay import load_plan
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError) as err:
+        load_plan(str(path))
+    assert says in str(err.value) and "\n" not in str(err.value)

@@ -32,35 +32,59 @@ def load_plan(path: str) -> list[dict]:
         raise ConfigError(f"--plan-from {path}: cannot read it ({exc.strerror})") from None
     except json.JSONDecodeError:
         raise ConfigError(f"--plan-from {path} is not JSON: {hint}") from None
-    if isinstance(doc, dict) and "runs" in doc:
-        doc = doc["runs"].get("prefast") or {}
-    plan = doc.get("final", {}).get("plan") if isinstance(doc, dict) else None
-    if plan is None and isinstance(doc, dict):
-        plan = doc.get("boundaries")
+    plan = _plan_in(doc)
     if not isinstance(plan, list):
         raise ConfigError(f"--plan-from {path} holds no prefast plan: {hint}")
-    try:
-        return [
-            {"epoch": int(b["epoch"]), "stage": int(b["stage"]), "tier": b["tier"],
-             "dtype": b["dtype"]}
-            for b in plan
-        ]  # fmt: skip
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(
-            f"--plan-from {path}: a boundary lacks epoch, stage, tier or dtype"
-        ) from None
+    out = []
+    for b in plan:
+        if not (isinstance(b, dict) and {"epoch", "stage", "tier", "dtype"} <= set(b)):
+            raise ConfigError(f"--plan-from {path}: a boundary lacks epoch, stage, tier or dtype")
+        for field in ("epoch", "stage"):  # a fraction is not truncated in silence
+            if not _whole(b[field]):
+                raise ConfigError(
+                    f"--plan-from {path}: a boundary's {field} is {b[field]!r}, not a whole "
+                    f"number: plans count {field}s from 0 (as `prefast plan --json` writes them)"
+                )
+        out.append({"epoch": int(b["epoch"]), "stage": int(b["stage"]), "tier": b["tier"],
+                    "dtype": b["dtype"]})  # fmt: skip
+    return out
+
+
+def _plan_in(doc: object) -> object:
+    """The boundary list of a run record, a compare record or ``prefast plan --json``."""
+    if not isinstance(doc, dict):
+        return None
+    runs = doc.get("runs")
+    if isinstance(runs, dict):  # a compare record: its prefast run
+        doc = runs.get("prefast")
+        if not isinstance(doc, dict):
+            return None
+    final = doc.get("final")
+    if isinstance(final, dict) and "plan" in final:
+        return final["plan"]
+    return doc.get("boundaries")
+
+
+def _whole(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
 def check_plan(plan: list[dict], schedule: Schedule, batches_per_epoch: int, epochs: int) -> None:
     """Each boundary must fit this run: an epoch it has, a prefix frozen by then."""
     for b in plan:
         epoch, stage = b["epoch"], b["stage"]
-        frozen = schedule.frozen_prefix(epoch * batches_per_epoch) if epoch < epochs else 0
-        if not (0 <= epoch < epochs and 1 <= stage <= frozen):
+        frozen = schedule.frozen_prefix(epoch * batches_per_epoch) if 0 <= epoch < epochs else 0
+        # The feed caches the whole prefix frozen at an epoch's start: a boundary replays
+        # only where its stage is exactly that prefix (a shallower one would never be
+        # looked up, and the governor would pick its own tier and dtype in silence).
+        if not (0 <= epoch < epochs and 1 <= stage == frozen):
             raise ConfigError(
-                f"--plan-from: a boundary after stage {stage} at epoch {epoch} (0-based) does "
-                f"not fit this run ({epochs} epochs; {frozen} stages frozen then): was the plan "
-                "made with other --epochs, --t0 or --model?"
+                f"--plan-from: the boundary after stage {stage} at epoch {epoch} (0-based) does "
+                f"not fit this run ({epochs} epochs; {frozen} stages frozen at that epoch's "
+                "start): replay a plan with the --epochs, --t0, --scale and --model it was made "
+                "with, or drop --plan-from"
             )
         if b["tier"] not in TIERS or (b["tier"] != "recompute" and b["dtype"] not in DTYPES):
             raise ConfigError(
