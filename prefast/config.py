@@ -23,6 +23,13 @@ FEATURE_OPS = ("shift", "flip", "mix")  # prefast/caching/feature_augment.py app
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
+def setting(name: str, value: object) -> str:
+    """A setting as both of its users know it, for messages and run records: the
+    ``TrainConfig`` field and the command line's flag (``cache_tier='zarr' (--cache-tier
+    zarr)``), so a reason read by a Python caller does not name a flag alone."""
+    return f"{name}={value!r} (--{name.replace('_', '-')} {value})"
+
+
 def parse_size(text: str | int | None, field: str = "size") -> int | None:
     """'64MB', '1.5GiB', '2G', '1024' -> bytes (binary units); None stays None."""
     if text is None or isinstance(text, int):

@@ -71,7 +71,9 @@ def test_a_forced_tier_obeys_its_budget_and_says_so(tmp_path):
     fits = g.choose(15 * MIB, 1, 0, 10, compress_ratio=2.0)  # 7.5 MiB compressed
     assert (fits.tier, fits.bytes) == ("zarr", int(15 * MIB / 2.0))
     over = g.choose(15 * MIB, 1, 0, 10, compress_ratio=1.0)  # zstd does not pay: 15 MiB
-    assert over.tier == "recompute" and "forced --cache-tier zarr" in over.reason, over
+    assert (
+        over.tier == "recompute" and "forced cache_tier='zarr' (--cache-tier zarr)" in over.reason
+    ), over
     assert "15 MiB exceeds what is left of its budget (10 MiB)" in over.reason
 
 

@@ -185,7 +185,7 @@ def test_a_forced_ram_tier_over_max_ram_is_recomputed_and_says_why(tmp_path, fre
     run = train(cfg_for(tmp_path, cache_tier="ram", max_ram=2**19))
     boundaries = [e for e in run["final"]["cache_events"] if e["event"] == "boundary"]
     assert boundaries and all(e["tier"] == "recompute" for e in boundaries), boundaries
-    assert all("forced --cache-tier ram" in e["reason"] for e in boundaries)
+    assert all("forced cache_tier='ram' (--cache-tier ram)" in e["reason"] for e in boundaries)
     assert not any(e["cached_batches"] for e in run["epochs"])
     assert rel_diff(run, freezeout_ref) <= 1e-6
 

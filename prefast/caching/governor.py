@@ -35,6 +35,7 @@ import torch
 
 from prefast.caching.budgets import Ledger
 from prefast.caching.costmodel import StageCost, prefix_seconds
+from prefast.config import setting
 from prefast.store import encoding
 from prefast.store.device import is_accelerator
 
@@ -131,7 +132,11 @@ class Governor(Ledger):
         """
         total = views * view_bytes + test_bytes
         forced = replayed or self.budgets.tier
-        label = f"{forced} (replayed by --plan-from)" if replayed else f"--cache-tier {forced}"
+        label = (
+            f"{forced} (replayed from the plan given by plan_from, --plan-from)"
+            if replayed
+            else setting("cache_tier", forced)
+        )
 
         def offered(tier: str) -> bool:  # a tier after the one that just failed, if any
             return below is None or LEVEL[tier] > LEVEL[below]
