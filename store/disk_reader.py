@@ -45,15 +45,18 @@ def chunk_file(cache_dir: Path, array: zarr.Array, i: int) -> Path:
 
 
 class DiskReader(Reader):
-    def __init__(self, root: CacheRoot, key: str, lock: KeyLock | None = None):
+    def __init__(
+        self, root: CacheRoot, key: str, lock: KeyLock | None = None, *, use: bool = True
+    ):
         self.root, self.key, self.dir = root, key, root.dir_for(key)
         self.lock = lock or root.acquire(key, shared=True)
         try:
             if not root.is_complete(key):
                 raise CacheNotFoundError(f"cache {key} under {root.path} is missing or partial")
             self._open()
-            with contextlib.suppress(OSError):  # a use not recorded never makes it unreadable
-                root.touch(key)
+            if use:  # verifying or inspecting is not using (``cache purge --older-than``)
+                with contextlib.suppress(OSError):  # a use not recorded never makes it unreadable
+                    root.touch(key)
         except OSError as exc:  # from anything not sorted where it happened
             self.close()
             raise read_error(key, "opening it", exc) from exc

@@ -66,7 +66,7 @@ def inspect(root: CacheRoot, key: str) -> dict:
     info = describe(root, key)
     if info["status"] != "complete":
         return info
-    reader = open_reader(root, key)
+    reader = open_reader(root, key, use=False)  # looking is not using
     try:
         stored = reader.read_rows(np.arange(min(reader.spec.rows, reader.chunk_rows)))[0]
         sample = decode(stored, reader.spec.dtype, reader.spec.shape).float()
@@ -107,7 +107,7 @@ def verify(root: CacheRoot, key: str) -> list[str]:
     if not root.is_complete(key):
         return []  # partial caches are never read; `cache ls` shows them as partial
     try:
-        reader: DiskReader = open_reader(root, key)
+        reader: DiskReader = open_reader(root, key, use=False)  # verifying is not using
     except CacheLockedError:
         raise
     except (CacheError, KeyError, OSError, ValueError) as exc:

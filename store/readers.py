@@ -9,8 +9,12 @@ from .mmap_reader import MmapReader
 from .zarr_reader import ZarrReader
 
 
-def open_reader(root: CacheRoot, key: str, lock: KeyLock | None = None) -> DiskReader:
-    """Open a complete disk cache (a partial one is never read).
+def open_reader(
+    root: CacheRoot, key: str, lock: KeyLock | None = None, *, use: bool = True
+) -> DiskReader:
+    """Open a complete disk cache (a partial one is never read). ``use``: record a use
+    (what ``cache purge --older-than`` goes by); ``cache verify`` and ``inspect`` read a
+    cache without using it.
 
     Raises CacheNotFoundError (missing or partial), CacheLockedError (being
     written or deleted), CacheCorruptedError (metadata, marker or chunk
@@ -38,4 +42,4 @@ def open_reader(root: CacheRoot, key: str, lock: KeyLock | None = None) -> DiskR
     if cls is None:
         lock.release()
         raise CacheCorruptedError(key, f"the completion marker names an unknown tier {tier!r}")
-    return cls(root, key, lock=lock)
+    return cls(root, key, lock=lock, use=use)

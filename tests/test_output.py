@@ -11,6 +11,7 @@ from helpers import cli_in_process
 
 from prefast.cli.common import epoch_line
 from prefast.store import CacheRoot, CacheSpec, open_writer
+from prefast.store.layout import MARKER
 
 
 def make_cache(root: CacheRoot, key: str) -> None:
@@ -95,3 +96,26 @@ def test_the_epoch_line_says_how_many_stages_there_are():
     rec = {"epoch": 2, "train_loss": 0.5, "test_acc": 0.9, "time_s": 1.0, "frozen_stages": 2,
            "num_stages": 4, "cache_tier": "ram"}  # fmt: skip
     assert "epoch   3/5" in epoch_line(rec, 5) and "frozen 2/4 stages" in epoch_line(rec, 5)
+
+
+def test_verify_and_inspect_are_not_uses_and_purge_older_than_still_finds_the_cache(
+    tmp_path, capsys, caplog
+):
+    """Before: `cache verify` (and `inspect`) opened caches as a run does, which records a
+    use, so `purge --older-than` then skipped every cache just verified."""
+    import os
+    import time
+
+    root = CacheRoot(tmp_path)
+    make_cache(root, "b" * 64)
+    marker = root.dir_for("b" * 64) / MARKER
+    assert marker.exists(), sorted(p.name for p in root.dir_for("b" * 64).iterdir())
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(marker, (ten_days_ago, ten_days_ago))
+    for args in (["verify", "--all"], ["inspect", "b" * 12]):
+        res = cli_in_process(capsys, caplog, "cache", *args, "--cache-dir", str(tmp_path))
+        assert res.returncode == 0, res.stderr
+    assert abs(marker.stat().st_mtime - ten_days_ago) < 1  # not recorded as a use
+    res = cli_in_process(capsys, caplog, "cache", "purge", "--older-than", "7d", "--yes",
+                         "--cache-dir", str(tmp_path))  # fmt: skip
+    assert res.returncode == 0 and not root.dir_for("b" * 64).exists(), res.stdout

@@ -137,6 +137,7 @@ class PrefastFeed(BoundaryTransitions):
         self.freezes_told = 0  # the rule's decisions recorded as events so far
         self.plan = dict(self.planned)  # plus re-materializations after faults
         self.wider: dict[int, str] = {}  # stages whose rows overflowed their dtype (fits.py)
+        self.rebuild_streams: dict[int, dict[int, int | None]] = {}  # stage -> view -> stream
         # Resumed: the boundaries the first part of the run held, found again by their keys
         # (recomputed here, for this rank) at the first epoch. A run resumed with another
         # world size has other shards: their caches are built anew (resharding).

@@ -63,6 +63,7 @@ class BoundaryTransitions(DiskCharges):
     schedule: FreezeOutSchedule | AutoFreezeSchedule
     considered: int | None  # --freeze auto (prefast/caching/online.py)
     wider: dict[int, str]  # stage -> the dtype its rows fit in, after they overflowed (fits.py)
+    rebuild_streams: dict[int, dict[int, int | None]]  # a damaged boundary's view streams
     freezes_told: int
 
     def _stream(self, epoch: int) -> int | None:
@@ -253,6 +254,7 @@ class BoundaryTransitions(DiskCharges):
             self.governor.release,
             decision.dtype,
         )
+        self.target.streams.update(self.rebuild_streams.pop(stage, {}))  # after damage
         self.target.view_bytes = decision.view_bytes
         self.target.test_bytes = decision.bytes - self.views * decision.view_bytes
 
@@ -376,3 +378,6 @@ class BoundaryTransitions(DiskCharges):
             self.target = None
         if self.target is None and self._readable(epoch + 1):
             self.plan[epoch + 1] = source.stage
+            # Rebuilt in the augmentation streams of the views it replaces: the same rows,
+            # so the same keys (the next run finds it) and the same numbers as a clean run.
+            self.rebuild_streams[source.stage] = dict(source.streams)
