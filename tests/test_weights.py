@@ -3,6 +3,9 @@ dataset's classes (and the log says so), a file that does not fit exits 2 in one
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 import torchvision
@@ -84,7 +87,8 @@ def test_a_file_that_does_not_fit_exits_2_naming_the_first_key(tmp_path, capsys,
     assert res.returncode == 2
     assert res.stderr.strip() == (
         f"prefast: error: --weights {tmp_path / 'r34.pt'} does not fit --model: the first key "
-        "that differs is 'layer1.2.conv1.weight' (only the file has it)"
+        "that differs is 'layer1.2.conv1.weight' (only the file has it): pass weights saved "
+        "from --model's architecture, or the --model they were saved from"
     )
 
 
@@ -106,3 +110,57 @@ def test_a_weights_file_that_is_not_one_is_refused(tmp_path, content, message):
         build_model("torchvision:resnet18", in_channels=3, num_classes=10, image_size=32,
                     weights=str(file))  # fmt: skip
     assert "\n" not in str(err.value)
+
+
+def test_a_file_without_num_batches_tracked_loads_as_pytorch_loads_it(tmp_path, caplog):
+    """Saved by PyTorch before 0.4.1: BatchNorm keeps the model's own count."""
+    saved = imagenet_resnet18()
+    old = {k: v for k, v in saved.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pt")
+    caplog.set_level(logging.INFO)
+    m = build_model("torchvision:resnet18", in_channels=3, num_classes=10, image_size=32,
+                    weights=str(tmp_path / "old.pt"))  # fmt: skip
+    assert torch.equal(m.stages[0][1].running_var, saved["bn1.running_var"])
+    assert int(m.stages[0][1].num_batches_tracked) == 0
+    assert "the file has no num_batches_tracked for 20 BatchNorm layers" in caplog.text
+
+
+def test_torchvisions_own_densenet_checkpoint_names_load(tmp_path):
+    """torchvision's DenseNet files name ``denselayer1.norm.1.weight`` what the model calls
+    ``denselayer1.norm1.weight``; torchvision renames them when it loads them, so do we."""
+    torch.manual_seed(9)
+    saved = torchvision.models.densenet121(num_classes=10).state_dict()
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+           for k, v in saved.items() if not k.endswith("num_batches_tracked")}  # fmt: skip
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    torch.save(old, tmp_path / "densenet.pth")
+    m = build_model("torchvision:densenet121", in_channels=3, num_classes=10, image_size=32,
+                    weights=str(tmp_path / "densenet.pth"))  # fmt: skip
+    block = m.stages[1]  # stage 0 is the stem up to its pooling
+    assert torch.equal(block.denselayer1.norm1.weight,
+                       saved["features.denseblock1.denselayer1.norm1.weight"])  # fmt: skip
+
+
+def test_both_heads_of_a_distilled_deit_are_its_classifier(tmp_path, caplog):
+    """timm names a distilled DeiT's two heads (``head``, ``head_dist``): a file with
+    ImageNet's classes loads with both replaced, the rest of it exactly."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(10)
+    saved = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32).state_dict()
+    torch.save(saved, tmp_path / "deit.pt")
+    m = build_model("timm:deit_tiny_distilled_patch16_224", in_channels=3, num_classes=10,
+                    image_size=32, weights=str(tmp_path / "deit.pt"))  # fmt: skip
+    assert torch.equal(m.stages[2].attn.qkv.weight, saved["blocks.1.attn.qkv.weight"])
+    assert "classifier head, head_dist replaced for the dataset's classes" in caplog.text
+
+
+def test_the_log_says_which_entry_of_the_file_and_how_many_tensors_it_loaded(tmp_path, caplog):
+    torch.save({"state_dict": imagenet_resnet18(), "epoch": 3}, tmp_path / "w.pt")
+    caplog.set_level(logging.INFO)
+    build_model("torchvision:resnet18", in_channels=3, num_classes=10, image_size=32,
+                weights=str(tmp_path / "w.pt"))  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
+    assert said == [
+        f"--weights {tmp_path / 'w.pt'}: loaded 120 tensors from the file's 'state_dict' entry "
+        "(the model has 122)"
+    ]
