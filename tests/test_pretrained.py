@@ -3,6 +3,7 @@ cache; absent and offline, exit 2 in one line within seconds (tests never downlo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -68,7 +69,7 @@ def test_offline_without_the_file_exits_2_in_one_line_within_seconds(tmp_path):
     assert elapsed < 30, elapsed  # the interpreter and torch start; no network wait
 
 
-def _put_in_hf_cache(cache, repo: str, state: dict) -> None:
+def _put_in_hf_cache(cache, repo: str, state: dict, filename: str = "model.safetensors") -> None:
     """The layout huggingface_hub leaves after a download: refs/main names a snapshot."""
     from safetensors.torch import save_file
 
@@ -77,7 +78,7 @@ def _put_in_hf_cache(cache, repo: str, state: dict) -> None:
     snapshot.mkdir(parents=True)
     (folder / "refs").mkdir()
     (folder / "refs" / "main").write_text("0" * 40)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / filename))
 
 
 def test_timm_weights_in_the_hugging_face_cache_are_loaded_through_timm(tmp_path, monkeypatch,
@@ -114,7 +115,7 @@ def test_timm_weights_offline_and_absent_name_the_repo_and_the_cache(tmp_path, m
 
 
 def test_the_hugging_face_cache_is_found_where_huggingface_hub_looks(monkeypatch):
-    from prefast.models.library import hf_hub_cache
+    from prefast.models.hub import hf_hub_cache
 
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
@@ -162,3 +163,157 @@ def test_timm_offline_without_the_file_exits_2_in_one_line_within_seconds(tmp_pa
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "huggingface.co cannot be reached (offline?)" in lines[0], lines
     assert elapsed < 30, elapsed
+
+
+def test_the_online_probe_is_bounded_when_name_resolution_hangs(monkeypatch):
+    """``getaddrinfo`` has no timeout of its own: the probe stops waiting for it."""
+    import socket
+
+    from prefast.models.hub import online
+
+    def resolve(*args, **kwargs):  # a resolver that answers after 8 s: too late
+        time.sleep(8)
+        raise socket.gaierror("no answer")
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    start = time.monotonic()
+    assert online("pypi.example", seconds=1.0) is False
+    assert time.monotonic() - start < 3, time.monotonic() - start
+
+
+@contextlib.contextmanager
+def stalled_server(head: bool = False):
+    """A local HTTP server whose GET sends nothing, ever (and whose HEAD, when ``head``,
+    answers as the Hugging Face hub does for a file of 1,000 bytes). Yields its URL."""
+    import http.server
+    import threading
+
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            for key, value in (("ETag", '"e"'), ("X-Repo-Commit", "1" * 40),
+                               ("Content-Length", "1000")):  # fmt: skip
+                self.send_header(key, value)
+            self.end_headers()
+
+        def do_GET(self):  # noqa: N802
+            release.wait(120)
+
+        def log_message(self, *args):
+            pass
+
+    if not head:
+        del Handler.do_HEAD
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_stalled_torchvision_download_stops_in_one_line(tmp_path, monkeypatch):
+    """torchvision downloads through urllib, which sets no timeout: a server that stops
+    sending is given up on after the stall bound, in one line."""
+    from helpers import run_with_deadline
+
+    from prefast.models import hub
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(hub, "DOWNLOAD_STALL_SECONDS", 1.0)
+    with stalled_server() as server:
+        file_url = f"{server}/resnet18-f37072fd.pth"
+
+        class Weights:  # torchvision's WeightsEnum.get_state_dict, at a local URL
+            url = file_url
+
+            def get_state_dict(self, *args, **kwargs):
+                return torch.hub.load_state_dict_from_url(self.url, *args, **kwargs)
+
+        monkeypatch.setattr(torchvision.models, "get_model_weights",
+                            lambda name: type("W", (), {"DEFAULT": Weights()}))  # fmt: skip
+
+        def build():
+            with pytest.raises(ConfigError) as err:
+                build_model("torchvision:resnet18", in_channels=3, num_classes=10,
+                            image_size=32, pretrained=True)  # fmt: skip
+            return str(err.value)
+
+        message = run_with_deadline(build, 30)
+    assert message.startswith(
+        f"--pretrained torchvision:resnet18: the download of {file_url} failed "
+    )
+    assert "the server stopped sending" in message and "\n" not in message
+
+
+@pytest.mark.slow  # a subprocess, and huggingface_hub's own retries
+def test_a_stalled_hugging_face_download_is_bounded_by_huggingface_hub(tmp_path):
+    """huggingface_hub gives each read HF_HUB_DOWNLOAD_TIMEOUT (10 s by default; 1 s here)
+    and retries a few times: timm's download ends, and the run exits 2 in one line."""
+    pytest.importorskip("timm")
+    with stalled_server(head=True) as url:
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+        env.update(HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path), HF_HUB_DOWNLOAD_TIMEOUT="1",
+                   HF_HUB_ETAG_TIMEOUT="1")  # fmt: skip
+        start = time.monotonic()
+        res = subprocess.run(
+            [sys.executable, "-m", "prefast.cli.main", "train", "--dataset", "digits",
+             "--model", "timm:resnet18", "--pretrained", "--device", "cpu"],
+            capture_output=True, text=True, timeout=240, env=env,
+        )  # fmt: skip
+        elapsed = time.monotonic() - start
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "prefast: error: --pretrained timm:resnet18: the download of timm/resnet18.a1_in1k "
+        "failed (ReadTimeout: timed out; the server stopped sending): try again, or download "
+        "it elsewhere and pass --weights PATH"
+    ]
+    assert elapsed < 120, elapsed
+
+
+def test_timm_finds_the_files_timm_itself_loads_open_clip_ones_too(tmp_path, monkeypatch):
+    """timm loads a tag whose file is open_clip's from ``open_clip_model.safetensors``
+    first (its safetensors alternative), then ``open_clip_pytorch_model.bin``; found in the
+    cache, offline, it is loaded through timm."""
+    timm = pytest.importorskip("timm")
+    from timm.models._registry import _model_pretrained_cfgs
+
+    from prefast.models.hub import timm_pretrained_file, timm_weight_source
+
+    cfg = _model_pretrained_cfgs["resnet18.a1_in1k"]  # timm's registry: a tag as open_clip's
+    monkeypatch.setattr(cfg, "hf_hub_filename", "open_clip_pytorch_model.bin")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert timm_weight_source("resnet18.a1_in1k") == (
+        "hf-hub", "timm/resnet18.a1_in1k",
+        ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"],
+    )  # fmt: skip
+    torch.manual_seed(11)
+    saved = timm.create_model("resnet18", num_classes=1000).state_dict()
+    _put_in_hf_cache(tmp_path, "timm/resnet18.a1_in1k", saved, "open_clip_model.safetensors")
+    assert timm_pretrained_file("resnet18.a1_in1k").endswith("open_clip_model.safetensors")
+    m = build_model("timm:resnet18.a1_in1k", in_channels=3, num_classes=10, image_size=32,
+                    pretrained=True)  # fmt: skip
+    assert torch.equal(m.stages[1].conv1.weight, saved["layer1.0.conv1.weight"])
+
+
+def test_timm_weights_published_by_url_are_found_in_the_torch_hub_cache(tmp_path, monkeypatch):
+    """A few timm tags have no Hugging Face repo, only a URL: timm loads them from the torch
+    hub cache, and so they are found there (offline too)."""
+    timm = pytest.importorskip("timm")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(12)
+    saved = timm.create_model("legacy_seresnet18", num_classes=1000).state_dict()
+    torch.save(saved, checkpoints / "seresnet18-4bb0ce65.pth")
+    m = build_model("timm:legacy_seresnet18", in_channels=3, num_classes=10, image_size=32,
+                    pretrained=True)  # fmt: skip
+    loaded = dict(m.named_parameters())
+    assert any(torch.equal(v, saved["layer1.0.conv1.weight"]) for v in loaded.values())

@@ -9,12 +9,19 @@ torchvision's own key names (prefast/models/weights.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from torch import nn
 
 from prefast.errors import ConfigError
+from prefast.models.hub import (
+    bounded_download,
+    timm_pretrained_file,
+    timm_weight_source,
+    torchvision_pretrained,
+)
 from prefast.models.split import split_model
 from prefast.models.staged import StagedModel
 from prefast.models.weights import first_conv_name, load_state, load_weights
@@ -60,52 +67,6 @@ def _takes_image_size(builder: object) -> bool:
     except Exception:  # an annotation that does not resolve: build at the default size
         return False
     return inspect.isclass(cls) and "image_size" in inspect.signature(cls).parameters
-
-
-def _online(host: str, seconds: float = 3.0) -> bool:
-    """Whether ``host`` answers on 443 within ``seconds`` (no hanging on a dead network)."""
-    import socket
-
-    try:
-        socket.create_connection((host, 443), timeout=seconds).close()
-        return True
-    except OSError:
-        return False
-
-
-def _reachable(host: str) -> bool:
-    """Whether a download from ``host`` may work: behind a proxy we cannot probe it (and
-    assume so); otherwise it must answer on 443 within seconds."""
-    import os
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
-        return True
-    return _online(host)
-
-
-def torchvision_pretrained(name: str) -> dict:
-    """torchvision's default weights for ``name``, through its own loading: from the torch
-    hub cache (``$TORCH_HOME/hub/checkpoints``), downloaded when absent and online; absent
-    and offline, one line naming the file and where to put it."""
-    import os
-    from urllib.parse import urlparse
-
-    import torch
-    import torchvision
-
-    try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT  # type: ignore[attr-defined]
-    except (ValueError, AttributeError):
-        raise ConfigError(f"--pretrained: torchvision has no weights for {name}") from None
-    url = weights.url
-    file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
-    if not os.path.exists(file) and not _reachable(urlparse(url).hostname or ""):
-        raise ConfigError(
-            f"--pretrained torchvision:{name}: {file} is not there and {url} cannot be reached "
-            f"(offline?): download it elsewhere and put it at {file} (or set TORCH_HOME), or "
-            "pass --weights PATH"
-        )
-    return weights.get_state_dict(progress=False, check_hash=False)
 
 
 def torchvision_model(
@@ -177,51 +138,13 @@ def library_model(
     raise ConfigError(f"--model {name!r}: unknown model library {source!r}")
 
 
-def hf_hub_cache() -> str:
-    """The Hugging Face hub cache as the environment names it now, in huggingface_hub's
-    order (``HF_HUB_CACHE``, the older ``HUGGINGFACE_HUB_CACHE``, ``$HF_HOME/hub``,
-    ``$XDG_CACHE_HOME/huggingface/hub``, ``~/.cache/huggingface/hub``); read at each call,
-    not at import as huggingface_hub's constants are."""
-    import os
-
-    env = os.environ
-    xdg = env.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
-    home = env.get("HF_HOME", os.path.join(xdg, "huggingface"))
-    hub = env.get("HF_HUB_CACHE", env.get("HUGGINGFACE_HUB_CACHE", os.path.join(home, "hub")))
-    return os.path.expanduser(os.path.expandvars(hub))
-
-
-def timm_pretrained_file(name: str) -> str | None:
-    """The file of timm's pretrained tag for ``name`` in the Hugging Face cache; None when
-    it is not there and the hub answers (timm then downloads it as it always does); absent
-    and offline, one line naming what to fetch and where."""
-    import os
-
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    if cfg is None or not cfg.hf_hub_id:
-        raise ConfigError(f"--pretrained: timm has no Hugging Face weights for {name}")
-    repo, _, revision = cfg.hf_hub_id.partition("@")
-    cache = hf_hub_cache()
-    for filename in ("model.safetensors", "pytorch_model.bin"):  # what timm looks for
-        found = try_to_load_from_cache(repo, filename, cache_dir=cache, revision=revision or None)
-        if isinstance(found, str):
-            return found
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    if offline or not _reachable("huggingface.co"):
-        why = (
-            "HF_HUB_OFFLINE is set (unset it to let timm download it)"
-            if offline
-            else "huggingface.co cannot be reached (offline?)"
-        )
-        raise ConfigError(
-            f"--pretrained timm:{name}: {repo} is not in the Hugging Face cache {cache} and "
-            f"{why}: run `hf download {repo}` where there is a network and copy that cache "
-            "here (or set HF_HUB_CACHE), or pass --weights PATH"
-        )
-    return None
+def _create_timm(timm: Any, name: str, image_size: int, kwargs: dict[str, Any]) -> nn.Module:
+    try:  # a ViT is built at the data's size (timm resamples a position embedding itself)
+        return timm.create_model(name, img_size=image_size, **kwargs)
+    except TypeError as err:  # raised binding the arguments: nothing was built yet
+        if "img_size" not in str(err):
+            raise
+        return timm.create_model(name, **kwargs)
 
 
 def timm_model(
@@ -261,16 +184,32 @@ def timm_model(
         "num_classes": num_classes,
         "in_chans": in_channels,
     }
+    download: Any = contextlib.nullcontext()
     if pretrained:
         file = timm_pretrained_file(name)
         if file is not None:
             kwargs["pretrained_cfg_overlay"] = {"file": file}
-    try:  # a ViT is built at the data's size (timm resamples a position embedding itself)
-        model = timm.create_model(name, img_size=image_size, **kwargs)
-    except TypeError as err:  # raised binding the arguments: nothing was built yet
-        if "img_size" not in str(err):
-            raise
-        model = timm.create_model(name, **kwargs)
+        else:  # timm downloads it: a stall is bounded, a failure one line
+            download = bounded_download(f"--pretrained timm:{name}", timm_weight_source(name)[1])
+    try:
+        with download:
+            model = _create_timm(timm, name, image_size, kwargs)
+    except ConfigError:
+        raise
+    except Exception as err:  # timm's own error, deep in a builder or a download
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")[:200]
+        what = (
+            "timm could not load its weights" if pretrained
+            else f"timm cannot build it for {in_channels}-channel {image_size} px images"
+        )  # fmt: skip
+        raise ConfigError(
+            f"--model timm:{name}: {what} ({type(err).__name__}: {first}): "
+            + (
+                "try again, or pass --weights PATH"
+                if pretrained
+                else "choose another --image-size or another model"
+            )
+        ) from None
     theirs = getattr(model, "pretrained_cfg", {})  # a dict timm sets on every model
     if pretrained and theirs.get("num_classes") != num_classes:
         log.warning(
