@@ -16,22 +16,19 @@ from typing import Any
 from torch import nn
 
 from prefast.errors import ConfigError
+from prefast.models.check import check_built
 from prefast.models.hub import (
     bounded_download,
     timm_pretrained_file,
     timm_weight_source,
     torchvision_pretrained,
 )
-from prefast.models.split import split_model
+from prefast.models.split import BY_HAND, split_model
 from prefast.models.staged import StagedModel
 from prefast.models.weights import first_conv_name, load_state, load_weights
 
 log = logging.getLogger(__name__)
 PREFIXES = ("torchvision:", "timm:")
-BY_HAND = (
-    "pass the stages by hand from Python: prefast.train(cfg, model=prefast.StagedModel("
-    "[stage0, stage1, ..., head])) (docs/python-api.md)"
-)
 
 
 def is_library_model(name: str) -> bool:
@@ -101,17 +98,21 @@ def torchvision_model(
     _first_conv_takes(model, in_channels)
     if pretrained:
         load_state(model, torchvision_pretrained(name), f"--pretrained torchvision:{name}")
-    return _weighted_and_split(model, f"torchvision:{name}", weights)
+    return _weighted_and_split(model, f"torchvision:{name}", weights, in_channels, image_size)
 
 
-def _weighted_and_split(model: nn.Module, name: str, weights: str | None) -> StagedModel:
+def _weighted_and_split(
+    model: nn.Module, name: str, weights: str | None, in_channels: int, image_size: int
+) -> StagedModel:
     """``weights`` loaded with the library's own key names (before the split), then the
-    model split by its structure, or refused in one line."""
+    model split by its structure and checked against its own forward
+    (prefast/models/check.py), or refused in one line."""
     if weights:
         load_weights(model, weights)
     staged = split_model(model, name=name)
     if staged is None:
         raise ConfigError(f"cannot split {name} into freeze stages: {BY_HAND}")
+    check_built(model, staged, name, in_channels, image_size)
     return staged
 
 
@@ -216,4 +217,4 @@ def timm_model(
             "--pretrained: classifier %s replaced for the dataset's classes (timm's weights "
             "have %s): it starts untrained", theirs.get("classifier"), theirs.get("num_classes")
         )  # fmt: skip
-    return _weighted_and_split(model, f"timm:{name}", weights)
+    return _weighted_and_split(model, f"timm:{name}", weights, in_channels, image_size)

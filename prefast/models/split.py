@@ -20,6 +20,7 @@ the logits family by family). The families and their cuts are in docs/models.md.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +34,10 @@ from prefast.models.staged import (
     remember_state,
 )
 
+BY_HAND = (
+    "pass the stages by hand from Python: prefast.train(cfg, model=prefast.StagedModel("
+    "[stage0, stage1, ..., head])) (docs/python-api.md)"
+)
 POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 # (stem attributes, sequence attribute): a forward that runs these first, then the head.
 SEQUENCES = ((("stem",), "trunk_output"), ((), "features"), ((), "layers"))
@@ -199,25 +204,74 @@ def split_model(model: Any, name: str) -> StagedModel | None:
     return None
 
 
-def check_split(model: nn.Module, staged: StagedModel, x: torch.Tensor) -> None:
+def check_split(
+    model: nn.Module,
+    staged: StagedModel,
+    x: torch.Tensor,
+    label: str | None = None,
+    unsplit_error: Callable[[Exception], ConfigError] | None = None,
+    split_error: Callable[[Exception], ConfigError] | None = None,
+) -> None:
     """A model split by a rule must compute what its own forward does: compared on ``x``
     (a sample or two of the training data) in eval mode, without gradients; the modes
     are put back. A forward that does more than run the recognised parts in order (a
-    rescaled input, a skip around the trunk) is refused in one line."""
-    restore = remember_state(model)
+    rescaled input, a skip around the trunk) is refused in one line, as is a split whose
+    forward fails (``split_error`` words it; by default the exception's first line).
+    ``unsplit_error`` words a failure of the model's own forward (by default it is
+    raised as it is: your model fails on your data). ``label`` names the model."""
+    label = label or f"your {type(model).__name__}"
+    restore = [remember_state(model), remember_state(staged)]
     try:
         model.eval()
-        with torch.no_grad():  # one explicit read back to the host, at setup
-            difference = float((staged(x) - model(x)).abs().max().cpu())
+        staged.eval()
+        with torch.no_grad():
+            try:
+                expected = model(x)
+            except Exception as err:
+                if unsplit_error is None:
+                    raise
+                raise unsplit_error(err) from None
+            try:
+                got = staged(x)
+            except Exception as err:
+                raise (split_error or _split_fails(label))(err) from None
+            difference = _max_difference(got, expected)  # one read back to the host, at setup
     finally:
-        restore()
+        for put_back in restore:
+            put_back()
     if not difference <= 1e-4:
         raise ConfigError(
-            f"the split of your {type(model).__name__} into {staged.num_stages} stages does "
-            f"not compute what its forward does (logits differ by up to {difference:.3g}): "
-            "its forward does more than run the parts docs/models.md names in order; pass "
+            f"the split of {label} into {staged.num_stages} stages does not compute what its "
+            f"forward does (logits differ by up to {difference:.3g}): its forward does more "
+            "than run the parts docs/models.md names in order; pass "
             "prefast.StagedModel([stage0, stage1, ..., head]) with the modules in order"
         )
+
+
+def _split_fails(label: str) -> Callable[[Exception], ConfigError]:
+    def error(err: Exception) -> ConfigError:
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")[:160]
+        return ConfigError(
+            f"cannot split {label} into freeze stages: the split model fails where the model "
+            f"runs ({type(err).__name__}: {first}): pass prefast.StagedModel([stage0, "
+            "stage1, ..., head]) with the modules in order"
+        )
+
+    return error
+
+
+def _max_difference(got: Any, expected: Any) -> float:
+    """The largest difference between two outputs relative to the logits' size (at least
+    1), NaN where they are not both tensors of one shape; NaN at the same place in both
+    counts as equal."""
+    if not (isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)):
+        return float("nan")
+    if got.shape != expected.shape:
+        return float("nan")
+    both_nan = got.isnan() & expected.isnan()
+    diff = torch.where(both_nan, 0.0, (got.float() - expected.float()).abs())
+    scale = torch.where(expected.isfinite(), expected.float().abs(), 0.0).max().clamp_min(1.0)
+    return float((diff.max() / scale).cpu()) if diff.numel() else 0.0
 
 
 def as_staged_model(
