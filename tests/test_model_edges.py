@@ -132,3 +132,26 @@ def test_the_build_check_leaves_the_random_stream_and_the_modes_as_they_were():
     m = build_model("timm:resnet18", in_channels=3, num_classes=10, image_size=32)
     assert torch.equal(torch.rand(3), expected)
     assert all(module.training for module in m.modules())
+
+
+def test_an_image_folder_of_grayscale_images_says_it_reads_three_channels(tmp_path, caplog):
+    from PIL import Image
+
+    from prefast.data.imagefolder import imagefolder_splits
+
+    rgb = write_image_folder(tmp_path / "rgb", per_class=(3, 2))  # saved as RGB
+    gray = tmp_path / "gray"
+    for path in sorted(rgb.rglob("*.png")):
+        target = gray / path.relative_to(rgb)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(path).convert("L").save(target)
+    with caplog.at_level(logging.WARNING):
+        imagefolder_splits(rgb, None, "none")
+        assert caplog.records == []
+        train, _ = imagefolder_splits(gray, None, "none")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"imagefolder: the images in {gray / 'train'} are grayscale (mode L): each is read as "
+        "three identical RGB channels, as torchvision's ImageFolder reads it"
+    ]
+    x = train[0][0]  # (3, 8, 8): the same channel three times, standardized alike
+    assert x.shape[0] == 3 and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])

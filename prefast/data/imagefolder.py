@@ -10,17 +10,23 @@ size), converted to tensors and standardized with per-channel statistics of
 up to 256 training images; ``--augment standard`` adds a random crop with
 padding (1/8 of the side) and a horizontal flip to the training transform.
 These are ordinary map-style datasets: the trainer reads them through a
-DataLoader, exactly as it reads a user's own dataset.
+DataLoader, exactly as it reads a user's own dataset. Every image is read as RGB
+(torchvision's loader): grayscale images become three identical channels, and the log
+says so once (a warning) when the training images are grayscale.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import torch
 
 from prefast.errors import DataUnavailableError, UnreadableImageError
+
+log = logging.getLogger(__name__)
+GRAY = ("1", "L", "LA", "I", "I;16", "F")  # PIL's one-channel modes (LA: with alpha)
 
 
 def imagefolder_splits(root: Path, image_size: int | None, augment: str, normalize: str = "data"):  # type: ignore[no-untyped-def]
@@ -36,6 +42,7 @@ def imagefolder_splits(root: Path, image_size: int | None, augment: str, normali
             f"DIR/val/<class>/* or DIR/test/<class>/*); --data-dir is {root}"
         )
     probe = _folder(datasets, train_dir, None)
+    _say_if_grayscale(probe, train_dir)
     if image_size is None:
         width, height = probe.loader(probe.samples[0][0]).size
         size: tuple[int, int] = (height, width)
@@ -82,6 +89,28 @@ def _folder(datasets, path: Path, transform):  # type: ignore[no-untyped-def]
     except (FileNotFoundError, OSError) as exc:  # an empty class folder, or no classes
         detail = str(exc).split(". Supported extensions")[0]
         raise DataUnavailableError(f"{path}: {detail}") from None
+
+
+def _say_if_grayscale(folder, train_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Warn once when the training images are grayscale (up to 16 evenly spaced ones, read
+    by their headers only): the loader makes three identical channels of each."""
+    from PIL import Image
+
+    n = len(folder.samples)
+    picks = [folder.samples[i][0] for i in range(0, n, max(1, n // 16))][:16]
+    modes = set()
+    for path in picks:
+        try:
+            with Image.open(path) as image:
+                modes.add(image.mode)
+        except (OSError, ValueError, SyntaxError):  # load_image names it when it is read
+            return
+    if modes and modes <= set(GRAY):
+        log.warning(
+            "imagefolder: the images in %s are grayscale (mode %s): each is read as three "
+            "identical RGB channels, as torchvision's ImageFolder reads it",
+            train_dir, "/".join(sorted(modes)),
+        )  # fmt: skip
 
 
 def _channel_stats(folder, transform) -> tuple[list[float], list[float]]:  # type: ignore[no-untyped-def]
