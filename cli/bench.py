@@ -46,11 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_store(args: argparse.Namespace) -> int:
     from prefast.benchmarks.store_bench import markdown, run_store_bench
-    from prefast.config import parse_size
+    from prefast.config import local_dir, parse_size
 
     size = parse_size("1GB" if args.quick else args.size, "--size")
     doc = run_store_bench(
-        size, Path(args.dir) if args.dir else None, 1 if args.quick else args.trials
+        size, local_dir(args.dir, f"--dir {args.dir}") if args.dir else None, 1 if args.quick else args.trials
     )
     md = markdown(doc)
     print(md)

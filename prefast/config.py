@@ -169,6 +169,8 @@ class TrainConfig:
             object.__setattr__(self, "freeze_prefix", int(prefix))
         if isinstance(self.freeze_prefix, int) and self.freeze_prefix < 0:
             raise ConfigError(f"--freeze-prefix {self.freeze_prefix} must be >= 0")
+        if self.cache_dir is not None:
+            local_dir(self.cache_dir, setting("cache_dir", self.cache_dir))
         positive = ("epochs", "batch_size", "growth_rate", "width", "cache_views")
         for name in positive:
             if getattr(self, name) < 1:
@@ -260,11 +262,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def local_dir(text: str, named: str) -> Path:
+    """``text`` as a local directory; a URL (``s3://bucket/prefix``) is refused in one line:
+    caches live on a local or mounted filesystem until an object-store tier exists (a URL
+    taken as a path would write a folder named ``s3:`` in the current directory)."""
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if scheme:
+        raise ConfigError(
+            f"{named}: {scheme.group(1)}:// URLs are not supported yet (caches live on "
+            "a local or mounted filesystem): pass a directory, e.g. a mount of the bucket"
+        )
+    return Path(text)
+
+
 def default_cache_dir() -> Path:
     """--cache-dir, else $PREFAST_CACHE_DIR, else $XDG_CACHE_HOME/prefast (~/.cache/prefast)."""
     import os
 
-    if os.environ.get("PREFAST_CACHE_DIR"):
-        return Path(os.environ["PREFAST_CACHE_DIR"])
+    if env := os.environ.get("PREFAST_CACHE_DIR"):
+        return local_dir(env, f"PREFAST_CACHE_DIR={env}")
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "prefast"
