@@ -50,7 +50,9 @@ def run_store(args: argparse.Namespace) -> int:
 
     size = parse_size("1GB" if args.quick else args.size, "--size")
     doc = run_store_bench(
-        size, local_dir(args.dir, f"--dir {args.dir}") if args.dir else None, 1 if args.quick else args.trials
+        size,
+        local_dir(args.dir, f"--dir {args.dir}") if args.dir else None,
+        1 if args.quick else args.trials,
     )
     md = markdown(doc)
     print(md)

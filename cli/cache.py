@@ -52,13 +52,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _root(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from pathlib import Path
 
     from prefast.config import default_cache_dir, local_dir
     from prefast.errors import ConfigError
     from prefast.store import CacheRoot
 
-    path = local_dir(args.cache_dir, f"--cache-dir {args.cache_dir}") if args.cache_dir else default_cache_dir()
+    path = (
+        local_dir(args.cache_dir, f"--cache-dir {args.cache_dir}")
+        if args.cache_dir
+        else default_cache_dir()
+    )
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--cache-dir {path} is not a directory: pass the directory a run used")
     return CacheRoot(path)
