@@ -256,3 +256,57 @@ def test_the_demo_prints_the_measured_t0_trade_off_from_the_committed_results(ca
     assert len(prefast_rows) >= 2  # a trade-off needs two settings of t0
     for t0, cells in prefast_rows.items():
         assert f"--t0 {t0}: prefast {cells[3]} vs baseline, test acc {cells[5]}" in out
+
+
+@pytest.mark.parametrize(
+    ("iters", "freeze", "says"),
+    [
+        # --freeze-prefix 9 of 10 stages, the head to the end (before: "the first stage
+        # freezes at iteration 30 of 30")
+        (
+            [0] * 9 + [30],
+            "freezeout",
+            "stages 0-8 are frozen from iteration 0 (--freeze-prefix 9) and no other stage "
+            "freezes before the end (iteration 30)",
+        ),
+        (
+            [0, 0, 12, 30],
+            "freezeout",
+            "stages 0-1 are frozen from iteration 0 (--freeze-prefix 2) and the first stage after "
+            "them freezes at iteration 12 of 30 (40%)",
+        ),
+        # --freeze auto that froze nothing (before: "froze stage 3 at iteration 30 of 30")
+        (
+            [30, 30, 30, 30],
+            "auto",
+            "no stage freezes before the end (iteration 30) under --freeze auto",
+        ),
+        (
+            [9, 30, 30, 30],
+            "auto",
+            "the first stage freezes at iteration 9 of 30 (30%) under --freeze auto",
+        ),
+    ],
+)
+def test_compares_summary_says_when_the_first_stage_froze_right(iters, freeze, says):
+    from prefast.training.compare import accuracy_notes
+
+    def run(acc: float) -> dict:
+        final = {"test_acc": acc, "batches_per_epoch": 10, "freeze_iters": iters}
+        cfg = {"epochs": 3, "t0": 0.5, "scale": "cubic", "freeze": freeze}
+        return {"config": cfg, "epochs": [], "final": final}
+
+    notes = " ".join(accuracy_notes({"baseline": run(0.9), "freezeout": run(0.8)}))
+    assert says in notes, notes
+
+
+def test_compare_does_not_say_normalize_imagenet_is_ignored_when_it_applies_it(capsys, caplog):
+    """compare loads the data by name once (normalized as asked), then passes it to each
+    run; the run took it for a user's own dataset and warned (before)."""
+    from helpers import cli_in_process
+
+    res = cli_in_process(capsys, caplog, "compare", "--modes", "freezeout", "--dataset",
+                         "digits", "--model", "densenet-bc", "--depth", "10", "--epochs", "1",
+                         "--normalize", "imagenet", "--device", "cpu")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "is ignored" not in res.stderr, res.stderr

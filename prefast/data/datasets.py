@@ -129,6 +129,7 @@ def load_dataset(
         train, test = imagefolder_splits(Path(data_dir), image_size, augment, normalize)
         train = _subset(train, subset, seed, name)
         train.augment_applied = augment  # type: ignore[attr-defined]  # its transform has it
+        train.normalize_applied = normalize  # type: ignore[attr-defined]  # and this one
         return train, test
     if name == "synthetic":
         # Memoized: benchmarks build many runs on the same data, and nothing
@@ -142,7 +143,9 @@ def load_dataset(
         raise ConfigError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if normalize == "imagenet":
         splits = renormalized(*splits)
-    return _subset(splits[0], subset, seed, name), splits[1]
+    train = _subset(splits[0], subset, seed, name)
+    train.normalize_applied = normalize  # type: ignore[attr-defined]  # for build_run
+    return train, splits[1]
 
 
 def renormalized(

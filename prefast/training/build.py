@@ -194,7 +194,9 @@ def build_run(
                 cfg.augment,
             )
             cfg = cfg.replace(augment="none")
-        if cfg.normalize != "data":
+        # Loaded by name (compare loads once, then passes the splits): normalized already.
+        normalized = getattr(train_data, "normalize_applied", None) == cfg.normalize
+        if cfg.normalize != "data" and not normalized:
             log.warning("normalize=%r is ignored for your own datasets: their transform "
                         "normalizes", cfg.normalize)  # fmt: skip
     source = source_for(cfg, train_data, test_data, device, data_id, ctx)

@@ -104,22 +104,33 @@ def accuracy_notes(runs: dict[str, dict]) -> list[str]:
     if acc.get("freezeout") is not None and acc.get("baseline") is not None:
         run = runs["freezeout"]
         cfg, final = run["config"], run["final"]
-        total = final["batches_per_epoch"] * cfg["epochs"]
-        prefix = final["freeze_iters"].count(0)  # --freeze-prefix: frozen from the start
-        first = final["freeze_iters"][min(prefix, len(final["freeze_iters"]) - 1)]
+        gap = f"freezeout - baseline: {acc['freezeout'] - acc['baseline']:+.4f}"
+        when = _first_freeze(final["freeze_iters"], final["batches_per_epoch"] * cfg["epochs"])
         if cfg.get("freeze") == "auto":
             lines.append(
-                f"freezeout - baseline: {acc['freezeout'] - acc['baseline']:+.4f}, the freezing "
-                f"rule's, not the cache's: --freeze auto froze stage {prefix} at iteration "
-                f"{first} of {total} ({first / total:.0%}); a lower --freeze-percentile "
-                "freezes later."
+                f"{gap}, the freezing rule's, not the cache's: {when} under --freeze auto; "
+                "a lower --freeze-percentile freezes later."
             )
             return lines
         lines += [
-            f"freezeout - baseline: {acc['freezeout'] - acc['baseline']:+.4f}, FreezeOut's "
-            f"schedule, not the cache: at --t0 {cfg['t0']} ({cfg['scale']} scaling) the first "
-            f"stage freezes at iteration {first} of {total} ({first / total:.0%}).",
+            f"{gap}, FreezeOut's schedule, not the cache: at --t0 {cfg['t0']} "
+            f"({cfg['scale']} scaling) {when}.",
             "A larger --t0 freezes later: more accuracy, less time saved (FreezeOut's default "
             "is 0.8); docs/results.md has the trade-off, measured over seeds.",
         ]
     return lines
+
+
+def _first_freeze(freeze_iters: list[int], total: int) -> str:
+    """When the first stage freezes, said right with a fixed prefix (frozen from iteration
+    0, not by the schedule) and when nothing freezes before the end."""
+    prefix = freeze_iters.count(0)  # --freeze-prefix: frozen from the start
+    later = [it for it in freeze_iters[prefix:] if it < total]
+    held = ""
+    if prefix:
+        held = f"stages 0-{prefix - 1} are frozen from iteration 0 (--freeze-prefix {prefix}) and "
+    if not later:
+        return f"{held}no{' other' * bool(prefix)} stage freezes before the end (iteration {total})"
+    first = later[0]
+    after = " after them" * bool(prefix)
+    return f"{held}the first stage{after} freezes at iteration {first} of {total} ({first / total:.0%})"
