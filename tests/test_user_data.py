@@ -427,3 +427,26 @@ def test_progress_into_a_pipe_prints_one_line_per_epoch(tmp_path):
     lines = [line for line in res.stderr.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], res.stderr
     assert "test acc" in lines[0] and "stages" in lines[0]
+
+
+def test_a_head_wider_than_the_datas_classes_is_told_and_a_narrower_one_refused(caplog):
+    """Through the API, a model whose head has more outputs than the data has classes (a
+    library model's 1000-class head on 3 classes) trained without a word (before)."""
+    import logging
+
+    x = torch.randn(60, 1, 8, 8)
+    data = TensorDataset(x, torch.arange(60) % 3)  # 3 classes
+    cfg = TrainConfig(**{**CFG, "epochs": 1, "batch_size": 30})
+
+    def net(outputs: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.Sequential(nn.Flatten(), nn.Linear(144, outputs))
+        )
+
+    with caplog.at_level(logging.WARNING):
+        train(cfg, model=net(1000), train_data=data, test_data=data)
+    (said,) = [r.getMessage() for r in caplog.records if "outputs but the data" in r.getMessage()]
+    assert "head gives 1000 outputs but the data has 3 classes" in said
+    assert "reset_classifier(3)" in said
+    with pytest.raises(ConfigError, match="head gives 2 outputs but the data has 3 classes"):
+        train(cfg, model=net(2), train_data=data, test_data=data)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from prefast.config import TrainConfig, default_cache_dir
 from prefast.data.datasets import Splits, TensorImageDataset, load_dataset
@@ -204,8 +204,51 @@ def build_run(
         torch.manual_seed(cfg.seed)  # the same initial weights in every mode
         staged = model_for(cfg, *shape_and_classes(train_data))
     else:  # a model split by a rule is checked against its own forward on two samples
-        staged = as_staged_model(model, check_on=_two_samples(train_data, model))
+        two = _two_samples(train_data, model)
+        staged = as_staged_model(model, check_on=two)
+        check_head(staged, two, known_classes(train_data))
     return cfg, staged.to(device), source
+
+
+def known_classes(ds: Dataset) -> int | None:
+    """How many classes a user's dataset has, where it says so without being read: our
+    datasets, a ``.classes`` list (torchvision's), a ``TensorDataset``'s label tensor."""
+    if isinstance(ds, TensorImageDataset):
+        return ds.num_classes
+    inner = getattr(ds, "dataset", None)  # a Subset: its dataset's classes
+    classes = getattr(ds, "classes", None) or getattr(inner, "classes", None)
+    if classes is not None:
+        return len(classes)
+    if isinstance(ds, TensorDataset) and len(ds.tensors) == 2 and len(ds.tensors[1]):
+        labels = ds.tensors[1]
+        return int(labels.max()) + 1 if not labels.is_floating_point() else None
+    return None
+
+
+def check_head(staged: StagedModel, two: torch.Tensor, classes: int | None) -> None:
+    """A head with fewer outputs than the data's classes cannot learn them (one line); one
+    with more (a library model's 1000-class head on 3 classes) trains, but its extra
+    logits are learnt as never chosen: say so, as the CLI replaces such a head."""
+    if classes is None:
+        return
+    was = staged.training
+    staged.eval()
+    with torch.no_grad():
+        outputs = staged(two).shape[-1]
+    staged.train(was)
+    if outputs < classes:
+        raise ConfigError(
+            f"the model's head gives {outputs} outputs but the data has {classes} classes: "
+            f"give it a head of {classes} (e.g. timm's model.reset_classifier({classes}) or a "
+            f"new nn.Linear(in_features, {classes}))"
+        )
+    if outputs > classes:
+        log.warning(
+            "the model's head gives %d outputs but the data has %d classes: it trains, but the "
+            "extra %d logits only learn never to be chosen; replace the head for %d (e.g. "
+            "timm's model.reset_classifier(%d), as the CLI does for --model timm:NAME)",
+            outputs, classes, outputs - classes, classes, classes,
+        )  # fmt: skip
 
 
 def _two_samples(data: Dataset, model: nn.Module) -> torch.Tensor:
