@@ -107,6 +107,11 @@ TIMM_FAMILIES = [
     ("convnext_atto", 6),  # stem + 4 stages + head
     pytest.param("resnet18", 10, marks=pytest.mark.slow),  # stem + 8 blocks + head
     pytest.param("efficientnet_b0", 9, marks=pytest.mark.slow),  # stem + 7 block stages + head
+    ("regnetx_002", 15),  # stem + s1..s4's 13 blocks + head
+    # features: conv0, norm0 + pool0, 4 dense blocks, 3 transitions, the final norm (after
+    # a stem with nothing before the trunk) + head
+    pytest.param("densenet121", 12, marks=pytest.mark.slow),
+    pytest.param("rexnet_100", 19, marks=pytest.mark.slow),  # features: stem, 16 blocks, conv
 ]
 
 

@@ -92,20 +92,27 @@ class TimmPart(nn.Module):
 
 def split_timm(model: Any, name: str) -> StagedModel | None:
     """A timm model (``forward_features``/``forward_head``) whose trunk is ``blocks``
-    (ViT, DeiT, EfficientNet), ``stages`` (ConvNeXt), ``layers`` (Swin) or ``layer1..4``
-    (ResNet): the stem, each block of the trunk, the head."""
+    (ViT, DeiT, EfficientNet), ``stages`` (ConvNeXt), ``layers`` (Swin), ``features``
+    (DenseNet, ReXNet, DPN), ``layer1..4`` (ResNet) or ``s1..4`` (RegNet): the stem, each
+    block of the trunk, the head. A library model is checked against its own forward when
+    it is built (prefast/models/check.py): a trunk its forward does not run in order is
+    refused there, in one line."""
     trunk = [
         n
-        for n in ("blocks", "stages", "layers")
+        for n in ("blocks", "stages", "layers", "features")
         if isinstance(getattr(model, n, None), nn.Sequential)
     ]
-    trunk = trunk[:1] or [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, n)]
+    numbered = (("layer1", "layer2", "layer3", "layer4"), ("s1", "s2", "s3", "s4"))
+    trunk = trunk[:1] or next(([n for n in ns if hasattr(model, n)] for ns in numbered
+                               if hasattr(model, ns[0])), [])  # fmt: skip
     if not trunk:
         return None
     names = list(model._modules)
     first, last = names.index(trunk[0]), names.index(trunk[-1])
     stem = TimmPart(model, names[first:], head=False)
     blocks = [block for t in trunk for block in model._modules[t].children()]
+    if trunk == ["features"]:  # DenseNet's, ReXNet's: plain layers in a row are one stage
+        blocks = group_children(blocks)
     head = TimmPart(model, names[: last + 1], head=True)
     staged = StagedModel([stem, *blocks, head], name=name)
     staged.channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"  # timm's Swin
