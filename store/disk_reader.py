@@ -45,9 +45,7 @@ def chunk_file(cache_dir: Path, array: zarr.Array, i: int) -> Path:
 
 
 class DiskReader(Reader):
-    def __init__(
-        self, root: CacheRoot, key: str, lock: KeyLock | None = None, *, use: bool = True
-    ):
+    def __init__(self, root: CacheRoot, key: str, lock: KeyLock | None = None, *, use: bool = True):
         self.root, self.key, self.dir = root, key, root.dir_for(key)
         self.lock = lock or root.acquire(key, shared=True)
         try:

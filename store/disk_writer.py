@@ -22,7 +22,6 @@ stuck; the last one to return removes the partial cache.
 
 from __future__ import annotations
 
-import errno
 import logging
 import queue
 import threading
@@ -30,7 +29,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numcodecs
 import numpy as np
 import torch
 import zarr
@@ -39,12 +37,11 @@ from zarr.codecs import Crc32cCodec
 from .base import CacheSpec, Writer, cache_attrs, checksum, to_storage
 from .disk_reader import DiskReader
 from .errors import (
-    FULL_ERRNOS,
     CacheExistsError,
     CacheWriteError,
     DiskBudgetError,
-    DiskFullError,
     DiskStalledError,
+    write_error,
 )
 from .iothreads import bounded, stall_s
 from .layout import MARKER, CacheRoot, atomic_write_json, fsync_tree
@@ -52,19 +49,12 @@ from .readers import open_reader
 
 log = logging.getLogger("prefast.store")
 _STOP = object()
-ZSTD_MIN_RATIO = 1.10  # below this, decoding costs more than the bytes it saves
 ABORT_WAIT_S = 5.0  # what abort() waits for threads stuck in a hung write
 POLL_S = 0.05  # how often a waiting trainer re-checks the writer thread for an error
 
 # What the trainer may run ahead of the writer thread: at most this many bytes
 # (and ``queue_batches`` batches) wait in the queue, so --max-ram holds while caching.
 QUEUE_BYTES = 64 * 2**20
-
-
-def trial_ratio(chunk: np.ndarray) -> float:
-    """Compression ratio of zstd level 1 on one chunk (the codec decision)."""
-    raw = np.ascontiguousarray(chunk).tobytes()
-    return len(raw) / max(1, len(numcodecs.Zstd(level=1).encode(raw)))
 
 
 class DiskWriter(Writer):
@@ -109,6 +99,8 @@ class DiskWriter(Writer):
         self._handoff = threading.Lock()  # abort() vs. the thread's end: who cleans up
         self._thread_done = False
         self._orphaned = False
+        self._completion_done = False  # finish's completion thread has returned
+        self._completion_abandoned = False  # finish gave up on it (it removes the cache)
         self.progress_at = time.monotonic()  # when a chunk write last finished (stall bound)
         self.thread = threading.Thread(
             target=self._run, name=f"prefast-writer-{spec.key[:8]}", daemon=True
@@ -148,9 +140,9 @@ class DiskWriter(Writer):
                 f"cache {self.spec.key}: wrote {self.written} of {self.spec.rows} rows"
             )
         try:  # on a thread of its own: a disk that hangs here must not hang the trainer
-            bounded(f"completing cache {self.spec.key}", self._complete)
+            bounded(f"completing cache {self.spec.key}", self._completing)
         except TimeoutError as exc:
-            self.abort()
+            self._give_up_completion()
             raise DiskStalledError(
                 f"completing cache {self.spec.key} under {self.root.path} ({exc}): the disk "
                 "has stopped answering; the partial cache is removed when it answers"
@@ -164,13 +156,44 @@ class DiskWriter(Writer):
         self.lock.downgrade()  # the reader keeps the lock: nobody deletes what we read
         return open_reader(self.root, self.spec.key, lock=self.lock)
 
+    def _completing(self) -> None:
+        """``_complete`` on the completion thread; if ``finish`` gave up on it meanwhile, this
+        thread, the last that writes, removes the partial cache and releases the key."""
+        try:
+            self._complete()
+        finally:
+            with self._handoff:
+                self._completion_done = True
+                orphaned = self._completion_abandoned
+            if orphaned:
+                self._remove()
+
     def _complete(self) -> None:
-        """The small arrays, the tier's last bytes, fsync, then the completion marker."""
+        """The small arrays, the tier's last bytes, fsync, then the completion marker: never
+        once ``finish`` has given up (its caller aborts the boundary)."""
         self._write_small("labels", self.labels)
         self._write_small("ids", self.row_ids)
         self._finalize()
         fsync_tree(self.dir)
+        with self._handoff:
+            if self._completion_abandoned:
+                return
+        # Given up while this writes: the marker is removed first, and until then the key
+        # stays locked, so no reader ever opens the cache.
         atomic_write_json(self.dir / MARKER, self._marker())
+
+    def _give_up_completion(self) -> None:
+        """``finish`` waited too long for the completion thread: that thread writes no
+        marker from now on and removes the partial cache when it returns, so the key stays
+        locked until then (nobody reads or rewrites it meanwhile)."""
+        self.closed = True  # a later abort() is a no-op: the cleanup is the thread's
+        with self._handoff:
+            self._completion_abandoned = True
+            done = self._completion_done
+        if done:  # it returned between the timeout and here
+            self._remove()
+        else:
+            self._warn_hung()
 
     def abort(self) -> None:
         """Drop everything written and release the key; idempotent.
@@ -272,18 +295,7 @@ class DiskWriter(Writer):
             raise self._wrapped(err) from err
 
     def _wrapped(self, err: BaseException) -> CacheWriteError:
-        if isinstance(err, CacheWriteError):
-            return err
-        where = f"cache {self.spec.key} under {self.root.path}"
-        if isinstance(err, OSError) and err.errno in FULL_ERRNOS:
-            return DiskFullError(
-                errno.ENOSPC,
-                f"disk full while writing {where}; the partial cache was removed. Free space, "
-                "pass --max-disk, or choose another --cache-dir",
-            )
-        return CacheWriteError(
-            f"writing {where} failed ({type(err).__name__}: {err}); the partial cache was removed"
-        )
+        return write_error(err, f"cache {self.spec.key} under {self.root.path}")
 
     def _marker(self) -> dict:
         return {

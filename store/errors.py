@@ -125,6 +125,22 @@ class DiskFullError(CacheWriteError, OSError):
     """The disk filled up while writing a cache; the partial cache was removed."""
 
 
+def write_error(err: BaseException, where: str) -> CacheWriteError:
+    """What a writer that failed raises: a full disk (or quota) as ``DiskFullError``, any
+    other error as ``CacheWriteError`` naming it; ``where`` names the cache."""
+    if isinstance(err, CacheWriteError):
+        return err
+    if isinstance(err, OSError) and err.errno in FULL_ERRNOS:
+        return DiskFullError(
+            errno.ENOSPC,
+            f"disk full while writing {where}; the partial cache was removed. Free space, "
+            "pass --max-disk, or choose another --cache-dir",
+        )
+    return CacheWriteError(
+        f"writing {where} failed ({type(err).__name__}: {err}); the partial cache was removed"
+    )
+
+
 class CacheAllocationError(CacheError):
     """A memory tier's allocator refused a cache (CUDA or host out of memory, a failed
     pin): the governor takes the next tier."""

@@ -24,6 +24,7 @@ from prefast.store.disk_writer import ABORT_WAIT_S
 from prefast.store.errors import (
     CacheCorruptedError,
     CacheExistsError,
+    CacheLockedError,
     CacheUnavailableError,
     CacheWriteError,
     DiskBudgetError,
@@ -397,3 +398,56 @@ def test_a_chunk_read_on_the_training_thread_that_hangs_is_unavailable(tmp_path,
         released.set()
         reader.close()
     assert root.is_complete("r")
+
+
+@pytest.mark.parametrize("hangs_in", ["fsync_tree", "write_small"])
+def test_a_completion_that_times_out_never_marks_the_cache_complete_when_the_disk_answers(
+    tmp_path, monkeypatch, hangs_in
+):
+    """finish() gives up on a completion that hangs; that thread goes on when the disk
+    answers. Before: abort() removed the directory and released the key at once, and the
+    completion thread, returning later, wrote the small arrays (recreating the directory)
+    and the completion record: a cache marked complete with no activations, under a key
+    another writer could be writing. Now the completion thread checks, under the writer's
+    hand-off lock, that finish() has not given up before it writes the record; the one
+    that gave up leaves the cleanup to it, so the key stays locked until it returns."""
+    from prefast.store import disk_writer
+
+    monkeypatch.setattr("prefast.store.iothreads.IO_STALL_S", 1.0)
+    monkeypatch.setattr("prefast.store.disk_writer.ABORT_WAIT_S", 0.3)
+    released, returned = threading.Event(), threading.Event()
+    if hangs_in == "fsync_tree":
+        monkeypatch.setattr(disk_writer, "fsync_tree", lambda path: released.wait(30))
+    else:
+        real = disk_writer.DiskWriter._write_small
+
+        def slow(self, name, values):
+            released.wait(30)
+            real(self, name, values)
+
+        monkeypatch.setattr(disk_writer.DiskWriter, "_write_small", slow)
+    real_complete = disk_writer.DiskWriter._complete
+
+    def complete(self):
+        try:
+            real_complete(self)
+        finally:
+            returned.set()
+
+    monkeypatch.setattr(disk_writer.DiskWriter, "_complete", complete)
+    root = CacheRoot(tmp_path)
+    w = open_writer("zarr", CacheSpec("late", 64, SHAPE, "float32"), root)
+    w.append(torch.zeros(64, *SHAPE), torch.zeros(64, dtype=torch.int64), torch.arange(64))
+    with pytest.raises(DiskStalledError, match="stopped answering"):
+        run_with_deadline(w.finish, 20)
+    w.abort()  # what the boundary does next: a no-op now
+    with pytest.raises(CacheLockedError):  # the key stays held while the completion hangs
+        open_writer("zarr", CacheSpec("late", 64, SHAPE, "float32"), root)
+    released.set()
+    assert returned.wait(10)
+    deadline = time.monotonic() + 10
+    while root.dir_for("late").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not root.is_complete("late") and not root.dir_for("late").exists()
+    make_cache(root, "late", rows=64)  # the key is free again: a new writer completes it
+    assert root.is_complete("late")

@@ -11,7 +11,10 @@ frozen. Around it, each module owns one decision or one move:
 - moving: ``boundary.py`` (one boundary's state machine), ``transitions.py``
   (planned -> writing -> complete -> retired, and every fault's way back to
   raw data), ``spill.py`` (a cache to a lower tier under memory pressure),
-  ``diskcharges.py`` (what disk caches really take and each writer may take);
+  ``diskcharges.py`` (what disk caches really take and each writer may take),
+  ``fits.py`` and ``overflow.py`` (stored values that overflow their dtype: never
+  trained on, never kept), ``online.py`` (boundaries planned as ``--freeze auto``
+  freezes), ``replay.py`` (a plan taken again, ``--plan-from``);
 - serving: ``testcache.py`` (the test set at the current boundary),
   ``feature_augment.py`` (augmentation of cached activations);
 - ``cachectx.py``: what these parts share (cache root, keys, the event log).

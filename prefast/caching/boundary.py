@@ -27,7 +27,6 @@ from collections.abc import Callable
 
 import torch
 
-from prefast.caching.fits import Unfit
 from prefast.errors import BoundaryStateError, CacheUnavailableError
 from prefast.store import CacheRoot, Reader, Writer
 
@@ -149,12 +148,9 @@ class BoundaryCache:
         self.writer.append(acts, labels, ids)
 
     def count_stored(self, counts: torch.Tensor) -> None:
-        """Add a batch's ``fits.mend`` counts (on the device: no host sync per batch)."""
+        """Add a batch's ``fits.mend`` counts (on the device: no host sync per batch); read
+        once, with ``fits.Unfit.read(self.nonfinite)``, before the view would be complete."""
         self.nonfinite = counts if self.nonfinite is None else self.nonfinite + counts
-
-    def stored_values(self) -> Unfit:
-        """What the view written so far holds that no cache keeps (one read of the device)."""
-        return Unfit.read(self.nonfinite)
 
     def finish_view(self) -> None:
         """Make the view being written readable; raises the writer's errors (then abandon).

@@ -43,7 +43,7 @@ log = logging.getLogger("prefast.caching.governor")
 GIB = 2**30
 MIB = 2**20
 DISK_READ_BW = {"mmap": 1.5e9, "zarr": 1.0e9}  # bytes/s, logical; DESIGN.md §5 measurements
-ZSTD_PAYS = 1.10  # the store's own codec threshold (store.disk_writer.ZSTD_MIN_RATIO)
+ZSTD_PAYS = 1.10  # the store's own codec threshold (store.zarr_writer.ZSTD_MIN_RATIO)
 LEVEL = {"gpu": 0, "ram": 1, "mmap": 2, "zarr": 2, "recompute": 3}  # preference, best first
 # --cache-dtype auto takes an 8-bit encoding (for a better tier) only below this relative
 # reconstruction error, measured on 16 rows of the probe's batch at the start of the run:

@@ -51,9 +51,10 @@ from prefast.caching.budgets import budgets_for
 from prefast.caching.cachectx import DISK_TIERS, CacheContext
 from prefast.caching.costmodel import StageCost, plan_boundaries
 from prefast.caching.feature_augment import FeatureAugment, check_feature_ops
-from prefast.caching.fits import not_kept
+from prefast.caching.fits import Unfit
 from prefast.caching.governor import Governor, cache_dtype, cache_views
 from prefast.caching.online import plan_online
+from prefast.caching.overflow import not_kept
 from prefast.caching.probe import measure_stage_costs
 from prefast.caching.replay import check_plan
 from prefast.caching.spill import relieve_pressure
@@ -220,7 +221,7 @@ class PrefastFeed(BoundaryTransitions):
 
     def end_epoch(self, epoch: int) -> None:
         t = self.target
-        if t is not None and t.state is State.WRITING and (unfit := t.stored_values()):
+        if t is not None and t.state is State.WRITING and (unfit := Unfit.read(t.nonfinite)):
             not_kept(self, epoch, t, unfit)  # never a complete cache of NaN or inf
             t = None
         if t is not None and t.state is State.WRITING:
@@ -241,7 +242,7 @@ class PrefastFeed(BoundaryTransitions):
         t = self.target
         if t is None or t.state is not State.WRITING:
             return None
-        unfit = t.stored_values()
+        unfit = Unfit.read(t.nonfinite)
         if unfit.nonfinite <= unfit.overflowed:
             return None
         return f"the frozen prefix, not the learning rate: {unfit.detail(t.stage, t.dtype, 'training')}"

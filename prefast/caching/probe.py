@@ -16,7 +16,7 @@ from prefast.caching.costmodel import StageCost
 from prefast.store import encoding
 from prefast.store.base import to_storage
 from prefast.store.device import synchronize
-from prefast.store.disk_writer import trial_ratio
+from prefast.store.zarr_writer import trial_ratio
 
 # Dtypes every probe tries on each stage's output: --cache-dtype auto chooses among them.
 TRIED = ("float16", "bfloat16", "int8", "float8")

@@ -1,0 +1,46 @@
+"""The transition of a view whose stored values no cache keeps (``fits.py`` says which):
+``PrefastFeed.end_epoch`` calls it before the view would be marked complete."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from prefast.caching.fits import Unfit, wider_dtype
+from prefast.config import setting
+
+if TYPE_CHECKING:
+    from prefast.caching.boundary import BoundaryCache
+    from prefast.caching.transitions import BoundaryTransitions
+
+log = logging.getLogger("prefast.caching.materialize")
+
+
+def not_kept(self: BoundaryTransitions, epoch: int, t: BoundaryCache, unfit: Unfit) -> None:
+    """The view of ``t`` being written holds values no cache keeps: give it up. Values that
+    only overflowed its dtype: under ``--cache-dtype auto`` the boundary is written again
+    from the next epoch in a dtype that holds them (``dtype_changed``), else it is not
+    cached (``not_cached``). Values the prefix computed as NaN or inf: abandoned."""
+    detail = unfit.detail(t.stage, t.dtype, "training")
+    if unfit.overflowed < unfit.nonfinite:  # the prefix's own output: no dtype helps
+        self._abandon(epoch, detail)
+        return
+    wider = wider_dtype(t.dtype, self.cfg.cache_dtype)
+    t.abandon(detail)
+    self.target = None
+    if wider is not None and self._readable(epoch + 1):
+        self.wider[t.stage] = wider
+        self.plan[epoch + 1] = max(self.plan.get(epoch + 1, 0), t.stage)
+        why = f"{detail}; written again as {wider} from epoch {epoch + 2}"
+        self.ctx.event(epoch, "dtype_changed", stage=t.stage, split="train", dtype=t.dtype,
+                       to=wider, values=unfit.overflowed, detail=why)  # fmt: skip
+    else:
+        fix = (
+            "no epoch is left to write it again"
+            if wider is not None
+            else f"{setting('cache_dtype', 'float32')} (or auto) stores them"
+        )
+        why = f"{detail}; not cached: {fix}"
+        self.ctx.event(epoch, "not_cached", stage=t.stage, split="train", dtype=t.dtype,
+                       values=unfit.overflowed, reason=why)  # fmt: skip
+    log.warning("epoch %d: %s", epoch + 1, why)
