@@ -155,3 +155,25 @@ def test_an_image_folder_of_grayscale_images_says_it_reads_three_channels(tmp_pa
     ]
     x = train[0][0]  # (3, 8, 8): the same channel three times, standardized alike
     assert x.shape[0] == 3 and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+
+
+@pytest.mark.slow  # about 50 s on 2 cores
+def test_a_sample_of_timm_families_splits_with_equal_logits_or_refuses_in_one_line():
+    """benchmarks/timm_scan.py's sample (families issue 44 named, and some that split),
+    built as --model timm:NAME builds them: each splits with the unsplit model's logits or
+    is a ConfigError of one line (exit 2), never another exception."""
+    pytest.importorskip("timm")
+    from prefast.benchmarks.timm_scan import SAMPLE, scan_family
+
+    rows = [scan_family(family, model) for family, model in SAMPLE.items()]
+    for row in rows:
+        assert row["kind"] in ("split", "refused") or "took over" in row["outcome"], row
+        if row["kind"] == "split":
+            assert row["max_abs_diff"] <= 1e-4 and row["outcome"].startswith("split, equal"), row
+        else:
+            assert "\n" not in row["outcome"], row
+    kinds = {r["family"]: r["kind"] for r in rows}
+    assert kinds["cait"] == kinds["levit"] == kinds["hrnet"] == "refused"  # issue 44's
+    assert kinds["deit"] == kinds["swin_transformer"] == kinds["densenet"] == "split"
+    sizes = {r["family"]: r.get("image_size") for r in rows}
+    assert sizes["csatv2"] == 64  # refused at 32 px in one line, built at 64
