@@ -244,6 +244,7 @@ def test_the_same_freeze_pays_early_and_not_late():
 
 
 # -- the device, torchrun, resume ---------------------------------------------------------------
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_auto_makes_no_host_read_inside_a_step_on_the_strict_device(strict, tmp_path):
     from test_device import StepWatch
 

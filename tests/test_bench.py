@@ -102,6 +102,7 @@ def test_store_bench_keeps_every_trial_and_its_mean(tmp_path):
     assert list(tmp_path.iterdir()) == [], "the benchmark's scratch files must be removed"
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_store_bench_measures_eight_bit_rows_against_their_own_zstd_floor(tmp_path):
     doc = run_store_bench(
         2 * 2**20, directory=tmp_path, log=lambda *_: None, dtypes=("float16", "int8")

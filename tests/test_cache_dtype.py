@@ -126,6 +126,7 @@ def test_reuse_equals_write_through_on_every_tier(tmp_path, dtype):
 
 
 # -- what auto chooses -------------------------------------------------------------------
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_auto_stores_a_boundary_in_int8_where_only_int8_fits_ram(tmp_path):
     """Stage 2's cache (36x8x8 per digit, training and test set) takes 8.3 MB in float16 and
     4.7 MB in int8: under --max-ram 6MiB auto keeps it in RAM as int8 instead of writing

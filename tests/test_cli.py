@@ -67,11 +67,15 @@ DIGITS = [
         ),
         pytest.param(["train", "--device", "cuda"], "no CUDA GPU is visible", marks=NO_CUDA),
         # Until an object-store tier exists, a URL is refused (before: a folder named s3:).
-        (["train", "--mode", "prefast", "--cache-dir", "s3://bucket/prefix"],
-         "cache_dir='s3://bucket/prefix' (--cache-dir s3://bucket/prefix): s3:// URLs are not"),
+        (
+            ["train", "--mode", "prefast", "--cache-dir", "s3://bucket/prefix"],
+            "cache_dir='s3://bucket/prefix' (--cache-dir s3://bucket/prefix): s3:// URLs are not",
+        ),
         (["plan", "--cache-dir", "s3://bucket/prefix"], "s3:// URLs are not supported yet"),
-        (["cache", "ls", "--cache-dir", "s3://bucket/prefix"],
-         "--cache-dir s3://bucket/prefix: s3:// URLs are not supported yet"),
+        (
+            ["cache", "ls", "--cache-dir", "s3://bucket/prefix"],
+            "--cache-dir s3://bucket/prefix: s3:// URLs are not supported yet",
+        ),
         (["bench", "store", "--dir", "gs://bucket/x"], "--dir gs://bucket/x: gs:// URLs are not"),
     ],
 )

@@ -294,6 +294,7 @@ def refuse_large_host_allocations(monkeypatch, limit: int = 4 * MIB) -> list[int
     return refused
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_a_gpu_view_that_cannot_allocate_goes_to_ram(strict, tmp_path):
     strict.refuse = lambda nbytes: nbytes > 4 * MIB  # the device has no 4 MiB left in one piece
     run = train(config(strict.device, mode="prefast", cache_tier="gpu", cache_dir=str(tmp_path)))

@@ -36,6 +36,7 @@ def complete_caches(tmp_path) -> list[dict]:
     return [r for r in list_caches(CacheRoot(tmp_path)) if r["status"] == "complete"]
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_a_diverging_run_stops_in_its_first_diverged_epoch_with_one_line(tmp_path):
     """FreezeOut's 1/t_i scaling at t0 0.01 multiplies stage 0's rate by 10^6: NaN loss
     from the first epoch on (before the fix: rc 0, NaN caches marked complete)."""

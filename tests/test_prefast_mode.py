@@ -49,6 +49,7 @@ def test_prefast_matches_freezeout_and_reads_its_cache(tier, freezeout_ref, tmp_
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_rerun_reads_the_reused_cache_in_its_first_epoch(tmp_path, freezeout_ref):
     cfg = cfg_for(tmp_path, cache_tier="zarr")
     first = train(cfg)
@@ -69,6 +70,7 @@ def test_rerun_reads_the_reused_cache_in_its_first_epoch(tmp_path, freezeout_ref
 
 # ram in make check: the same resume path, another tier (make test under 5 minutes)
 @pytest.mark.parametrize("tier", [pytest.param("ram", marks=pytest.mark.slow), "zarr"])
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_resume_after_a_crash_reads_a_cache_from_the_next_epoch(tmp_path, freezeout_ref, tier):
     """A run killed after a boundary resumes from the cache, not from the prefix."""
     cfg = cfg_for(tmp_path, cache_tier=tier, checkpoint=str(tmp_path / "ck.pt"))
@@ -149,6 +151,7 @@ def test_ram_pressure_spills_to_disk_and_training_goes_on(tmp_path, monkeypatch,
     assert rel_diff(run, freezeout_ref) <= 1e-6
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_a_resumed_ram_boundary_spilled_before_its_view_is_written_goes_where_the_ledger_says(
     tmp_path, monkeypatch, freezeout_ref
 ):
@@ -178,6 +181,7 @@ def test_a_resumed_ram_boundary_spilled_before_its_view_is_written_goes_where_th
     assert rel_diff(resumed, freezeout_ref) <= 1e-6
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_a_forced_ram_tier_over_max_ram_is_recomputed_and_says_why(tmp_path, freezeout_ref):
     """--cache-tier ram with --max-ram 512 KiB (the boundaries hold 0.7 to 16 MiB): the
     forced tier obeys the budget, so nothing is cached and the run is FreezeOut's. (Before,
@@ -237,6 +241,7 @@ def disk_watch(root: CacheRoot, seen: list[int]):
     return on_epoch
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_a_test_cache_that_compresses_worse_than_estimated_stops_at_its_allowance(tmp_path):
     """--max-disk 2.5 MiB, compression overestimated 8x: stage 4's training view (2.2 MiB on
     disk) fits what the budget leaves it; its test cache (0.6 MiB) would not. The test
@@ -253,6 +258,7 @@ def test_a_test_cache_that_compresses_worse_than_estimated_stops_at_its_allowanc
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_a_spill_that_compresses_worse_than_estimated_stops_at_its_allowance(tmp_path, monkeypatch):
     """RAM runs short after epoch 3 with --max-disk 1 MiB and compression overestimated
     8x: stage 4's 2.8 MiB RAM cache looks like 0.35 MiB in zarr, so a spill is tried, but

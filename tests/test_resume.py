@@ -47,6 +47,7 @@ def read_stages(run: dict, first: int) -> list:
     return [e["cache_stage"] if e["cached_batches"] == bpe else None for e in run["epochs"][first:]]
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_resumed_with_more_epochs_the_later_boundaries_are_planned_written_and_read(tmp_path):
     """10 epochs plan {2:2, 3:4, 4:5, 5:6, 6:7, 8:8}; 20 epochs freeze stages 7, 8, 9 at
     epochs 12, 15 and 17. Resumed at epoch 5 with --epochs 20, the plan is the running
@@ -82,6 +83,7 @@ def test_resumed_with_fewer_epochs_deeper_stages_freeze_at_once_and_are_cached(t
     assert_every_sample_once_per_epoch(resumed, steps, N_DIGITS)
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_resuming_with_fewer_epochs_than_trained_is_refused_in_one_line(tmp_path):
     cfg = first_part(tmp_path)
     with pytest.raises(ConfigError, match="has trained 5 epochs, more than --epochs 4"):

@@ -252,6 +252,7 @@ def test_real_full_disk_raises_disk_full_and_leaves_nothing(tiny_disk, no_thread
     assert root.is_complete("small")
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_purge_skips_a_cache_held_open_by_a_reader(tmp_path):
     root = CacheRoot(tmp_path)
     make_cache(root, "held")

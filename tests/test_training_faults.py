@@ -63,10 +63,12 @@ def prefast_cfg(tmp_path, **kw) -> TrainConfig:
         ("mmap", False, 3, 2, 64 * 1024),  # read boundary 2 (12 KiB rows) while writing boundary 4
         # read-only epoch (boundary 7: 576-byte rows); make check
         pytest.param("mmap", False, 7, 7, 4096, marks=pytest.mark.slow),
-        # the whole cache in the shuffle buffer: exact order (make check; the windowed
-        # case below takes the same fault path in another order)
+        # the whole cache in the shuffle buffer: exact order (make check; make test's zarr
+        # damage mid-epoch is test_a_damaged_chunk_is_rebuilt_under_its_own_key_...)
         pytest.param("zarr", False, 3, 2, 64 * 1024, marks=pytest.mark.slow),
-        ("zarr", True, 3, 2, 64 * 1024),  # chunk shuffle + a one-chunk window: another order
+        pytest.param(  # chunk shuffle + a one-chunk window: another order (make check)
+            "zarr", True, 3, 2, 64 * 1024, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_fault_mid_epoch_serves_exactly_the_unseen_samples(
@@ -490,6 +492,7 @@ TRUNCATE_RUN = [
     ],
     ids=["zarr-mid-epoch", "mmap-between-epochs"],
 )
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_a_cache_file_truncated_under_an_open_reader_is_corruption_not_a_signal(
     tier, when, extra, tmp_path
 ):
@@ -571,6 +574,7 @@ def test_real_full_disk_abandons_the_boundary_and_training_matches_freezeout(tin
 
 
 # -- the test-set cache ---------------------------------------------------------------------
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_test_cache_write_failure_leaves_training_running(tmp_path, monkeypatch, freezeout_ref):
     original = ZarrWriter._write_chunk
 
@@ -730,5 +734,7 @@ def test_a_damaged_chunk_is_rebuilt_under_its_own_key_and_the_reruns_match_the_c
     assert "reused" in told and "corrupted" not in told, told
     assert third["epochs"][0]["cache_tier"] == "zarr"  # read from its first epoch
     for run in (rerun, third):
-        assert [e["train_loss"] for e in run["epochs"]] == [e["train_loss"] for e in clean["epochs"]]
+        assert [e["train_loss"] for e in run["epochs"]] == [
+            e["train_loss"] for e in clean["epochs"]
+        ]
         assert [e["test_acc"] for e in run["epochs"]] == [e["test_acc"] for e in clean["epochs"]]

@@ -290,6 +290,7 @@ def test_the_example_script_runs(tmp_path):
     assert "prefast vs freezeout" in res.stdout
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_the_python_api_docs_example_runs_and_prints_what_it_says(tmp_path):
     import re
     from pathlib import Path
