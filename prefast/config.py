@@ -207,6 +207,9 @@ class TrainConfig:
             raise ConfigError("--resume needs --checkpoint PATH (the file to resume from)")
         for name in ("max_ram", "max_gpu_mem", "max_disk"):
             value = getattr(self, name)
+            if isinstance(value, str):  # "4GB" from Python too, as the CLI takes it
+                value = parse_size(value, name)
+                object.__setattr__(self, name, value)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive size")
 

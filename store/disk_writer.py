@@ -165,12 +165,12 @@ class DiskWriter(Writer):
             with self._handoff:
                 self._completion_done = True
                 orphaned = self._completion_abandoned
-            if orphaned:
-                self._remove()
+            if orphaned:  # the last thread that writes: nobody waits on it
+                self._discard(None)
 
     def _complete(self) -> None:
-        """The small arrays, the tier's last bytes, fsync, then the completion marker: never
-        once ``finish`` has given up (its caller aborts the boundary)."""
+        """The small arrays, the tier's last bytes, fsync, then the completion marker; once
+        ``finish`` has given up, no marker is left (the cleanup removes it first)."""
         self._write_small("labels", self.labels)
         self._write_small("ids", self.row_ids)
         self._finalize()
@@ -190,8 +190,8 @@ class DiskWriter(Writer):
         with self._handoff:
             self._completion_abandoned = True
             done = self._completion_done
-        if done:  # it returned between the timeout and here
-            self._remove()
+        if done:  # it returned between the timeout and here: clean up, within the bound
+            self._discard(time.monotonic() + ABORT_WAIT_S)
         else:
             self._warn_hung()
 

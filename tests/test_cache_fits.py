@@ -134,17 +134,92 @@ def test_test_rows_that_overflow_are_never_a_complete_cache_and_accuracy_is_free
         assert not [r for r in complete if r["split"] == "test"]
 
 
-def test_a_prefix_that_computes_nan_is_named_as_the_cause_not_the_learning_rate(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_prefix_that_computes_nan_is_named_as_the_cause_not_the_learning_rate(tmp_path, dtype):
     """A frozen prefix whose output is NaN: the loss diverges in freezeout and prefast alike,
     and the one line names the prefix (before: 'lower --lr', though the prefix does not
-    train)."""
+    train). An 8-bit cache stores a NaN as a finite value: the check counts what was
+    computed too, so that cache is never kept either, and the epoch after it, which
+    computes the prefix, names the prefix as well."""
     from prefast.errors import TrainingDivergedError
 
     data = digits_pixels(overflow_train=False, overflow_test_share=0.0)
     poisoned = TensorDataset(data[0].tensors[0].clone(), data[0].tensors[1])
     poisoned.tensors[0][5, 0, 3, 3] = float("nan")
     with pytest.raises(TrainingDivergedError) as err:
-        run(tmp_path, "prefast", (poisoned, data[1]), cache_dtype="float32")
+        run(tmp_path, "prefast", (poisoned, data[1]), cache_dtype=dtype, cache_tier="zarr")
+    complete = [r for r in list_caches(CacheRoot(tmp_path)) if r["status"] == "complete"]
+    assert not [r for r in complete if r["split"] == "train"]  # no cache of NaN, 8 bits or not
     msg = str(err.value)
     assert "Likely cause: the frozen prefix, not the learning rate" in msg
     assert "NaN or inf values in stage 1's training output" in msg and "--lr" not in msg
+
+
+def test_under_autocast_a_16_bit_cache_that_cannot_hold_a_value_is_named_not_the_lr():
+    """Under autocast the step takes a float16 cache's own dtype: a bfloat16 value of 1e5
+    cannot be put back there (the mend gives inf again). That is counted apart, so a loss
+    that diverges names the cache dtype and the fix (bfloat16 or auto)."""
+    from prefast.caching.boundary import BoundaryCache, State
+    from prefast.caching.fits import Unfit, mend
+    from prefast.caching.overflow import input_fault
+
+    out = torch.tensor([[1e5, 2.0, float("nan")]], dtype=torch.bfloat16)
+    x = out.to(torch.float16)  # what the step takes under autocast: inf, 2, nan
+    counts, mended = mend(out, x)
+    assert counts.tolist() == [2, 1, 1] and torch.isinf(mended[0, 0])
+    assert mend(out.float(), x)[1][0, 0] == 1e5  # in float32 (no autocast) it is mended
+    assert Unfit.read(counts) == Unfit(2, 1, 1)
+
+    class Feed:  # what input_fault reads of the feed
+        target = BoundaryCache("train@1", 1, "ram", 1, None, dtype="float16")
+        prefix_fault = None
+
+    Feed.target.state, Feed.target.nonfinite = State.WRITING, torch.tensor([1, 1, 1])
+    said = input_fault(Feed())  # type: ignore[arg-type]
+    assert said is not None and said.startswith("the cache dtype, not the learning rate")
+    assert "pass --cache-dtype bfloat16 or auto" in said
+
+
+def test_a_resumed_run_rebuilds_an_overflowed_boundary_in_the_wider_dtype(tmp_path):
+    """The checkpoint keeps the dtype an overflow widened a boundary to: the resumed run
+    reads the float32 cache the crashed epoch wrote (before: it planned float16 again,
+    overflowed again, and lost an epoch to it)."""
+    data = digits_pixels(overflow_train=True, overflow_test_share=0.0)
+    ck = str(tmp_path / "ck.pt")
+
+    def crash(record: dict) -> None:
+        if record["epoch"] == 1:  # the float32 view is written: the checkpoint holds epoch 0
+            raise KeyboardInterrupt
+
+    cfg = TrainConfig(mode="prefast", epochs=3, batch_size=100, lr=0.05, augment="none",
+                      device="cpu", freeze_prefix=1, cache_boundaries="every",
+                      cache_dir=str(tmp_path / "c"), cache_dtype="auto", cache_tier="zarr",
+                      checkpoint=ck)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, model=lifting_model(), train_data=data[0], test_data=data[1], on_epoch=crash)
+    resumed = train(cfg.replace(resume=True), model=lifting_model(), train_data=data[0],
+                    test_data=data[1])  # fmt: skip
+    assert not events(resumed, "dtype_changed"), resumed["final"]["cache_events"]
+    assert [b["dtype"] for b in events(resumed, "boundary")] == ["float32"]
+    assert resumed["epochs"][1]["cache_tier"] == "zarr"
+    ref = run(tmp_path / "f", "freezeout", data)
+    assert np.allclose(losses(resumed), losses(ref), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("max_ram", "kept"), [("500KB", False), ("2MB", True)])
+def test_a_widened_test_cache_in_ram_stays_within_max_ram(tmp_path, max_ram, kept):
+    """A test cache widened to float32 takes twice the bytes its boundary was admitted
+    with: in a memory tier (which allocates what it holds) it is widened only where the
+    budget has room for the extra bytes, which the ledger then holds; else not cached.
+    The float16 caches take 460,032 bytes; float32 test rows 101,632 more."""
+    data = digits_pixels(overflow_train=False, overflow_test_share=0.25)
+    got = run(tmp_path, "prefast", data, cache_dtype="auto", cache_tier="ram", max_ram=max_ram)
+    if kept:
+        (changed,) = events(got, "dtype_changed")
+        assert changed["split"] == "test"
+    else:
+        (told,) = events(got, "not_cached")
+        assert told["reason"].endswith("not cached: as float32 it would not fit the ram budget")
+    assert got["final"]["cache_peak_bytes"] <= TrainConfig(max_ram=max_ram).max_ram
+    ref = run(tmp_path / "f", "freezeout", data)
+    assert [e["test_acc"] for e in got["epochs"]] == [e["test_acc"] for e in ref["epochs"]]

@@ -68,8 +68,8 @@ def test_rerun_reads_the_reused_cache_in_its_first_epoch(tmp_path, freezeout_ref
     assert rel_diff(again, freezeout_ref) <= 1e-6
 
 
-# ram in make check: the same resume path, another tier (make test under 5 minutes)
-@pytest.mark.parametrize("tier", [pytest.param("ram", marks=pytest.mark.slow), "zarr"])
+# make check (both tiers); make test resumes in test_trainer.py::test_json_record_shape_and_resume
+@pytest.mark.parametrize("tier", ["ram", "zarr"])
 @pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_resume_after_a_crash_reads_a_cache_from_the_next_epoch(tmp_path, freezeout_ref, tier):
     """A run killed after a boundary resumes from the cache, not from the prefix."""

@@ -42,7 +42,7 @@ def test_a_replayed_plan_gives_the_same_boundaries_and_losses(tmp_path):
     assert losses(again) == losses(first)
     assert again["final"]["test_acc"] == first["final"]["test_acc"]
     reasons = [e["reason"] for e in again["final"]["cache_events"] if e["event"] == "boundary"]
-    assert reasons and all("replayed by --plan-from" in r for r in reasons)
+    assert reasons and all("as the replayed plan has it" in r for r in reasons)
 
 
 @pytest.mark.slow
@@ -50,7 +50,7 @@ def test_compare_runs_prefast_with_the_plan_it_made_once(tmp_path):
     runs = compare(cfg(tmp_path), ["freezeout", "prefast"])
     events = runs["prefast"]["final"]["cache_events"]
     reasons = [e["reason"] for e in events if e["event"] == "boundary"]
-    assert reasons and all("replayed by --plan-from" in r for r in reasons)
+    assert reasons and all("as the replayed plan has it" in r for r in reasons)
     # and that plan repeats it: the standalone run with it gives compare's numbers
     record = tmp_path / "cmp.json"
     record.write_text(json.dumps({"runs": runs}))

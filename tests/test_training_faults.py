@@ -733,7 +733,23 @@ def test_a_damaged_chunk_is_rebuilt_under_its_own_key_and_the_reruns_match_the_c
     told = [e["event"] for e in third["final"]["cache_events"]]
     assert "reused" in told and "corrupted" not in told, told
     assert third["epochs"][0]["cache_tier"] == "zarr"  # read from its first epoch
-    for run in (rerun, third):
+    # Damaged again, and the run that finds it crashes after the rebuild: the checkpoint
+    # (of the epoch that found the damage) keeps the streams to rebuild in, so the resumed
+    # run takes the rebuilt cache under the same key, not a view of its own epoch's stream.
+    chunks = sorted(p for p in (root.dir_for(key) / "activations").rglob("*") if p.is_file()
+                    and p.name != "zarr.json")  # fmt: skip
+    flip_byte(chunks[len(chunks) // 2])  # the rebuilt rows lie in another order: any chunk
+    ck = cfg.replace(checkpoint=str(tmp_path / "ck.pt"))
+
+    def crash(record: dict) -> None:
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(ck, model=model(), on_epoch=crash)
+    resumed = train(ck.replace(resume=True), model=model())
+    assert train_cache_key(root, 2) == key
+    for run in (rerun, third, resumed):
         assert [e["train_loss"] for e in run["epochs"]] == [
             e["train_loss"] for e in clean["epochs"]
         ]

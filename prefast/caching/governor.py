@@ -133,7 +133,7 @@ class Governor(Ledger):
         total = views * view_bytes + test_bytes
         forced = replayed or self.budgets.tier
         label = (
-            f"{forced} (replayed from the plan given by plan_from, --plan-from)"
+            f"{forced}, as the replayed plan has it (compare's own plan, or plan_from)"
             if replayed
             else setting("cache_tier", forced)
         )

@@ -54,7 +54,7 @@ from prefast.caching.feature_augment import FeatureAugment, check_feature_ops
 from prefast.caching.fits import Unfit
 from prefast.caching.governor import Governor, cache_dtype, cache_views
 from prefast.caching.online import plan_online
-from prefast.caching.overflow import not_kept
+from prefast.caching.overflow import input_fault, not_kept
 from prefast.caching.probe import measure_stage_costs
 from prefast.caching.replay import check_plan
 from prefast.caching.spill import relieve_pressure
@@ -137,8 +137,11 @@ class PrefastFeed(BoundaryTransitions):
         self.considered: int | None = None  # the deepest frozen prefix planned for so far
         self.freezes_told = 0  # the rule's decisions recorded as events so far
         self.plan = dict(self.planned)  # plus re-materializations after faults
-        self.wider: dict[int, str] = {}  # stages whose rows overflowed their dtype (fits.py)
-        self.rebuild_streams: dict[int, dict[int, int | None]] = {}  # stage -> view -> stream
+        # Stages whose rows overflowed their dtype (fits.py), and the view streams of a
+        # damaged boundary to rebuild: kept by a checkpoint, so a resumed run goes on alike.
+        self.wider: dict[int, str] = dict(resume.get("wider", {}))
+        self.rebuild_streams: dict[int, dict] = dict(resume.get("rebuild_streams", {}))
+        self.prefix_fault: str | None = None  # the frozen prefix computed NaN (overflow.py)
         # Resumed: the boundaries the first part of the run held, found again by their keys
         # (recomputed here, for this rank) at the first epoch. A run resumed with another
         # world size has other shards: their caches are built anew (resharding).
@@ -237,15 +240,7 @@ class PrefastFeed(BoundaryTransitions):
         self._check()
 
     def input_fault(self) -> str | None:
-        """The frozen prefix computed NaN or inf in the view being written (values that only
-        overflowed the cache dtype never reach the step: ``fits.mend``)."""
-        t = self.target
-        if t is None or t.state is not State.WRITING:
-            return None
-        unfit = Unfit.read(t.nonfinite)
-        if unfit.nonfinite <= unfit.overflowed:
-            return None
-        return f"the frozen prefix, not the learning rate: {unfit.detail(t.stage, t.dtype, 'training')}"
+        return input_fault(self)  # prefast/caching/overflow.py
 
     def test_batches(self) -> BatchStream:
         if self.current is None:

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from prefast.caching.boundary import discard
-from prefast.caching.cachectx import CacheContext
-from prefast.caching.fits import Unfit, wider_dtype
-from prefast.config import setting
+from prefast.caching.cachectx import DISK_TIERS, CacheContext
+from prefast.caching.fits import Unfit, not_cached_fix, wider_dtype
 from prefast.data.sources import Batch, BatchStream, RawSource
 from prefast.errors import (
     CacheAllocationError,
@@ -33,6 +32,7 @@ from prefast.errors import (
 )
 from prefast.store import Reader, Writer
 from prefast.store.device import Uploader
+from prefast.store.encoding import row_bytes
 from prefast.store.order import batch_slices
 
 log = logging.getLogger("prefast.caching.materialize")
@@ -84,7 +84,7 @@ class TestCache:
         old = self.reader if self.reader is not None and self.stage < stage else None
         source = self._read(old, self.stage, epoch) if old is not None else self.raw.test_batches()
         opened = not write
-        unfit = torch.zeros(2, dtype=torch.int64, device=self.ctx.device)  # fits.mend's counts
+        unfit = torch.zeros(3, dtype=torch.int64, device=self.ctx.device)  # fits.mend's counts
         try:
             for batch in source:
                 x = self.run_prefix(batch.x, batch.start, stage)
@@ -96,7 +96,6 @@ class TestCache:
                 stored, x, counts = self.ctx.as_stored(x, dtype)
                 if self.writer is not None:
                     unfit += counts  # the check runs on what is stored
-                if self.writer is not None:
                     try:
                         with self.ctx.timed("write_s"):
                             self.writer.append(stored, batch.labels, batch.ids)
@@ -107,7 +106,7 @@ class TestCache:
             if self.writer is not None and (bad := Unfit.read(unfit)):  # never NaN or inf
                 self.writer.abort()
                 self.writer = None
-                self._unfit(stage, epoch, dtype, bad)
+                self._unfit(stage, epoch, dtype, bad, tier, tuple(x.shape[1:]))
             if self.writer is not None:
                 writer, self.writer = self.writer, None
                 try:
@@ -148,26 +147,42 @@ class TestCache:
                 self._failed(stage, epoch, exc)
                 return
 
-    def _unfit(self, stage: int, epoch: int | None, dtype: str, bad: Unfit) -> None:
+    def _unfit(
+        self, stage: int, epoch: int | None, dtype: str, bad: Unfit, tier: str, shape: tuple
+    ) -> None:
         """The test rows hold values no cache keeps: where they only overflowed ``dtype``,
-        under auto the next evaluation writes them in a wider one; else not cached."""
+        under auto the next evaluation writes them in a wider one (if its budget holds
+        the extra bytes); else not cached, and evaluations compute the prefix."""
         detail = bad.detail(stage, dtype, "test")
+        if not bad.only_overflow:  # the prefix's own output: no dtype helps
+            self._failed(stage, epoch, ValueError(detail))
+            return
         wider = wider_dtype(dtype, self.requested_dtype)
-        if bad.overflowed == bad.nonfinite and wider is not None:
+        fits = wider is not None and self._hold_wider(stage, tier, shape, dtype, wider)
+        if wider is not None and fits:
             self.wider[stage] = wider
             why = f"{detail}; written again as {wider} at the next evaluation"
             log.warning("%s", why)
             self.ctx.event(epoch, "dtype_changed", stage=stage, split="test", dtype=dtype,
                            to=wider, values=bad.overflowed, detail=why)  # fmt: skip
             return
-        if bad.overflowed < bad.nonfinite:  # the prefix's own output: no dtype helps
-            self._failed(stage, epoch, ValueError(detail))
-            return
-        detail += f"; not cached: {setting('cache_dtype', 'float32')} (or auto) stores them"
+        fix = f"as {wider} it would not fit the {tier} budget" if wider else not_cached_fix()
+        detail += f"; not cached: {fix}"
         log.warning("not caching the test set at stage %d: %s", stage, detail)
         self.ctx.event(epoch, "not_cached", stage=stage, split="test", dtype=dtype,
                        values=bad.overflowed, reason=detail)  # fmt: skip
         self.failed_stage = stage
+
+    def _hold_wider(self, stage: int, tier: str, shape: tuple, dtype: str, wider: str) -> bool:
+        """A memory tier allocates what it holds: the wider rows' extra bytes go into the
+        governor's ledger where its budget has room (a disk writer stops at its allowance)."""
+        if tier in DISK_TIERS:
+            return True
+        extra = self.raw.num_test * (row_bytes(shape, wider) - row_bytes(shape, dtype))
+        if self.ctx.governor.room(tier) < extra:
+            return False
+        self.ctx.governor.hold(f"test-widened@{stage}", tier, extra)
+        return True
 
     def _failed(self, stage: int, epoch: int | None, exc: BaseException) -> None:
         log.warning("not caching the test set at stage %d: %s", stage, exc)
@@ -205,14 +220,18 @@ class TestCache:
                 yield Batch(x, batch.y, batch.ids, batch.labels, start, cached=True)
 
     def _replace(self, reader: Reader, stage: int) -> None:
-        self.drop()
+        self.drop(keep=stage)
         self.reader, self.stage = reader, stage
 
-    def drop(self) -> None:
-        """Forget the test cache (superseded, damaged, or memory is short); deletes it on disk."""
+    def drop(self, keep: int | None = None) -> None:
+        """Forget the test cache (superseded, damaged, or memory is short); deletes it on
+        disk. The extra bytes held for widened test caches are released, but ``keep``'s."""
         if self.reader is not None:
             reader, self.reader, self.stage = self.reader, None, 0
             discard(reader, self.ctx.root)
+        for stage in self.wider:
+            if stage != keep:
+                self.ctx.governor.release(f"test-widened@{stage}")
 
     def close(self) -> None:
         """End of run: abort a writer, close the reader (a complete disk cache stays)."""

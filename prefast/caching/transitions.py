@@ -63,7 +63,8 @@ class BoundaryTransitions(DiskCharges):
     schedule: FreezeOutSchedule | AutoFreezeSchedule
     considered: int | None  # --freeze auto (prefast/caching/online.py)
     wider: dict[int, str]  # stage -> the dtype its rows fit in, after they overflowed (fits.py)
-    rebuild_streams: dict[int, dict[int, int | None]]  # a damaged boundary's view streams
+    rebuild_streams: dict[int, dict]  # a damaged boundary's view streams (view -> stream)
+    prefix_fault: str | None  # the frozen prefix computed NaN or inf (overflow.py)
     freezes_told: int
 
     def _stream(self, epoch: int) -> int | None:
@@ -83,6 +84,9 @@ class BoundaryTransitions(DiskCharges):
             "costs": self.costs,
             "planned": self.planned,
             "plan": self.plan,
+            # after an overflow and after damage: the dtype and streams rebuilt in
+            "wider": self.wider,
+            "rebuild_streams": self.rebuild_streams,
             "boundaries": [
                 {"role": role, **b.record()}
                 for role, b in (("current", self.current), ("target", self.target))
@@ -216,7 +220,8 @@ class BoundaryTransitions(DiskCharges):
                 self.views,
                 self.raw.batches_per_epoch + test_batches,
                 below,
-                () if replayed else lossy_candidates(self.cfg.cache_dtype),
+                # a dtype widened after an overflow is taken as it is (the event named it)
+                () if replayed or stage in self.wider else lossy_candidates(self.cfg.cache_dtype),
                 replayed=replayed["tier"] if replayed else None,
             )
         if self.planned.get(epoch) == stage and below is None:

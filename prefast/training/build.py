@@ -24,6 +24,7 @@ from prefast.errors import ConfigError
 from prefast.freezing.adaptive import AutoFreezeSchedule, default_interval
 from prefast.freezing.schedule import FreezeOutSchedule
 from prefast.models import StagedModel, as_staged_model, build_model
+from prefast.models.staged import remember_state
 from prefast.store.device import canonical, is_accelerator
 
 log = logging.getLogger("prefast")
@@ -231,11 +232,13 @@ def check_head(staged: StagedModel, two: torch.Tensor, classes: int | None) -> N
     logits are learnt as never chosen: say so, as the CLI replaces such a head."""
     if classes is None:
         return
-    was = staged.training
+    restore = remember_state(staged)
     staged.eval()
-    with torch.no_grad():
-        outputs = staged(two).shape[-1]
-    staged.train(was)
+    try:
+        with torch.no_grad():
+            outputs = staged(two).shape[-1]
+    finally:
+        restore()
     if outputs < classes:
         raise ConfigError(
             f"the model's head gives {outputs} outputs but the data has {classes} classes: "
