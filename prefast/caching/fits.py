@@ -1,15 +1,17 @@
 """Whether a boundary's rows fit the dtype they are stored in.
 
 The non-finite check runs on what is stored (encoded, then decoded as a read gives it
-back), never on the computed activations: a float32 value above 65504 is finite, and
-``inf`` once stored as float16. Such a value *overflowed* its dtype; a value that was
-NaN or inf before encoding means the prefix itself produced it. Both are counted on
-the device (no host sync per batch) and read once, when a view or a test cache would
-be marked complete.
+back), not only on the computed activations: a float32 value above 65504 is finite,
+and ``inf`` once stored as float16. Such a value *overflowed* its dtype; a value that
+was NaN or inf as computed means the prefix itself produced it (counted too: an 8-bit
+encoding stores it as a finite value). Both are counted on the device (no host sync
+per batch) and read once, when a view or a test cache would be marked complete.
 
 The step never trains on an overflowed value: where the stored value is not finite
 and the computed one is, the batch keeps the computed one (``mend``), so the epoch that
-writes trains as the computed prefix would. The rows are never kept: under
+writes trains as the computed prefix would (but under autocast with a 16-bit float
+cache the step takes that dtype, which cannot hold it: counted apart, and named if the
+loss diverges). The rows are never kept: under
 ``--cache-dtype auto`` the boundary is materialized again in a dtype that holds them
 (``wider_dtype``, event ``dtype_changed``); with a dtype the user named, it is not
 cached (event ``not_cached``) and the run goes on computing the prefix
