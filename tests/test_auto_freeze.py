@@ -179,7 +179,7 @@ def test_plan_says_why_a_fixed_prefix_has_no_boundary(capsys, caplog):
 
 
 # -- exactness and the online boundaries --------------------------------------------------------
-@pytest.mark.parametrize("prefix", [0, 2])
+@pytest.mark.parametrize("prefix", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_freezeout_and_prefast_freeze_alike_and_prefast_reads_its_online_boundaries(
     tmp_path, prefix
 ):

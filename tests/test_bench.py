@@ -91,6 +91,7 @@ def test_speedups_are_per_seed_ratios_against_that_seeds_baseline():
     assert by_mode["prefast"]["wall_s"] == pytest.approx(4.5)
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_store_bench_keeps_every_trial_and_its_mean(tmp_path):
     doc = run_store_bench(2 * 2**20, directory=tmp_path, trials=2, log=lambda *_: None)
     assert {(r["tier"], r["codec"]) for r in doc["results"]} >= {("ram", "none"), ("zarr", "zstd")}

@@ -206,7 +206,9 @@ def test_a_resumed_run_rebuilds_an_overflowed_boundary_in_the_wider_dtype(tmp_pa
     assert np.allclose(losses(resumed), losses(ref), rtol=1e-6)
 
 
-@pytest.mark.parametrize(("max_ram", "kept"), [("500KB", False), ("2MB", True)])
+@pytest.mark.parametrize(
+    ("max_ram", "kept"), [("500KB", False), pytest.param("2MB", True, marks=pytest.mark.slow)]
+)
 def test_a_widened_test_cache_in_ram_stays_within_max_ram(tmp_path, max_ram, kept):
     """A test cache widened to float32 takes twice the bytes its boundary was admitted
     with: in a memory tier (which allocates what it holds) it is widened only where the

@@ -194,6 +194,7 @@ def test_a_forced_ram_tier_over_max_ram_is_recomputed_and_says_why(tmp_path, fre
     assert rel_diff(run, freezeout_ref) <= 1e-6
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_spill_respects_max_disk_and_keeps_the_ram_cache(tmp_path, monkeypatch, freezeout_ref):
     HostMemory(monkeypatch, short=True)
     run = train(cfg_for(tmp_path, cache_tier="ram", max_disk=4096))

@@ -33,6 +33,7 @@ def test_weights_in_torch_home_are_loaded_and_the_classifier_replaced(tmp_path, 
     assert "--pretrained: classifier fc replaced for the dataset's classes" in caplog.text
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_a_vit_built_at_another_size_resamples_its_position_embedding(tmp_path, caplog):
     torch.manual_seed(6)
     saved = torchvision.models.vit_b_32(image_size=224).state_dict()  # 7x7 patches + 1

@@ -443,6 +443,7 @@ def test_a_view_unreadable_twice_but_not_in_a_row_does_not_abandon_its_boundary(
     assert all(root.is_complete(k) for k in keys), "a sound cache was deleted"
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_a_view_written_but_unreadable_at_finish_is_kept_and_reused_next_epoch(
     tmp_path, monkeypatch, freezeout_ref
 ):
@@ -648,6 +649,7 @@ def test_a_damaged_test_cache_evaluates_the_rest_as_the_cache_holds_it(tmp_path,
     assert faulted == clean
 
 
+@pytest.mark.slow  # make check (make test's bound: docs/development.md)
 def test_test_cache_that_cannot_open_is_tried_once_per_boundary(
     tmp_path, monkeypatch, freezeout_ref
 ):
