@@ -163,18 +163,21 @@ def test_under_autocast_a_16_bit_cache_that_cannot_hold_a_value_is_named_not_the
     from prefast.caching.fits import Unfit, mend
     from prefast.caching.overflow import input_fault
 
-    out = torch.tensor([[1e5, 2.0, float("nan")]], dtype=torch.bfloat16)
-    x = out.to(torch.float16)  # what the step takes under autocast: inf, 2, nan
-    counts, mended = mend(out, x)
-    assert counts.tolist() == [2, 1, 1] and torch.isinf(mended[0, 0])
-    assert mend(out.float(), x)[1][0, 0] == 1e5  # in float32 (no autocast) it is mended
-    assert Unfit.read(counts) == Unfit(2, 1, 1)
+    out = torch.tensor([[1e5, 2.0, 3.0]], dtype=torch.bfloat16)
+    x = out.to(torch.float16)  # what the step takes under autocast: inf, 2, 3
+    signs, mended = mend(out, x, "float16")
+    assert torch.isinf(mended[0, 0])  # float16 cannot hold it
+    assert Unfit.read(signs) == Unfit(1, True, False) and Unfit.read(signs).unmended
+    assert mend(out.float(), x.float(), "float16")[1][0, 0] == out[0, 0].float()  # mended
+    nan = torch.tensor([[float("nan"), 1e5]])
+    assert Unfit.read(mend(nan, nan.half().float(), "float16")[0]) == Unfit(1, False, False)
+    assert not Unfit.read(mend(nan, nan, "float32")[0]).only_overflow  # the prefix's own
 
     class Feed:  # what input_fault reads of the feed
         target = BoundaryCache("train@1", 1, "ram", 1, None, dtype="float16")
         prefix_fault = None
 
-    Feed.target.state, Feed.target.nonfinite = State.WRITING, torch.tensor([1, 1, 1])
+    Feed.target.state, Feed.target.signs = State.WRITING, signs
     said = input_fault(Feed())  # type: ignore[arg-type]
     assert said is not None and said.startswith("the cache dtype, not the learning rate")
     assert "pass --cache-dtype bfloat16 or auto" in said

@@ -157,7 +157,7 @@ def test_an_image_folder_of_grayscale_images_says_it_reads_three_channels(tmp_pa
     assert x.shape[0] == 3 and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
 
 
-@pytest.mark.slow  # about 50 s on 2 cores
+@pytest.mark.slow  # about 25 s on 2 cores
 def test_a_sample_of_timm_families_splits_with_equal_logits_or_refuses_in_one_line():
     """benchmarks/timm_scan.py's sample (families issue 44 named, and some that split),
     built as --model timm:NAME builds them: each splits with the unsplit model's logits or
@@ -165,7 +165,11 @@ def test_a_sample_of_timm_families_splits_with_equal_logits_or_refuses_in_one_li
     pytest.importorskip("timm")
     from prefast.benchmarks.timm_scan import SAMPLE, scan_family
 
-    rows = [scan_family(family, model) for family, model in SAMPLE.items()]
+    # The families the issue named, and one of each way a timm model splits (make check's
+    # time: the whole sample is `python benchmarks/timm_scan.py --quick`).
+    families = ("cait", "fastvit", "levit", "hrnet", "deit", "vision_transformer",
+                "swin_transformer", "convnext", "resnet", "densenet", "regnet", "csatv2")  # fmt: skip
+    rows = [scan_family(family, SAMPLE[family]) for family in families]
     for row in rows:
         assert row["kind"] in ("split", "refused") or "took over" in row["outcome"], row
         if row["kind"] == "split":

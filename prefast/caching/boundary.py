@@ -95,10 +95,10 @@ class BoundaryCache:
         # The governor's estimate of what one view and the test set take in ``tier``: what
         # the ledger charges until the feed measures the caches on disk.
         self.view_bytes, self.test_bytes = 0, 0
-        # Non-finite values in the view being written, as stored, and of them those that
-        # overflowed its dtype (``prefast/caching/fits.py``): counted on the device (no host
-        # sync per batch) and read once before the view would be marked complete.
-        self.nonfinite: torch.Tensor | None = None
+        # Whether the view being written holds values its dtype overflowed or that are not
+        # finite (``prefast/caching/fits.py``): summed on the device (no host sync per batch)
+        # and read once before the view would be marked complete.
+        self.signs: torch.Tensor | None = None
         self.unavailable = 0  # opens or reads in a row that failed with CacheUnavailableError
         self.why: str | None = None  # reason of a terminal state
 
@@ -139,7 +139,7 @@ class BoundaryCache:
             raise BoundaryStateError(f"{self!r}: view {view} already exists")
         self.writer, self.writing_view, self.state = writer, view, State.WRITING
         self.streams[view] = stream
-        self.nonfinite = None
+        self.signs = None
 
     def write(self, acts: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
         """Append rows of the view being written (raises the writer's errors)."""
@@ -147,10 +147,10 @@ class BoundaryCache:
         assert self.writer is not None
         self.writer.append(acts, labels, ids)
 
-    def count_stored(self, counts: torch.Tensor) -> None:
-        """Add a batch's ``fits.mend`` counts (on the device: no host sync per batch); read
-        once, with ``fits.Unfit.read(self.nonfinite)``, before the view would be complete."""
-        self.nonfinite = counts if self.nonfinite is None else self.nonfinite + counts
+    def add_signs(self, signs: torch.Tensor) -> None:
+        """Add a batch's ``fits.mend`` signs (on the device: no host sync per batch); read
+        once, with ``fits.Unfit.read(self.signs)``, before the view would be complete."""
+        self.signs = signs if self.signs is None else self.signs + signs
 
     def finish_view(self) -> None:
         """Make the view being written readable; raises the writer's errors (then abandon).

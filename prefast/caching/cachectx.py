@@ -194,21 +194,25 @@ class CacheContext:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``acts`` encoded in ``dtype`` (what the writer stores); decoded again, exactly as
         later epochs will read them back (what the model takes); and ``(2,)`` counts on the
-        device of the values that are not finite as stored, and of them those that
-        overflowed ``dtype`` (``prefast/caching/fits.py``): the model takes those as computed,
-        and a cache holding them is never kept.
+        device that say whether any value overflowed ``dtype`` or is not finite
+        (``prefast/caching/fits.py``): the model takes an overflowed value as computed, and a
+        cache holding one is never kept.
 
         Write-through epochs train and evaluate on the decoded rows, so a run gives the
         same numbers whether its caches were written in this run or reused from another.
 
-        The two never share memory (``fits.mend`` builds the decoded rows anew): a disk
-        writer reads the stored rows later, on its own thread (on CUDA its copy to the host
-        is queued after the step), and a trainable stage that begins with an in-place op
+        The two never share memory: where encoding is a no-op (float32; a 16-bit cache
+        under autocast) the stored rows are a copy, queued on the device before the step.
+        A disk writer reads them later, on its own thread (on CUDA its copy to the host is
+        queued after the step), and a trainable stage that begins with an in-place op
         (``nn.Dropout(inplace=True)``, ``nn.ReLU(inplace=True)``) writes into what it takes.
         """
         stored = encoding.encode(acts, dtype)
-        counts, x = mend(acts, self.to_compute(stored, dtype, tuple(acts.shape[1:])))
-        return stored, x, counts
+        x = self.to_compute(stored, dtype, tuple(acts.shape[1:]))
+        signs, x = mend(acts, x, dtype)
+        if x is stored:  # every no-op on the way (cast, move, decode, mend) returned its input
+            stored = stored.clone()
+        return stored, x, signs
 
     def to_compute(self, stored: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Stored rows -> the device (a no-op when they came through a reader's staging),

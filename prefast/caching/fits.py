@@ -20,6 +20,7 @@ cached (event ``not_cached``) and the run goes on computing the prefix
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,57 +32,76 @@ from prefast.store.device import to_host
 WIDER = "float32"  # holds every value the prefix computes in float32
 
 
-def mend(out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` (the stored rows as read back) with every value that overflowed its dtype
-    taken from ``out`` (as computed), and ``(3,)`` int64 counts on the device: values
-    not finite as computed or as stored (an 8-bit encoding stores a NaN as a finite
-    value: it counts all the same); of them, finite as computed but not as stored (the
-    dtype overflowed); of those, not finite in what the step takes either (under
-    autocast the step takes a 16-bit cache's own dtype, which cannot hold them)."""
-    finite_out = torch.isfinite(out)
-    stored_bad = ~torch.isfinite(x)
-    overflowed = stored_bad & finite_out
-    mended = torch.where(overflowed, out.to(x.dtype), x)
-    unmended = overflowed & ~torch.isfinite(mended)
-    counts = torch.stack([(stored_bad | ~finite_out).sum(), overflowed.sum(), unmended.sum()])
-    return counts, mended
+def can_overflow(dtype: str, computed: torch.dtype) -> bool:
+    """Whether rows stored in ``dtype`` can be inf where the computed value is finite: a
+    float16 cache (bit rounding too) of values computed in a wider dtype. (bfloat16 and
+    the 8-bit scales hold float32's range; float32 holds the values themselves.)"""
+    narrow = dtype == "float16" or encoding.keepbits(dtype) is not None
+    return narrow and computed != torch.float16
+
+
+def mend(out: torch.Tensor, x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the step takes: ``x`` (the rows stored in ``dtype``, as read back) with every
+    value that overflowed the dtype taken from ``out`` (as computed); and ``(3,)`` signs
+    on the device, summed over batches and read once (``Unfit.read``): the values inf as
+    stored where the dtype can overflow (a count), then 0 if every computed value is
+    finite (else NaN), then 0 if every value the step takes is finite (else NaN).
+
+    A sum is finite exactly when what it adds is (NaN and inf carry through it), and
+    ``sum * 0`` is 0 or NaN: one cheap reduction per tensor, never a pass that marks
+    each value, except where a dtype can overflow (the mask the mend needs anyway)."""
+    wide = torch.float32 if x.device.type == "mps" else torch.float64  # mps has no float64
+    computed, taken = out.sum() * 0, x.sum() * 0
+    if not can_overflow(dtype, out.dtype):
+        stored = torch.zeros((), dtype=wide, device=x.device)
+        return torch.stack([stored, computed.to(wide), taken.to(wide)]), x
+    inf = x.isinf()  # a computed NaN stays NaN in float16: the computed sum tells it
+    mended = torch.where(inf, out.to(x.dtype), x)
+    signs = [inf.sum().to(wide), computed.to(wide), (mended.sum() * 0).to(wide)]
+    return torch.stack(signs), mended
 
 
 @dataclass(frozen=True)
 class Unfit:
     """What a view's or a test cache's values held (read once from the device)."""
 
-    nonfinite: int  # values NaN or inf, as computed or as stored
-    overflowed: int  # of them, finite as computed: the dtype could not hold them
-    unmended: int = 0  # of those, inf in what the step took too (16-bit under autocast)
+    overflowed: int  # values inf as stored, counted where the dtype can overflow
+    computed_finite: bool = True  # every value the prefix computed
+    taken_finite: bool = True  # every value the step took (mended)
 
     @classmethod
-    def read(cls, counts: torch.Tensor | None) -> Unfit:
-        if counts is None:
-            return cls(0, 0)
-        nonfinite, overflowed, unmended = to_host(counts).tolist()
-        return cls(int(nonfinite), int(overflowed), int(unmended))
+    def read(cls, signs: torch.Tensor | None) -> Unfit:
+        if signs is None:
+            return cls(0)
+        stored, computed, taken = to_host(signs).tolist()
+        return cls(int(stored), math.isfinite(computed), math.isfinite(taken))
 
     def __bool__(self) -> bool:
-        return self.nonfinite > 0
+        return self.overflowed > 0 or not (self.computed_finite and self.taken_finite)
 
     @property
     def only_overflow(self) -> bool:
         """Every bad value is one the dtype could not hold (a wider dtype would)."""
-        return 0 < self.overflowed == self.nonfinite
+        return bool(self) and self.computed_finite
+
+    @property
+    def unmended(self) -> bool:
+        """The step took inf where the prefix computed a finite value: under autocast it
+        takes a float16 cache's own dtype, which cannot hold it."""
+        return self.computed_finite and not self.taken_finite
 
     def detail(self, stage: int, dtype: str, split: str) -> str:
-        """One sentence: how many values, of what, and why they are not kept."""
+        """One sentence: what stage ``stage``'s rows held, and why they are not kept."""
         if not self.only_overflow:
             return (
-                f"{self.nonfinite} NaN or inf values in stage {stage}'s {split} output: a "
-                "cache of them is never kept (the frozen prefix computes them: the model "
-                "or its input data hold non-finite values)"
+                f"NaN or inf values in stage {stage}'s {split} output: a cache of them is "
+                "never kept (the frozen prefix computes them: the model or its input data "
+                "hold non-finite values)"
             )
+        many = f"{self.overflowed} values" if self.overflowed else "values"
         return (
-            f"{self.overflowed} values of stage {stage}'s {split} output overflow "
-            f"{dtype} (largest finite {largest_finite(dtype):g}): they are finite as "
-            "computed and inf as stored"
+            f"{many} of stage {stage}'s {split} output overflow {dtype} (largest finite "
+            f"{largest_finite(dtype):g}): they are finite as computed and inf as stored"
         )
 
 

@@ -224,7 +224,7 @@ class PrefastFeed(BoundaryTransitions):
 
     def end_epoch(self, epoch: int) -> None:
         t = self.target
-        if t is not None and t.state is State.WRITING and (unfit := Unfit.read(t.nonfinite)):
+        if t is not None and t.state is State.WRITING and (unfit := Unfit.read(t.signs)):
             not_kept(self, epoch, t, unfit)  # never a complete cache of NaN or inf
             t = None
         if t is not None and t.state is State.WRITING:
@@ -346,8 +346,8 @@ class PrefastFeed(BoundaryTransitions):
         if writing is None or writing.state is not State.WRITING:
             return batch
         out = self._run_prefix(batch.x, batch.start, writing.stage)
-        stored, x, counts = self.ctx.as_stored(out, writing.dtype)  # x: what stored decodes to
-        writing.count_stored(counts)  # the check runs on what is stored (fits.py)
+        stored, x, signs = self.ctx.as_stored(out, writing.dtype)  # x: what stored decodes to
+        writing.add_signs(signs)  # the check runs on what is stored (fits.py)
         try:
             with self.ctx.timed("write_s"):
                 writing.write(stored, batch.labels, batch.ids)

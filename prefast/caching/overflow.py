@@ -52,7 +52,7 @@ def input_fault(self: BoundaryTransitions) -> str | None:
     reach the step (``fits.mend``)."""
     t = self.target
     if t is not None and t.state is State.WRITING:
-        unfit = Unfit.read(t.nonfinite)
+        unfit = Unfit.read(t.signs)
         detail = unfit.detail(t.stage, t.dtype, "training")
         if unfit.unmended:
             return (

@@ -84,7 +84,7 @@ class TestCache:
         old = self.reader if self.reader is not None and self.stage < stage else None
         source = self._read(old, self.stage, epoch) if old is not None else self.raw.test_batches()
         opened = not write
-        unfit = torch.zeros(3, dtype=torch.int64, device=self.ctx.device)  # fits.mend's counts
+        unfit: torch.Tensor | None = None  # fits.mend's signs, summed on the device
         try:
             for batch in source:
                 x = self.run_prefix(batch.x, batch.start, stage)
@@ -93,9 +93,9 @@ class TestCache:
                     self._open(stage, tier, tuple(x.shape[1:]), epoch, dtype)
                 # x as the cache holds it: what later evaluations read, written or not (a
                 # value that overflowed the dtype as computed: such rows are never kept)
-                stored, x, counts = self.ctx.as_stored(x, dtype)
+                stored, x, signs = self.ctx.as_stored(x, dtype)
                 if self.writer is not None:
-                    unfit += counts  # the check runs on what is stored
+                    unfit = signs if unfit is None else unfit + signs  # on what is stored
                     try:
                         with self.ctx.timed("write_s"):
                             self.writer.append(stored, batch.labels, batch.ids)
