@@ -169,6 +169,8 @@ def test_under_autocast_a_16_bit_cache_that_cannot_hold_a_value_is_named_not_the
     assert torch.isinf(mended[0, 0])  # float16 cannot hold it
     assert Unfit.read(signs) == Unfit(1, True, False) and Unfit.read(signs).unmended
     assert mend(out.float(), x.float(), "float16")[1][0, 0] == out[0, 0].float()  # mended
+    ones = torch.ones(1, 70_000, dtype=torch.float16)  # finite, though their sum is not in float16
+    assert not Unfit.read(mend(ones, ones, "float16")[0])
     nan = torch.tensor([[float("nan"), 1e5]])
     assert Unfit.read(mend(nan, nan.half().float(), "float16")[0]) == Unfit(1, False, False)
     assert not Unfit.read(mend(nan, nan, "float32")[0]).only_overflow  # the prefix's own

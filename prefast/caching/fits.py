@@ -51,13 +51,15 @@ def mend(out: torch.Tensor, x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, 
     ``sum * 0`` is 0 or NaN: one cheap reduction per tensor, never a pass that marks
     each value, except where a dtype can overflow (the mask the mend needs anyway)."""
     wide = torch.float32 if x.device.type == "mps" else torch.float64  # mps has no float64
-    computed, taken = out.sum() * 0, x.sum() * 0
+    # Summed in float32: a float16 sum of finite values may itself overflow.
+    computed, taken = (t.sum(dtype=torch.float32) * 0 for t in (out, x))
     if not can_overflow(dtype, out.dtype):
         stored = torch.zeros((), dtype=wide, device=x.device)
         return torch.stack([stored, computed.to(wide), taken.to(wide)]), x
     inf = x.isinf()  # a computed NaN stays NaN in float16: the computed sum tells it
     mended = torch.where(inf, out.to(x.dtype), x)
-    signs = [inf.sum().to(wide), computed.to(wide), (mended.sum() * 0).to(wide)]
+    taken = mended.sum(dtype=torch.float32) * 0
+    signs = [inf.sum().to(wide), computed.to(wide), taken.to(wide)]
     return torch.stack(signs), mended
 
 
