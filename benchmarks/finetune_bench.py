@@ -125,7 +125,7 @@ def pretrain(  # type: ignore[no-untyped-def]
     import torchvision
 
     folder.mkdir(parents=True, exist_ok=True)
-    size = (1024, 256) if quick else (10_000, 1_000)
+    size = (512, 128) if quick else (10_000, 1_000)
     cfg = TrainConfig(
         mode="baseline", dataset="synthetic", synthetic_size=size, batch_size=64,
         lr=0.05, device="cpu", cache_dir=cache, augment="standard",

@@ -102,7 +102,7 @@ def test_resume_after_a_crash_reads_a_cache_from_the_next_epoch(tmp_path, freeze
     ],  # post-ReLU maps compress; DenseNet's concat does not
 )
 def test_auto_tier_measures_compression_before_choosing_a_disk_tier(tmp_path, model, tier):
-    run = train(cfg_for(tmp_path, model=model, cache_dtype="float16", max_ram=4096, epochs=5))
+    run = train(cfg_for(tmp_path, model=model, cache_dtype="float16", max_ram=4096, epochs=3))
     boundaries = [e for e in run["final"]["cache_events"] if e["event"] == "boundary"]
     assert boundaries and all(e["tier"] == tier for e in boundaries), boundaries
     pays = [e["compress_ratio"] >= 1.1 for e in boundaries]
