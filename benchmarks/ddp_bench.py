@@ -13,7 +13,7 @@ run's cache directories take on disk when it ends (``disk_usage`` per cache,
 counted for the rank its attributes name), i.e. the last boundary's training
 and test caches as the zarr tier stored them.
 
-    python benchmarks/ddp_bench.py [OUT_DIR]   # default benchmarks/results (about 1 min)
+    python benchmarks/ddp_bench.py [OUT_DIR]   # default benchmarks/results, 10 epochs (about 1 min)
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 
 ARGS = [
-    "train", "--dataset", "digits", "--model", "densenet-bc", "--depth", "16", "--epochs", "10",
-    "--augment", "none", "--device", "cpu", "--cache-dtype", "float32", "--cache-tier", "zarr",
+    "train", "--dataset", "digits", "--model", "densenet-bc", "--depth", "16", "--augment",
+    "none", "--device", "cpu", "--cache-dtype", "float32", "--cache-tier", "zarr",
     "--cache-boundaries", "every", "--check-replicas",
 ]  # fmt: skip
 # ``--cache-boundaries every``: 1 and 2 processes end on the same boundary, so their
@@ -36,13 +36,14 @@ ARGS = [
 # and rows per rank: one run may keep a later, wider boundary than the other.
 
 
-def launch(nproc: int, mode: str, workdir: Path) -> dict:
+def launch(nproc: int, mode: str, workdir: Path, epochs: int) -> dict:
     """The run's record, plus ``disk_bytes``: what its cache directory holds per rank."""
     out = workdir / f"{mode}_{nproc}.json"
     cache_dir = workdir / f"cache{nproc}_{mode}"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-        str(nproc), str(Path(sys.executable).parent / "prefast"), *ARGS, "--mode", mode,
+        str(nproc), str(Path(sys.executable).parent / "prefast"), *ARGS, "--epochs", str(epochs),
+        "--mode", mode,
         "--cache-dir", str(cache_dir), "--json-out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -72,10 +73,12 @@ def disk_bytes_per_rank(cache_dir: Path, world: int) -> tuple[list[int], list[in
     return per_rank, sorted(boundaries)
 
 
-def run_ddp_bench() -> dict:
+def run_ddp_bench(epochs: int = 10) -> dict:
     work = Path(tempfile.mkdtemp(prefix="prefast-ddp-"))
     try:
-        runs = {n: {m: launch(n, m, work) for m in ("freezeout", "prefast")} for n in (1, 2)}
+        runs = {
+            n: {m: launch(n, m, work, epochs) for m in ("freezeout", "prefast")} for n in (1, 2)
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = []
@@ -108,7 +111,7 @@ def run_ddp_bench() -> dict:
         row["disk_vs_single_process"] = [b / single_disk for b in row["rank_disk_bytes"]]
     from prefast.benchmarks.store_bench import machine
 
-    return {"machine": machine(), "args": ARGS, "rows": rows}
+    return {"machine": machine(), "args": [*ARGS, "--epochs", str(epochs)], "rows": rows}
 
 
 def markdown(doc: dict) -> str:
