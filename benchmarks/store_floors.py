@@ -30,19 +30,15 @@ import numcodecs
 import numpy as np
 import torch
 
+from prefast.store.layout import drop_page_cache
+
 MB = 1e6
 
 
 def evict(path: Path) -> bool | None:
     """Drop ``path``'s files from the page cache; True if verified empty after."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    drop_page_cache(path)
     if not shutil.which("fincore"):
         return None
     out = subprocess.run(

@@ -238,9 +238,16 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     c.add_argument(
         "--plan-from",
         metavar="JSON",
-        help="replay the boundaries, tiers and dtypes of an earlier run (its --json-out "
-        "record, a compare record or `prefast plan --json`), so the same command gives the "
-        "same numbers (default: plan from timing probes and free memory)",
+        help="replay the boundaries, tiers and dtypes of an earlier run (its --json-out or "
+        "compare record, or `prefast plan --json`): the same command, the same numbers",
+    )
+    c.add_argument(
+        "--bandwidths",
+        metavar="PATH|measure",
+        help="each tier's write/read speed, which prices a boundary in the tier it lands in: "
+        "PATH pins them (a --json-out record, or the cache dir's bandwidths.json); measure: "
+        "now (default: kept in --cache-dir per host, device and dtype for 30 days; "
+        "$PREFAST_BANDWIDTHS pins them too)",
     )
     c.add_argument(
         "--cache-views",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from .common import add_train_flags, config_from_args, human_bytes, write_json
 
@@ -17,6 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_train_flags(p, modes=False)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--costs-from",
+        metavar="RUN.json",
+        help="price the plan with the stage costs and bandwidths a prefast run measured (its "
+        "--json-out record, or a compare record), not this machine's: plan a GPU run's "
+        "numbers on a CPU (the model and data flags must match that run's)",
+    )
     p.set_defaults(func=run)
 
 
@@ -24,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from prefast.training.plan import measure_and_plan
 
     cfg = config_from_args(args, mode="prefast")
-    plan = measure_and_plan(cfg)
+    plan = measure_and_plan(cfg, costs_from=args.costs_from)
     plan.pop("costs")
     if args.json:
         write_json("-", plan)
@@ -59,6 +67,16 @@ def run(args: argparse.Namespace) -> int:
                 f"  stage {b['stage']:>2}: {human_bytes(b['bytes'])} -> {b['tier']} in "
                 f"{b['dtype']}; {when}"
             )
+    bw = plan["pricing"]["bandwidths"]
+    print(f"\nbandwidths, MB/s write/read ({bw['source']}):")
+    print(
+        "  "
+        + ", ".join(
+            f"{k} {bw['write'][k] / 1e6:,.0f}/{bw['read'][k] / 1e6:,.0f}"
+            for k in bw["write"]
+            if k in bw["read"]
+        )
+    )
     print("\nboundaries (materialized during epoch, read from the next):")
     if not plan["boundaries"] and plan["freeze_rule"]:
         prefix = cfg.freeze_prefix
@@ -73,12 +91,27 @@ def run(args: argparse.Namespace) -> int:
     for b in plan["boundaries"]:
         print(
             f"  epoch {b['epoch'] + 1}: stages 0..{b['stage'] - 1}  {human_bytes(b['bytes'])}  -> "
-            f"{b['tier']} in {b['dtype']} ({b['reason']})"
+            f"{b['tier']} in {b['dtype']}: saves {b['saving_s']:.3g}s, costs "
+            f"{b['cost_s']:.3g}s ({b['reason']})"
+        )
+    skipped = [c for c in plan["pricing"]["candidates"] if not c["taken"]]
+    if skipped:
+        print("\nnot planned (priced in the tier each would land in):")
+    for c in skipped:
+        cost = "-" if c["cost_s"] is None else f"{c['cost_s']:.3g}s"
+        print(
+            f"  epoch {c['epoch'] + 1}: stages 0..{c['stage'] - 1}  {c['tier']}: saves "
+            f"{c['saving_s']:.3g}s, costs {cost}: {c['why']}"
         )
     print("\npredicted wall-clock (ideal cost model, no I/O):")
     pred = plan["predicted_s"]
     for mode, secs in pred.items():
-        print(f"  {mode:<10} {secs:8.1f}s  ({pred['baseline'] / secs:.2f}x vs baseline)")
+        if math.isnan(secs):
+            print(f"  {mode:<10} {'-':>8}   (the costs' record timed forwards only)")
+            continue
+        ratio = pred["baseline"] / secs
+        vs = f"{ratio:.2f}x vs baseline" if not math.isnan(ratio) else "no baseline to compare"
+        print(f"  {mode:<10} {secs:8.1f}s  ({vs})")
     if plan["freeze_rule"]:
         print("  freezeout, prefast: depend on when the rule freezes (the run record says)")
     return 0

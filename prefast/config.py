@@ -113,6 +113,9 @@ class TrainConfig:
     workers: int | None = None  # DataLoader processes for dataset objects (None: cores - 1)
     checkpoint: str | None = None
     plan_from: str | None = None  # prefast: replay this JSON's boundaries, tiers and dtypes
+    # prefast: each tier's speed for pricing boundaries (caching/bandwidth.py): None = kept
+    # beside the caches or measured, 'measure' = measured now, PATH = pinned from a file
+    bandwidths: str | None = None
     resume: bool = False
     # prefast mode
     cache_dir: str | None = None

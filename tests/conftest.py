@@ -11,6 +11,10 @@ import torch
 from prefast.store.device import canonical
 
 torch.set_num_threads(2)
+# Every run in the tests (and the CLI processes they start) prices boundaries with these
+# figures, not this machine's measured ones: plans that do not move with the machine's load,
+# and no measurement per test. tests/test_bandwidth.py measures for real.
+os.environ["PREFAST_BANDWIDTHS"] = os.path.join(os.path.dirname(__file__), "bandwidths.json")
 
 # One test body per training device: the strict test device stands in for a GPU on
 # a machine without one (tests/strict_device.py); real CUDA runs where there is one

@@ -17,7 +17,8 @@ Measured / predicted is then the overhead of everything the model ignores
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from prefast.config import BOUNDARY_POLICIES
@@ -52,12 +53,47 @@ class StageCost:
 
 
 @dataclass(frozen=True)
+class TierPrice:
+    """Where a boundary would be stored and what moving its rows costs there: the tier and
+    dtype the governor would give it, at that tier's measured bandwidths
+    (``prefast/caching/pricing.py``). ``recompute``: no tier takes it; it is not planned."""
+
+    tier: str
+    dtype: str
+    row_bytes: int  # one training row as stored (the dtype's bytes, before compression)
+    write_bw: float  # bytes/s, logical
+    read_bw: float
+    bytes: int = 0  # what the tier would hold: every view and the test set (zarr: compressed)
+    reason: str = ""  # the governor's
+
+
+# Every boundary's price before tiers had their own: float32 rows at disk speeds. Used
+# where no pricing is given (a test of the arithmetic alone).
+DISK_WRITE_BW, DISK_READ_BW = 300e6, 1e9
+
+
+@dataclass(frozen=True)
 class Boundary:
     epoch: int  # materialized during this epoch, read from the next
     stage: int  # number of frozen stages before the boundary
-    row_bytes: int  # per sample at float32
+    row_bytes: int  # per sample, as stored
     saving_s: float
     cost_s: float
+    tier: str = ""  # where it was priced ("" : at disk speeds, no tier asked)
+    dtype: str = ""
+    bytes: int = 0
+    reason: str = ""
+    taken: bool = False  # planned (``plan_boundaries``'s candidates record the others too)
+    why: str = ""  # why it was or was not planned
+
+
+class Pricing(Protocol):
+    """``stage -> TierPrice`` for the next candidate, and ``take``: a planned boundary
+    now holds its tier's bytes (the next candidate is priced next to it)."""
+
+    def __call__(self, stage: int) -> TierPrice: ...
+
+    def take(self, stage: int, price: TierPrice) -> None: ...
 
 
 def plan_boundaries(
@@ -66,10 +102,12 @@ def plan_boundaries(
     epochs: int,
     costs: list[StageCost],
     rows: int,
-    write_bw: float = 300e6,
-    read_bw: float = 1e9,
+    write_bw: float = DISK_WRITE_BW,
+    read_bw: float = DISK_READ_BW,
     policy: str = "auto",
     views: int = 1,
+    price: Pricing | None = None,
+    considered: list[Boundary] | None = None,
 ) -> list[Boundary]:
     """Epoch starts where materializing the frozen prefix pays for itself.
 
@@ -77,10 +115,12 @@ def plan_boundaries(
     boundaries are only taken at epoch starts. With ``policy="auto"`` a
     candidate is kept when the prefix compute it saves over the remaining
     epochs exceeds the cost of writing the cache once and reading it every
-    remaining epoch; ``policy="every"`` keeps every candidate (a plan that does
-    not depend on timing: tests, and users who know better). A boundary of
-    ``views`` augmented views is read only once all of them are written, so it is
-    planned only where at least one epoch is left to read it.
+    remaining epoch, priced by ``price`` in the tier it would land in (without one:
+    float32 rows at ``write_bw``/``read_bw``); ``policy="every"`` keeps every candidate
+    (a plan that does not depend on timing: tests, and users who know better). A
+    boundary of ``views`` augmented views is read only once all of them are written, so
+    it is planned only where at least one epoch is left to read it. ``considered``
+    collects every candidate, planned or not, with why.
     """
     if policy not in BOUNDARY_POLICIES:
         raise ValueError(f"boundary policy {policy!r}: choose one of {BOUNDARY_POLICIES}")
@@ -90,12 +130,27 @@ def plan_boundaries(
         p = schedule.frozen_prefix(epoch * batches_per_epoch)
         if p <= last or p >= schedule.num_stages:
             continue
+        tier = price(p) if price is not None else None
         b = boundary_value(
-            costs, last, p, epoch, epochs, batches_per_epoch, rows, write_bw, read_bw
+            costs, last, p, epoch, epochs, batches_per_epoch, rows, write_bw, read_bw, tier
         )
-        if b.saving_s > b.cost_s or policy == "every":
+        if policy == "every":
+            b = replace(b, taken=True, why="cache_boundaries='every' plans every boundary")
+        elif b.saving_s > b.cost_s:
+            b = replace(b, taken=True, why="it saves more than it costs")
+        elif tier is not None and tier.tier == "recompute":
+            b = replace(b, why=f"no tier takes it: {tier.reason}")
+        else:
+            b = replace(
+                b, why="writing it and reading it every epoch left costs more than it saves"
+            )
+        if considered is not None:
+            considered.append(b)
+        if b.taken:
             chosen.append(b)
             last = p
+            if price is not None and tier is not None:
+                price.take(p, tier)
     return chosen
 
 
@@ -107,19 +162,29 @@ def boundary_value(
     epochs: int,
     batches_per_epoch: int,
     rows: int,
-    write_bw: float = 300e6,
-    read_bw: float = 1e9,
+    write_bw: float = DISK_WRITE_BW,
+    read_bw: float = DISK_READ_BW,
+    price: TierPrice | None = None,
 ) -> Boundary:
     """What a boundary at ``stage`` materialized during ``epoch`` saves and costs over the
     epochs left, when stages ``0..cached-1`` are cached already: the forward of stages
     ``cached..stage-1`` in every later epoch, against writing the cache once and reading
-    it every later epoch. The same freeze saves less the later it comes: ``--freeze auto``
-    asks this when a stage freezes (``plan_boundaries`` for every planned epoch)."""
+    it every later epoch, at ``price``'s tier and dtype (without one: float32 rows at
+    ``write_bw``/``read_bw``). The same freeze saves less the later it comes: ``--freeze
+    auto`` asks this when a stage freezes (``plan_boundaries`` for every planned epoch)."""
     remaining = epochs - epoch - 1
-    row_bytes = costs[stage - 1].out_row_bytes
     saving = remaining * batches_per_epoch * sum(c.fwd_s for c in costs[cached:stage])
-    cost = rows * row_bytes / write_bw + remaining * rows * row_bytes / read_bw
-    return Boundary(epoch, stage, row_bytes, saving, cost)
+    if price is None:
+        row_bytes = costs[stage - 1].out_row_bytes
+        cost = rows * row_bytes / write_bw + remaining * rows * row_bytes / read_bw
+        return Boundary(epoch, stage, row_bytes, saving, cost)
+    row_bytes, nbytes = price.row_bytes, rows * price.row_bytes
+    cost = math.inf
+    if price.tier != "recompute":
+        cost = nbytes / price.write_bw + remaining * nbytes / price.read_bw
+    return Boundary(
+        epoch, stage, row_bytes, saving, cost, price.tier, price.dtype, price.bytes, price.reason
+    )
 
 
 def prefix_seconds(costs: list[StageCost], stage: int, batches: float) -> float:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from prefast.caching.bandwidth import DEFAULTS, Bandwidths
 from prefast.caching.budgets import Ledger
 from prefast.caching.costmodel import StageCost, prefix_seconds
 from prefast.config import setting
@@ -42,7 +43,6 @@ from prefast.store.device import is_accelerator
 log = logging.getLogger("prefast.caching.governor")
 GIB = 2**30
 MIB = 2**20
-DISK_READ_BW = {"mmap": 1.5e9, "zarr": 1.0e9}  # bytes/s, logical; DESIGN.md §5 measurements
 ZSTD_PAYS = 1.10  # the store's own codec threshold (store.zarr_writer.ZSTD_MIN_RATIO)
 LEVEL = {"gpu": 0, "ram": 1, "mmap": 2, "zarr": 2, "recompute": 3}  # preference, best first
 # --cache-dtype auto takes an 8-bit encoding (for a better tier) only below this relative
@@ -94,6 +94,9 @@ def _mib(n: float) -> str:
 
 class Governor(Ledger):
     """Chooses each boundary's tier and dtype against what its :class:`Ledger` leaves."""
+
+    # Each tier's measured speed (the feed sets the run's; ``bandwidth.py``).
+    bandwidths: Bandwidths = DEFAULTS
 
     # -- decisions ------------------------------------------------------------------------
     def choose(
@@ -165,38 +168,41 @@ class Governor(Ledger):
         gpu = self.room("gpu") if offered("gpu") else 0
         ram = self.room("ram") if offered("ram") else 0
         disk = self.room("disk") if offered("mmap") else 0
-        if total <= gpu:
-            return held("gpu", f"{_mib(total)} fits the GPU budget ({_mib(gpu)} left)")
-        if total <= ram:
-            why = "no GPU" if not is_accelerator(self.device) else "over the GPU budget"
-            if below == "gpu":
-                why = "the GPU could not allocate it"
-            return held("ram", f"{_mib(total)}, {why}; fits the RAM budget ({_mib(ram)} left)")
         pays = compress_ratio >= ZSTD_PAYS
-        tier = "zarr" if pays or total > disk else "mmap"
-        on_disk = total / compress_ratio if tier == "zarr" and pays else total
-        if on_disk > disk:
-            return Decision(
-                "recompute",
-                total,
-                f"{_mib(total)} ({_mib(on_disk)} on disk) exceeds the RAM ({_mib(ram)} left) "
-                f"and disk ({_mib(disk)} left) budgets",
+        if total <= gpu:
+            tier, why = "gpu", f"{_mib(total)} fits the GPU budget ({_mib(gpu)} left)"
+        elif total <= ram:
+            where = "no GPU" if not is_accelerator(self.device) else "over the GPU budget"
+            if below == "gpu":
+                where = "the GPU could not allocate it"
+            tier, why = "ram", f"{_mib(total)}, {where}; fits the RAM budget ({_mib(ram)} left)"
+        else:
+            tier = "zarr" if pays or total > disk else "mmap"
+            on_disk = total / compress_ratio if tier == "zarr" and pays else total
+            if on_disk > disk:
+                return Decision(
+                    "recompute",
+                    total,
+                    f"{_mib(total)} ({_mib(on_disk)} on disk) exceeds the RAM ({_mib(ram)} "
+                    f"left) and disk ({_mib(disk)} left) budgets",
+                )
+            codec = f"zstd ratio {compress_ratio:.2f}" + (" pays" if pays else " does not pay")
+            why = (
+                f"{_mib(total)} ({_mib(on_disk)} on disk) exceeds the RAM budget ({_mib(ram)} "
+                f"left); {codec}"
             )
-        read_s = (view_bytes + test_bytes) / DISK_READ_BW[tier]
+        # Every tier at its own measured speed (bandwidth.py): reading an epoch from it must
+        # beat computing the prefix, or the boundary is not worth holding anywhere.
+        _, read_bw = self.bandwidths.of(tier, tier == "zarr" and pays)
+        read_s = (view_bytes + test_bytes) / read_bw
+        speed = f"{tier} reads an epoch in ~{read_s:.3g}s at {read_bw / 1e6:,.0f} MB/s"
         if read_s >= prefix_epoch_s > 0:
             return Decision(
                 "recompute",
                 total,
-                f"reading {_mib(view_bytes + test_bytes)} per epoch from {tier} "
-                f"({read_s:.1f}s) is slower than computing the prefix ({prefix_epoch_s:.1f}s)",
+                f"{why}; but {speed}, slower than computing the prefix ({prefix_epoch_s:.3g}s)",
             )
-        codec = f"zstd ratio {compress_ratio:.2f}" + (" pays" if pays else " does not pay")
-        return held(
-            tier,
-            f"{_mib(total)} ({_mib(on_disk)} on disk) exceeds the RAM budget ({_mib(ram)} left); "
-            f"{codec}; {tier} on disk reads an epoch in ~{read_s:.1f}s vs {prefix_epoch_s:.1f}s "
-            "to compute",
-        )
+        return held(tier, f"{why}; {speed} vs {prefix_epoch_s:.3g}s to compute")
 
     def choose_boundary(
         self,
@@ -209,8 +215,10 @@ class Governor(Ledger):
         below: str | None = None,
         lossy: tuple[str, ...] = (),
         replayed: str | None = None,
+        quiet: bool = False,
     ) -> Decision:
-        """:meth:`choose` for the boundary before ``stage``, from the probe's costs.
+        """:meth:`choose` for the boundary before ``stage``, from the probe's costs
+        (``quiet``: not logged, for a price the planner asks).
 
         ``rows`` is (training rows, test rows); ``batches_per_epoch`` counts the
         training and the test batches, which the prefix would otherwise compute.
@@ -240,7 +248,7 @@ class Governor(Ledger):
                     f"{alt.reason}; in {dtype}: {best.tier}, {best.reason}",
                 )
                 break
-        return self._log(best)
+        return best if quiet else self._log(best)
 
     def lower_tiers(self, nbytes: int, below: str, compress_ratio: float) -> list[str]:
         """Tiers after ``below`` with room for a cache of ``nbytes``, best first: where a

@@ -49,12 +49,13 @@ import prefast.distributed as distributed
 from prefast.caching.boundary import BoundaryCache, State
 from prefast.caching.budgets import budgets_for
 from prefast.caching.cachectx import DISK_TIERS, CacheContext
-from prefast.caching.costmodel import StageCost, plan_boundaries
+from prefast.caching.costmodel import Boundary, StageCost, plan_boundaries
 from prefast.caching.feature_augment import FeatureAugment, check_feature_ops
 from prefast.caching.fits import Unfit
 from prefast.caching.governor import Governor, cache_dtype, cache_views
 from prefast.caching.online import plan_online
 from prefast.caching.overflow import input_fault, not_kept
+from prefast.caching.pricing import pricer_for, pricing_record, run_bandwidths
 from prefast.caching.probe import measure_stage_costs
 from prefast.caching.replay import check_plan
 from prefast.caching.spill import relieve_pressure
@@ -112,24 +113,24 @@ class PrefastFeed(BoundaryTransitions):
                 copy.deepcopy(model), probe, backward=False, cache_dtype=dtype
             )
         self.costs: list[StageCost] = distributed.broadcast(ctx, costs)  # one plan for all ranks
+        root = CacheRoot(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+        self.governor.bandwidths = run_bandwidths(cfg, device, dtype, root.path, ctx, resume)
         # A replayed plan (--plan-from, or compare's one plan) fixes boundaries, tiers and
         # dtypes; else the plan is a function of the schedule that runs: on resume that is
         # the resumed schedule (``ResumedSchedule``: the checkpoint's frozen stages, this
         # run's epochs), never the plan the checkpoint was made with.
         self.replay = {(b["epoch"], b["stage"]): b for b in replay or []}
+        self.considered_boundaries: list[Boundary] = []  # every candidate priced, for the record
         if replay is not None:
             check_plan(replay, schedule, raw.batches_per_epoch, cfg.epochs)
             self.planned = {b["epoch"]: b["stage"] for b in replay}
         else:
+            price = pricer_for(self.governor, cfg, raw, self.costs, dtype, self.views)
             planned = plan_boundaries(
-                schedule,
-                raw.batches_per_epoch,
-                cfg.epochs,
-                self.costs,
-                raw.num_train,
-                policy=cfg.cache_boundaries,
-                views=self.views,
-            )
+                schedule, raw.batches_per_epoch, cfg.epochs, self.costs, raw.num_train,
+                policy=cfg.cache_boundaries, views=self.views, price=price,
+                considered=self.considered_boundaries,
+            )  # fmt: skip
             self.planned = {b.epoch: b.stage for b in planned}  # as planned, for the report
         self.decided: list[dict] = []  # the planned boundaries' tiers and dtypes, as taken
         # --freeze auto: boundaries are also planned when the rule freezes (``_plan_online``)
@@ -156,7 +157,6 @@ class PrefastFeed(BoundaryTransitions):
             "rank": ctx.rank,  # a rank caches its own shard
             "world": ctx.world,
         }
-        root = CacheRoot(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
         self.ctx = CacheContext(root, self.governor, model, device, dtype, identity, autocast=amp)
         self.current: BoundaryCache | None = None  # complete: later epochs read it
         self.target: BoundaryCache | None = None  # being materialized
@@ -272,6 +272,9 @@ class PrefastFeed(BoundaryTransitions):
             "cache_dtype": self.ctx.dtype,
             "cache_views": self.views,
             "cache_peak_bytes": self.governor.peak,
+            "pricing": pricing_record(
+                self.governor.bandwidths, self.costs, self.considered_boundaries
+            ),
         }
 
     # -- batches -------------------------------------------------------------------------

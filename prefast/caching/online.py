@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from prefast.caching.costmodel import boundary_value
+from prefast.caching.pricing import pricer_for
 from prefast.freezing.adaptive import AutoFreezeSchedule
 
 if TYPE_CHECKING:
@@ -45,9 +46,11 @@ def plan_online(self: BoundaryTransitions, epoch: int, frozen_prefix: int, first
     if frozen_prefix <= max(have, considered) or frozen_prefix >= len(self.costs):
         return
     cached = self.current.stage if self.current is not None else 0
+    price = pricer_for(self.governor, self.cfg, self.raw, self.costs, self.ctx.dtype, self.views)
     value = boundary_value(
-        self.costs, cached, frozen_prefix, epoch, self.cfg.epochs, bpe, self.raw.num_train
-    )
+        self.costs, cached, frozen_prefix, epoch, self.cfg.epochs, bpe, self.raw.num_train,
+        price=price(frozen_prefix),
+    )  # fmt: skip
     left = self.cfg.epochs - epoch - 1
     if not self._readable(epoch):
         why = (
@@ -61,7 +64,9 @@ def plan_online(self: BoundaryTransitions, epoch: int, frozen_prefix: int, first
         why = (
             f"too late to pay: over the {left} epoch(s) left it would save "
             f"{value.saving_s:.3g} s of stage {cached}..{frozen_prefix - 1} compute, and "
-            f"writing and reading it would cost {value.cost_s:.3g} s"
+            f"writing and reading it in {value.tier} would cost {value.cost_s:.3g} s"
         )
+        if value.tier == "recompute":
+            why = f"no tier takes it ({value.reason})"
     log.info("epoch %d: stage %d's prefix is not cached: %s", epoch + 1, frozen_prefix, why)
     self.ctx.event(epoch, "not_cached", stage=frozen_prefix, reason=why)

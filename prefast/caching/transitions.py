@@ -82,6 +82,7 @@ class BoundaryTransitions(DiskCharges):
             "world": self.ctx.identity["world"],
             "epochs": self.cfg.epochs,
             "costs": self.costs,
+            "bandwidths": self.governor.bandwidths.to_json(),
             "planned": self.planned,
             "plan": self.plan,
             # after an overflow and after damage: the dtype and streams rebuilt in

@@ -10,16 +10,30 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 from torch import nn
 from torch.utils.data import Dataset
 
+from prefast.caching import bandwidth
+from prefast.caching.bandwidth import Bandwidths
 from prefast.caching.budgets import budgets_for
-from prefast.caching.costmodel import boundary_value, plan_boundaries, predict_epochs
+from prefast.caching.costmodel import (
+    Boundary,
+    StageCost,
+    boundary_value,
+    plan_boundaries,
+    predict_epochs,
+)
 from prefast.caching.governor import Governor, cache_dtype, cache_views, lossy_candidates
+from prefast.caching.pricing import costs_from_rows, pricer_for, pricing_record
 from prefast.caching.probe import measure_stage_costs
-from prefast.config import TrainConfig
+from prefast.config import TrainConfig, default_cache_dir
+from prefast.data.sources import RawSource
+from prefast.errors import ConfigError
 from prefast.freezing.adaptive import AutoFreezeSchedule
 from prefast.training.build import build_run, schedule_for
 
@@ -29,25 +43,39 @@ def measure_and_plan(
     model: nn.Module | None = None,
     train_data: Dataset | None = None,
     test_data: Dataset | None = None,
+    costs_from: str | None = None,
 ) -> dict:
     """Per-stage costs, freeze points, boundaries with their tiers, predicted seconds.
 
-    Takes what ``train`` takes; a given ``model`` is copied, never trained.
+    Takes what ``train`` takes; a given ``model`` is copied, never trained. ``costs_from``:
+    a run record (``--json-out``) whose measured stage costs and bandwidths price the
+    plan instead of this machine's (a GPU run's numbers, planned against on a CPU).
     """
     model = copy.deepcopy(model) if model is not None else None
     cfg, staged, raw = build_run(cfg, model, train_data, test_data)
     device = raw.device
     dtype = cache_dtype(cfg.cache_dtype, device, cfg.amp)
-    with contextlib.closing(raw.train_batches(0)) as batches:
-        probe = next(batches).x
-    costs = measure_stage_costs(staged, probe, cache_dtype=dtype)
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    if costs_from:
+        costs, bandwidths = recorded_pricing(costs_from, staged.num_stages)
+        if cfg.bandwidths:  # --bandwidths given as well: it wins
+            bandwidths = bandwidth.for_run(cfg.bandwidths, device, dtype, root)
+    else:
+        with contextlib.closing(raw.train_batches(0)) as batches:
+            probe = next(batches).x
+        costs = measure_stage_costs(staged, probe, cache_dtype=dtype)
+        bandwidths = bandwidth.for_run(cfg.bandwidths, device, dtype, root)
     bpe, rows = raw.batches_per_epoch, raw.num_train
     sched_f = schedule_for(cfg.replace(mode="freezeout"), staged.num_stages, bpe)
     online = isinstance(sched_f, AutoFreezeSchedule)  # --freeze auto: freeze points come later
     views = cache_views(cfg.cache_views, cfg.augment)
+    planner = Governor(budgets_for(cfg), device)
+    planner.bandwidths = bandwidths
+    considered: list[Boundary] = []
     boundaries = plan_boundaries(
-        sched_f, bpe, cfg.epochs, costs, rows, policy=cfg.cache_boundaries, views=views
-    )
+        sched_f, bpe, cfg.epochs, costs, rows, policy=cfg.cache_boundaries, views=views,
+        price=pricer_for(planner, cfg, raw, costs, dtype, views), considered=considered,
+    )  # fmt: skip
     eval_batches = math.ceil(raw.num_test / cfg.batch_size)
     predicted, predicted_epochs = {}, {}
     # With --freeze auto only baseline's time is known beforehand: the others depend on
@@ -58,6 +86,7 @@ def measure_and_plan(
         predicted_epochs[mode] = per_epoch
         predicted[mode] = sum(e["train_s"] + e["eval_s"] for e in per_epoch)
     governor = Governor(budgets_for(cfg), device)
+    governor.bandwidths = bandwidths
     decisions, held = [], None
     for b in boundaries:  # as in training: the current boundary is held while the next is chosen
         d = governor.choose_boundary(
@@ -76,6 +105,8 @@ def measure_and_plan(
                 "tier": d.tier,
                 "dtype": d.dtype,
                 "bytes": d.bytes,
+                "saving_s": b.saving_s,
+                "cost_s": b.cost_s,
                 "reason": d.reason,
             }
         )
@@ -88,18 +119,7 @@ def measure_and_plan(
         "scaling_warning": sched_f.scaling_warning(),
         # --freeze auto: decided during the run; per stage, what a boundary there would be
         "freeze_rule": sched_f.describe() if isinstance(sched_f, AutoFreezeSchedule) else None,
-        "if_frozen": if_frozen(
-            costs,
-            cfg,
-            Governor(budgets_for(cfg), device),
-            dtype,
-            views,
-            (rows, raw.num_test),
-            bpe,
-            eval_batches,
-        )
-        if online
-        else None,  # fmt: skip
+        "if_frozen": if_frozen(costs, cfg, planner, raw, dtype, views) if online else None,
         "stages": [
             {
                 "stage": i,
@@ -121,48 +141,77 @@ def measure_and_plan(
         "batches_per_epoch": bpe,
         "budgets": Governor(budgets_for(cfg), device).report(),
         "costs": costs,
+        "pricing": pricing_record(bandwidths, costs, considered),
+        "costs_from": costs_from,
     }
 
 
 def if_frozen(
-    costs: list,
+    costs: list[StageCost],
     cfg: TrainConfig,
     governor: Governor,
+    raw: RawSource,
     dtype: str,
     views: int,
-    splits: tuple[int, int],
-    bpe: int,
-    eval_batches: int,
 ) -> list[dict]:
     """--freeze auto: for each boundary a freeze could make (after stage i), the tier and
     dtype the governor would give it and the last epoch whose start it still pays at (the
-    cost model's test, with nothing cached before it), so a user sees how late a freeze
-    may come and still be cached."""
-    rows = splits[0]
+    cost model's test in that tier, with nothing cached before it), so a user sees how
+    late a freeze may come and still be cached."""
+    bpe, rows = raw.batches_per_epoch, raw.num_train
     out = []
     for stage in range(1, len(costs)):
-        d = governor.choose_boundary(
-            costs,
-            stage,
-            dtype,
-            splits,
-            views,
-            bpe + eval_batches,
-            lossy=lossy_candidates(cfg.cache_dtype),
-        )
+        price = pricer_for(governor, cfg, raw, costs, dtype, views)(stage)
         paying = [
             e
             for e in range(cfg.epochs - views)  # a later epoch must be left to read it
             if cfg.cache_boundaries == "every"
-            or (v := boundary_value(costs, 0, stage, e, cfg.epochs, bpe, rows)).saving_s > v.cost_s
+            or (
+                v := boundary_value(costs, 0, stage, e, cfg.epochs, bpe, rows, price=price)
+            ).saving_s
+            > v.cost_s
         ]
         out.append(
             {
                 "stage": stage,
-                "tier": d.tier,
-                "dtype": d.dtype,
-                "bytes": d.bytes,
+                "tier": price.tier,
+                "dtype": price.dtype,
+                "bytes": price.bytes,
                 "last_paying_epoch": max(paying) if paying else None,
             }
         )
     return out
+
+
+def recorded_pricing(path: str, num_stages: int) -> tuple[list[StageCost], Bandwidths]:
+    """The stage costs and bandwidths a run record (or a compare record's prefast run, or
+    ``prefast plan --json``'s output) was priced with: ``prefast plan --costs-from``. A
+    training run's probe times forwards only: baseline and freezeout are then not
+    predicted (a plan's record has both)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--costs-from {path}: cannot read it ({exc.strerror})") from None
+    except ValueError:
+        raise ConfigError(f"--costs-from {path} is not JSON") from None
+    runs = doc.get("runs") if isinstance(doc, dict) else None
+    if isinstance(runs, dict) and isinstance(runs.get("prefast"), dict):
+        doc = runs["prefast"]  # a compare record: its prefast run
+    pricing = None
+    if isinstance(doc, dict):  # a run record, or `prefast plan --json`'s
+        pricing = doc["pricing"] if "pricing" in doc else doc.get("final", {}).get("pricing")
+    if not isinstance(pricing, dict) or not pricing.get("stage_costs"):
+        raise ConfigError(
+            f"--costs-from {path}: no measured costs in it: pass the --json-out record of a "
+            "prefast run, or `prefast plan --json`'s output (made with this version or later)"
+        )
+    costs = costs_from_rows(pricing["stage_costs"])
+    if len(costs) != num_stages:
+        raise ConfigError(
+            f"--costs-from {path}: its model has {len(costs)} stages and this one "
+            f"{num_stages}: price a plan with a record of the same --model"
+        )
+    recorded = pricing.get("bandwidths", {})
+    bw = Bandwidths.from_json(recorded, f"--costs-from {path}")
+    there = recorded.get("source", "?") if isinstance(recorded, dict) else "?"
+    return costs, replace(bw, source=f"--costs-from {path}; there: {there}")

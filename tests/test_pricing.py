@@ -1,0 +1,126 @@
+"""Each boundary priced at the tier it would land in (prefast/caching/pricing.py), with
+GPU-shaped numbers: the planner and the governor, no GPU needed.
+
+The setting is the full-size GPU run's shape (50,000 training and 10,000 test rows, batch
+64, a 10-stage network whose stages take 0.3 ms each on a GPU, bfloat16 boundary rows of
+64 KiB): a disk at 300 MB/s write and 1 GB/s read cannot pay for any boundary (reading
+an epoch takes longer than computing the prefix), pinned host memory at 20 GB/s and the
+device's own memory at 1 TB/s can.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefast.caching.bandwidth import DEFAULTS, KEYS, Bandwidths
+from prefast.caching.budgets import Budgets
+from prefast.caching.costmodel import Boundary, StageCost, plan_boundaries, predict_epochs
+from prefast.caching.governor import Governor
+from prefast.caching.pricing import Pricer, candidate_rows
+from prefast.freezing.schedule import FreezeOutSchedule
+
+GIB = 2**30
+ROWS, TEST_ROWS, BATCH, EPOCHS, STAGES = 50_000, 10_000, 64, 10, 10
+BPE = -(-ROWS // BATCH)  # 782
+EVAL = -(-TEST_ROWS // BATCH)
+SHAPE = (128, 16, 16)  # bfloat16: 64 KiB a row, 3.3 GB a view of the training set
+COSTS = [
+    StageCost(fwd_s=0.3e-3, fwd_bwd_s=0.9e-3, out_row_bytes=4 * 128 * 16 * 16, out_shape=SHAPE)
+    for _ in range(STAGES)
+]
+GPU_MACHINE = Bandwidths(
+    write={"gpu": 1e12, "ram": 20e9, "mmap": 300e6, "zarr": 300e6, "zarr+zstd": 300e6},
+    read={"gpu": 1e12, "ram": 20e9, "mmap": 1e9, "zarr": 1e9, "zarr+zstd": 1e9},
+    source="an H200-shaped machine (the issue's figures)",
+)
+AT_DISK_SPEED = Bandwidths(dict.fromkeys(KEYS, 300e6), dict.fromkeys(KEYS, 1e9))
+
+
+def schedule() -> FreezeOutSchedule:
+    return FreezeOutSchedule(
+        STAGES, BPE * EPOCHS, t0=0.5, scale="cubic", scale_lr=True, base_lr=0.1
+    )
+
+
+def plan(tmp_path: Path, bandwidths: Bandwidths, **budgets) -> tuple[list[Boundary], list]:
+    governor = Governor(Budgets(cache_dir=tmp_path, **budgets), torch.device("meta"))
+    governor.bandwidths = bandwidths
+    pricer = Pricer(governor, COSTS, "bfloat16", (ROWS, TEST_ROWS), 1, BPE + EVAL)
+    considered: list[Boundary] = []
+    chosen = plan_boundaries(
+        schedule(), BPE, EPOCHS, COSTS, ROWS, price=pricer, considered=considered
+    )
+    return chosen, considered
+
+
+def predicted(mode: str, boundaries: list[Boundary]) -> float:
+    epochs = predict_epochs(mode, schedule(), BPE, EPOCHS, COSTS, boundaries, EVAL)
+    io = sum(b.cost_s for b in boundaries) if mode == "prefast" else 0.0
+    return sum(e["train_s"] + e["eval_s"] for e in epochs) + io
+
+
+ROOMY_GPU = dict(max_gpu_mem=64 * GIB, max_ram=64 * GIB, max_disk=1000 * GIB)
+RAM_ONLY = dict(max_gpu_mem=1 * GIB, max_ram=64 * GIB, max_disk=1000 * GIB)
+DISK_ONLY = dict(max_gpu_mem=1 * GIB, max_ram=1 * GIB, max_disk=1000 * GIB)
+
+
+@pytest.mark.parametrize(
+    "budgets, tier", [(ROOMY_GPU, "gpu"), (RAM_ONLY, "ram")], ids=["gpu-fits", "ram-only"]
+)
+def test_a_boundary_that_does_not_pay_at_disk_speed_is_planned_in_its_memory_tier(
+    tmp_path, budgets, tier
+):
+    chosen, considered = plan(tmp_path, GPU_MACHINE, **budgets)
+    assert chosen, [(c.tier, c.saving_s, c.cost_s, c.why) for c in considered]
+    assert {b.tier for b in chosen} == {tier}
+    assert all(b.saving_s > b.cost_s for b in chosen)
+    # the same boundaries at disk speed would not pay: the tier's own speed is what plans them
+    for b in chosen:
+        read = ROWS * b.row_bytes / 1e9
+        assert b.saving_s / (EPOCHS - b.epoch - 1) < read
+    assert predicted("prefast", chosen) < predicted("freezeout", chosen)
+
+
+def test_a_boundary_that_pays_nowhere_is_not_planned_and_says_why_with_both_figures(tmp_path):
+    chosen, considered = plan(tmp_path, GPU_MACHINE, **DISK_ONLY)
+    assert chosen == []
+    assert considered, "the schedule freezes stages: there are candidates"
+    for row in candidate_rows(considered):
+        assert row["taken"] is False
+        assert row["saving_s"] > 0 and (row["cost_s"] is None or row["cost_s"] > row["saving_s"])
+        assert row["tier"] in ("recompute", "zarr", "mmap"), row
+        assert row["why"]
+
+
+def test_priced_at_disk_speed_everywhere_a_gpu_run_plans_nothing(tmp_path):
+    """The H200 run's plan (planned_boundaries: {}): what the pricing above replaces."""
+    chosen, considered = plan(tmp_path, AT_DISK_SPEED, **ROOMY_GPU)
+    assert chosen == [] and considered
+    chosen, _ = plan(tmp_path, DEFAULTS, **ROOMY_GPU)
+    assert chosen == []
+
+
+def test_the_ram_candidate_is_priced_next_to_what_the_planned_boundary_holds(tmp_path):
+    """Room for one boundary in the GPU budget: the first is planned there, the next one
+    is priced in RAM (the first still holds the GPU's room until it is superseded)."""
+    view = ROWS * 64 * 1024 + TEST_ROWS * 64 * 1024
+    chosen, _ = plan(
+        tmp_path, GPU_MACHINE, max_gpu_mem=int(view * 1.5), max_ram=64 * GIB, max_disk=0
+    )
+    assert [b.tier for b in chosen][:2] == ["gpu", "ram"], chosen
+
+
+def test_the_governor_prices_an_epochs_read_at_the_tiers_own_speed(tmp_path):
+    """One pricing: the governor's own check (reading an epoch must beat computing the
+    prefix) uses the tier it picked, not a disk figure."""
+    governor = Governor(Budgets(cache_dir=tmp_path, **RAM_ONLY), torch.device("meta"))
+    governor.bandwidths = GPU_MACHINE
+    d = governor.choose_boundary(COSTS, 2, "bfloat16", (ROWS, TEST_ROWS), 1, BPE + EVAL)
+    assert d.tier == "ram", d.reason
+    assert "20,000 MB/s" in d.reason
+    governor.bandwidths = AT_DISK_SPEED
+    d = governor.choose_boundary(COSTS, 2, "bfloat16", (ROWS, TEST_ROWS), 1, BPE + EVAL)
+    assert d.tier == "recompute" and "slower than computing the prefix" in d.reason
