@@ -46,7 +46,7 @@ log = logging.getLogger("prefast.caching.bandwidth")
 MIB = 2**20
 KEPT = "bandwidths.json"  # in the cache root
 MAX_AGE_DAYS = 30  # kept figures older than this are measured again
-MEASURE_BYTES = 16 * MIB  # per tier: large enough to leave the caches, small enough for setup
+MEASURE_BYTES = 8 * MIB  # per tier: half a second on 2 CPU cores, paid once per host and dtype
 ROW_SHAPE = (64, 16, 16)  # a DenseNet-like boundary row
 KEYS = ("gpu", "ram", "mmap", "zarr", "zarr+zstd")  # zarr+zstd: the compressed zarr tier
 

@@ -56,7 +56,7 @@ from prefast.caching.governor import Governor, cache_dtype, cache_views
 from prefast.caching.online import plan_online
 from prefast.caching.overflow import input_fault, not_kept
 from prefast.caching.pricing import pricer_for, pricing_record, run_bandwidths
-from prefast.caching.probe import measure_stage_costs
+from prefast.caching.probe import TRIED, measure_stage_costs
 from prefast.caching.replay import check_plan
 from prefast.caching.spill import relieve_pressure
 from prefast.caching.testcache import TestCache
@@ -109,8 +109,9 @@ class PrefastFeed(BoundaryTransitions):
         ):  # forward times and compression ratios: all planning needs
             with contextlib.closing(raw.train_batches(0)) as batches:
                 probe = next(batches).x
+            tried = TRIED if cfg.cache_dtype == "auto" else ()  # auto's 8-bit candidates
             costs = measure_stage_costs(
-                copy.deepcopy(model), probe, backward=False, cache_dtype=dtype
+                copy.deepcopy(model), probe, backward=False, cache_dtype=dtype, tried=tried
             )
         self.costs: list[StageCost] = distributed.broadcast(ctx, costs)  # one plan for all ranks
         root = CacheRoot(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
