@@ -10,10 +10,14 @@ Claims under test, each printed with the figure that proves it:
    "equal" is measured against). Written to ``gpu_exactness.{json,md}``.
 2. **Full-size speed**: the synthetic CIFAR-shaped set at full size (50,000
    training / 10,000 test images), DenseNet-BC k=12 at the largest depth and
-   epoch count the time budget allows, t0 0.6, baseline / freezeout / prefast
-   side by side (bf16 autocast, channels_last, cuDNN autotuning). The size is
-   chosen from a short timing of baseline steps at each candidate depth.
-   Written to ``gpu_full.{json,md,png}`` by the training benchmark's own code.
+   epoch count the time budget allows, t0 0.6, freezeout / prefast side by side
+   (baseline too when the budget holds it; bf16 autocast, channels_last, cuDNN
+   autotuning), ``--augment none`` (with one cached view of standard augmentation
+   prefast would train on one fixed crop). The size is chosen from a short timing of
+   baseline steps at each candidate depth. First the plan is printed: each boundary's
+   tier, bytes, saving and cost, the candidates not planned and why, and the
+   bandwidths measured on this GPU. Written to ``gpu_full.{json,md,png}`` by the
+   training benchmark's own code.
 
 Usage: ``python -u benchmarks/gpu_bench.py --out DIR --budget-s SECONDS``.
 """
@@ -35,6 +39,7 @@ from prefast.models import build_model
 
 DEPTHS = (100, 76, 52, 40, 28)  # DenseNet-BC depths, largest first
 MODES_COST = 2.4  # baseline + freezeout + prefast at t0 0.6, in baseline runs (conservative)
+PAIR_COST = 1.5  # freezeout + prefast alone
 TIERS = ("gpu", "ram", "mmap", "zarr")
 
 
@@ -164,18 +169,40 @@ def step_seconds(depth: int, batch: int, steps: int = 20) -> float:
 
 
 def choose_size(budget_s: float, batch: int, n_train: int, n_test: int) -> dict:
-    """The largest depth, then the most epochs (4..30), whose three runs fit ``budget_s``."""
+    """The largest depth, then the most epochs (4..30), whose freezeout and prefast runs
+    fit ``budget_s``; ``baseline``: whether a baseline run fits beside them."""
     steps = -(-n_train // batch) + 0.4 * -(-n_test // batch)  # evaluation ~ 0.4 of a step
     timings = {}
     for depth in DEPTHS:
         timings[depth] = step_seconds(depth, batch)
         epoch_s = timings[depth] * steps
-        epochs = int(budget_s / (MODES_COST * epoch_s))
+        epochs = int(budget_s / (PAIR_COST * epoch_s))
         print(f"sizing: depth {depth}: {timings[depth] * 1e3:.1f} ms/step, "
               f"{epoch_s:.1f} s/epoch -> {epochs} epochs fit", flush=True)  # fmt: skip
         if epochs >= 4:
-            return {"depth": depth, "epochs": min(epochs, 30), "step_s": timings}
-    return {"depth": DEPTHS[-1], "epochs": 4, "step_s": timings}
+            epochs = min(epochs, 30)
+            baseline = MODES_COST * epoch_s * epochs <= budget_s
+            return {"depth": depth, "epochs": epochs, "step_s": timings, "baseline": baseline}
+    return {"depth": DEPTHS[-1], "epochs": 4, "step_s": timings, "baseline": False}
+
+
+def print_plan(cfg: TrainConfig) -> None:
+    """``prefast plan``'s pricing on this GPU: bandwidths, boundaries, candidates."""
+    from prefast.training.plan import measure_and_plan
+
+    t = time.perf_counter()
+    plan = measure_and_plan(cfg)
+    bw = plan["pricing"]["bandwidths"]
+    print(f"plan ({time.perf_counter() - t:.1f} s): bandwidths MB/s write/read "
+          f"({bw['source']}): " + ", ".join(
+              f"{k} {bw['write'][k] / 1e6:,.0f}/{bw['read'][k] / 1e6:,.0f}" for k in bw["write"]
+          ), flush=True)  # fmt: skip
+    for c in plan["pricing"]["candidates"]:
+        cost = "-" if c["cost_s"] is None else f"{c['cost_s']:.3g}s"
+        print(f"plan: epoch {c['epoch'] + 1} stage {c['stage']}: {c['tier']} in {c['dtype']}, "
+              f"{c['bytes'] / 2**20:.0f} MiB, saves {c['saving_s']:.3g}s, costs {cost}: "
+              f"{'planned' if c['taken'] else 'not planned'} ({c['why']})", flush=True)  # fmt: skip
+    print(f"plan: predicted {plan['predicted_s']}", flush=True)
 
 
 def full_size(out: Path, cache_dir: Path, budget_s: float, batch: int) -> dict:
@@ -184,10 +211,13 @@ def full_size(out: Path, cache_dir: Path, budget_s: float, batch: int) -> dict:
     cfg = TrainConfig(
         dataset="synthetic", model="densenet-bc", depth=size["depth"], growth_rate=12,
         epochs=size["epochs"], batch_size=batch, t0=0.6, device="cuda", workers=0,
-        cache_dir=str(cache_dir / "full"),
+        augment="none", cache_dir=str(cache_dir / "full"),
     )  # fmt: skip
-    print(f"full size: depth {cfg.depth}, {cfg.epochs} epochs, batch {batch}", flush=True)
-    doc = run_sweep(cfg, [0.6], [0], ["baseline", "freezeout", "prefast"], str(out / "gpu_full"))
+    modes = (["baseline"] if size["baseline"] else []) + ["freezeout", "prefast"]
+    print(f"full size: depth {cfg.depth}, {cfg.epochs} epochs, batch {batch}, augment none, "
+          f"modes {', '.join(modes)}", flush=True)  # fmt: skip
+    print_plan(cfg)
+    doc = run_sweep(cfg, [0.6], [0], modes, str(out / "gpu_full"))
     doc["sizing"] = size
     (out / "gpu_full.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     return doc

@@ -9,7 +9,7 @@
 # The wheels PreFast needs beyond the GPU image's own packages (zarr, numcodecs,
 # crc32c, donfig, google-crc32c) come from .whl/ (git ignores it; `make gpu-wheels`
 # fills it on a machine with network access); torch stays the machine's own.
-# Time budget: 8 minutes of wall-clock on one H200 (GPU_CHECK_BUDGET_S=480):
+# Time budget: 7 minutes of wall-clock on one H200 (GPU_CHECK_BUDGET_S=420):
 #   1. install the wheels and PreFast into /tmp/prefast-site        ~20 s
 #   2. the tests marked `cuda` (pytest -m cuda), capped at           150 s
 #   3. gpu_bench.py: exactness on CUDA (~1 min), then the full-size
@@ -22,7 +22,7 @@ dry=0
 if [[ "${1:-}" == "--dry-run" ]]; then dry=1; fi
 WHEELS=${PREFAST_WHEELS:-.whl}
 OUT=${OUT:-runs/gpu}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-420}
 TESTS_S=${GPU_CHECK_TESTS_S:-150}
 FULL=${GPU_CHECK_FULL:-1}
 SPARE_S=30
@@ -40,7 +40,9 @@ gpu_check: dry run, nothing installed or run. On the GPU machine this runs:
   2. timeout ${TESTS_S}s $PY -m pytest -m cuda tests           -> \$OUT/cuda_tests.txt
   3. $PY benchmarks/gpu_bench.py --out \$OUT --budget-s <left>  -> \$OUT/gpu_exactness.{json,md},
      \$OUT/gpu_full.{json,md,png} (synthetic 50,000/10,000, DenseNet-BC k=12 at the largest
-     depth and epoch count that fit, t0 0.6, baseline/freezeout/prefast), \$OUT/gpu_bench.log
+     depth and epoch count that fit, t0 0.6, augment none, freezeout/prefast and baseline
+     if it fits; the plan with each boundary's tier, saving, cost and the measured
+     bandwidths printed first), \$OUT/gpu_bench.log
 PLAN
     exit 0
 fi

@@ -5,7 +5,8 @@ views plus the test set) fits what is left of the tier's budget:
 ``gpu`` > ``ram`` (pinned on CUDA) > ``zarr`` when the measured zstd ratio pays
 (or only the compressed size fits), else ``mmap`` > ``recompute`` (stay
 FreezeOut for this boundary, also chosen when reading one epoch's worth of the
-cache from disk would take longer than computing the prefix).
+cache from the tier picked, at its measured speed (``bandwidth.py``), would take
+longer than computing the prefix).
 
 Budgets (``budgets.py``, the :class:`Ledger` this class extends): a new cache
 gets only what the budgets leave. A zarr cache is admitted *and* charged at its
