@@ -7,9 +7,10 @@ that goes to disk at the disk's: before, every boundary was priced at fixed disk
 whatever its tier, and on a GPU nothing was ever planned.
 
 What is measured (``measure``): a few MiB of activation-like rows (post-ReLU: half exact
-zeros) in the run's cache dtype, written through the tier's own writer (encoding and
-compression included) and read back as one shuffled epoch through the tier's reader,
-onto the training device: ``gpu`` (device-to-device), ``ram`` (host memcpy on a CPU;
+zeros) in the run's cache dtype, written as a write-through step writes them (encoded,
+decoded again and checked for overflow, ``CacheContext.as_stored``, then the tier's own
+writer, compression included) and read back as one shuffled epoch through the tier's
+reader onto the training device, decoded as the model takes them: ``gpu`` (device-to-device), ``ram`` (host memcpy on a CPU;
 device-to-host and pinned host-to-device on CUDA), ``mmap`` and ``zarr`` with and
 without zstd (cold reads: the files are dropped from the page cache first). Figures
 are logical bytes per second (uncompressed stored bytes), as the store benchmark's are.
@@ -36,10 +37,11 @@ from pathlib import Path
 
 import torch
 
+from prefast.caching.fits import mend
 from prefast.errors import CacheError, ConfigError
 from prefast.store import CacheRoot, CacheSpec, Writer, open_writer
 from prefast.store.device import is_accelerator, synchronize
-from prefast.store.encoding import row_bytes
+from prefast.store.encoding import decode, encode, row_bytes
 from prefast.store.layout import atomic_write_json, drop_page_cache
 
 log = logging.getLogger("prefast.caching.bandwidth")
@@ -101,6 +103,13 @@ def _rows(dtype: str, device: torch.device, nbytes: int) -> torch.Tensor:
     return torch.relu_(torch.randn(n, *ROW_SHAPE, generator=g)).to(device)
 
 
+def _to_compute(stored: torch.Tensor, dtype: str, device: torch.device) -> torch.Tensor:
+    """Stored rows as the model takes them: decoded, in float32 (a 16-bit cache stays 16-bit
+    on CUDA, where the step runs under autocast)."""
+    x = decode(stored, dtype, ROW_SHAPE)
+    return x if device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) else x.float()
+
+
 def _tier_speed(
     tier: str, codec: str, x: torch.Tensor, dtype: str, device: torch.device, scratch: Path
 ) -> tuple[float, float]:
@@ -118,8 +127,11 @@ def _tier_speed(
         if tier == "zarr"
         else open_writer(tier, spec, root, device)
     )
-    for s in range(0, len(x), batch):
-        writer.append(x[s : s + batch], labels[s : s + batch], ids[s : s + batch])  # encodes
+    for s in range(0, len(x), batch):  # what a write-through step does (CacheContext.as_stored)
+        xb = x[s : s + batch]
+        stored = encode(xb, dtype)
+        mend(xb, _to_compute(stored, dtype, device), dtype)  # the overflow check on the rows
+        writer.append(stored, labels[s : s + batch], ids[s : s + batch])
     reader = writer.finish()
     synchronize(device)
     write_s = time.perf_counter() - t
@@ -129,7 +141,7 @@ def _tier_speed(
     # its start (paid once per epoch, not per byte) or its read-ahead.
     t = time.perf_counter()
     for acts, _, _ in reader.epoch_batches(0, 1, batch, 4 * MIB):
-        acts.to(device, non_blocking=True)
+        _to_compute(acts.to(device, non_blocking=True), dtype, device)  # decoded for the step
     synchronize(device)
     read_s = time.perf_counter() - t
     reader.close()
