@@ -225,7 +225,8 @@ def test_a_freeze_whose_cache_would_not_pay_writes_no_cache_and_says_why(tmp_pat
     # Costs as a probe might measure them: prefix stages that cost next to nothing to run
     # and outputs of 16 MiB a row; no boundary pays, however early.
     tiny = [StageCost(1e-9, 1e-8, 2**24, (4, 1024, 1024)) for _ in range(10)]
-    cfg = TrainConfig(mode="prefast", cache_dir=str(tmp_path), **AUTO)
+    # a disk budget that holds the rows whatever this disk has free: the reason is the speed
+    cfg = TrainConfig(mode="prefast", cache_dir=str(tmp_path), max_disk=2**40, **AUTO)
     run = Trainer(cfg, costs=tiny).run()
     assert run["final"]["freeze_decisions"]
     assert not events(run, "boundary") and not any(e["cached_batches"] for e in run["epochs"])

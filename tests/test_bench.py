@@ -181,7 +181,7 @@ def test_the_gpu_check_dry_run_checks_its_wheels_and_states_its_budget(tmp_path)
         _wheel(tmp_path, f"{name}-{version}-{tags}.whl", requires)
     ok = dry_run()
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "budget 480s of wall-clock" in ok.stdout and "pytest -m cuda" in ok.stdout
+    assert "budget 420s of wall-clock" in ok.stdout and "pytest -m cuda" in ok.stdout
     assert "gpu_full.{json,md,png}" in ok.stdout
 
     (tmp_path / f"crc32c-{pins['crc32c']}-{linux}.whl").unlink()
