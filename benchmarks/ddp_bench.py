@@ -36,13 +36,13 @@ ARGS = [
 # and rows per rank: one run may keep a later, wider boundary than the other.
 
 
-def launch(nproc: int, mode: str, workdir: Path, epochs: int) -> dict:
+def launch(nproc: int, mode: str, workdir: Path, epochs: int, t0: float) -> dict:
     """The run's record, plus ``disk_bytes``: what its cache directory holds per rank."""
     out = workdir / f"{mode}_{nproc}.json"
     cache_dir = workdir / f"cache{nproc}_{mode}"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-        str(nproc), str(Path(sys.executable).parent / "prefast"), *ARGS, "--epochs", str(epochs),
+        str(nproc), str(Path(sys.executable).parent / "prefast"), *ARGS, "--epochs", str(epochs), "--t0", str(t0),
         "--mode", mode,
         "--cache-dir", str(cache_dir), "--json-out", str(out),
     ]  # fmt: skip
@@ -73,11 +73,11 @@ def disk_bytes_per_rank(cache_dir: Path, world: int) -> tuple[list[int], list[in
     return per_rank, sorted(boundaries)
 
 
-def run_ddp_bench(epochs: int = 10) -> dict:
+def run_ddp_bench(epochs: int = 10, t0: float = 0.8) -> dict:
     work = Path(tempfile.mkdtemp(prefix="prefast-ddp-"))
     try:
         runs = {
-            n: {m: launch(n, m, work, epochs) for m in ("freezeout", "prefast")} for n in (1, 2)
+            n: {m: launch(n, m, work, epochs, t0) for m in ("freezeout", "prefast")} for n in (1, 2)
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -111,7 +111,11 @@ def run_ddp_bench(epochs: int = 10) -> dict:
         row["disk_vs_single_process"] = [b / single_disk for b in row["rank_disk_bytes"]]
     from prefast.benchmarks.store_bench import machine
 
-    return {"machine": machine(), "args": [*ARGS, "--epochs", str(epochs)], "rows": rows}
+    return {
+        "machine": machine(),
+        "args": [*ARGS, "--epochs", str(epochs), "--t0", str(t0)],
+        "rows": rows,
+    }
 
 
 def markdown(doc: dict) -> str:

@@ -79,9 +79,9 @@ def grid(quick: bool) -> list[Cell]:
     fine-tune over 1 (each computed epoch of ResNet-50 at 128 px costs about a minute
     here). ViT: the linear probe over 10 epochs, 3 seeds, also with ``--augment standard
     --cache-views 2``; half frozen over 5, full fine-tune over 3. Quick: one seed, 2 epochs,
-    ResNet-50 only as the linear probe (computed, cached, zarr: its computed epochs were
-    most of the quick run's time) and ViT-tiny's cells but its plain linear probe (they
-    cover a prefix as a stage count, the views and the baseline)."""
+    ResNet-50 only as the linear probe, computed and cached (its computed epochs were
+    most of the quick run's time), and ViT-tiny's cells but its plain linear probe (they
+    cover a prefix as a stage count, the views and the baseline); the sweep covers zarr."""
     three, both = (0, 1, 2), ("freezeout", "prefast")
     cells = [
         Cell("resnet50", "all", both, (0, 1), 10, label="linear probe"),
@@ -106,7 +106,7 @@ def grid(quick: bool) -> list[Cell]:
         cells = [
             Cell(c.backbone, c.prefix, c.modes, (0,), 2, c.tier, c.augment, c.views, c.label)
             for c in cells
-            if ((c.prefix == "all") if c.backbone == "resnet50" else c.label != "linear probe")
+            if (c.label == "linear probe") == (c.backbone == "resnet50")
         ]
     return cells
 

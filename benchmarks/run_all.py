@@ -167,11 +167,11 @@ def _chunk_section(
 
 
 def ddp(out: Path, quick: bool, cache: str) -> list[Path]:
-    """torchrun with 1 and 2 gloo ranks: cache bytes per rank, exactness (quick: 6 epochs)."""
+    """torchrun with 1 and 2 gloo ranks: cache bytes per rank, exactness (quick: 4 epochs, t0 0.5)."""
     from prefast.benchmarks.ddp_bench import markdown as ddp_markdown
     from prefast.benchmarks.ddp_bench import run_ddp_bench
 
-    doc = run_ddp_bench(epochs=6 if quick else 10)
+    doc = run_ddp_bench(*((4, 0.5) if quick else (10, 0.8)))
     (out / "ddp_digits.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "ddp_digits.md").write_text(ddp_markdown(doc))
     return [out / "ddp_digits.json", out / "ddp_digits.md"]

@@ -61,6 +61,8 @@ def drop_page_cache(path: Path) -> None:
     """Write ``path``'s files (a file or a folder) back and drop them from the page cache,
     so the next read of them comes from the disk (the store benchmark's cold reads, and
     the bandwidth measurement's)."""
+    if not hasattr(os, "posix_fadvise"):  # macOS, Windows: the next read may be cached
+        return
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:
         fd = os.open(f, os.O_RDONLY)

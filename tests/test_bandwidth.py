@@ -101,3 +101,21 @@ def test_bandwidths_round_trip_through_json():
     bw = Bandwidths({"ram": 1e9}, {"ram": 2e9}, "x", 0.5, {"host": "h"})
     back = Bandwidths.from_json(json.loads(json.dumps(bw.to_json())), "y")
     assert back.of("ram") == (1e9, 2e9) and back.meta == {"host": "h"}
+
+
+def test_a_cache_dir_that_cannot_be_written_is_measured_in_the_temporary_directory(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    bw = for_run(None, CPU, "float16", blocked / "cache")  # mkdir fails: NotADirectoryError
+    assert bw.measure_s > 0 and "mmap" in bw.write  # the disk tiers measured elsewhere
+
+
+def test_a_kept_file_pins_the_entry_of_this_host_device_and_dtype(tmp_path):
+    for_run(None, CPU, "float16", tmp_path)
+    for_run(None, CPU, "int8", tmp_path)
+    kept = str(tmp_path / KEPT)
+    doc = json.loads((tmp_path / KEPT).read_text())
+    key16 = next(k for k in doc["entries"] if "|float16|" in k)
+    assert pinned(kept, key16).read == doc["entries"][key16]["read"]
+    with pytest.raises(ConfigError, match="none for other-host"):
+        pinned(kept, "other-host|cpu|float16|x")

@@ -102,14 +102,16 @@ def test_help_explains_every_command(capsys, caplog):
 
 @pytest.mark.slow
 def test_digits_accuracy_baseline_and_freezeout(tmp_path):
-    """Issue acceptance: both modes reach >= 0.90 on digits; freezeout freezes stages."""
+    """Issue acceptance: both modes reach >= 0.90 on digits; freezeout freezes stages
+    (8 epochs without augmentation reach 0.99 in both)."""
     for mode in ("baseline", "freezeout"):
         out = tmp_path / f"{mode}.json"
-        res = prefast("train", "--mode", mode, *DIGITS, "--epochs", "15", "--json-out", str(out))
+        res = prefast("train", "--mode", mode, *DIGITS, "--epochs", "8", "--augment", "none",
+                      "--json-out", str(out))  # fmt: skip
         assert res.returncode == 0, res.stderr
         doc = json.loads(out.read_text())
         assert doc["final"]["test_acc"] >= 0.90
-        assert "epoch  15/15" in res.stdout
+        assert "epoch   8/8" in res.stdout
         if mode == "freezeout":
             assert doc["epochs"][-1]["frozen_stages"] > 0
 

@@ -124,3 +124,91 @@ def test_the_governor_prices_an_epochs_read_at_the_tiers_own_speed(tmp_path):
     governor.bandwidths = AT_DISK_SPEED
     d = governor.choose_boundary(COSTS, 2, "bfloat16", (ROWS, TEST_ROWS), 1, BPE + EVAL)
     assert d.tier == "recompute" and "slower than computing the prefix" in d.reason
+
+
+def test_a_boundary_of_k_views_is_written_k_times_and_read_after_them():
+    from prefast.caching.costmodel import TierPrice, boundary_value
+
+    price = TierPrice("ram", "float16", 1000, write_bw=1e6, read_bw=1e7)
+    one = boundary_value(COSTS, 0, 2, 0, 10, 10, 1000, price=price)
+    two = boundary_value(COSTS, 0, 2, 0, 10, 10, 1000, price=price, views=2)
+    assert one.cost_s == pytest.approx(1.0 + 9 * 0.1)
+    assert two.cost_s == pytest.approx(2 * 1.0 + 8 * 0.1)  # two writes, eight reads
+    assert two.saving_s == pytest.approx(one.saving_s * 8 / 9)  # read from epoch 2 on
+
+
+# -- the run record and `prefast plan --costs-from` ------------------------------------------
+def digits_run(tmp_path: Path) -> dict:
+    from helpers import DIGITS
+
+    from prefast import TrainConfig, train
+
+    return train(TrainConfig(**{**DIGITS, "epochs": 4, "mode": "prefast",
+                                "cache_dir": str(tmp_path / "c")}))  # fmt: skip
+
+
+def test_the_run_record_carries_what_the_plan_was_priced_with_as_json(tmp_path):
+    import json
+
+    run = digits_run(tmp_path)
+    pricing = run["final"]["pricing"]
+    json.dumps(run, allow_nan=False)  # no NaN or inf: any JSON reader takes it
+    assert pricing["device"] == "cpu" and set(pricing["rooms"]) == {"ram", "gpu", "disk"}
+    assert pricing["bandwidths"]["source"].startswith("pinned from")  # conftest's file
+    assert len(pricing["stage_costs"]) == 10
+    assert all(s["fwd_bwd_s"] is None for s in pricing["stage_costs"])  # forwards only
+    assert pricing["candidates"] and all(
+        {"epoch", "stage", "tier", "dtype", "bytes", "saving_s", "cost_s", "taken", "why"}
+        <= set(c) for c in pricing["candidates"]
+    )  # fmt: skip
+    planned = {c["epoch"]: c["stage"] for c in pricing["candidates"] if c["taken"]}
+    assert planned == run["final"]["planned_boundaries"]
+
+
+def test_costs_from_a_gpu_record_plans_its_gpu_tier_on_a_cpu(tmp_path):
+    """A record from a GPU machine (its device, the room its tiers had, its bandwidths):
+    planned here, on a CPU, its boundaries go to the GPU tier it had, at its speeds."""
+    import json
+
+    from helpers import DIGITS
+
+    from prefast import TrainConfig
+    from prefast.training.plan import measure_and_plan
+
+    run = digits_run(tmp_path)
+    pricing = run["final"]["pricing"]
+    pricing.update(device="cuda", rooms={"gpu": 40 * GIB, "ram": 64 * GIB, "disk": 100 * GIB})
+    pricing["bandwidths"] = {"write": GPU_MACHINE.write, "read": GPU_MACHINE.read,
+                             "source": "an H200"}  # fmt: skip
+    record = tmp_path / "gpu_run.json"
+    record.write_text(json.dumps(run))
+    cfg = TrainConfig(**{**DIGITS, "epochs": 4, "cache_dir": str(tmp_path / "p")})
+    plan = measure_and_plan(cfg, costs_from=str(record))
+    assert plan["boundaries"] and {b["tier"] for b in plan["boundaries"]} == {"gpu"}
+    assert plan["pricing"]["bandwidths"]["source"].startswith(f"--costs-from {record}")
+    assert "20,000 MB/s" not in json.dumps(plan["boundaries"])  # priced at the GPU's 1 TB/s
+    assert "1,000,000 MB/s" in plan["boundaries"][0]["reason"]
+
+
+@pytest.mark.parametrize(
+    "doc, says",
+    [
+        ({"final": None}, "no measured costs in it"),
+        ({"final": {"pricing": {"stage_costs": [{"fwd_s": 1}]}}}, "a stage's costs are malformed"),
+        ({"pricing": {"stage_costs": [{"fwd_s": 1.0, "fwd_bwd_s": None, "out_row_bytes": 4,
+                                       "out_shape": [1]}]}}, "its model has 1 stages"),
+    ],
+)  # fmt: skip
+def test_a_bad_costs_from_file_is_refused_in_one_line(tmp_path, doc, says):
+    import json
+
+    from helpers import DIGITS
+
+    from prefast import TrainConfig
+    from prefast.errors import ConfigError
+    from prefast.training.plan import measure_and_plan
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=says):
+        measure_and_plan(TrainConfig(**{**DIGITS, "epochs": 2}), costs_from=str(path))

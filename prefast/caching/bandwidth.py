@@ -85,7 +85,8 @@ class Bandwidths:
         bad = [f"{k}={v}" for table in (write, read) for k, v in table.items() if not v > 0]
         if bad:
             raise ConfigError(f"{source}: bandwidths must be positive bytes/s: {', '.join(bad)}")
-        return cls(write, read, source, 0.0, dict(doc.get("meta", {})))
+        meta = doc.get("meta")
+        return cls(write, read, source, 0.0, dict(meta) if isinstance(meta, dict) else {})
 
 
 # The figures every boundary was priced at before tiers had their own (DESIGN.md §5 for the
@@ -127,24 +128,30 @@ def _tier_speed(
         if tier == "zarr"
         else open_writer(tier, spec, root, device)
     )
-    for s in range(0, len(x), batch):  # what a write-through step does (CacheContext.as_stored)
-        xb = x[s : s + batch]
-        stored = encode(xb, dtype)
-        mend(xb, _to_compute(stored, dtype, device), dtype)  # the overflow check on the rows
-        writer.append(stored, labels[s : s + batch], ids[s : s + batch])
-    reader = writer.finish()
+    try:
+        for s in range(0, len(x), batch):  # as a write-through step does (CacheContext.as_stored)
+            xb = x[s : s + batch]
+            stored = encode(xb, dtype)
+            mend(xb, _to_compute(stored, dtype, device), dtype)  # the rows' overflow check
+            writer.append(stored, labels[s : s + batch], ids[s : s + batch])
+        reader = writer.finish()
+    except BaseException:
+        writer.abort()  # its thread and its lock go with it
+        raise
     synchronize(device)
     write_s = time.perf_counter() - t
     if tier in ("mmap", "zarr"):
         drop_page_cache(root.dir_for(spec.key))  # a cold read, as a boundary larger than RAM reads
     # The reader's own pass, on this thread: what the loader thread does each epoch, without
     # its start (paid once per epoch, not per byte) or its read-ahead.
-    t = time.perf_counter()
-    for acts, _, _ in reader.epoch_batches(0, 1, batch, 4 * MIB):
-        _to_compute(acts.to(device, non_blocking=True), dtype, device)  # decoded for the step
-    synchronize(device)
-    read_s = time.perf_counter() - t
-    reader.close()
+    try:
+        t = time.perf_counter()
+        for acts, _, _ in reader.epoch_batches(0, 1, batch, 4 * MIB):
+            _to_compute(acts.to(device, non_blocking=True), dtype, device)  # decoded for the step
+        synchronize(device)
+        read_s = time.perf_counter() - t
+    finally:
+        reader.close()
     written = len(x) * spec.row_bytes
     return written / max(write_s, 1e-9), written / max(read_s, 1e-9)
 
@@ -192,23 +199,39 @@ def _fresh(meta: dict) -> bool:
         when = datetime.datetime.fromisoformat(meta["measured_at"])
     except (KeyError, TypeError, ValueError):
         return False
+    if when.tzinfo is None:  # written by hand without a zone: read as UTC
+        when = when.replace(tzinfo=datetime.timezone.utc)
     age = datetime.datetime.now(datetime.timezone.utc) - when
     return age < datetime.timedelta(days=MAX_AGE_DAYS)
 
 
-def pinned(path: str) -> Bandwidths:
-    """Bandwidths from a file: a kept ``bandwidths.json`` (its first entry), a run record
-    (its ``pricing.bandwidths``) or a bare ``{"write": …, "read": …}``."""
+def pinned(path: str, key: str | None = None) -> Bandwidths:
+    """Bandwidths from a file: a kept ``bandwidths.json`` (the entry for ``key``: this
+    host, device, dtype and torch; its only entry when it has one), a run or compare record
+    (its ``pricing.bandwidths``), ``prefast plan --json``'s output, or a bare
+    ``{"write": …, "read": …}``."""
+    where = f"bandwidths={path!r}"
     try:
         doc = json.loads(Path(path).read_text())
     except OSError as exc:
-        raise ConfigError(f"bandwidths={path!r}: cannot read it ({exc.strerror})") from None
+        raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
     except ValueError:
-        raise ConfigError(f"bandwidths={path!r} is not JSON") from None
+        raise ConfigError(f"{where} is not JSON") from None
+    if isinstance(doc, dict) and isinstance(doc.get("runs"), dict):  # a compare record
+        doc = doc["runs"].get("prefast") or next(iter(doc["runs"].values()), {})
     if isinstance(doc, dict) and isinstance(doc.get("final"), dict):  # a run record
-        doc = doc["final"].get("pricing", {}).get("bandwidths", {})
+        doc = doc["final"]
+    if isinstance(doc, dict) and isinstance(doc.get("pricing"), dict):  # a record, a plan
+        doc = doc["pricing"].get("bandwidths", {})
     elif isinstance(doc, dict) and isinstance(doc.get("entries"), dict) and doc["entries"]:
-        doc = next(iter(doc["entries"].values()))
+        entries = doc["entries"]
+        if key in entries or len(entries) == 1:
+            doc = entries.get(key) or next(iter(entries.values()))
+        else:
+            raise ConfigError(
+                f"{where} keeps figures for {', '.join(sorted(entries))}, none for {key}: "
+                "pin one entry (copy it into a file of its own) or drop --bandwidths"
+            )
     return Bandwidths.from_json(doc if isinstance(doc, dict) else {}, f"pinned from {path}")
 
 
@@ -216,11 +239,11 @@ def for_run(setting: str | None, device: torch.device, dtype: str, root: Path) -
     """The run's bandwidths: pinned (``setting`` a path), kept beside the caches in
     ``root`` when fresh, else measured now and kept (``setting='measure'``: always)."""
     setting = setting or os.environ.get("PREFAST_BANDWIDTHS") or None
-    if setting and setting != "measure":
-        return pinned(setting)
-    kept_path = root / KEPT
     ident = _identity(device, dtype)
     key = "|".join(str(ident[k]) for k in ("host", "device", "dtype", "torch"))
+    if setting and setting != "measure":
+        return pinned(setting, key)
+    kept_path = root / KEPT
     kept: dict = {}
     try:
         kept = json.loads(kept_path.read_text())
@@ -235,8 +258,13 @@ def for_run(setting: str | None, device: torch.device, dtype: str, root: Path) -
                 return Bandwidths.from_json(entry, f"kept in {kept_path} ({meta['measured_at']})")
         except ConfigError:
             pass  # a damaged entry is measured again
-    root.mkdir(parents=True, exist_ok=True)
-    bw = measure(device, dtype, root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        bw = measure(device, dtype, root)
+    except OSError as exc:  # a cache directory this process cannot write: RAM and GPU only
+        log.warning("bandwidths: cannot measure in %s (%s): the temporary directory's disk "
+                    "stands in for it", root, exc.strerror or exc)  # fmt: skip
+        bw = measure(device, dtype, Path(tempfile.gettempdir()))
     log.info("bandwidths (bytes/s) %s: write %s, read %s", bw.source, _fmt(bw.write), _fmt(bw.read))
     entries = dict(entries) if isinstance(entries, dict) else {}
     entries[key] = {"write": bw.write, "read": bw.read, "meta": bw.meta}

@@ -132,7 +132,7 @@ def plan_boundaries(
             continue
         tier = price(p) if price is not None else None
         b = boundary_value(
-            costs, last, p, epoch, epochs, batches_per_epoch, rows, write_bw, read_bw, tier
+            costs, last, p, epoch, epochs, batches_per_epoch, rows, write_bw, read_bw, tier, views
         )
         if policy == "every":
             b = replace(b, taken=True, why="cache_boundaries='every' plans every boundary")
@@ -165,6 +165,7 @@ def boundary_value(
     write_bw: float = DISK_WRITE_BW,
     read_bw: float = DISK_READ_BW,
     price: TierPrice | None = None,
+    views: int = 1,
 ) -> Boundary:
     """What a boundary at ``stage`` materialized during ``epoch`` saves and costs over the
     epochs left, when stages ``0..cached-1`` are cached already: the forward of stages
@@ -172,7 +173,8 @@ def boundary_value(
     it every later epoch, at ``price``'s tier and dtype (without one: float32 rows at
     ``write_bw``/``read_bw``). The same freeze saves less the later it comes: ``--freeze
     auto`` asks this when a stage freezes (``plan_boundaries`` for every planned epoch)."""
-    remaining = epochs - epoch - 1
+    # ``views`` epochs write one view each, computing the prefix; the epochs after read
+    remaining = epochs - epoch - views
     saving = remaining * batches_per_epoch * sum(c.fwd_s for c in costs[cached:stage])
     if price is None:
         row_bytes = costs[stage - 1].out_row_bytes
@@ -181,7 +183,7 @@ def boundary_value(
     row_bytes, nbytes = price.row_bytes, rows * price.row_bytes
     cost = math.inf
     if price.tier != "recompute":
-        cost = nbytes / price.write_bw + remaining * nbytes / price.read_bw
+        cost = views * nbytes / price.write_bw + remaining * nbytes / price.read_bw
     return Boundary(
         epoch, stage, row_bytes, saving, cost, price.tier, price.dtype, price.bytes, price.reason
     )

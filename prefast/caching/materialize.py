@@ -55,7 +55,7 @@ from prefast.caching.fits import Unfit
 from prefast.caching.governor import Governor, cache_dtype, cache_views
 from prefast.caching.online import plan_online
 from prefast.caching.overflow import input_fault, not_kept
-from prefast.caching.pricing import pricer_for, pricing_record, run_bandwidths
+from prefast.caching.pricing import planned_on, pricer_for, pricing_record, run_bandwidths
 from prefast.caching.probe import TRIED, measure_stage_costs
 from prefast.caching.replay import check_plan
 from prefast.caching.spill import relieve_pressure
@@ -99,6 +99,7 @@ class PrefastFeed(BoundaryTransitions):
         self.autocast = autocast  # ``amp``: it is an autocast (the model takes the cache dtype)
         # Host RAM and disk are the node's: its ranks share them; a GPU is a rank's own.
         self.governor = Governor(replace(budgets_for(cfg), share=ctx.local_world), device)
+        self.dist = ctx  # the ranks: one plan for all (the main rank's)
         self.views = cache_views(cfg.cache_views, cfg.augment)
         dtype = cache_dtype(cfg.cache_dtype, device, amp)
         resume = resume or {}
@@ -116,6 +117,7 @@ class PrefastFeed(BoundaryTransitions):
         self.costs: list[StageCost] = distributed.broadcast(ctx, costs)  # one plan for all ranks
         root = CacheRoot(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
         self.governor.bandwidths = run_bandwidths(cfg, device, dtype, root.path, ctx, resume)
+        self.planned_on = planned_on(self.governor)  # the rooms the plan saw, for the record
         # A replayed plan (--plan-from, or compare's one plan) fixes boundaries, tiers and
         # dtypes; else the plan is a function of the schedule that runs: on resume that is
         # the resumed schedule (``ResumedSchedule``: the checkpoint's frozen stages, this
@@ -132,6 +134,9 @@ class PrefastFeed(BoundaryTransitions):
                 policy=cfg.cache_boundaries, views=self.views, price=price,
                 considered=self.considered_boundaries,
             )  # fmt: skip
+            # The main rank's: the tiers priced depend on each rank's free memory.
+            self.considered_boundaries = distributed.broadcast(ctx, self.considered_boundaries)
+            planned = [b for b in self.considered_boundaries if b.taken]
             self.planned = {b.epoch: b.stage for b in planned}  # as planned, for the report
         self.decided: list[dict] = []  # the planned boundaries' tiers and dtypes, as taken
         # --freeze auto: boundaries are also planned when the rule freezes (``_plan_online``)
@@ -274,7 +279,7 @@ class PrefastFeed(BoundaryTransitions):
             "cache_views": self.views,
             "cache_peak_bytes": self.governor.peak,
             "pricing": pricing_record(
-                self.governor.bandwidths, self.costs, self.considered_boundaries
+                self.governor.bandwidths, self.costs, self.considered_boundaries, self.planned_on
             ),
         }
 

@@ -92,11 +92,18 @@ def candidate_rows(considered: list[Boundary]) -> list[dict]:
 
 
 def stage_cost_rows(costs: list[StageCost]) -> list[dict]:
-    """The probe's costs as JSON (``prefast plan --costs-from`` reads them back)."""
-    return [asdict(c) for c in costs]
+    """The probe's costs as JSON (``prefast plan --costs-from`` reads them back); a time not
+    measured (a training run's probe times forwards only) is null, not NaN."""
+    rows = [asdict(c) for c in costs]
+    for r in rows:
+        if math.isnan(r["fwd_bwd_s"]):
+            r["fwd_bwd_s"] = None
+    return rows
 
 
 def costs_from_rows(rows: list[dict]) -> list[StageCost]:
+    """Stage costs from ``stage_cost_rows``'s JSON (a ``KeyError``, ``TypeError`` or
+    ``ValueError`` on a malformed row: the caller names the file)."""
     return [
         StageCost(
             fwd_s=float(r["fwd_s"]),
@@ -120,22 +127,35 @@ def pricer_for(
     return Pricer(governor, costs, dtype, rows, views, batches, lossy_candidates(cfg.cache_dtype))
 
 
+def planned_on(governor: Governor) -> dict:
+    """The device type and the room each tier has now, for ``pricing_record``."""
+    return {"device": governor.device.type, "rooms": governor.report()}
+
+
 def run_bandwidths(
     cfg: TrainConfig, device: torch.device, dtype: str, root: Path, ctx: Dist, resume: dict
 ) -> Bandwidths:
     """The run's bandwidths (``bandwidth.for_run``), the same on every rank: the main
     rank's; a resumed run keeps those its first part priced with."""
-    kept = resume.get("bandwidths")
-    if kept is not None:
-        return Bandwidths.from_json(kept, "kept by the checkpoint")
-    bw = bandwidth.for_run(cfg.bandwidths, device, dtype, root) if ctx.is_main else None
+    bw = None
+    if ctx.is_main:  # every rank takes the main rank's, resumed or not: one plan for all
+        kept = resume.get("bandwidths")
+        bw = (
+            Bandwidths.from_json(kept, "kept by the checkpoint")
+            if kept is not None
+            else bandwidth.for_run(cfg.bandwidths, device, dtype, root)
+        )
     return distributed.broadcast(ctx, bw)
 
 
-def pricing_record(bw: Bandwidths, costs: list[StageCost], considered: list[Boundary]) -> dict:
-    """What the plan was priced with, for the run record: the bandwidths, each stage's
-    measured costs and every candidate boundary."""
+def pricing_record(
+    bw: Bandwidths, costs: list[StageCost], considered: list[Boundary], planned_on: dict
+) -> dict:
+    """What the plan was priced with, for the run record: the device and the room each
+    tier had (``--costs-from`` plans with them), the bandwidths, each stage's measured
+    costs and every candidate boundary."""
     return {
+        **planned_on,  # device, rooms
         "bandwidths": bw.to_json(),
         "stage_costs": stage_cost_rows(costs),
         "candidates": candidate_rows(considered),

@@ -32,10 +32,11 @@ from prefast.store import Reader, encoding
 from prefast.store.order import batch_slices
 
 if TYPE_CHECKING:
-    from prefast.caching.costmodel import StageCost
+    from prefast.caching.costmodel import Boundary, StageCost
     from prefast.caching.testcache import TestCache
     from prefast.config import TrainConfig
     from prefast.data.sources import RawSource
+    from prefast.distributed import Dist
     from prefast.freezing.adaptive import AutoFreezeSchedule
     from prefast.freezing.schedule import FreezeOutSchedule
 
@@ -66,6 +67,8 @@ class BoundaryTransitions(DiskCharges):
     rebuild_streams: dict[int, dict]  # a damaged boundary's view streams (view -> stream)
     prefix_fault: str | None  # the frozen prefix computed NaN or inf (overflow.py)
     freezes_told: int
+    dist: Dist  # the ranks (online.py takes the main rank's decisions)
+    considered_boundaries: list[Boundary]  # every candidate priced (pricing.py)
 
     def _stream(self, epoch: int) -> int | None:
         raise NotImplementedError

@@ -32,6 +32,7 @@ log = logging.getLogger("prefast")
 MAY_CHANGE = (
     "resume", "checkpoint", "epochs", "dist_timeout", "check_replicas", "workers",
     "weights", "pretrained",  # the starting weights: a resumed run takes the checkpoint's
+    "bandwidths",  # a resumed run prices with the bandwidths its first part had
 )  # fmt: skip
 
 

@@ -63,7 +63,7 @@ def compare(
             plan=plan["boundaries"] if mode == "prefast" and replayable else None,
         )
         if mode == "prefast" and replayable:  # the candidates were priced by the plan above
-            result["final"]["pricing"]["candidates"] = plan["pricing"]["candidates"]
+            result["final"]["pricing"] = plan["pricing"]
         if mode in plan["predicted_s"]:  # --freeze auto: baseline's alone is known beforehand
             result["final"]["predicted_s"] = plan["predicted_s"][mode]
             for record, ideal in zip(result["epochs"], plan["predicted_epochs"][mode], strict=True):

@@ -15,6 +15,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -29,7 +30,7 @@ from prefast.caching.costmodel import (
     predict_epochs,
 )
 from prefast.caching.governor import Governor, cache_dtype, cache_views, lossy_candidates
-from prefast.caching.pricing import costs_from_rows, pricer_for, pricing_record
+from prefast.caching.pricing import costs_from_rows, planned_on, pricer_for, pricing_record
 from prefast.caching.probe import measure_stage_costs
 from prefast.config import TrainConfig, default_cache_dir
 from prefast.data.sources import RawSource
@@ -57,9 +58,18 @@ def measure_and_plan(
     dtype = cache_dtype(cfg.cache_dtype, device, cfg.amp)
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if costs_from:
-        costs, bandwidths = recorded_pricing(costs_from, staged.num_stages)
+        costs, bandwidths, there = recorded_pricing(costs_from, staged.num_stages)
         if cfg.bandwidths:  # --bandwidths given as well: it wins
             bandwidths = bandwidth.for_run(cfg.bandwidths, device, dtype, root)
+        # Planned as there: its device (a GPU's tier on a CPU) and the room its tiers had,
+        # unless this command names a budget.
+        device = torch.device("meta") if there.get("device", "cpu") != "cpu" else device
+        rooms = there.get("rooms") or {}
+        cfg = cfg.replace(
+            max_gpu_mem=cfg.max_gpu_mem or rooms.get("gpu"),
+            max_ram=cfg.max_ram or rooms.get("ram"),
+            max_disk=cfg.max_disk or rooms.get("disk"),
+        )
     else:
         with contextlib.closing(raw.train_batches(0)) as batches:
             probe = next(batches).x
@@ -106,7 +116,7 @@ def measure_and_plan(
                 "dtype": d.dtype,
                 "bytes": d.bytes,
                 "saving_s": b.saving_s,
-                "cost_s": b.cost_s,
+                "cost_s": None if math.isinf(b.cost_s) else b.cost_s,
                 "reason": d.reason,
             }
         )
@@ -141,7 +151,7 @@ def measure_and_plan(
         "batches_per_epoch": bpe,
         "budgets": Governor(budgets_for(cfg), device).report(),
         "costs": costs,
-        "pricing": pricing_record(bandwidths, costs, considered),
+        "pricing": pricing_record(bandwidths, costs, considered, planned_on(planner)),
         "costs_from": costs_from,
     }
 
@@ -183,7 +193,7 @@ def if_frozen(
     return out
 
 
-def recorded_pricing(path: str, num_stages: int) -> tuple[list[StageCost], Bandwidths]:
+def recorded_pricing(path: str, num_stages: int) -> tuple[list[StageCost], Bandwidths, dict]:
     """The stage costs and bandwidths a run record (or a compare record's prefast run, or
     ``prefast plan --json``'s output) was priced with: ``prefast plan --costs-from``. A
     training run's probe times forwards only: baseline and freezeout are then not
@@ -199,13 +209,20 @@ def recorded_pricing(path: str, num_stages: int) -> tuple[list[StageCost], Bandw
         doc = runs["prefast"]  # a compare record: its prefast run
     pricing = None
     if isinstance(doc, dict):  # a run record, or `prefast plan --json`'s
-        pricing = doc["pricing"] if "pricing" in doc else doc.get("final", {}).get("pricing")
+        final = doc.get("final")
+        pricing = doc.get("pricing") or (final.get("pricing") if isinstance(final, dict) else None)
     if not isinstance(pricing, dict) or not pricing.get("stage_costs"):
         raise ConfigError(
             f"--costs-from {path}: no measured costs in it: pass the --json-out record of a "
             "prefast run, or `prefast plan --json`'s output (made with this version or later)"
         )
-    costs = costs_from_rows(pricing["stage_costs"])
+    try:
+        costs = costs_from_rows(pricing["stage_costs"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"--costs-from {path}: a stage's costs are malformed ({type(exc).__name__}: {exc}): "
+            "pass a record PreFast wrote"
+        ) from None
     if len(costs) != num_stages:
         raise ConfigError(
             f"--costs-from {path}: its model has {len(costs)} stages and this one "
@@ -214,4 +231,4 @@ def recorded_pricing(path: str, num_stages: int) -> tuple[list[StageCost], Bandw
     recorded = pricing.get("bandwidths", {})
     bw = Bandwidths.from_json(recorded, f"--costs-from {path}")
     there = recorded.get("source", "?") if isinstance(recorded, dict) else "?"
-    return costs, replace(bw, source=f"--costs-from {path}; there: {there}")
+    return costs, replace(bw, source=f"--costs-from {path}; there: {there}"), pricing
