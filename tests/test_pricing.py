@@ -176,13 +176,16 @@ def test_costs_from_a_gpu_record_plans_its_gpu_tier_on_a_cpu(tmp_path):
     from prefast.training.plan import measure_and_plan
 
     run = digits_run(tmp_path)
+    cpu_record = tmp_path / "cpu_run.json"  # as it is: a CPU's (no GPU room)
+    cpu_record.write_text(json.dumps(run))
+    cfg = TrainConfig(**{**DIGITS, "epochs": 4, "cache_dir": str(tmp_path / "p")})
+    assert measure_and_plan(cfg, costs_from=str(cpu_record))["pricing"]["device"] == "cpu"
     pricing = run["final"]["pricing"]
     pricing.update(device="cuda", rooms={"gpu": 40 * GIB, "ram": 64 * GIB, "disk": 100 * GIB})
     pricing["bandwidths"] = {"write": GPU_MACHINE.write, "read": GPU_MACHINE.read,
                              "source": "an H200"}  # fmt: skip
     record = tmp_path / "gpu_run.json"
     record.write_text(json.dumps(run))
-    cfg = TrainConfig(**{**DIGITS, "epochs": 4, "cache_dir": str(tmp_path / "p")})
     plan = measure_and_plan(cfg, costs_from=str(record))
     assert plan["boundaries"] and {b["tier"] for b in plan["boundaries"]} == {"gpu"}
     assert plan["pricing"]["bandwidths"]["source"].startswith(f"--costs-from {record}")

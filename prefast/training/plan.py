@@ -66,9 +66,9 @@ def measure_and_plan(
         device = torch.device("meta") if there.get("device", "cpu") != "cpu" else device
         rooms = there.get("rooms") or {}
         cfg = cfg.replace(
-            max_gpu_mem=cfg.max_gpu_mem or rooms.get("gpu"),
-            max_ram=cfg.max_ram or rooms.get("ram"),
-            max_disk=cfg.max_disk or rooms.get("disk"),
+            max_gpu_mem=cfg.max_gpu_mem or rooms.get("gpu") or None,  # 0: no GPU there
+            max_ram=cfg.max_ram or rooms.get("ram") or None,
+            max_disk=cfg.max_disk or rooms.get("disk") or None,
         )
     else:
         with contextlib.closing(raw.train_batches(0)) as batches:
