@@ -34,6 +34,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -205,24 +206,38 @@ def _fresh(meta: dict) -> bool:
     return age < datetime.timedelta(days=MAX_AGE_DAYS)
 
 
+def read_json(path: str, where: str) -> Any:
+    """``path``'s JSON; a file that cannot be read or is not JSON is a one-line
+    ConfigError that starts with ``where`` (the setting or flag that named it)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
+    except ValueError:
+        raise ConfigError(f"{where} is not JSON") from None
+
+
+def pricing_of(doc: Any) -> dict | None:
+    """What a plan was priced with (``final.pricing``): of a run record, of a compare
+    record's prefast run, or of ``prefast plan --json``'s output; None if it has none."""
+    if isinstance(doc, dict) and isinstance(doc.get("runs"), dict):  # a compare record
+        doc = doc["runs"].get("prefast") or next(iter(doc["runs"].values()), {})
+    if isinstance(doc, dict) and isinstance(doc.get("final"), dict):  # a run record
+        doc = doc["final"]
+    pricing = doc.get("pricing") if isinstance(doc, dict) else None
+    return pricing if isinstance(pricing, dict) else None
+
+
 def pinned(path: str, key: str | None = None) -> Bandwidths:
     """Bandwidths from a file: a kept ``bandwidths.json`` (the entry for ``key``: this
     host, device, dtype and torch; its only entry when it has one), a run or compare record
     (its ``pricing.bandwidths``), ``prefast plan --json``'s output, or a bare
     ``{"write": …, "read": …}``."""
     where = f"bandwidths={path!r}"
-    try:
-        doc = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
-    except ValueError:
-        raise ConfigError(f"{where} is not JSON") from None
-    if isinstance(doc, dict) and isinstance(doc.get("runs"), dict):  # a compare record
-        doc = doc["runs"].get("prefast") or next(iter(doc["runs"].values()), {})
-    if isinstance(doc, dict) and isinstance(doc.get("final"), dict):  # a run record
-        doc = doc["final"]
-    if isinstance(doc, dict) and isinstance(doc.get("pricing"), dict):  # a record, a plan
-        doc = doc["pricing"].get("bandwidths", {})
+    doc = read_json(path, where)
+    pricing = pricing_of(doc)
+    if pricing is not None:
+        doc = pricing.get("bandwidths", {})
     elif isinstance(doc, dict) and isinstance(doc.get("entries"), dict) and doc["entries"]:
         entries = doc["entries"]
         if key in entries or len(entries) == 1:

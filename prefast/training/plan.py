@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -198,20 +197,8 @@ def recorded_pricing(path: str, num_stages: int) -> tuple[list[StageCost], Bandw
     ``prefast plan --json``'s output) was priced with: ``prefast plan --costs-from``. A
     training run's probe times forwards only: baseline and freezeout are then not
     predicted (a plan's record has both)."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"--costs-from {path}: cannot read it ({exc.strerror})") from None
-    except ValueError:
-        raise ConfigError(f"--costs-from {path} is not JSON") from None
-    runs = doc.get("runs") if isinstance(doc, dict) else None
-    if isinstance(runs, dict) and isinstance(runs.get("prefast"), dict):
-        doc = runs["prefast"]  # a compare record: its prefast run
-    pricing = None
-    if isinstance(doc, dict):  # a run record, or `prefast plan --json`'s
-        final = doc.get("final")
-        pricing = doc.get("pricing") or (final.get("pricing") if isinstance(final, dict) else None)
-    if not isinstance(pricing, dict) or not pricing.get("stage_costs"):
+    pricing = bandwidth.pricing_of(bandwidth.read_json(path, f"--costs-from {path}"))
+    if pricing is None or not pricing.get("stage_costs"):
         raise ConfigError(
             f"--costs-from {path}: no measured costs in it: pass the --json-out record of a "
             "prefast run, or `prefast plan --json`'s output (made with this version or later)"
