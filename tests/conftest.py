@@ -10,7 +10,11 @@ import torch
 
 from prefast.store.device import canonical
 
-torch.set_num_threads(2)
+# `make check` runs two pytest-xdist workers on a 2-core machine: one thread each (and in
+# every process a test starts), since two workers of two threads measured slower than one.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 # Every run in the tests (and the CLI processes they start) prices boundaries with these
 # figures, not this machine's measured ones: plans that do not move with the machine's load,
 # and no measurement per test. tests/test_bandwidth.py measures for real.

@@ -333,7 +333,9 @@ def test_abort_with_a_chunk_write_hung_in_the_encode_pool_returns_and_the_proces
         exited = time.monotonic() - t
     assert proc.returncode == 0 and out.startswith("aborted"), out
     assert float(out.split()[1]) <= ABORT_WAIT_S + 1, out
-    assert exited <= ABORT_WAIT_S + 1, f"exited {exited:.1f} s after abort() began"
+    # The exit adds the interpreter's teardown: seconds on a machine busy with other tests
+    # (make check runs two at a time). A regression blocks it for good (the timeout above).
+    assert exited <= ABORT_WAIT_S + 3, f"exited {exited:.1f} s after abort() began"
 
 
 @pytest.mark.parametrize(
