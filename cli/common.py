@@ -44,7 +44,7 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     if modes:
         g.add_argument(
             "--mode",
-            default="freezeout",
+            default="prefast",
             choices=MODES,
             help="baseline: no freezing; freezeout: freeze, skip backward; "
             "prefast: also cache frozen outputs (default: %(default)s)",
@@ -132,11 +132,11 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     )
     g.add_argument(
         "--augment",
-        default="standard",
-        choices=AUGMENTS,
-        help="standard: random crop (padding 1/8 of the side) + horizontal flip; none. "
-        "Built-in datasets only: your own dataset's transform is its augmentation "
-        "(default: %(default)s)",
+        default="auto",
+        choices=("auto", *AUGMENTS),
+        help="standard: random crop (padding 1/8 of the side) + horizontal flip; none; auto: "
+        "standard, none with --freeze-prefix all (a probe's cached view: one fixed crop). "
+        "Built-in datasets only: yours are augmented by their transform (default: %(default)s)",
     )
     s = p.add_argument_group("schedule")
     s.add_argument("--epochs", type=int, default=10, help="passes over the training set")
@@ -342,7 +342,7 @@ def config_from_args(args: argparse.Namespace, mode: str | None = None) -> Train
     unset = ("t0", "scale", "freeze_percentile")  # None: TrainConfig's default applies
     values = {n: v for n, v in values.items() if not (n in unset and v is None)}
     values.update(
-        mode=str(mode or getattr(args, "mode", "freezeout")),
+        mode=str(mode or getattr(args, "mode", "prefast")),
         scale_lr=not args.no_scale_lr,
         synthetic_size=(sizes[0], sizes[1]),
         **{

@@ -26,7 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (train, plan, cache, bench):
         module.register(sub)
     _show_defaults(parser)
+    _verbose_anywhere(parser)
     return parser
+
+
+def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
+    """``-v`` after the subcommand too (``prefast train -v ...``): each command's parser
+    takes it, defaulting to SUPPRESS so it never resets a ``-v`` given before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if not any("--verbose" in a.option_strings for a in child._actions):
+                    child.add_argument(
+                        "-v",
+                        "--verbose",
+                        action="store_true",
+                        default=argparse.SUPPRESS,
+                        help="log decisions (governor, store); also accepted before the command",
+                    )
+                _verbose_anywhere(child)
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         format=("%(levelname)s %(name)s: %(message)s" if "RANK" not in os.environ
                 else f"%(levelname)s [rank {rank}] %(name)s: %(message)s"),
     )  # fmt: skip
+    # One line each that a user sees without -v (a cache reused, a cache kept or not kept),
+    # between the epoch lines on stdout; the main rank's only.
+    notice = logging.getLogger("prefast.notice")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    notice.addHandler(handler)
+    notice.propagate = False
+    notice.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     # torchrun stops the other ranks with SIGTERM when one fails: unwind (abort writers,
     # release locks) instead of dying mid-write, and say why.
     signal.signal(signal.SIGTERM, _terminated)

@@ -84,7 +84,7 @@ def parse_duration(text: str) -> float:
 class TrainConfig:
     """Everything that defines a training run. Invalid fields raise ConfigError."""
 
-    mode: str = "freezeout"
+    mode: str = "prefast"  # FreezeOut's schedule, and the frozen stages' outputs cached
     model: str = "densenet-bc"
     dataset: str = "synthetic"
     depth: int | None = None
@@ -108,7 +108,9 @@ class TrainConfig:
     data_dir: str = "data"
     subset: int | None = None
     synthetic_size: tuple[int, int] = (50_000, 10_000)
-    augment: str = "auto"  # standard for built-in datasets, none (your transform) for yours
+    # standard for built-in datasets (none with freeze_prefix="all": a linear probe reads one
+    # cached view of its features), none (your transform) for yours
+    augment: str = "auto"
     image_size: int | None = None  # imagefolder: resize to N x N
     workers: int | None = None  # DataLoader processes for dataset objects (None: cores - 1)
     checkpoint: str | None = None

@@ -84,6 +84,7 @@ class BoundaryCache:
         self.name, self.stage, self.tier, self.views = name, stage, tier, views
         self.dtype = dtype
         self.root = root
+        self.kept = False  # the fixed prefix's (keep.py): superseded, its disk caches stay
         self.on_release = on_release
         self.state = State.PLANNED
         self.readers: dict[int, Reader] = {}
@@ -228,8 +229,9 @@ class BoundaryCache:
         if self.writer is not None:
             self.writer.abort()
             self.writer, self.writing_view = None, None
+        kept = self.kept and state is State.SUPERSEDED
         for reader in self.readers.values():
-            discard(reader, self.root)
+            discard(reader, None if kept else self.root)
         self.readers = {}
         self.state, self.why = state, why
         self.on_release(self.name)

@@ -34,7 +34,6 @@ tensor back.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import weakref
 from collections.abc import Callable, Iterator
@@ -53,10 +52,11 @@ from prefast.caching.costmodel import Boundary, StageCost, plan_boundaries
 from prefast.caching.feature_augment import FeatureAugment, check_feature_ops
 from prefast.caching.fits import Unfit
 from prefast.caching.governor import Governor, cache_dtype, cache_views
+from prefast.caching.keep import KeepBehind
 from prefast.caching.online import plan_online
 from prefast.caching.overflow import input_fault, not_kept
 from prefast.caching.pricing import planned_on, pricer_for, pricing_record, run_bandwidths
-from prefast.caching.probe import TRIED, measure_stage_costs
+from prefast.caching.probe import probed_costs
 from prefast.caching.replay import check_plan
 from prefast.caching.spill import relieve_pressure
 from prefast.caching.testcache import TestCache
@@ -105,17 +105,10 @@ class PrefastFeed(BoundaryTransitions):
         resume = resume or {}
         if costs is None:  # a resumed run plans with the costs its first part measured
             costs = resume.get("costs")
-        if (
-            costs is None and ctx.is_main
-        ):  # forward times and compression ratios: all planning needs
-            with contextlib.closing(raw.train_batches(0)) as batches:
-                probe = next(batches).x
-            tried = TRIED if cfg.cache_dtype == "auto" else ()  # auto's 8-bit candidates
-            costs = measure_stage_costs(
-                copy.deepcopy(model), probe, backward=False, cache_dtype=dtype, tried=tried
-            )
-        self.costs: list[StageCost] = distributed.broadcast(ctx, costs)  # one plan for all ranks
         root = CacheRoot(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+        if costs is None and ctx.is_main:  # forward times and compression ratios: the plan's
+            costs = probed_costs(cfg, raw, model, device, dtype, amp, root.path)  # or kept ones
+        self.costs: list[StageCost] = distributed.broadcast(ctx, costs)  # one plan for all ranks
         self.governor.bandwidths = run_bandwidths(cfg, device, dtype, root.path, ctx, resume)
         self.planned_on = planned_on(self.governor)  # the rooms the plan saw, for the record
         # A replayed plan (--plan-from, or compare's one plan) fixes boundaries, tiers and
@@ -169,6 +162,8 @@ class PrefastFeed(BoundaryTransitions):
         self.test = TestCache(
             self.ctx, raw, self._run_prefix, self._ratio, self._test_allowance, cfg.cache_dtype
         )
+        self.keep = KeepBehind(self.ctx, cfg)  # a fixed prefix's cache, kept for later runs
+        self.test.keep = self.keep
         self.epoch: int | None = None
         self.warned_fixed_aug = False
         self.disk_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -264,6 +259,7 @@ class PrefastFeed(BoundaryTransitions):
         return stats
 
     def close(self) -> None:
+        self.keep.close()  # its copies complete before the run ends
         for b in (self.target, self.current):
             if b is not None:
                 b.close()

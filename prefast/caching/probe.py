@@ -1,14 +1,22 @@
 """The timing probe: measure each stage's cost on one real batch.
 
 Separate from the cost model (``prefast/caching/costmodel.py``, pure arithmetic) so
-the planner can be tested on numbers and the probe on a model.
+the planner can be tested on numbers and the probe on a model. What it measures is
+kept beside the caches (``probed_costs``): a later run with the same model and
+starting weights, data, batch size, device and dtype (a sweep's next process over one
+frozen backbone) plans with those figures and does not probe.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,7 +25,13 @@ from prefast.caching.costmodel import StageCost
 from prefast.store import encoding
 from prefast.store.base import to_storage
 from prefast.store.device import synchronize
+from prefast.store.layout import atomic_write_json, cache_key
 from prefast.store.zarr_writer import trial_ratio
+
+if TYPE_CHECKING:
+    from prefast.config import TrainConfig
+    from prefast.data.sources import RawSource
+    from prefast.models import StagedModel
 
 # Dtypes every probe tries on each stage's output: --cache-dtype auto chooses among them.
 TRIED = ("float16", "bfloat16", "int8", "float8")
@@ -115,4 +129,47 @@ def measure_stage_costs(
         costs.append(cost)
         x = out.detach()
     model.train(was_training)
+    return costs
+
+
+COSTS_DIR = ".costs"  # in the cache root: one JSON of stage costs per probed setting
+
+
+def probed_costs(
+    cfg: TrainConfig,
+    raw: RawSource,
+    model: StagedModel,
+    device: torch.device,
+    dtype: str,
+    amp: bool,
+    root: Path,
+) -> list[StageCost]:
+    """The stage costs of ``model`` on ``raw``'s first batch: kept under ``root`` for the next
+    run of the same setting (model, starting weights, data, batch size, device, dtype), which
+    takes them instead of probing again. An unreadable kept file is probed over."""
+    from prefast.caching.bandwidth import _identity
+    from prefast.caching.pricing import costs_from_rows, stage_cost_rows
+
+    tried = TRIED if cfg.cache_dtype == "auto" else ()  # auto's 8-bit candidates
+    setting = {
+        **_identity(device, dtype),
+        "model": model.name,
+        "weights": model.prefix_digest(model.num_stages),
+        "data": raw.identity,
+        "batch_size": cfg.batch_size,
+        "amp": amp,
+        "channels_last": model.channels_last,
+        "tried": list(tried),
+    }
+    path = root / COSTS_DIR / f"{cache_key(setting)}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return costs_from_rows(json.loads(path.read_text())["stage_costs"])
+    with contextlib.closing(raw.train_batches(0)) as batches:
+        probe = next(batches).x
+    costs = measure_stage_costs(
+        copy.deepcopy(model), probe, backward=False, cache_dtype=dtype, tried=tried
+    )
+    with contextlib.suppress(OSError):  # kept if it can be; a run never fails over it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"setting": setting, "stage_costs": stage_cost_rows(costs)})
     return costs

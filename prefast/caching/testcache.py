@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ import torch
 from prefast.caching.boundary import discard
 from prefast.caching.cachectx import DISK_TIERS, CacheContext
 from prefast.caching.fits import Unfit, not_cached_fix, wider_dtype
+from prefast.caching.keep import announce_reuse
 from prefast.data.sources import Batch, BatchStream, RawSource
 from prefast.errors import (
     CacheAllocationError,
@@ -36,6 +38,10 @@ from prefast.store.encoding import row_bytes
 from prefast.store.order import batch_slices
 
 log = logging.getLogger("prefast.caching.materialize")
+
+if TYPE_CHECKING:
+    from prefast.caching.keep import KeepBehind
+
 RunPrefix = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
@@ -58,6 +64,7 @@ class TestCache:
         self.stage = 0  # the boundary self.reader holds (0: none)
         self.writer: Writer | None = None
         self.failed_stage: int | None = None  # a boundary whose test cache could not be written
+        self.keep: KeepBehind | None = None  # the fixed prefix's cache, kept for later runs
 
     def batches(self, stage: int, tier: str, epoch: int | None, dtype: str) -> BatchStream:
         """The test set as input of stage ``stage``, in row order, cached in ``dtype`` (or in
@@ -73,6 +80,7 @@ class TestCache:
             except CacheUnavailableError:  # kept: computed this time, read next time
                 reused, write = None, False
             if reused is not None:
+                announce_reuse(reused, "test", stage, "to evaluate")
                 self._replace(reused, stage)
                 yield from self._read(reused, stage, epoch)
                 return
@@ -118,6 +126,8 @@ class TestCache:
                     self._failed(stage, epoch, exc)
                 else:
                     self._replace(reader, stage)
+                    if self.keep is not None:
+                        self.keep.offer(reader, "test", stage, epoch)
         finally:
             if self.writer is not None:  # evaluation raised or stopped early
                 self.writer.abort()
@@ -220,15 +230,17 @@ class TestCache:
                 yield Batch(x, batch.y, batch.ids, batch.labels, start, cached=True)
 
     def _replace(self, reader: Reader, stage: int) -> None:
-        self.drop(keep=stage)
+        self.drop(keep=stage, superseded=True)
         self.reader, self.stage = reader, stage
 
-    def drop(self, keep: int | None = None) -> None:
+    def drop(self, keep: int | None = None, superseded: bool = False) -> None:
         """Forget the test cache (superseded, damaged, or memory is short); deletes it on
-        disk. The extra bytes held for widened test caches are released, but ``keep``'s."""
+        disk, but the fixed prefix's when superseded (later runs read it). The extra bytes
+        held for widened test caches are released, but ``keep``'s."""
         if self.reader is not None:
+            kept = superseded and self.keep is not None and self.stage == self.keep.stage
             reader, self.reader, self.stage = self.reader, None, 0
-            discard(reader, self.ctx.root)
+            discard(reader, None if kept else self.ctx.root)
         for stage in self.wider:
             if stage != keep:
                 self.ctx.governor.release(f"test-widened@{stage}")

@@ -21,6 +21,7 @@ from prefast.caching.boundary import BoundaryCache, State
 from prefast.caching.cachectx import DISK_TIERS, CacheContext
 from prefast.caching.diskcharges import DiskCharges
 from prefast.caching.governor import Decision, Governor, lossy_candidates, tier_bytes
+from prefast.caching.keep import KeepBehind, announce_reuse, existing
 from prefast.errors import (
     CacheAllocationError,
     CacheCorruptedError,
@@ -69,6 +70,7 @@ class BoundaryTransitions(DiskCharges):
     freezes_told: int
     dist: Dist  # the ranks (online.py takes the main rank's decisions)
     considered_boundaries: list[Boundary]  # every candidate priced (pricing.py)
+    keep: KeepBehind  # the fixed prefix's cache, kept on disk for later runs (keep.py)
 
     def _stream(self, epoch: int) -> int | None:
         raise NotImplementedError
@@ -208,21 +210,26 @@ class BoundaryTransitions(DiskCharges):
     def _plan_target(self, epoch: int, stage: int, below: str | None = None) -> None:
         test_batches = len(batch_slices(self.raw.num_test, self.cfg.batch_size))
         replayed = self.replay.get((epoch, stage)) if below is None else None
-        if replayed is not None and replayed["tier"] == "recompute":
-            decision = Decision(
-                "recompute",
-                0,
-                "recomputed, as in the replayed plan (--plan-from)",
-                dtype=self.ctx.dtype,
-            )
+        dtype = self.wider.get(stage, self.ctx.dtype)
+        rows, batches = (self.raw.num_train, self.raw.num_test), self.raw.batches_per_epoch
+        # --cache-tier auto: an earlier run's complete disk cache of this boundary (keep.py)
+        where = (stage, self._stream(epoch), dtype)
+        found = None
+        if not replayed and not below:
+            found = existing(self.ctx, self.cfg, self.costs, rows, batches + test_batches, where)
+        if found is not None:
+            decision = self.governor._log(found)
+        elif replayed is not None and replayed["tier"] == "recompute":
+            why = "recomputed, as in the replayed plan (--plan-from)"
+            decision = Decision("recompute", 0, why, dtype=self.ctx.dtype)
         else:
             decision = self.governor.choose_boundary(
                 self.costs,
                 stage,
-                replayed["dtype"] if replayed else self.wider.get(stage, self.ctx.dtype),
-                (self.raw.num_train, self.raw.num_test),
+                replayed["dtype"] if replayed else dtype,
+                rows,
                 self.views,
-                self.raw.batches_per_epoch + test_batches,
+                batches + test_batches,
                 below,
                 # a dtype widened after an overflow is taken as it is (the event named it)
                 () if replayed or stage in self.wider else lossy_candidates(self.cfg.cache_dtype),
@@ -243,13 +250,10 @@ class BoundaryTransitions(DiskCharges):
             reason=decision.reason,
             **({"rel_error": round(decision.rel_error, 5)} if decision.rel_error else {}),
         )
-        log.info(
-            "epoch %d: boundary at stage %d -> %s (%s)",
-            epoch + 1,
-            stage,
-            decision.tier,
-            decision.reason,
-        )
+        log.info("epoch %d: boundary at stage %d -> %s (%s)",
+                 epoch + 1, stage, decision.tier, decision.reason)  # fmt: skip
+        if below is None:  # the fixed prefix's first decision: keep a disk copy for later runs?
+            self.keep.plan(decision, self.costs, stage, rows, batches + test_batches)
         if decision.tier == "recompute":
             return
         name = f"train@{stage}"
@@ -264,6 +268,7 @@ class BoundaryTransitions(DiskCharges):
             decision.dtype,
         )
         self.target.streams.update(self.rebuild_streams.pop(stage, {}))  # after damage
+        self.target.kept = stage == self.keep.stage
         self.target.view_bytes = decision.view_bytes
         self.target.test_bytes = decision.bytes - self.views * decision.view_bytes
 
@@ -295,6 +300,7 @@ class BoundaryTransitions(DiskCharges):
         t.unavailable = 0  # "unreadable twice" means twice in a row
         if isinstance(opened, Reader):
             t.reuse_view(view, opened, stream)
+            announce_reuse(opened, "training", t.stage, f"in epochs {epoch + 1}-{self.cfg.epochs}")
         else:
             t.begin_view(view, opened, stream)
 
@@ -316,6 +322,8 @@ class BoundaryTransitions(DiskCharges):
             self.current.supersede()
         self.current, self.target = self.target, None
         self.ctx.event(epoch, "complete", stage=self.current.stage, tier=self.current.tier)
+        for reader in self.current.readers.values():  # the fixed prefix's, in memory: kept
+            self.keep.offer(reader, "train", self.current.stage, epoch)
         if self.cfg.augment == "standard" and self.views == 1 and not self.warned_fixed_aug:
             log.warning(
                 "augmentation is fixed from stage %d on (one cached view); "

@@ -81,8 +81,12 @@ def check_not_empty(train: Dataset, test: Dataset, name: str | None = None) -> N
 
 
 def built_in_augment(cfg: TrainConfig) -> TrainConfig:
-    """``augment="auto"`` (the default) for a built-in dataset: the standard crop and flip."""
-    return cfg.replace(augment="standard") if cfg.augment == "auto" else cfg
+    """``augment="auto"`` (the default) for a built-in dataset: the standard crop and flip,
+    or none for a linear probe (``freeze_prefix="all"``), whose features are computed once
+    and cached: one augmented view would be the same crop in every epoch."""
+    if cfg.augment != "auto":
+        return cfg
+    return cfg.replace(augment="none" if cfg.freeze_prefix == "all" else "standard")
 
 
 def load_for(cfg: TrainConfig) -> Splits:
@@ -184,7 +188,8 @@ def build_run(
         applied = getattr(train_data, "augment_applied", None)  # our imagefolder's
         if cfg.augment == "auto":  # not asked for: as the data comes (your transform)
             standard = isinstance(train_data, TensorImageDataset)
-            cfg = cfg.replace(augment="standard" if standard else applied or "none")
+            probe = cfg.freeze_prefix == "all"  # as built_in_augment: a probe's view is fixed
+            cfg = cfg.replace(augment="standard" if standard and not probe else applied or "none")
         elif (
             not isinstance(train_data, TensorImageDataset)
             and cfg.augment != "none"
