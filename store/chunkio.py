@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
+import crc32c
 import numpy as np
 
 from .iothreads import IOPool, stall_s
@@ -73,6 +74,34 @@ def read_into(fd: int, buffers: list[memoryview]) -> int:
         if views and n:
             views[0] = views[0][n:]
     return total
+
+
+# Pieces a chunk is read in, each checked while it is still in the CPU's cache: one pass
+# over memory less than checking the whole chunk after reading it (32 MiB chunks, cold,
+# 4 threads on 2 cores: 1.8 GB/s whole, 1.9-2.4 GB/s in 256 KiB-2 MiB pieces).
+PIECE_BYTES = 1 << 20
+
+
+def read_checking(fd: int, dest: np.ndarray, checked: int, trailer: bytearray) -> tuple[int, int]:
+    """Fill ``dest`` (uint8), then ``trailer``, with the file's bytes from offset 0, in
+    ``PIECE_BYTES`` reads; returns (bytes read, crc32c of the first ``checked`` bytes of
+    ``dest``), computed piece by piece as each lands. Fewer bytes than asked: end of file.
+    A read, not a map, as ``read_into``."""
+    total, crc, size = 0, 0, len(dest)
+    while total < size:
+        n = os.preadv(fd, [dest[total : total + PIECE_BYTES].data], total)
+        if n == 0:
+            return total, crc
+        if total < checked:
+            crc = crc32c.crc32c(dest[total : min(total + n, checked)].data, crc)
+        total += n
+    view = memoryview(trailer)
+    while view:
+        n = os.preadv(fd, [view], total)
+        if n == 0:
+            break
+        total, view = total + n, view[n:]
+    return total, crc
 
 
 def io_workers() -> int:

@@ -122,7 +122,7 @@ class DiskReader(Reader):
             chunk = self._load_chunk(i, buf)
         except OSError as exc:  # EIO: damaged; EMFILE, EACCES...: unavailable, kept
             raise read_error(self.key, f"reading chunk {i} of activations", exc) from exc
-        if checksum(chunk) != self.chunk_crcs[i]:
+        if self._crc_of(i, chunk) != self.chunk_crcs[i]:
             del chunk  # never keep a view into damaged data alive in the traceback
             raise CacheCorruptedError(
                 self.key,
@@ -132,6 +132,11 @@ class DiskReader(Reader):
 
     def _load_chunk(self, i: int, buf: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
+
+    def _crc_of(self, i: int, chunk: np.ndarray) -> int:
+        """crc32c of chunk ``i``'s rows, just loaded on this thread (a reader that checked
+        it while reading returns that figure)."""
+        return checksum(chunk)
 
     def _get(self, pf: ChunkPrefetcher, c: int) -> np.ndarray:
         """Chunk ``c`` from the prefetcher; a load that stalls is unavailable (kept)."""

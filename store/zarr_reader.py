@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs.bytes import Endian
 
-from .chunkio import read_into
+from .chunkio import read_checking, read_into
 from .disk_reader import DiskReader, chunk_file
 from .errors import CacheCorruptedError, read_error
 
@@ -63,6 +63,7 @@ class ZarrReader(DiskReader):
         )
         self.zstd = numcodecs.Zstd()
         self._frames = threading.local()  # each loader thread's buffer for zstd frames
+        self._checked = threading.local()  # the crc32c of the chunk this thread just read
 
     def chunk_path(self, i: int) -> Path:
         return chunk_file(self.dir, self.array, i)
@@ -91,8 +92,11 @@ class ZarrReader(DiskReader):
                     self.key, f"chunk {i} has {size} bytes, expected {full_bytes + 4}"
                 )
             crc = bytearray(4)  # zarr's own trailer; the marker's crc32c is what we check
-            if self.codec == "none":  # straight into the chunk's buffer: one copy
-                got = read_into(fd, [full.reshape(-1).view(np.uint8).data, memoryview(crc)])
+            if self.codec == "none":  # straight into the chunk's buffer, checked as it lands
+                rows_bytes = rows * self.spec.row_bytes
+                dest = full.reshape(-1).view(np.uint8)
+                got, self._checked.crc = read_checking(fd, dest, rows_bytes, crc)
+                self._checked.chunk = i
             else:
                 frame = self._frame(size - 4)
                 got = read_into(fd, [frame.data, memoryview(crc)])
@@ -108,6 +112,13 @@ class ZarrReader(DiskReader):
             except Exception as exc:  # an undecodable frame
                 raise CacheCorruptedError(self.key, f"chunk {i} of activations: {exc}") from exc
         return full[:rows]
+
+    def _crc_of(self, i: int, chunk: np.ndarray) -> int:
+        """Uncompressed chunks are checked while read (``read_checking``), on this thread."""
+        if getattr(self._checked, "chunk", None) == i:
+            self._checked.chunk = None
+            return int(self._checked.crc)
+        return super()._crc_of(i, chunk)
 
     def _frame(self, nbytes: int) -> np.ndarray:
         """This thread's buffer for one zstd frame, grown when a frame is larger."""
