@@ -49,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
         err = {d: f"{e:.2%}" for d, e in s["rel_error"].items()}  # error of storing the output
         it, ep = s["freeze_iter"], s["freeze_epoch"]
         it, ep = ("run", "run") if it is None else (it, f"{ep:.2f}")
+        fb = "-" if s["fwd_bwd_ms"] is None else f"{s['fwd_bwd_ms']:.2f}"  # a fixed prefix's
         print(
             f"{s['stage']:>5} {it:>11} {ep:>12} {s['fwd_ms']:>8.2f} "
-            f"{s['fwd_bwd_ms']:>10.2f} {err.get('int8', '-'):>8} {err.get('float8', '-'):>8}  "
+            f"{fb:>10} {err.get('int8', '-'):>8} {err.get('float8', '-'):>8}  "
             f"{'x'.join(map(str, s['out_shape']))}"
         )
     if plan["if_frozen"]:
@@ -89,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     elif not plan["boundaries"]:
         print("  none: no frozen prefix pays for its cache in this run")
     for b in plan["boundaries"]:
+        if b.get("reused"):  # an earlier run's cache: read from this epoch, not written
+            print(f"  epoch {b['epoch'] + 1}: stages 0..{b['stage'] - 1}  {human_bytes(b['bytes'])}"
+                  f"  reused from {b['tier']} in {b['dtype']}, read from epoch {b['epoch'] + 1} "
+                  f"({b['reason']})")  # fmt: skip
+            continue
         print(
             f"  epoch {b['epoch'] + 1}: stages 0..{b['stage'] - 1}  {human_bytes(b['bytes'])}  -> "
             f"{b['tier']} in {b['dtype']}: saves {b['saving_s']:.3g}s, costs "

@@ -158,3 +158,25 @@ def test_the_defaults_cache_and_a_probe_is_not_augmented():
     assert built_in_augment(TrainConfig(freeze_prefix="all", augment="standard")).augment == (
         "standard"
     )
+
+
+def test_plan_shows_a_kept_cache_as_reused_and_times_no_backward_of_the_prefix(
+    tmp_path, capsys, caplog
+):
+    cache = tmp_path / "cache"
+    plan_args = ("plan", *SWEEP[1:], "--cache-dir", str(cache))
+    res = cli_in_process(capsys, caplog, *plan_args, "--json")
+    before = json.loads(res.stdout)
+    assert not any(b["reused"] for b in before["boundaries"]), before["boundaries"]
+    frozen = [s for s in before["stages"][:-1]]
+    assert frozen and all(s["fwd_bwd_ms"] is None for s in frozen)  # never runs backward
+    assert before["stages"][-1]["fwd_bwd_ms"] is not None  # the head trains
+    run(capsys, caplog, cache, "0.1", tmp_path / "a.json")
+    res = cli_in_process(capsys, caplog, *plan_args)
+    assert res.returncode == 0, res.stderr
+    assert "reused from" in res.stdout and "read from epoch 1" in res.stdout, res.stdout
+    after = json.loads(cli_in_process(capsys, caplog, *plan_args, "--json").stdout)
+    assert [b["reused"] for b in after["boundaries"]] == [True]
+    # Read from epoch 1 instead of written in it: prefast's first epoch computes no prefix.
+    pf_before, pf_after = (p["predicted_epochs"]["prefast"][0] for p in (before, after))
+    assert pf_after["train_s"] < pf_before["train_s"]

@@ -72,6 +72,7 @@ def measure_stage_costs(
     backward: bool = True,
     cache_dtype: str = "float32",
     tried: tuple[str, ...] = TRIED,
+    frozen: int = 0,
 ) -> list[StageCost]:
     """Time each stage's forward (and forward+backward) on one batch ``x``.
 
@@ -83,13 +84,15 @@ def measure_stage_costs(
     and stored in each of ``tried`` (a run whose dtype is not auto tries none): its relative reconstruction error and zstd ratio
     let ``--cache-dtype auto`` store a boundary in 8 bits where that buys a faster tier.
     ``model`` must have a ``stages`` list; pass a copy: BatchNorm statistics move.
+    ``frozen``: stages frozen from the first iteration (``--freeze-prefix``), whose backward
+    never runs in any mode: not timed (NaN), so planning a fine-tune costs forwards only.
     """
     costs = []
     was_training = model.training
     stages: nn.ModuleList = model.stages  # type: ignore[assignment]
-    for stage in stages:
+    for i, stage in enumerate(stages):
         fwd_bwd = math.nan
-        if backward:
+        if backward and i >= frozen:
             stage.train()
             inp = x.detach().requires_grad_(x.is_floating_point())
 

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from prefast.caching import bandwidth
 from prefast.caching.bandwidth import Bandwidths
 from prefast.caching.budgets import budgets_for
+from prefast.caching.cachectx import CacheContext
 from prefast.caching.costmodel import (
     Boundary,
     StageCost,
@@ -28,13 +29,22 @@ from prefast.caching.costmodel import (
     plan_boundaries,
     predict_epochs,
 )
-from prefast.caching.governor import Governor, cache_dtype, cache_views, lossy_candidates
+from prefast.caching.governor import (
+    Decision,
+    Governor,
+    cache_dtype,
+    cache_views,
+    lossy_candidates,
+)
+from prefast.caching.keep import existing
 from prefast.caching.pricing import costs_from_rows, planned_on, pricer_for, pricing_record
 from prefast.caching.probe import measure_stage_costs
 from prefast.config import TrainConfig, default_cache_dir
 from prefast.data.sources import RawSource
 from prefast.errors import ConfigError
 from prefast.freezing.adaptive import AutoFreezeSchedule
+from prefast.models import StagedModel
+from prefast.store import CacheRoot
 from prefast.training.build import build_run, schedule_for
 
 
@@ -72,7 +82,10 @@ def measure_and_plan(
     else:
         with contextlib.closing(raw.train_batches(0)) as batches:
             probe = next(batches).x
-        costs = measure_stage_costs(staged, probe, cache_dtype=dtype)
+        # A fixed prefix (--freeze-prefix) never runs backward: its stages are timed forward
+        # only (ResNet-50's 17 stages at 128 px: the backward passes were most of the plan).
+        frozen = schedule_for(cfg.replace(mode="freezeout"), staged.num_stages, 1).prefix
+        costs = measure_stage_costs(staged, probe, cache_dtype=dtype, frozen=frozen)
         bandwidths = bandwidth.for_run(cfg.bandwidths, device, dtype, root)
     bpe, rows = raw.batches_per_epoch, raw.num_train
     sched_f = schedule_for(cfg.replace(mode="freezeout"), staged.num_stages, bpe)
@@ -86,19 +99,23 @@ def measure_and_plan(
         price=pricer_for(planner, cfg, raw, costs, dtype, views), considered=considered,
     )  # fmt: skip
     eval_batches = math.ceil(raw.num_test / cfg.batch_size)
+    # Boundaries an earlier run left on disk (a sweep's): read from their first epoch, not
+    # written (priced so, as training takes them: prefast/caching/keep.py).
+    reused = reused_boundaries(cfg, staged, raw, costs, dtype, root, boundaries, planner)
+    read_early = [replace(b, epoch=b.epoch - 1) if b.stage in reused else b for b in boundaries]
     predicted, predicted_epochs = {}, {}
     # With --freeze auto only baseline's time is known beforehand: the others depend on
     # when the rule freezes.
     for mode in ("baseline",) if online else ("baseline", "freezeout", "prefast"):
         sched = schedule_for(cfg.for_mode(mode), staged.num_stages, bpe)
-        per_epoch = predict_epochs(mode, sched, bpe, cfg.epochs, costs, boundaries, eval_batches)
+        per_epoch = predict_epochs(mode, sched, bpe, cfg.epochs, costs, read_early, eval_batches)
         predicted_epochs[mode] = per_epoch
         predicted[mode] = sum(e["train_s"] + e["eval_s"] for e in per_epoch)
     governor = Governor(budgets_for(cfg), device)
     governor.bandwidths = bandwidths
     decisions, held = [], None
     for b in boundaries:  # as in training: the current boundary is held while the next is chosen
-        d = governor.choose_boundary(
+        d = reused.get(b.stage) or governor.choose_boundary(
             costs,
             b.stage,
             dtype,
@@ -111,6 +128,7 @@ def measure_and_plan(
             {
                 "epoch": b.epoch,
                 "stage": b.stage,
+                "reused": b.stage in reused,
                 "tier": d.tier,
                 "dtype": d.dtype,
                 "bytes": d.bytes,
@@ -137,7 +155,8 @@ def measure_and_plan(
                 if online and i >= sched_f.prefix
                 else sched_f.freeze_iter(i) / bpe,
                 "fwd_ms": c.fwd_s * 1e3,
-                "fwd_bwd_ms": c.fwd_bwd_s * 1e3,
+                # None: a fixed prefix's stage, whose backward never runs (not timed)
+                "fwd_bwd_ms": None if math.isnan(c.fwd_bwd_s) else c.fwd_bwd_s * 1e3,
                 "out_shape": list(c.out_shape),
                 "zstd_ratio": round(c.compress_ratio, 3),
                 "rel_error": {d: round(err, 5) for d, err, _ in c.trials},
@@ -153,6 +172,31 @@ def measure_and_plan(
         "pricing": pricing_record(bandwidths, costs, considered, planned_on(planner)),
         "costs_from": costs_from,
     }
+
+
+def reused_boundaries(
+    cfg: TrainConfig,
+    staged: StagedModel,
+    raw: RawSource,
+    costs: list[StageCost],
+    dtype: str,
+    root: Path,
+    boundaries: list[Boundary],
+    governor: Governor,
+) -> dict[int, Decision]:
+    """stage -> the decision to read an earlier run's complete disk cache of that boundary
+    (``keep.existing``, the keys a one-process run of ``cfg`` would compute)."""
+    identity = {"data": raw.identity, "data_name": raw.name, "augment": cfg.augment,
+                "seed": cfg.seed, "rank": 0, "world": 1}  # fmt: skip
+    ctx = CacheContext(CacheRoot(root), governor, staged, raw.device, dtype, identity)
+    rows = (raw.num_train, raw.num_test)
+    batches = raw.batches_per_epoch + math.ceil(raw.num_test / cfg.batch_size)
+    found = {}
+    for b in boundaries:
+        stream = b.epoch if cfg.augment == "standard" else None
+        if d := existing(ctx, cfg, costs, rows, batches, (b.stage, stream, dtype)):
+            found[b.stage] = d
+    return found
 
 
 def if_frozen(
