@@ -138,6 +138,39 @@ def measure_stage_costs(
 COSTS_DIR = ".costs"  # in the cache root: one JSON of stage costs per probed setting
 
 
+def _kept_path(
+    cfg: TrainConfig, raw: RawSource, model: StagedModel, device: torch.device, dtype: str,
+    amp: bool, root: Path,
+) -> tuple[Path, dict]:  # fmt: skip
+    """Where the stage costs of this setting are kept, and the setting."""
+    from prefast.caching.bandwidth import _identity
+
+    setting = {
+        **_identity(device, dtype),
+        "model": model.name,
+        "weights": model.prefix_digest(model.num_stages),
+        "data": raw.identity,
+        "batch_size": cfg.batch_size,
+        "amp": amp,
+        "channels_last": model.channels_last,
+        "tried": list(TRIED if cfg.cache_dtype == "auto" else ()),  # auto's 8-bit candidates
+    }
+    return root / COSTS_DIR / f"{cache_key(setting)}.json", setting
+
+
+def kept_costs(
+    cfg: TrainConfig, raw: RawSource, model: StagedModel, device: torch.device, dtype: str,
+    amp: bool, root: Path,
+) -> list[StageCost] | None:  # fmt: skip
+    """The stage costs an earlier run of this setting measured (``probed_costs``), if any."""
+    from prefast.caching.pricing import costs_from_rows
+
+    path, _ = _kept_path(cfg, raw, model, device, dtype, amp, root)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return costs_from_rows(json.loads(path.read_text())["stage_costs"])
+    return None
+
+
 def probed_costs(
     cfg: TrainConfig,
     raw: RawSource,
@@ -150,25 +183,15 @@ def probed_costs(
     """The stage costs of ``model`` on ``raw``'s first batch: kept under ``root`` for the next
     run of the same setting (model, starting weights, data, batch size, device, dtype), which
     takes them instead of probing again. An unreadable kept file is probed over."""
-    from prefast.caching.bandwidth import _identity
-    from prefast.caching.pricing import costs_from_rows, stage_cost_rows
+    from prefast.caching.pricing import stage_cost_rows
 
-    tried = TRIED if cfg.cache_dtype == "auto" else ()  # auto's 8-bit candidates
-    setting = {
-        **_identity(device, dtype),
-        "model": model.name,
-        "weights": model.prefix_digest(model.num_stages),
-        "data": raw.identity,
-        "batch_size": cfg.batch_size,
-        "amp": amp,
-        "channels_last": model.channels_last,
-        "tried": list(tried),
-    }
-    path = root / COSTS_DIR / f"{cache_key(setting)}.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return costs_from_rows(json.loads(path.read_text())["stage_costs"])
+    kept = kept_costs(cfg, raw, model, device, dtype, amp, root)
+    if kept is not None:
+        return kept
+    path, setting = _kept_path(cfg, raw, model, device, dtype, amp, root)
     with contextlib.closing(raw.train_batches(0)) as batches:
         probe = next(batches).x
+    tried = TRIED if cfg.cache_dtype == "auto" else ()
     costs = measure_stage_costs(
         copy.deepcopy(model), probe, backward=False, cache_dtype=dtype, tried=tried
     )

@@ -38,7 +38,7 @@ from prefast.caching.governor import (
 )
 from prefast.caching.keep import existing
 from prefast.caching.pricing import costs_from_rows, planned_on, pricer_for, pricing_record
-from prefast.caching.probe import measure_stage_costs
+from prefast.caching.probe import kept_costs, measure_stage_costs
 from prefast.config import TrainConfig, default_cache_dir
 from prefast.data.sources import RawSource
 from prefast.errors import ConfigError
@@ -80,12 +80,17 @@ def measure_and_plan(
             max_disk=cfg.max_disk or rooms.get("disk") or None,
         )
     else:
-        with contextlib.closing(raw.train_batches(0)) as batches:
-            probe = next(batches).x
         # A fixed prefix (--freeze-prefix) never runs backward: its stages are timed forward
         # only (ResNet-50's 17 stages at 128 px: the backward passes were most of the plan).
         frozen = schedule_for(cfg.replace(mode="freezeout"), staged.num_stages, 1).prefix
-        costs = measure_stage_costs(staged, probe, cache_dtype=dtype, frozen=frozen)
+        amp = cfg.amp and device.type == "cuda"
+        kept = kept_costs(cfg, raw, staged, device, dtype, amp, root) if frozen else None
+        if kept is not None:  # a run of this setting measured the prefix: time the rest only
+            costs = kept[:frozen] + stage_costs_after(staged, frozen, kept, cfg.batch_size, device)
+        else:
+            with contextlib.closing(raw.train_batches(0)) as batches:
+                probe = next(batches).x
+            costs = measure_stage_costs(staged, probe, cache_dtype=dtype, frozen=frozen)
         bandwidths = bandwidth.for_run(cfg.bandwidths, device, dtype, root)
     bpe, rows = raw.batches_per_epoch, raw.num_train
     sched_f = schedule_for(cfg.replace(mode="freezeout"), staged.num_stages, bpe)
@@ -172,6 +177,18 @@ def measure_and_plan(
         "pricing": pricing_record(bandwidths, costs, considered, planned_on(planner)),
         "costs_from": costs_from,
     }
+
+
+def stage_costs_after(
+    staged: StagedModel, frozen: int, kept: list[StageCost], batch: int, device: torch.device
+) -> list[StageCost]:
+    """The costs of the stages after a fixed prefix whose kept costs are known, timed on a
+    batch of the prefix's output shape (a stage's time does not depend on its values; no
+    batch is loaded, no prefix run)."""
+    tail = nn.Module()
+    tail.stages = nn.ModuleList(copy.deepcopy(list(staged.stages[frozen:])))
+    x = torch.randn(batch, *kept[frozen - 1].out_shape, device=device)
+    return measure_stage_costs(tail.to(device), x, tried=())
 
 
 def reused_boundaries(
