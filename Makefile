@@ -46,11 +46,12 @@ format: install
 # test (torchrun jobs, real full disks, long runs) and the whole benchmark
 # pipeline at CI size (bench-quick fails if any results file is missing).
 # PYTEST_ARGS passes options on, e.g. `make test PYTEST_ARGS=--durations=15`.
+# Both run the tests on two pytest-xdist workers (one thread each: tests/conftest.py): on a
+# 2-core machine make check's took 12 minutes where one worker took 21 (many tests wait on
+# subprocesses), make test's 98 s where one took 172.
 test: lint
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
-# make check runs the tests on two pytest-xdist workers (one thread each: tests/conftest.py):
-# 12 minutes where one worker took 21 on a 2-core machine (many tests wait on subprocesses).
 check: lint
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory bench-quick
