@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     # One line each that a user sees without -v (a cache reused, a cache kept or not kept),
     # between the epoch lines on stdout; the main rank's only.
     notice = logging.getLogger("prefast.notice")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    notice.addHandler(handler)
+    if not any(isinstance(h, _Stdout) for h in notice.handlers):  # once per process
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        notice.addHandler(handler)
     notice.propagate = False
     notice.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     # torchrun stops the other ranks with SIGTERM when one fails: unwind (abort writers,
@@ -110,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         from prefast.distributed import shutdown
 
         shutdown(clean)
+
+
+class _Stdout(logging.StreamHandler):
+    """Writes to ``sys.stdout`` as it is at each line (a caller may have replaced it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
 
 
 def _terminated(signum: int, frame: object) -> None:

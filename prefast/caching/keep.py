@@ -30,7 +30,7 @@ import numpy as np
 from prefast.caching.cachectx import DISK_TIERS, CacheContext
 from prefast.caching.costmodel import prefix_seconds
 from prefast.caching.governor import Decision, lossy_candidates
-from prefast.errors import CacheError, CacheExistsError, CacheLockedError
+from prefast.errors import CacheExistsError, CacheLockedError
 from prefast.store import Reader, encoding
 from prefast.store.layout import disk_usage
 from prefast.store.memory import MemoryReader
@@ -107,14 +107,25 @@ def existing(
 
 
 class KeepBehind:
-    """Copies the fixed prefix's memory caches to disk for later runs, behind this one."""
+    """Copies the fixed prefix's memory caches to disk for later runs, behind this one.
 
-    def __init__(self, ctx: CacheContext, cfg: TrainConfig):
-        self.ctx, self.cfg = ctx, cfg
-        self.enabled = fixed_prefix(cfg) and cfg.cache_tier == "auto"
+    ``prefix``: the stages frozen from the first iteration (the schedule's); only the
+    boundary after them is kept (deeper ones hold trained stages no other run shares),
+    and, superseded, its disk caches stay (``kept``) whatever the tier. Copies are made
+    only under ``--cache-tier auto`` with one view per boundary.
+    """
+
+    def __init__(self, ctx: CacheContext, cfg: TrainConfig, prefix: int, views: int):
+        self.ctx, self.cfg, self.prefix = ctx, cfg, prefix
+        self.enabled = fixed_prefix(cfg) and cfg.cache_tier == "auto" and views == 1
         self.stage: int | None = None  # the fixed prefix's boundary, once decided
         self.tier: str | None = None  # where its copies go (None: not kept)
         self.threads: list[threading.Thread] = []
+        self.stop = threading.Event()  # a run that ended early: copies abort
+
+    def kept(self, stage: int) -> bool:
+        """The fixed prefix's boundary: its disk caches outlive the run when superseded."""
+        return fixed_prefix(self.cfg) and stage == self.prefix
 
     def plan(
         self,
@@ -126,7 +137,7 @@ class KeepBehind:
     ) -> None:
         """The fixed prefix's boundary was decided: keep a disk copy if it lands in memory
         and a copy pays; say once when the cache will not outlive the run."""
-        if not self.enabled or self.stage is not None:
+        if not self.enabled or self.stage is not None or stage != self.prefix:
             return
         self.stage = stage
         if decision.tier in DISK_TIERS:  # persistent already, or an earlier run's copy
@@ -170,45 +181,49 @@ class KeepBehind:
         """A complete cache of the fixed prefix: copied to disk on a thread of its own."""
         if self.tier is None or stage != self.stage or reader.tier in DISK_TIERS:
             return
-        if not isinstance(reader, MemoryReader):
-            return
-        # Its own reader over the same tensors: the run may close its reader meanwhile.
+        if not isinstance(reader, MemoryReader) or self.ctx.root.is_complete(reader.spec.key):
+            return  # another run kept it first
+        # Its own reader over the same tensors: the run may close its reader meanwhile. The
+        # disk room is read here, on the thread that holds and releases ledger entries.
         own = MemoryReader(reader.spec, reader.acts, reader.labels, reader.row_ids, reader.tier)
-        thread = threading.Thread(
-            target=self._copy, args=(own, split, epoch), name="prefast-keep", daemon=True
+        governor = self.ctx.governor
+        allowance = (
+            max(0, governor.room("disk")) + governor.ledger.get(f"keep@{stage}", (self.tier, 0))[1]
         )
+        thread = threading.Thread(
+            target=self._copy, args=(own, split, epoch, allowance), name="prefast-keep",
+            daemon=True,
+        )  # fmt: skip
         thread.start()
         self.threads.append(thread)
 
-    def _copy(self, reader: MemoryReader, split: str, epoch: int | None) -> None:
+    def _copy(self, reader: MemoryReader, split: str, epoch: int | None, allowance: int) -> None:
         key, tier = reader.spec.key, self.tier
         assert tier is not None
-        if self.ctx.root.is_complete(key):
-            return  # another run kept it first
         try:
-            allowance = (
-                max(0, self.ctx.governor.room("disk"))
-                + self.ctx.governor.ledger.get(f"keep@{self.stage}", (tier, 0))[1]
-            )
             writer = self.ctx.writer(tier, reader.spec, allowance=allowance)
-            with writer:  # aborts on error
+            with writer:  # aborts on error, and when the run stops early
                 for sl in batch_slices(reader.spec.rows, 1024):
+                    if self.stop.is_set():
+                        raise InterruptedError("the run ended early")
                     writer.append(*reader.read_rows(np.arange(sl.start, sl.stop)))
                 writer.finish().close()
         except (CacheExistsError, CacheLockedError) as exc:  # another process keeps it
             self.ctx.event(epoch, "not_kept", split=split, key=key, detail=str(exc))
             log.info("the %s cache %s is kept by another process: %s", split, key, exc)
             return
-        except (CacheError, OSError) as exc:  # the disk is full, or failed
+        except Exception as exc:  # a full disk, a failed write, a stop: nothing kept, said
             self.ctx.event(epoch, "not_kept", split=split, key=key, detail=str(exc))
             log.warning("the %s cache %s was not kept on disk: %s", split, key, exc)
             return
         self.ctx.event(epoch, "kept", split=split, key=key, tier=tier)
 
-    def close(self) -> None:
-        """Wait for the copies: a run ends with its kept caches complete."""
-        waiting = [t for t in self.threads if t.is_alive()]
-        if waiting:
+    def close(self, finished: bool) -> None:
+        """A run that ``finished`` waits for its copies (it ends with its kept caches
+        complete); one that stopped early (an error, Ctrl-C, SIGTERM) aborts them."""
+        if not finished:
+            self.stop.set()
+        elif any(t.is_alive() for t in self.threads):
             notice.info("finishing the disk copy of the cache for later runs ...")
         for t in self.threads:
             t.join()

@@ -162,7 +162,8 @@ class PrefastFeed(BoundaryTransitions):
         self.test = TestCache(
             self.ctx, raw, self._run_prefix, self._ratio, self._test_allowance, cfg.cache_dtype
         )
-        self.keep = KeepBehind(self.ctx, cfg)  # a fixed prefix's cache, kept for later runs
+        # A fixed prefix's cache, kept for later runs (prefast/caching/keep.py)
+        self.keep = KeepBehind(self.ctx, cfg, getattr(schedule, "prefix", 0), self.views)
         self.test.keep = self.keep
         self.epoch: int | None = None
         self.warned_fixed_aug = False
@@ -259,12 +260,14 @@ class PrefastFeed(BoundaryTransitions):
         return stats
 
     def close(self) -> None:
-        self.keep.close()  # its copies complete before the run ends
-        for b in (self.target, self.current):
-            if b is not None:
-                b.close()
-        self.test.close()
-        self.raw.close()
+        try:
+            for b in (self.target, self.current):
+                if b is not None:
+                    b.close()
+            self.test.close()
+            self.raw.close()
+        finally:  # the kept copies complete, unless the run stopped early: then they abort
+            self.keep.close(finished=self.epoch == self.cfg.epochs - 1)
 
     def report(self) -> dict:
         return {

@@ -156,6 +156,8 @@ def _kept_path(
         "batch_size": cfg.batch_size,
         "amp": amp,
         "channels_last": model.channels_last,
+        "augment": cfg.augment,  # crops change the stages' outputs, so their zstd ratios
+        "deterministic": cfg.deterministic,  # other kernels, other times
         "tried": list(TRIED if cfg.cache_dtype == "auto" else ()),  # auto's 8-bit candidates
     }
     return root / COSTS_DIR / f"{cache_key(setting)}.json", setting

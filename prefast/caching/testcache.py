@@ -238,7 +238,7 @@ class TestCache:
         disk, but the fixed prefix's when superseded (later runs read it). The extra bytes
         held for widened test caches are released, but ``keep``'s."""
         if self.reader is not None:
-            kept = superseded and self.keep is not None and self.stage == self.keep.stage
+            kept = superseded and self.keep is not None and self.keep.kept(self.stage)
             reader, self.reader, self.stage = self.reader, None, 0
             discard(reader, None if kept else self.ctx.root)
         for stage in self.wider:

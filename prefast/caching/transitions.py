@@ -191,6 +191,7 @@ class BoundaryTransitions(DiskCharges):
             return None
         name, dtype = f"train@{stage}", rec.get("dtype", self.ctx.dtype)
         b = BoundaryCache(name, stage, tier, views, self.ctx.root, self.governor.release, dtype)
+        b.kept = self.keep.kept(stage)
         row = encoding.row_bytes(self.costs[stage - 1].out_shape, dtype)
         ratio = self._ratio(stage, dtype)
         b.view_bytes = tier_bytes(tier, self.raw.num_train * row, ratio)
@@ -213,9 +214,8 @@ class BoundaryTransitions(DiskCharges):
         dtype = self.wider.get(stage, self.ctx.dtype)
         rows, batches = (self.raw.num_train, self.raw.num_test), self.raw.batches_per_epoch
         # --cache-tier auto: an earlier run's complete disk cache of this boundary (keep.py)
-        where = (stage, self._stream(epoch), dtype)
-        found = None
-        if not replayed and not below:
+        where, found = (stage, self._stream(epoch), dtype), None
+        if not replayed and not below and self.views == 1:
             found = existing(self.ctx, self.cfg, self.costs, rows, batches + test_batches, where)
         if found is not None:
             decision = self.governor._log(found)
@@ -268,7 +268,7 @@ class BoundaryTransitions(DiskCharges):
             decision.dtype,
         )
         self.target.streams.update(self.rebuild_streams.pop(stage, {}))  # after damage
-        self.target.kept = stage == self.keep.stage
+        self.target.kept = self.keep.kept(stage)
         self.target.view_bytes = decision.view_bytes
         self.target.test_bytes = decision.bytes - self.views * decision.view_bytes
 

@@ -106,7 +106,11 @@ def measure_and_plan(
     eval_batches = math.ceil(raw.num_test / cfg.batch_size)
     # Boundaries an earlier run left on disk (a sweep's): read from their first epoch, not
     # written (priced so, as training takes them: prefast/caching/keep.py).
-    reused = reused_boundaries(cfg, staged, raw, costs, dtype, root, boundaries, planner)
+    reused = (
+        {}
+        if views > 1
+        else reused_boundaries(cfg, staged, raw, costs, dtype, root, boundaries, planner)
+    )
     read_early = [replace(b, epoch=b.epoch - 1) if b.stage in reused else b for b in boundaries]
     predicted, predicted_epochs = {}, {}
     # With --freeze auto only baseline's time is known beforehand: the others depend on
@@ -188,7 +192,13 @@ def stage_costs_after(
     tail = nn.Module()
     tail.stages = nn.ModuleList(copy.deepcopy(list(staged.stages[frozen:])))
     x = torch.randn(batch, *kept[frozen - 1].out_shape, device=device)
-    return measure_stage_costs(tail.to(device), x, tried=())
+    timed = measure_stage_costs(tail.to(device), x, tried=())
+    # Only the times are new: compression ratios and 8-bit errors are the kept ones (of real
+    # activations), as training takes them.
+    return [
+        replace(k, fwd_s=t.fwd_s, fwd_bwd_s=t.fwd_bwd_s)
+        for k, t in zip(kept[frozen:], timed, strict=True)
+    ]
 
 
 def reused_boundaries(
