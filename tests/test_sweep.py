@@ -131,7 +131,14 @@ def test_four_sweep_processes_at_once_on_one_key_finish_as_alone(tmp_path):
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert leftovers(shared) == []
-    assert 1 <= len(list_caches(CacheRoot(shared))) <= 2  # one kept copy per split, no more
+    # One complete kept copy per split, written by one process each: the others found it
+    # locked or complete (not_kept) or never offered it (complete before their offer).
+    listed = list_caches(CacheRoot(shared))
+    assert sorted(c["split"] for c in listed) == ["test", "train"], listed
+    assert all(c["status"] == "complete" for c in listed), listed
+    records = [json.loads((tmp_path / f"run{i}.json").read_text()) for i in range(len(lrs))]
+    kept = [e["split"] for r in records for e in r["final"]["cache_events"] if e["event"] == "kept"]
+    assert sorted(kept) == ["test", "train"], kept
 
 
 def test_verbose_is_accepted_after_the_command(tmp_path):
