@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,8 +37,25 @@ from prefast.store.device import to_device
 from prefast.store.disk_writer import DiskWriter
 from prefast.store.errors import read_error
 
+if TYPE_CHECKING:
+    from prefast.config import TrainConfig
+    from prefast.data.sources import RawSource
+
 log = logging.getLogger("prefast.caching.materialize")
 DISK_TIERS = ("mmap", "zarr")
+
+
+def cache_identity(cfg: TrainConfig, raw: RawSource, rank: int, world: int) -> dict[str, Any]:
+    """What determines a cache's values besides the model: its part of every cache key (the
+    feed's, and ``prefast plan``'s, which looks for the caches a run would find)."""
+    return {
+        "data": raw.identity,
+        "data_name": raw.name,
+        "augment": cfg.augment,
+        "seed": cfg.seed,
+        "rank": rank,
+        "world": world,
+    }
 
 
 @dataclass

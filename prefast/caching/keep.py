@@ -25,16 +25,14 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from prefast.caching.cachectx import DISK_TIERS, CacheContext
 from prefast.caching.costmodel import prefix_seconds
 from prefast.caching.governor import Decision, lossy_candidates
+from prefast.caching.spill import copy_rows
 from prefast.errors import CacheExistsError, CacheLockedError
 from prefast.store import Reader, encoding
 from prefast.store.layout import disk_usage
 from prefast.store.memory import MemoryReader
-from prefast.store.order import batch_slices
 
 if TYPE_CHECKING:
     from prefast.caching.costmodel import StageCost
@@ -53,11 +51,6 @@ def announce_reuse(reader: Reader, split: str, stage: int, spares: str) -> None:
         spec.key[:12], reader.tier, f"{spec.rows:,}", split, spec.dtype,
         stage - 1, spares,
     )  # fmt: skip
-
-
-def fixed_prefix(cfg: TrainConfig) -> bool:
-    """The run freezes a prefix from its first iteration (``--freeze-prefix``)."""
-    return cfg.freeze_prefix not in (0, "0")
 
 
 def existing(
@@ -117,7 +110,7 @@ class KeepBehind:
 
     def __init__(self, ctx: CacheContext, cfg: TrainConfig, prefix: int, views: int):
         self.ctx, self.cfg, self.prefix = ctx, cfg, prefix
-        self.enabled = fixed_prefix(cfg) and cfg.cache_tier == "auto" and views == 1
+        self.enabled = prefix > 0 and cfg.cache_tier == "auto" and views == 1
         self.stage: int | None = None  # the fixed prefix's boundary, once decided
         self.tier: str | None = None  # where its copies go (None: not kept)
         self.threads: list[threading.Thread] = []
@@ -125,7 +118,7 @@ class KeepBehind:
 
     def kept(self, stage: int) -> bool:
         """The fixed prefix's boundary: its disk caches outlive the run when superseded."""
-        return fixed_prefix(self.cfg) and stage == self.prefix
+        return self.prefix > 0 and stage == self.prefix
 
     def plan(
         self,
@@ -203,10 +196,7 @@ class KeepBehind:
         try:
             writer = self.ctx.writer(tier, reader.spec, allowance=allowance)
             with writer:  # aborts on error, and when the run stops early
-                for sl in batch_slices(reader.spec.rows, 1024):
-                    if self.stop.is_set():
-                        raise InterruptedError("the run ended early")
-                    writer.append(*reader.read_rows(np.arange(sl.start, sl.stop)))
+                copy_rows(reader, writer, self.stop)
                 writer.finish().close()
         except (CacheExistsError, CacheLockedError) as exc:  # another process keeps it
             self.ctx.event(epoch, "not_kept", split=split, key=key, detail=str(exc))

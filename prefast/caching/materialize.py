@@ -47,7 +47,7 @@ import torch
 import prefast.distributed as distributed
 from prefast.caching.boundary import BoundaryCache, State
 from prefast.caching.budgets import budgets_for
-from prefast.caching.cachectx import DISK_TIERS, CacheContext
+from prefast.caching.cachectx import DISK_TIERS, CacheContext, cache_identity
 from prefast.caching.costmodel import Boundary, StageCost, plan_boundaries
 from prefast.caching.feature_augment import FeatureAugment, check_feature_ops
 from prefast.caching.fits import Unfit
@@ -148,14 +148,7 @@ class PrefastFeed(BoundaryTransitions):
         self.resharded = bool(resume) and resume.get("world") != ctx.world
         self.restored: list[dict] = [] if self.resharded else list(resume.get("boundaries", []))
         self.resumed_from = resume  # what the checkpoint planned, for the ``resumed`` event
-        identity = {
-            "data": raw.identity,
-            "data_name": raw.name,
-            "augment": cfg.augment,
-            "seed": cfg.seed,
-            "rank": ctx.rank,  # a rank caches its own shard
-            "world": ctx.world,
-        }
+        identity = cache_identity(cfg, raw, ctx.rank, ctx.world)  # a rank caches its own shard
         self.ctx = CacheContext(root, self.governor, model, device, dtype, identity, autocast=amp)
         self.current: BoundaryCache | None = None  # complete: later epochs read it
         self.target: BoundaryCache | None = None  # being materialized

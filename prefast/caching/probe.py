@@ -168,9 +168,12 @@ def kept_costs(
     amp: bool, root: Path,
 ) -> list[StageCost] | None:  # fmt: skip
     """The stage costs an earlier run of this setting measured (``probed_costs``), if any."""
+    return _read_kept(_kept_path(cfg, raw, model, device, dtype, amp, root)[0])
+
+
+def _read_kept(path: Path) -> list[StageCost] | None:
     from prefast.caching.pricing import costs_from_rows
 
-    path, _ = _kept_path(cfg, raw, model, device, dtype, amp, root)
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         return costs_from_rows(json.loads(path.read_text())["stage_costs"])
     return None
@@ -190,10 +193,11 @@ def probed_costs(
     takes them instead of probing again. An unreadable kept file is probed over."""
     from prefast.caching.pricing import stage_cost_rows
 
-    kept = kept_costs(cfg, raw, model, device, dtype, amp, root)
+    # The setting's key hashes every weight: made once, for reading and for keeping.
+    path, setting = _kept_path(cfg, raw, model, device, dtype, amp, root)
+    kept = _read_kept(path)
     if kept is not None:
         return kept
-    path, setting = _kept_path(cfg, raw, model, device, dtype, amp, root)
     with contextlib.closing(raw.train_batches(0)) as batches:
         probe = next(batches).x
     tried = TRIED if cfg.cache_dtype == "auto" else ()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy as np
 from prefast.caching.boundary import BoundaryCache, discard
 from prefast.caching.cachectx import DISK_TIERS, CacheContext
 from prefast.errors import CacheAllocationError, CacheError
-from prefast.store import Reader
+from prefast.store import Reader, Writer
 from prefast.store.order import batch_slices
 
 log = logging.getLogger("prefast.caching.materialize")
@@ -111,9 +112,17 @@ def _copy(
     opened = ctx.open_view(tier, copy.copy(reader.spec), epoch, allowance=allowance)
     if isinstance(opened, Reader):  # that copy exists already (same content key)
         return opened, None
-    spec, writer = opened.spec, opened
+    writer = opened
     with writer:  # aborts on error
-        for sl in batch_slices(spec.rows, 1024):
-            writer.append(*reader.read_rows(np.arange(sl.start, sl.stop)))
+        copy_rows(reader, writer)
         copied = writer.finish()
     return copied, getattr(writer, "bytes_written", 0)
+
+
+def copy_rows(reader: Reader, writer: Writer, stop: threading.Event | None = None) -> None:
+    """Every row of ``reader`` appended to ``writer``, 1024 at a time; ``stop`` set between
+    two blocks raises ``InterruptedError`` (the caller's ``with writer`` aborts it)."""
+    for sl in batch_slices(reader.spec.rows, 1024):
+        if stop is not None and stop.is_set():
+            raise InterruptedError("the run ended early")
+        writer.append(*reader.read_rows(np.arange(sl.start, sl.stop)))

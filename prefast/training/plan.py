@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from prefast.caching import bandwidth
 from prefast.caching.bandwidth import Bandwidths
 from prefast.caching.budgets import budgets_for
-from prefast.caching.cachectx import CacheContext
+from prefast.caching.cachectx import CacheContext, cache_identity
 from prefast.caching.costmodel import (
     Boundary,
     StageCost,
@@ -213,8 +213,7 @@ def reused_boundaries(
 ) -> dict[int, Decision]:
     """stage -> the decision to read an earlier run's complete disk cache of that boundary
     (``keep.existing``, the keys a one-process run of ``cfg`` would compute)."""
-    identity = {"data": raw.identity, "data_name": raw.name, "augment": cfg.augment,
-                "seed": cfg.seed, "rank": 0, "world": 1}  # fmt: skip
+    identity = cache_identity(cfg, raw, rank=0, world=1)
     ctx = CacheContext(CacheRoot(root), governor, staged, raw.device, dtype, identity)
     rows = (raw.num_train, raw.num_test)
     batches = raw.batches_per_epoch + math.ceil(raw.num_test / cfg.batch_size)
