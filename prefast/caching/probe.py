@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,30 +41,35 @@ TRIED = ("float16", "bfloat16", "int8", "float8")
 SAMPLE_ROWS, SAMPLE_BYTES = 16, 512 * 1024
 
 
-# A run this long is timed once after the warm-up: its noise is a small part of it, and a
+# A call this long is timed once after the warm-up: its noise is a small part of it, and a
 # heavy stage (ResNet-50 at 128 px on a CPU: seconds) dominates what the probe costs.
 LONG_S = 0.05
 
 
-def fastest(run: Callable[[], None], reps: int) -> float:
-    """The fastest of up to ``reps`` timed calls of ``run`` after a warm-up (first calls
-    allocate, fault pages in, let cuDNN pick kernels); one call past ``LONG_S`` ends it,
-    and a warm-up past four times that is the figure (ResNet-50 at 128 px on a CPU: the
-    probe cost 1.9% of the baseline run it planned, two forwards of every stage). ``reps``
-    0: the first call is the figure."""
-    t = time.perf_counter()
-    run()
-    first = time.perf_counter() - t
-    if first > 4 * LONG_S or reps == 0:  # seconds of work: its one-time costs are noise
-        return first
-    best = math.inf
-    for _ in range(reps):
+def typical(run: Callable[[], float | None], reps: int) -> float:
+    """The median of ``reps`` timed calls of ``run`` after a warm-up (first calls allocate,
+    fault pages in, let cuDNN pick kernels). A median, not a minimum: the planner prices
+    whole epochs, and one lucky call said a stage's forward cost more than its
+    forward+backward. A first call past four times ``LONG_S`` is the figure (seconds of
+    work: its one-time costs are noise, and a second call doubles what the probe costs);
+    ``reps`` 0: the first call is the figure; a call past ``LONG_S`` is the last one.
+    ``run`` may return its own figure (a part of what it did, e.g. the backward alone),
+    else its wall time counts."""
+
+    def timed() -> float:
         t = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t)
-        if best > LONG_S:
+        part = run()
+        return time.perf_counter() - t if part is None else part
+
+    first = timed()
+    if first > 4 * LONG_S or reps == 0:
+        return first
+    times: list[float] = []
+    for _ in range(reps):
+        times.append(timed())
+        if times[-1] > LONG_S:  # long enough that its noise is small: enough calls
             break
-    return best
+    return statistics.median(times)
 
 
 def measure_stage_costs(
@@ -79,7 +85,9 @@ def measure_stage_costs(
 
     The planner needs only forward times; ``backward=False`` skips the backward
     passes (``fwd_bwd_s`` is then NaN), which makes the probe ~5x cheaper.
-    Each time is ``fastest``'s: of up to ``reps`` after a warm-up, one for a long stage. Each stage's
+    Each time is ``typical``'s: the median of ``reps`` calls after a warm-up, one call for a
+    long stage. ``fwd_bwd_s`` is the forward's figure plus the backward's, each timed on its
+    own, so no stage reports a forward above its forward+backward. Each stage's
     output (``SAMPLE_ROWS`` of it) is also trial-compressed (zstd-1, in ``cache_dtype``)
     so the governor knows whether a compressed disk tier pays before it chooses,
     and stored in each of ``tried`` (a run whose dtype is not auto tries none): its relative reconstruction error and zstd ratio
@@ -94,16 +102,20 @@ def measure_stage_costs(
     was_training = model.training
     stages: nn.ModuleList = model.stages  # type: ignore[assignment]
     for i, stage in enumerate(stages):
-        fwd_bwd = math.nan
+        bwd = math.nan
         if backward and i >= frozen:
             stage.train()
             inp = x.detach().requires_grad_(x.is_floating_point())
 
-            def step(stage: nn.Module = stage, inp: torch.Tensor = inp) -> None:
-                stage(inp).float().sum().backward()
+            def backward_only(stage: nn.Module = stage, inp: torch.Tensor = inp) -> float:
+                loss = stage(inp).float().sum()
                 synchronize(inp.device)
+                t = time.perf_counter()
+                loss.backward()
+                synchronize(inp.device)
+                return time.perf_counter() - t
 
-            fwd_bwd = fastest(step, reps)
+            bwd = typical(backward_only, reps)
             stage.zero_grad(set_to_none=True)
         stage.eval()
         outputs: list[torch.Tensor] = []
@@ -113,7 +125,7 @@ def measure_stage_costs(
             synchronize(x.device)
 
         with torch.no_grad():  # a fixed prefix's stage: one call (planning a fine-tune)
-            fwd = fastest(forward, reps if i >= frozen else 0)
+            fwd = typical(forward, reps if i >= frozen else 0)
         out = outputs[0]
         # Compression is tried on a sample of rows, not the whole batch: on a GPU the whole
         # batch crossed to the host and went through zstd for each of dozens of stages
@@ -131,7 +143,7 @@ def measure_stage_costs(
             if out.dim() > 1
         )
         shape = tuple(out.shape[1:])
-        cost = StageCost(fwd, fwd_bwd, out[0].numel() * 4, shape, ratio, trials)
+        cost = StageCost(fwd, fwd + bwd, out[0].numel() * 4, shape, ratio, trials)
         costs.append(cost)
         x = out.detach()
     model.train(was_training)

@@ -8,6 +8,7 @@ function of its input. That is what makes a frozen stage's output cacheable.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,17 +68,38 @@ class StagedModel(nn.Module):
         return self
 
     def prefix_digest(self, count: int) -> str:
-        """Hash of the parameters and buffers of stages ``0..count-1`` (cache keys)."""
+        """Hash of the parameters and buffers of stages ``0..count-1`` (cache keys).
+
+        Remembered until a tensor of the prefix changes (its storage or its version counter,
+        which every in-place update such as an optimizer step bumps): a run keys the same
+        frozen prefix several times, and hashing ResNet-50's 90 MB took 80 ms each time."""
         import hashlib
 
+        # keep_vars: the module's own tensors, so the stamp names them, not copies
+        tensors = [
+            (i, n, t)
+            for i in range(count)
+            for n, t in self.stages[i].state_dict(keep_vars=True).items()
+        ]
+        memo = self.__dict__.get("_digest_memo")
+        if memo is not None and _same_tensors(memo[0], tensors):
+            return memo[1]
         h = hashlib.sha256()
-        for i in range(count):
-            for name, t in self.stages[i].state_dict().items():
-                h.update(f"{i}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(
-                    t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-                )
+        for i, name, t in tensors:
+            h.update(f"{i}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        stamp = [(weakref.ref(t), t._version, t.data_ptr()) for _, _, t in tensors]
+        self.__dict__["_digest_memo"] = (stamp, h.hexdigest())
         return h.hexdigest()
+
+
+def _same_tensors(stamp: list, tensors: list) -> bool:
+    """Whether ``tensors`` are the very tensors ``stamp`` saw, unchanged since (an in-place
+    update bumps a tensor's version; ``.data =`` swaps its storage)."""
+    return len(stamp) == len(tensors) and all(
+        ref() is t and t._version == version and t.data_ptr() == ptr
+        for (ref, version, ptr), (_, _, t) in zip(stamp, tensors, strict=True)
+    )
 
 
 def from_sequential(seq: nn.Sequential, name: str = "sequential") -> StagedModel:

@@ -1,0 +1,37 @@
+"""The timing probe (prefast/caching/probe.py): what a stage's figure is made of."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from prefast.caching.probe import measure_stage_costs, typical
+from prefast.models.staged import StagedModel
+
+
+def test_a_figure_is_the_median_of_its_calls_after_the_warm_up():
+    # Warm-up 9 ms, then 1, 5 and 2 ms: the figure is 2 ms. A minimum (what the probe took
+    # before) said 1 ms: one lucky call, and a forward reported above its forward+backward.
+    figures = iter([9e-3, 1e-3, 5e-3, 2e-3])
+    assert typical(lambda: next(figures), reps=3) == 2e-3
+    # reps 0 (a fixed prefix's stage, timed once): the first call is the figure.
+    assert typical(lambda: 7e-3, reps=0) == 7e-3
+    # A call past LONG_S ends the timing: its noise is a small part of it.
+    calls = itertools.count()
+    figures = iter([0.01, 0.06, 0.001, 0.001])
+    assert typical(lambda: (next(calls), next(figures))[1], reps=3) == 0.06
+    assert next(calls) == 2
+
+
+def test_no_stage_reports_a_forward_above_its_forward_and_backward():
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(32, 32), nn.ReLU()) for _ in range(5)]
+    model = StagedModel([*stages, nn.Flatten(), nn.Linear(32, 4)])
+    costs = measure_stage_costs(model, torch.randn(64, 32), tried=())
+    for cost in costs:  # tiny stages: a few microseconds each, where noise is largest
+        assert 0 < cost.fwd_s <= cost.fwd_bwd_s
+    frozen = measure_stage_costs(model, torch.randn(64, 32), tried=(), frozen=5)
+    assert all(c.fwd_bwd_s != c.fwd_bwd_s for c in frozen[:5])  # NaN: no backward timed
+    assert frozen[-1].fwd_bwd_s >= frozen[-1].fwd_s
