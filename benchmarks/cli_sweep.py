@@ -63,6 +63,34 @@ def run(args: list[str], out: Path) -> dict:
     }
 
 
+def sweep(common: list[str], lrs: list[str], work: Path, log=print) -> dict:  # type: ignore[no-untyped-def]
+    """``prefast train`` processes with ``common`` flags, one per learning rate, sharing one
+    cache dir under ``work``, and one ``--mode freezeout`` process (counted once per rate)."""
+    cache = work / "cache"
+    runs = []
+    for i, lr in enumerate(lrs):
+        r = run([*common, "--lr", lr, "--cache-dir", str(cache)], work / f"prefast_{i}.json")
+        runs.append({"lr": lr, **r})
+        log(f"prefast   lr {lr}: {r['outer_s']:.1f}s (setup {r['feed_setup_s']:.2f}s, epoch 1 "
+            f"from cache {r['first_epoch_cached']}/{r['batches_per_epoch']})")  # fmt: skip
+        for line in r["said"]:
+            log(f"    {line}")
+    computed = run([*common, "--mode", "freezeout", "--lr", lrs[0], "--cache-dir",
+                    str(work / "unused")], work / "freezeout.json")  # fmt: skip
+    log(f"freezeout lr {lrs[0]}: {computed['outer_s']:.1f}s")
+    total = sum(r["outer_s"] for r in runs)
+    return {
+        "command": "prefast train " + " ".join(common) + " --lr LR",
+        "lrs": lrs,
+        "prefast_runs": runs,
+        "freezeout_run": computed,
+        "prefast_total_s": round(total, 1),
+        "computed_total_s": round(computed["outer_s"] * len(lrs), 1),
+        "computed_total_is": f"one freezeout process measured, x{len(lrs)}",
+        "speedup": round(computed["outer_s"] * len(lrs) / total, 2),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--epochs", type=int, default=10)
@@ -75,40 +103,21 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     folder = write_digits_folder(work / "digits_1500_128px_png", 128, "png", 1500)
     weights, what = backbone(a.weights, work)
-    lrs = [s.strip() for s in a.lrs.split(",")]
     common = [
         "--model", "torchvision:resnet50", "--weights", weights, "--freeze-prefix", "all",
         "--t0", "1", "--dataset", "imagefolder", "--data-dir", str(folder),
         "--image-size", "128", "--epochs", str(a.epochs), "--batch-size", "64",
         "--workers", "2", "--device", "cpu", "--seed", "0",
     ]  # fmt: skip
-    cache = work / "cache"
-    sweep = []
-    for i, lr in enumerate(lrs):
-        r = run([*common, "--lr", lr, "--cache-dir", str(cache)], work / f"prefast_{i}.json")
-        sweep.append({"lr": lr, **r})
-        print(f"prefast   lr {lr}: {r['outer_s']:.1f}s (setup {r['feed_setup_s']:.2f}s, epoch 1 "
-              f"from cache {r['first_epoch_cached']}/{r['batches_per_epoch']})", flush=True)  # fmt: skip
-        for line in r["said"]:
-            print(f"    {line}")
-    computed = run([*common, "--mode", "freezeout", "--lr", lrs[0], "--cache-dir",
-                    str(work / "unused")], work / "freezeout.json")  # fmt: skip
-    print(f"freezeout lr {lrs[0]}: {computed['outer_s']:.1f}s", flush=True)
-    total = sum(r["outer_s"] for r in sweep)
     doc = {
         "backbone": what,
         "setting": "ResNet-50 at 128 px, linear probe (--freeze-prefix all --t0 1), "
         f"{a.epochs} epochs, digits as PNG folders (1,500 train / 297 test), batch 64, "
         "2 DataLoader workers, CPU",
-        "command": "prefast train " + " ".join(common[:-2]) + " --lr LR",
         "epochs": a.epochs,
-        "lrs": lrs,
-        "prefast_runs": sweep,
-        "freezeout_run": computed,
-        "prefast_total_s": round(total, 1),
-        "computed_total_s": round(computed["outer_s"] * len(lrs), 1),
-        "computed_total_is": f"one freezeout process measured, x{len(lrs)}",
-        "speedup": round(computed["outer_s"] * len(lrs) / total, 2),
+        **sweep(
+            common, [s.strip() for s in a.lrs.split(",")], work, log=lambda m: print(m, flush=True)
+        ),
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,26 +1,25 @@
 """Fine-tuning benchmark: a pretrained backbone with a frozen prefix, computed every step
 (``freezeout --freeze-prefix K --t0 1``) or cached (``prefast``, same flags).
 
-No pretrained weights can be downloaded on this machine, so the backbones are
-pretrained here, briefly, and that is what they are: a torchvision ResNet-50 and a
-timm ViT-tiny with 8 px patches, each trained by PreFast's baseline mode on 10,000
-images of the synthetic set (32 px) and saved as a state dict without its classifier.
-They are then fine-tuned on scikit-learn digits written as PNG image folders
-(1,500 train / 297 test), read through a DataLoader with 2 workers: ResNet-50 at
-128 px through ``--model torchvision:resnet50 --weights FILE``; the ViT at 64 px
-(its position embedding resampled from 4x4 to 8x8 patches by ``--weights``'s loader,
-as timm does) as a model object through the Python API, since no timm name has a
-tiny ViT with 8 px patches.
+No pretrained weights can be downloaded on this machine, so the backbones are made here
+by ``pretrain_backbones.py``: a torchvision ResNet-18 (128 px) and a timm ViT-tiny with
+8 px patches (64 px), each trained from scratch on scikit-learn digits 0-4 and saved
+without its classifier. They are fine-tuned on the digits 5-9 they never saw, as PNG image
+folders (about 750 train / 150 test), read through a DataLoader with 2 workers: ResNet-18
+through ``--model torchvision:resnet18 --weights FILE``; the ViT (its position embedding
+resampled to the image size by ``--weights``'s loader, as timm does) as a model object
+through the Python API, since no timm name has a tiny ViT with 8 px patches.
 
 ``--t0 1`` isolates the cache: the stages after the prefix follow one cosine to the
 end, so freezeout and prefast differ in whether the prefix is computed, and in what
 the cache stores: float16 rows (``--cache-dtype auto`` on a CPU) and, with
 ``--cache-views 2``, two fixed augmented views where freezeout draws a new one
-every epoch. Each
-seed's modes run side by side in one process. Then a sweep of four head learning
-rates on the ViT linear probe: four prefast runs sharing one zarr cache against four
-runs computing the prefix, total time. (ResNet-50 at 128 px costs about 45 s per epoch
-computed on 2 cores, so its half-frozen and full fine-tune cells run 2 and 1 epochs.)
+every epoch. Every cell runs 10 epochs, the full fine-tunes too, so the reference is
+like for like; each seed's modes run side by side in one process, each seed with a cache
+dir of its own (a seed must not read the cache an earlier seed kept). Then a sweep of four
+head learning rates on the ResNet-18 linear probe, twice: four ``train`` calls in one
+process, and four ``prefast train`` processes as a user types them
+(``cli_sweep.py``'s), each against the same runs computing the prefix.
 """
 
 from __future__ import annotations
@@ -34,19 +33,30 @@ from pathlib import Path
 
 import torch
 
-from prefast.benchmarks.imagefolder_bench import PARTS, summarize_run, write_digits_folder
+from prefast.benchmarks.imagefolder_bench import PARTS, summarize_run
 from prefast.benchmarks.plotting import panels, save
+from prefast.benchmarks.pretrain_backbones import (
+    HELD_OUT,
+    PROBE_LR,
+    QUICK,
+    QUICK_IMAGES,
+    RECIPES,
+    build,
+    folders,
+)  # fmt: skip
 from prefast.benchmarks.train_bench import _ms as mean_std
 from prefast.config import TrainConfig
 from prefast.training.compare import compare
 from prefast.training.trainer import train
 
 SWEEP_LRS = (0.2, 0.1, 0.05, 0.02)
+LR = PROBE_LR  # every cell's (0.05 left the pretrained backbone's probe at 0.81, 0.2: 0.88)
+EPOCHS = 10
 
 
 @dataclass(frozen=True)
 class Backbone:
-    name: str  # resnet50 or vit_tiny
+    name: str  # resnet18 or vit_tiny
     image_size: int  # fine-tuning size
     half: int  # the "half the stages frozen" prefix
     cuts: str  # where that prefix ends, for the table
@@ -66,131 +76,77 @@ class Cell:
 
 
 def backbones(quick: bool) -> dict[str, Backbone]:
-    r50, vit = (32, 32) if quick else (128, 64)
+    recipes = QUICK if quick else RECIPES
     return {
-        "resnet50": Backbone("resnet50", r50, 8, "stem, layer1, layer2 (8 of 17)"),
-        "vit_tiny": Backbone("vit_tiny", vit, 7, "patch embedding, blocks 0-5 (7 of 13)"),
-    }
+        "resnet18": Backbone("resnet18", recipes["resnet"].image_size, 5,
+                             "stem, layer1, layer2 (5 of 9)"),
+        "vit_tiny": Backbone("vit_tiny", recipes["vit"].image_size, 7,
+                             "patch embedding, blocks 0-5 (7 of 13)"),
+    }  # fmt: skip
 
 
 def grid(quick: bool) -> list[Cell]:
-    """The main table. ResNet-50: the linear probe over 10 epochs (the project's 5x goal),
-    2 seeds, and on the zarr tier; half the stages frozen over 2 epochs and a full
-    fine-tune over 1 (each computed epoch of ResNet-50 at 128 px costs about a minute
-    here). ViT: the linear probe over 10 epochs, 3 seeds, also with ``--augment standard
-    --cache-views 2``; half frozen over 5, full fine-tune over 3. Quick: one seed, 2 epochs,
-    ResNet-50 only as the linear probe, computed and cached (its computed epochs were
-    most of the quick run's time), and ViT-tiny's cells but its plain linear probe (they
-    cover a prefix as a stage count, the views and the baseline); the sweep covers zarr."""
+    """The main table, every cell 10 epochs: ResNet-18's linear probe (3 seeds) computed and
+    cached, and cached on the zarr tier; half its stages frozen; its full fine-tune. The
+    same for ViT-tiny, whose linear probe also runs with ``--augment standard
+    --cache-views 2``. Quick: one seed, 2 epochs, ResNet-18 only as the linear probe,
+    computed and cached, and ViT-tiny's cells but its plain linear probe (they cover a
+    prefix as a stage count, the views and the baseline)."""
     three, both = (0, 1, 2), ("freezeout", "prefast")
     cells = [
-        Cell("resnet50", "all", both, (0, 1), 10, label="linear probe"),
-        Cell("resnet50", "all", ("prefast",), (0,), 10, tier="zarr", label="linear probe, zarr"),
-        Cell("resnet50", 8, both, (0,), 2, label="half frozen"),
-        Cell("resnet50", 0, ("baseline",), (0,), 1, label="full fine-tune"),
-        Cell("vit_tiny", "all", both, three, 10, label="linear probe"),
-        Cell(
-            "vit_tiny",
-            "all",
-            both,
-            (0,),
-            10,
-            augment="standard",
-            views=2,
-            label="linear probe, augment standard, 2 views",
-        ),  # fmt: skip
-        Cell("vit_tiny", 7, both, (0,), 5, label="half frozen"),
-        Cell("vit_tiny", 0, ("baseline",), (0,), 3, label="full fine-tune"),
-    ]
+        Cell("resnet18", "all", both, three, EPOCHS, label="linear probe"),
+        Cell("resnet18", "all", ("prefast",), (0,), EPOCHS, tier="zarr",
+             label="linear probe, zarr"),
+        Cell("resnet18", 5, both, (0,), EPOCHS, label="half frozen"),
+        Cell("resnet18", 0, ("baseline",), (0,), EPOCHS, label="full fine-tune"),
+        Cell("vit_tiny", "all", both, three, EPOCHS, label="linear probe"),
+        Cell("vit_tiny", "all", both, (0,), EPOCHS, augment="standard", views=2,
+             label="linear probe, augment standard, 2 views"),
+        Cell("vit_tiny", 7, both, (0,), EPOCHS, label="half frozen"),
+        Cell("vit_tiny", 0, ("baseline",), (0,), EPOCHS, label="full fine-tune"),
+    ]  # fmt: skip
     if quick:
         cells = [
             Cell(c.backbone, c.prefix, c.modes, (0,), 2, c.tier, c.augment, c.views, c.label)
             for c in cells
-            if (c.label == "linear probe") == (c.backbone == "resnet50")
+            if (c.label == "linear probe") == (c.backbone == "resnet18")
         ]
     return cells
-
-
-def _vit(image_size: int, num_classes: int) -> torch.nn.Module:
-    import timm
-
-    return timm.create_model(
-        "vit_tiny_patch16_224", img_size=image_size, patch_size=8, num_classes=num_classes
-    )
-
-
-def pretrain(  # type: ignore[no-untyped-def]
-    folder: Path, quick: bool, cache: str, log=print,
-    names: tuple[str, ...] = ("resnet50", "vit_tiny"),
-) -> dict:  # fmt: skip
-    """Train the backbones ``names`` briefly on the synthetic set (baseline mode) and save
-    each without its classifier: ``folder``/resnet50.pt and vit_tiny.pt."""
-    import torchvision
-
-    folder.mkdir(parents=True, exist_ok=True)
-    size = (512, 128) if quick else (10_000, 1_000)
-    cfg = TrainConfig(
-        mode="baseline", dataset="synthetic", synthetic_size=size, batch_size=64,
-        lr=0.05, device="cpu", cache_dir=cache, augment="standard",
-    )  # fmt: skip
-    made = {}
-    for name, build, epochs, head in (
-        ("resnet50", lambda: torchvision.models.resnet50(num_classes=10), 1, "fc."),
-        ("vit_tiny", lambda: _vit(32, 10), 1 if quick else 2, "head."),
-    ):
-        if name not in names:
-            continue
-        torch.manual_seed(0)
-        model = build()
-        run = train(cfg.replace(epochs=epochs), model=model)
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
-        torch.save(state, folder / f"{name}.pt")
-        made[name] = {
-            "images": size[0], "image_size": 32, "epochs": epochs,
-            "wall_s": run["final"]["wall_s"], "test_acc": run["final"]["test_acc"],
-        }  # fmt: skip
-        log(f"pretrained {name}: {epochs} epochs on {size[0]} synthetic images, "
-            f"{run['final']['wall_s']:.0f}s, synthetic test acc {run['final']['test_acc']:.3f}")  # fmt: skip
-    return made
 
 
 class Runner:
     """Builds each cell's config and model; the data folders and backbones are shared."""
 
-    def __init__(
-        self, quick: bool, cache: Path, weights: Path,
-        names: tuple[str, ...] = ("resnet50", "vit_tiny"),
-    ):  # fmt: skip
+    def __init__(self, quick: bool, cache: Path, weights: Path):
         self.quick, self.cache, self.weights = quick, cache, weights
-        self.backbones = {k: b for k, b in backbones(quick).items() if k in names}
-        train_images = 256 if quick else 1500
+        self.backbones = backbones(quick)
+        images = QUICK_IMAGES if quick else 1500
         self.folders = {
-            size: write_digits_folder(
-                cache / f"digits_{train_images}_{size}px_png", size, "png", train_images
-            )
+            size: folders(weights / "data", size, images)[1]  # the held-out digits 5-9
             for size in {b.image_size for b in self.backbones.values()}
         }
+        self.recipes = {r.name: r for r in (QUICK if quick else RECIPES).values()}
 
     def config(self, cell: Cell, seed: int, cache_dir: Path) -> TrainConfig:
         b = self.backbones[cell.backbone]
         return TrainConfig(
             dataset="imagefolder", data_dir=str(self.folders[b.image_size]),
-            image_size=b.image_size, model="torchvision:resnet50",
-            weights=str(self.weights / "resnet50.pt") if cell.backbone == "resnet50" else None,
-            epochs=cell.epochs, batch_size=64, lr=0.05, t0=1.0, seed=seed,
+            image_size=b.image_size, model="torchvision:resnet18",
+            weights=str(self.weights / "resnet18.pt") if cell.backbone == "resnet18" else None,
+            epochs=cell.epochs, batch_size=64, lr=LR, t0=1.0, seed=seed,
             freeze_prefix=cell.prefix, augment=cell.augment, cache_views=cell.views,
             cache_tier=cell.tier, workers=2, device="cpu", cache_dir=str(cache_dir),
         )  # fmt: skip
 
     def model(self, cell: Cell, seed: int) -> torch.nn.Module | None:
-        """The ViT as a model object with the pretrained weights (None: ResNet-50 is built
+        """The ViT as a model object with the pretrained weights (None: ResNet-18 is built
         from the config, ``--weights`` and all)."""
         if cell.backbone != "vit_tiny":
             return None
         from prefast.models.weights import load_weights
 
         torch.manual_seed(seed)  # the new head's initial weights, as --seed draws them
-        model = _vit(self.backbones["vit_tiny"].image_size, 10)
+        model = build(self.recipes["vit_tiny"], len(HELD_OUT))
         load_weights(model, str(self.weights / "vit_tiny.pt"))
         return model
 
@@ -201,7 +157,9 @@ def run_cells(runner: Runner, log=print) -> list[dict]:  # type: ignore[no-untyp
         runs: dict[str, list[dict]] = {m: [] for m in cell.modes}
         for seed in cell.seeds:
             log(f"=== {cell.backbone} {cell.label} seed {seed}: {', '.join(cell.modes)} ===")
-            cfg = runner.config(cell, seed, runner.cache / "caches" / f"cell{i}")
+            # A cache dir per seed: the defaults keep a linear probe's cache on disk, and a
+            # seed reading the one an earlier seed kept would skip its computed epoch.
+            cfg = runner.config(cell, seed, runner.cache / "caches" / f"cell{i}_seed{seed}")
             for mode, run in compare(cfg, list(cell.modes), model=runner.model(cell, seed)).items():
                 runs[mode].append(summarize_run(run))
                 f = run["final"]
@@ -214,12 +172,11 @@ def run_cells(runner: Runner, log=print) -> list[dict]:  # type: ignore[no-untyp
 
 
 def run_sweep(runner: Runner, log=print) -> dict:  # type: ignore[no-untyped-def]
-    """Four head learning rates on the ViT linear probe (10 epochs; quick: 2), seed 0:
-    prefast runs sharing one zarr cache directory, then freezeout runs. Each run is a
-    ``train`` call, as four ``prefast train`` commands would be; its outer time counts
-    building the model and reading the weights."""
-    cell = Cell("vit_tiny", "all", ("freezeout", "prefast"), (0,), 2 if runner.quick else 10,
-                tier="zarr")  # fmt: skip
+    """Four head learning rates on the ResNet-18 linear probe (10 epochs; quick: 2), seed
+    0, the defaults' tier: prefast runs sharing one cache directory, then freezeout runs.
+    Each run is a ``train`` call in this process; its outer time counts building the model
+    and reading the weights."""
+    cell = Cell("resnet18", "all", ("freezeout", "prefast"), (0,), 2 if runner.quick else EPOCHS)
     shared = runner.cache / "caches" / "sweep"
     shutil.rmtree(shared, ignore_errors=True)  # the first run writes the cache, as in a sweep
     doc: dict = {"epochs": cell.epochs, "lrs": list(SWEEP_LRS), "runs": {}}
@@ -245,23 +202,49 @@ def run_sweep(runner: Runner, log=print) -> dict:  # type: ignore[no-untyped-def
     return doc
 
 
+def run_cli_sweep(runner: Runner, log=print) -> dict:  # type: ignore[no-untyped-def]
+    """The same sweep as separate ``prefast train`` processes with the CLI's defaults."""
+    from prefast.benchmarks.cli_sweep import sweep
+
+    b = runner.backbones["resnet18"]
+    common = [
+        "--model", "torchvision:resnet18", "--weights", str(runner.weights / "resnet18.pt"),
+        "--freeze-prefix", "all", "--t0", "1", "--dataset", "imagefolder",
+        "--data-dir", str(runner.folders[b.image_size]), "--image-size", str(b.image_size),
+        "--epochs", str(2 if runner.quick else EPOCHS), "--batch-size", "64",
+        "--workers", "2", "--device", "cpu", "--seed", "0",
+    ]  # fmt: skip
+    work = runner.cache / "caches" / "cli_sweep"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return sweep(common, [str(lr) for lr in SWEEP_LRS], work, log)
+
+
 def run_finetune_bench(out: Path, cache: str, quick: bool, log=print) -> list[Path]:  # type: ignore[no-untyped-def]
-    """Pretrain, run the grid and the sweep; write ``out``/finetune.json, .md, .png."""
+    """Pretrain, run the grid and both sweeps; write ``out``/finetune.json, .md, .png and
+    the backbones' ``out``/pretrain.json, .md."""
+    from prefast.benchmarks.pretrain_backbones import markdown as pretrain_markdown
+    from prefast.benchmarks.pretrain_backbones import pretrain_all
     from prefast.benchmarks.store_bench import machine
 
     root = Path(cache) / "finetune"
-    shutil.rmtree(root / "caches", ignore_errors=True)  # every cell writes its own cache
-    pretrained = pretrain(root / "backbones", quick, str(root / "caches" / "pretrain"), log)
+    shutil.rmtree(root, ignore_errors=True)  # backbones, data and every cell's caches anew
+    pretrained = pretrain_all(root / "backbones", ["resnet", "vit"], quick, log)
+    (out / "pretrain.json").write_text(json.dumps(pretrained, indent=1) + "\n")
+    (out / "pretrain.md").write_text(pretrain_markdown(pretrained))
     runner = Runner(quick, root, root / "backbones")
+    b = runner.backbones["resnet18"]
+    folder = runner.folders[b.image_size]
     doc = {
         "machine": machine(),
         "quick": quick,
         "pretrained": pretrained,
         "setting": {
-            "train_images": 256 if quick else 1500,
-            "test_images": 297,
+            "classes": list(HELD_OUT),
+            "train_images": sum(1 for _ in (folder / "train").rglob("*.png")),
+            "test_images": sum(1 for _ in (folder / "val").rglob("*.png")),
             "batch_size": 64,
-            "lr": 0.05,
+            "lr": LR,
             "t0": 1.0,
             "workers": 2,
             "codec": "png",
@@ -269,13 +252,16 @@ def run_finetune_bench(out: Path, cache: str, quick: bool, log=print) -> list[Pa
         },  # fmt: skip
         "cells": run_cells(runner, log),
         "sweep": run_sweep(runner, log),
+        "cli_sweep": run_cli_sweep(runner, log),
     }
     md = markdown(doc)
     log(md)
     (out / "finetune.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "finetune.md").write_text(md)
     plot(doc, out / "finetune.png")
-    return [out / f"finetune.{ext}" for ext in ("json", "md", "png")]
+    return [out / f"{name}.{ext}" for name, ext in
+            (("finetune", "json"), ("finetune", "md"), ("finetune", "png"),
+             ("pretrain", "json"), ("pretrain", "md"))]  # fmt: skip
 
 
 def _ms(values: list[float], digits: int = 2) -> str:
@@ -304,18 +290,23 @@ def speedup(cell: dict, reference: dict | None = None) -> list[float]:
 def markdown(doc: dict) -> str:
     s, m, p = doc["setting"], doc["machine"], doc["pretrained"]
     pre = "; ".join(
-        f"{k} {v['epochs']} epochs on {v['images']} synthetic 32 px images ({v['wall_s']:.0f} s, "
-        f"synthetic test acc {v['test_acc']:.3f})"
+        f"{k} at {v['image_size']} px, {v['pretrain_epochs']} epochs on {v['pretrain_images']} "
+        f"images of digits 0-4 ({v['pretrain_s']:.0f} s; test acc on 0-4 "
+        f"{v['pretrain_test_acc']:.3f}; linear probe on 5-9 {v['probe_test_acc']:.3f}, "
+        f"random weights {v['probe_test_acc_random_weights']:.3f})"
         for k, v in p.items()
     )
     head = (
         "Fine-tuning with a frozen prefix: computed every step (`freezeout --freeze-prefix K "
-        "--t0 1`) or cached (`prefast`, same flags). Backbones pretrained here, briefly "
-        f"(nothing can be downloaded): {pre}. Fine-tuned on scikit-learn digits as PNG image "
-        f"folders ({s['train_images']} train / {s['test_images']} test), DataLoader with "
-        f"{s['workers']} workers, batch {s['batch_size']}, lr {s['lr']}, t0 {s['t0']}, cache "
-        f"dtype {s['cache_dtype']}. {m['cores']} cores ({m.get('cpu', '?')}), GPU {m['gpu']}, "
-        f"torch {m['torch']}. Each seed's modes ran side by side in one process.\n\n"
+        "--t0 1`) or cached (`prefast`, same flags). Backbones pretrained here "
+        "([pretrain.md](pretrain.md); nothing can be downloaded): "
+        f"{pre}. Fine-tuned on the digits {s['classes'][0]}-{s['classes'][-1]} they never "
+        f"saw, as PNG image folders ({s['train_images']} train / {s['test_images']} test), "
+        f"DataLoader with {s['workers']} workers, batch {s['batch_size']}, lr {s['lr']}, "
+        f"t0 {s['t0']}, cache dtype {s['cache_dtype']}. {m['cores']} cores "
+        f"({m.get('cpu', '?')}), GPU {m['gpu']}, torch {m['torch']}. Each seed's modes ran "
+        "side by side in one process, each seed with its own cache dir; mean ± std over "
+        "the seeds where a cell has more than one.\n\n"
     )
     lines = [
         "| backbone | px | frozen | augment | tier | epochs | seeds | computed prefix s "
@@ -329,7 +320,7 @@ def markdown(doc: dict) -> str:
         if "baseline" in runs:
             b = runs["baseline"]
             base_lines.append(
-                f"| {c['backbone']} | {c['image_size']} | {c['epochs']} "
+                f"| {c['backbone']} | {c['image_size']} | {c['epochs']} | {len(b)} "
                 f"| {_ms([r['wall_s'] for r in b], 1)} | {_ms([r['test_acc'] for r in b], 4)} |"
             )
             continue
@@ -351,8 +342,10 @@ def markdown(doc: dict) -> str:
             f"| {_ms([r['data_share'] for r in pf], 3)} | {_cache(pf)} |"
         )
     lines += ["", "The zarr row's computed prefix is its linear-probe cell's seed 0.", "",
-              "Full fine-tune (`baseline`, every stage trains, one cosine), for reference:", "",
-              "| backbone | px | epochs | wall s | test acc |", "|---|---:|---:|---:|---:|",
+              "Full fine-tune (`baseline`, every stage trains, one cosine), for reference, "
+              "over as many epochs as the cells above:", "",
+              "| backbone | px | epochs | seeds | wall s | test acc |",
+              "|---|---:|---:|---:|---:|---:|",
               *base_lines]  # fmt: skip
     lines += ["", "Where the seconds went (mean over seeds; compute = training minus its cache "
               "I/O and data wait; write/read include the test cache's):", "",
@@ -372,10 +365,10 @@ def markdown(doc: dict) -> str:
     pf, fo = sw["runs"]["prefast"], sw["runs"]["freezeout"]
     lines += [
         "",
-        f"Sweep of {len(sw['lrs'])} head learning rates, ViT-tiny linear probe, "
-        f"{sw['epochs']} epochs, zarr tier, seed 0: each run a `train` call (outer seconds "
-        "include building the model and reading the weights); the prefast runs share one "
-        "cache directory.",
+        f"Sweep of {len(sw['lrs'])} head learning rates, ResNet-18 linear probe, "
+        f"{sw['epochs']} epochs, seed 0, **in one process**: each run a `train` call (outer "
+        "seconds include building the model and reading the weights); the prefast runs share "
+        "one cache directory, with the defaults' tier.",
         "",
         "| lr | computed prefix s | cached prefix s | test acc computed | test acc cached "
         "| epoch 1 batches from the cache |",
@@ -390,13 +383,38 @@ def markdown(doc: dict) -> str:
     lines.append(
         f"| total | {total_fo:.1f} | {total_pf:.1f} | | | {total_fo / total_pf:.2f}× faster |"
     )
+    cli = doc["cli_sweep"]
+    c = cli["freezeout_run"]
+    lines += [
+        "",
+        "The same sweep **as separate processes**, as a user types it (no cache flags): "
+        f"`{cli['command']}`. Each process's seconds include starting Python and loading "
+        "the data.",
+        "",
+        "| run | lr | seconds (process) | feed setup s | epoch 1 batches from the cache "
+        "| test acc |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(cli["prefast_runs"]):
+        lines.append(
+            f"| prefast {i + 1} | {r['lr']} | {r['outer_s']:.1f} | {r['feed_setup_s']:.2f} "
+            f"| {r['first_epoch_cached']}/{r['batches_per_epoch']} | {r['test_acc']:.4f} |"
+        )
+    lines += [
+        f"| freezeout (prefix computed) | {cli['lrs'][0]} | {c['outer_s']:.1f} | - "
+        f"| 0/{c['batches_per_epoch']} | {c['test_acc']:.4f} |",
+        "",
+        f"{len(cli['lrs'])} processes: {cli['prefast_total_s']:.1f} s as prefast against "
+        f"{cli['computed_total_s']:.1f} s computing the prefix ({cli['computed_total_is']}): "
+        f"**{cli['speedup']:.2f}×**.",
+    ]
     return head + "\n".join(lines) + "\n"
 
 
 def plot(doc: dict, path: Path) -> None:
     fig, axes = panels(3, 4.6, 3.6)
     colors = {"freezeout": "tab:blue", "prefast": "tab:orange", "baseline": "tab:gray"}
-    for ax, name in zip(axes, ("resnet50", "vit_tiny"), strict=False):
+    for ax, name in zip(axes, ("resnet18", "vit_tiny"), strict=False):
         cells = [c for c in doc["cells"] if c["backbone"] == name]
         labels, y = [], 0
         for c in cells:
@@ -418,7 +436,7 @@ def plot(doc: dict, path: Path) -> None:
         ax.plot(range(len(totals)), totals, marker="o", color=colors[mode], label=mode)
     axes[2].set_xlabel("runs of the sweep (head learning rates)")
     axes[2].set_ylabel("cumulative seconds")
-    axes[2].set_title("sweep: ViT-tiny linear probe", fontsize=9)
+    axes[2].set_title("sweep in one process: ResNet-18 linear probe", fontsize=9)
     axes[2].legend(fontsize=7)
     fig.suptitle("fine-tuning with a frozen prefix: computed every step (freezeout) or "
                  "cached (prefast)", fontsize=9)  # fmt: skip

@@ -31,10 +31,16 @@ PARTS = ("setup", "write", "read", "data", "compute", "eval")
 
 
 def write_digits_folder(
-    root: Path, size: int, codec: str, train_images: int = TRAIN_IMAGES
+    root: Path,
+    size: int,
+    codec: str,
+    train_images: int = TRAIN_IMAGES,
+    classes: tuple[int, ...] | None = None,
 ) -> Path:
-    """``root/train/<digit>/*`` (``train_images`` of them) and ``root/val/<digit>/*`` (the
-    last 297 of a fixed shuffle), made once: a marker says the folder is complete."""
+    """``root/train/<digit>/*`` (those of the first ``train_images`` of a fixed shuffle) and
+    ``root/val/<digit>/*`` (those of its last 297), made once: a marker says the folder is
+    complete. ``classes``: only these digits (a backbone pretrained on some digits and
+    probed on the others)."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -48,6 +54,8 @@ def write_digits_folder(
     quality = 90 if codec == "jpeg" else None  # PNG is lossless: no quality setting
     for split, rows in (("train", order[:train_images]), ("val", order[TRAIN_IMAGES:])):
         for row in rows.tolist():
+            if classes is not None and digits.target[row] not in classes:
+                continue
             folder = root / split / str(digits.target[row])
             folder.mkdir(parents=True, exist_ok=True)
             image = Image.fromarray(pixels[row], mode="L").resize(
