@@ -81,7 +81,7 @@ class StagedModel(nn.Module):
             for i in range(count)
             for n, t in self.stages[i].state_dict(keep_vars=True).items()
         ]
-        memo = self.__dict__.get("_digest_memo")
+        memo = _DIGESTS.get(self)
         if memo is not None and _same_tensors(memo[0], tensors):
             return memo[1]
         h = hashlib.sha256()
@@ -89,8 +89,13 @@ class StagedModel(nn.Module):
             h.update(f"{i}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
             h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         stamp = [(weakref.ref(t), t._version, t.data_ptr()) for _, _, t in tensors]
-        self.__dict__["_digest_memo"] = (stamp, h.hexdigest())
+        _DIGESTS[self] = (stamp, h.hexdigest())
         return h.hexdigest()
+
+
+# The last prefix digest of each model, outside the model so that pickling or copying a
+# model never carries it (weak references do not pickle; a copy has tensors of its own).
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _same_tensors(stamp: list, tensors: list) -> bool:
