@@ -70,13 +70,23 @@ class CacheContext:
     events: list[dict] = field(default_factory=list)
     io_s: dict[str, float] = field(default_factory=lambda: {"write_s": 0.0, "read_s": 0.0})
 
-    def key(self, split: str, stage: int, aug_epoch: int | None, dtype: str | None = None) -> str:
-        """Content address of a cache: the prefix's weights and everything else that matters."""
+    def key(
+        self,
+        split: str,
+        stage: int,
+        aug_epoch: int | None,
+        dtype: str | None = None,
+        prefix: str | None = None,
+    ) -> str:
+        """Content address of a cache: the prefix's weights and everything else that matters.
+        ``prefix``: ``model.prefix_digest(stage)`` when the caller has it (hashing ResNet-50's
+        weights takes 80 ms; never kept across calls: weights change in ways no counter
+        sees, e.g. ``p.data.mul_``)."""
         return cache_key(
             {
                 **self.identity,
                 "augment": self.identity["augment"] if split == "train" else "none",
-                "prefix": self.model.prefix_digest(stage),
+                "prefix": prefix or self.model.prefix_digest(stage),
                 "split": split,
                 "aug_epoch": aug_epoch,
                 "boundary": stage,

@@ -68,8 +68,9 @@ def existing(
     stage, stream, dtype = where
     if cfg.cache_tier != "auto":
         return None
+    prefix = ctx.model.prefix_digest(stage)  # one hash for every key looked up here
     for d in dict.fromkeys((dtype, *lossy_candidates(cfg.cache_dtype))):
-        key = ctx.key("train", stage, stream, d)
+        key = ctx.key("train", stage, stream, d, prefix)
         if not ctx.root.is_complete(key):
             continue
         try:
@@ -80,7 +81,7 @@ def existing(
         if tier not in DISK_TIERS:
             continue
         view = disk_usage(ctx.root.dir_for(key))
-        test_key = ctx.key("test", stage, None, d)
+        test_key = ctx.key("test", stage, None, d, prefix)
         test = disk_usage(ctx.root.dir_for(test_key)) if ctx.root.is_complete(test_key) else 0
         # Priced as any boundary: one epoch's read against computing the prefix for it.
         prefix_s = prefix_seconds(costs, stage, batches_per_epoch)

@@ -86,8 +86,9 @@ def measure_stage_costs(
     The planner needs only forward times; ``backward=False`` skips the backward
     passes (``fwd_bwd_s`` is then NaN), which makes the probe ~5x cheaper.
     Each time is ``typical``'s: the median of ``reps`` calls after a warm-up, one call for a
-    long stage. ``fwd_bwd_s`` is the forward's figure plus the backward's, each timed on its
-    own, so no stage reports a forward above its forward+backward. Each stage's
+    long stage. ``fwd_bwd_s`` is a training step's (train mode, the forward recording the
+    graph, then the backward), never below the eval forward it holds, so no stage reports
+    a forward above its forward+backward. Each stage's
     output (``SAMPLE_ROWS`` of it) is also trial-compressed (zstd-1, in ``cache_dtype``)
     so the governor knows whether a compressed disk tier pays before it chooses,
     and stored in each of ``tried`` (a run whose dtype is not auto tries none): its relative reconstruction error and zstd ratio
@@ -102,20 +103,21 @@ def measure_stage_costs(
     was_training = model.training
     stages: nn.ModuleList = model.stages  # type: ignore[assignment]
     for i, stage in enumerate(stages):
-        bwd = math.nan
+        step = math.nan
         if backward and i >= frozen:
             stage.train()
             inp = x.detach().requires_grad_(x.is_floating_point())
 
-            def backward_only(stage: nn.Module = stage, inp: torch.Tensor = inp) -> float:
-                loss = stage(inp).float().sum()
+            def train_step(stage: nn.Module = stage, inp: torch.Tensor = inp) -> float:
+                stage.zero_grad(set_to_none=True)  # each call's backward writes new grads
+                inp.grad = None
                 synchronize(inp.device)
                 t = time.perf_counter()
-                loss.backward()
+                stage(inp).float().sum().backward()
                 synchronize(inp.device)
                 return time.perf_counter() - t
 
-            bwd = typical(backward_only, reps)
+            step = typical(train_step, reps)
             stage.zero_grad(set_to_none=True)
         stage.eval()
         outputs: list[torch.Tensor] = []
@@ -143,7 +145,10 @@ def measure_stage_costs(
             if out.dim() > 1
         )
         shape = tuple(out.shape[1:])
-        cost = StageCost(fwd, fwd + bwd, out[0].numel() * 4, shape, ratio, trials)
+        # A training step holds its forward: one reported below the forward alone is noise
+        # (microsecond stages), and the planner would price a step cheaper than inference.
+        fwd_bwd = step if math.isnan(step) else max(fwd, step)
+        cost = StageCost(fwd, fwd_bwd, out[0].numel() * 4, shape, ratio, trials)
         costs.append(cost)
         x = out.detach()
     model.train(was_training)

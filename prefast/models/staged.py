@@ -8,7 +8,6 @@ function of its input. That is what makes a frozen stage's output cacheable.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,43 +67,17 @@ class StagedModel(nn.Module):
         return self
 
     def prefix_digest(self, count: int) -> str:
-        """Hash of the parameters and buffers of stages ``0..count-1`` (cache keys).
-
-        Remembered until a tensor of the prefix changes (its storage or its version counter,
-        which every in-place update such as an optimizer step bumps): a run keys the same
-        frozen prefix several times, and hashing ResNet-50's 90 MB took 80 ms each time."""
+        """Hash of the parameters and buffers of stages ``0..count-1`` (cache keys)."""
         import hashlib
 
-        # keep_vars: the module's own tensors, so the stamp names them, not copies
-        tensors = [
-            (i, n, t)
-            for i in range(count)
-            for n, t in self.stages[i].state_dict(keep_vars=True).items()
-        ]
-        memo = _DIGESTS.get(self)
-        if memo is not None and _same_tensors(memo[0], tensors):
-            return memo[1]
         h = hashlib.sha256()
-        for i, name, t in tensors:
-            h.update(f"{i}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-        stamp = [(weakref.ref(t), t._version, t.data_ptr()) for _, _, t in tensors]
-        _DIGESTS[self] = (stamp, h.hexdigest())
+        for i in range(count):
+            for name, t in self.stages[i].state_dict().items():
+                h.update(f"{i}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(
+                    t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+                )
         return h.hexdigest()
-
-
-# The last prefix digest of each model, outside the model so that pickling or copying a
-# model never carries it (weak references do not pickle; a copy has tensors of its own).
-_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _same_tensors(stamp: list, tensors: list) -> bool:
-    """Whether ``tensors`` are the very tensors ``stamp`` saw, unchanged since (an in-place
-    update bumps a tensor's version; ``.data =`` swaps its storage)."""
-    return len(stamp) == len(tensors) and all(
-        ref() is t and t._version == version and t.data_ptr() == ptr
-        for (ref, version, ptr), (_, _, t) in zip(stamp, tensors, strict=True)
-    )
 
 
 def from_sequential(seq: nn.Sequential, name: str = "sequential") -> StagedModel:
