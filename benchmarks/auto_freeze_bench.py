@@ -225,11 +225,16 @@ def why_other_freezes(computed: dict, cached: dict, config: dict) -> str:
                                          strict=True)) if x != y
     )  # fmt: skip
     per_epoch = computed["total_iters"] // config["epochs"]
-    read = [e for e in cached["cache"] if e["event"] == "boundary" and e["stage"] <= first]
+    # The last boundary at or before that stage whose rows were read before it froze.
+    since_iter = min(computed["freeze_iters"][first], cached["freeze_iters"][first])
+    read = [
+        e for e in cached["cache"] if e["event"] == "boundary" and e["stage"] <= first
+        and (e["epoch"] + 1) * per_epoch <= since_iter
+    ]  # fmt: skip
     if not read:
         return (f"stage {first} first (no cache was read before it: the runs' own "
                 "nondeterminism, e.g. threaded reductions, moved the rule's measure)")  # fmt: skip
-    b = read[0]
+    b = read[-1]
     since = (b["epoch"] + 1) * per_epoch
     augment = config["augment"]
     if augment == "auto":  # what a run from scratch on a built-in dataset resolves it to

@@ -7,8 +7,9 @@ by ``pretrain_backbones.py``: a torchvision ResNet-18 (128 px) and a timm ViT-ti
 without its classifier. They are fine-tuned on the digits 5-9 they never saw, as PNG image
 folders (about 750 train / 150 test), read through a DataLoader with 2 workers: ResNet-18
 through ``--model torchvision:resnet18 --weights FILE``; the ViT (its position embedding
-resampled to the image size by ``--weights``'s loader, as timm does) as a model object
-through the Python API, since no timm name has a tiny ViT with 8 px patches.
+through ``load_weights``) as a model object through the Python API, since no timm name
+has a tiny ViT with 8 px patches. Linear probes train at lr 0.2; cells that train backbone
+stages (half frozen, full fine-tune) at the backbone's pretraining rate.
 
 ``--t0 1`` isolates the cache: the stages after the prefix follow one cosine to the
 end, so freezeout and prefast differ in whether the prefix is computed, and in what
@@ -50,7 +51,10 @@ from prefast.training.compare import compare
 from prefast.training.trainer import train
 
 SWEEP_LRS = (0.2, 0.1, 0.05, 0.02)
-LR = PROBE_LR  # every cell's (0.05 left the pretrained backbone's probe at 0.81, 0.2: 0.88)
+# A linear probe's rate (0.05 left the ResNet-18 probe at 0.81, 0.2: 0.88); a cell that
+# trains backbone stages takes the backbone's own pretraining rate (SGD at 0.01 or more
+# did not train the ViT), so its full fine-tune is a reference worth comparing with.
+LR = PROBE_LR
 EPOCHS = 10
 
 
@@ -133,10 +137,14 @@ class Runner:
             dataset="imagefolder", data_dir=str(self.folders[b.image_size]),
             image_size=b.image_size, model="torchvision:resnet18",
             weights=str(self.weights / "resnet18.pt") if cell.backbone == "resnet18" else None,
-            epochs=cell.epochs, batch_size=64, lr=LR, t0=1.0, seed=seed,
+            epochs=cell.epochs, batch_size=64, lr=self.lr(cell), t0=1.0, seed=seed,
             freeze_prefix=cell.prefix, augment=cell.augment, cache_views=cell.views,
             cache_tier=cell.tier, workers=2, device="cpu", cache_dir=str(cache_dir),
         )  # fmt: skip
+
+    def lr(self, cell: Cell) -> float:
+        """The probe's rate for a linear probe, the pretraining rate for backbone stages."""
+        return LR if cell.prefix == "all" else self.recipes[cell.backbone].lr
 
     def model(self, cell: Cell, seed: int) -> torch.nn.Module | None:
         """The ViT as a model object with the pretrained weights (None: ResNet-18 is built
@@ -245,6 +253,7 @@ def run_finetune_bench(out: Path, cache: str, quick: bool, log=print) -> list[Pa
             "test_images": sum(1 for _ in (folder / "val").rglob("*.png")),
             "batch_size": 64,
             "lr": LR,
+            "lr_backbone_stages": {r.name: r.lr for r in runner.recipes.values()},
             "t0": 1.0,
             "workers": 2,
             "codec": "png",
@@ -302,7 +311,10 @@ def markdown(doc: dict) -> str:
         "([pretrain.md](pretrain.md); nothing can be downloaded): "
         f"{pre}. Fine-tuned on the digits {s['classes'][0]}-{s['classes'][-1]} they never "
         f"saw, as PNG image folders ({s['train_images']} train / {s['test_images']} test), "
-        f"DataLoader with {s['workers']} workers, batch {s['batch_size']}, lr {s['lr']}, "
+        f"DataLoader with {s['workers']} workers, batch {s['batch_size']}, lr {s['lr']} "
+        "(cells that train backbone stages: "
+        + ", ".join(f"{k} {v}" for k, v in s["lr_backbone_stages"].items())
+        + "), "
         f"t0 {s['t0']}, cache dtype {s['cache_dtype']}. {m['cores']} cores "
         f"({m.get('cpu', '?')}), GPU {m['gpu']}, torch {m['torch']}. Each seed's modes ran "
         "side by side in one process, each seed with its own cache dir; mean ± std over "
@@ -387,9 +399,9 @@ def markdown(doc: dict) -> str:
     c = cli["freezeout_run"]
     lines += [
         "",
-        "The same sweep **as separate processes**, as a user types it (no cache flags): "
-        f"`{cli['command']}`. Each process's seconds include starting Python and loading "
-        "the data.",
+        "The same sweep **as separate processes**, as a user types it (no `--mode`, "
+        f"`--cache-tier` or `--augment`): `{cli['command']}`, each with one shared "
+        "`--cache-dir`. Each process's seconds include starting Python and loading the data.",
         "",
         "| run | lr | seconds (process) | feed setup s | epoch 1 batches from the cache "
         "| test acc |",

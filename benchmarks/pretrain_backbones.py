@@ -150,12 +150,14 @@ def make(recipe: Recipe, root: Path, quick: bool = False, log=print) -> dict:  #
 
 
 def markdown(made: dict) -> str:
+    any_ = next(iter(made.values()))
     lines = [
         "# Backbones pretrained here",
         "",
         "Trained from scratch on scikit-learn digits 0-4 (PNG folders, baseline mode), then "
         "probed on the digits 5-9 they never saw: a linear probe "
-        f"(`--freeze-prefix all`, {PROBE_EPOCHS} epochs, lr {PROBE_LR}, no augmentation) on the "
+        f"(`--freeze-prefix all`, {any_['probe_epochs']} epochs, lr {PROBE_LR}, no augmentation) "
+        "on the "
         "pretrained "
         "weights and on random ones. Regenerate: `python benchmarks/pretrain_backbones.py` "
         "(also run by `make bench`).",
