@@ -23,6 +23,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,7 +86,7 @@ def folders(root: Path, size: int, train_images: int = 1500) -> tuple[Path, Path
     )
 
 
-def config(folder: Path, recipe: Recipe, cache: Path, **kw: object) -> TrainConfig:
+def config(folder: Path, recipe: Recipe, cache: Path, **kw: Any) -> TrainConfig:
     kw = {"batch_size": 64, **kw}
     return TrainConfig(
         dataset="imagefolder", data_dir=str(folder), image_size=recipe.image_size,
