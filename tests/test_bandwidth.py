@@ -119,3 +119,30 @@ def test_a_kept_file_pins_the_entry_of_this_host_device_and_dtype(tmp_path):
     assert pinned(kept, key16).read == doc["entries"][key16]["read"]
     with pytest.raises(ConfigError, match="none for other-host"):
         pinned(kept, "other-host|cpu|float16|x")
+
+
+def test_a_killed_measurement_s_scratch_is_removed_by_the_next_one(tmp_path):
+    # A run SIGKILLed while measuring never reaches its `finally`: its scratch dir (up to
+    # 32 MiB of tier files) stayed in the cache root for good. The next measurement on this
+    # host removes it, and leaves a live process's and another host's alone.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.DEVNULL
+    )
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    dead = tmp_path / f"{bandwidth._scratch_prefix(child.pid)}abc"
+    (dead / "zarr-none").mkdir(parents=True)
+    (dead / "zarr-none" / "chunk").write_bytes(b"x" * 4096)
+    alive = tmp_path / f"{bandwidth._scratch_prefix(os.getppid())}def"
+    other_host = tmp_path / f".bandwidth-not-this-host_{child.pid}-ghi"
+    alive.mkdir()
+    other_host.mkdir()
+    measure(CPU, "float16", tmp_path, nbytes=2**20)
+    assert not dead.exists()
+    assert alive.is_dir() and other_host.is_dir()
+    assert not list(tmp_path.glob(f"{bandwidth._scratch_prefix()}*"))  # its own: removed

@@ -157,10 +157,34 @@ def _tier_speed(
     return written / max(write_s, 1e-9), written / max(read_s, 1e-9)
 
 
+def _scratch_prefix(pid: int | None = None) -> str:
+    """The measurement's scratch dir name: host and pid, so a later run on this host can
+    tell one whose process died (SIGKILL, OOM) from one still measuring."""
+    # "_" after the host: hostnames have none, so one host's prefix never matches another's
+    return f".bandwidth-{platform.node()}_{os.getpid() if pid is None else pid}-"
+
+
+def _sweep_dead_scratch(scratch: Path) -> None:
+    """Remove this host's measurement scratch dirs whose process is gone (up to 32 MiB each:
+    a killed run's ``finally`` never ran). Another host's, and a live process's, stay."""
+    host = f".bandwidth-{platform.node()}_"
+    for d in scratch.glob(f"{host}*"):
+        pid = d.name[len(host) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: is it there?
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def measure(device: torch.device, dtype: str, scratch: Path, nbytes: int = MEASURE_BYTES):  # type: ignore[no-untyped-def]
     """Measure every tier this device has (``gpu`` only on an accelerator)."""
     start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix=".bandwidth-", dir=scratch))
+    _sweep_dead_scratch(scratch)
+    work = Path(tempfile.mkdtemp(prefix=_scratch_prefix(), dir=scratch))
     write, read, failed = {}, {}, {}
     try:
         x = _rows(dtype, device, nbytes)
