@@ -231,26 +231,23 @@ def run_cli_sweep(runner: Runner, log=print) -> dict:  # type: ignore[no-untyped
 def run_finetune_bench(out: Path, cache: str, quick: bool, log=print) -> list[Path]:  # type: ignore[no-untyped-def]
     """Pretrain, run the grid and both sweeps; write ``out``/finetune.json, .md, .png and
     the backbones' ``out``/pretrain.json, .md."""
-    from prefast.benchmarks.pretrain_backbones import markdown as pretrain_markdown
-    from prefast.benchmarks.pretrain_backbones import pretrain_all
+    from prefast.benchmarks.pretrain_backbones import pretrain_all, write_results
     from prefast.benchmarks.store_bench import machine
 
     root = Path(cache) / "finetune"
     shutil.rmtree(root, ignore_errors=True)  # backbones, data and every cell's caches anew
     pretrained = pretrain_all(root / "backbones", ["resnet", "vit"], quick, log)
-    (out / "pretrain.json").write_text(json.dumps(pretrained, indent=1) + "\n")
-    (out / "pretrain.md").write_text(pretrain_markdown(pretrained))
+    written = write_results(out, pretrained)
     runner = Runner(quick, root, root / "backbones")
-    b = runner.backbones["resnet18"]
-    folder = runner.folders[b.image_size]
+    held_out = pretrained["resnet18"]  # its probe ran on the folder every cell fine-tunes on
     doc = {
         "machine": machine(),
         "quick": quick,
         "pretrained": pretrained,
         "setting": {
             "classes": list(HELD_OUT),
-            "train_images": sum(1 for _ in (folder / "train").rglob("*.png")),
-            "test_images": sum(1 for _ in (folder / "val").rglob("*.png")),
+            "train_images": held_out["probe_images"],
+            "test_images": held_out["probe_test_images"],
             "batch_size": 64,
             "lr": LR,
             "lr_backbone_stages": {r.name: r.lr for r in runner.recipes.values()},
@@ -268,9 +265,7 @@ def run_finetune_bench(out: Path, cache: str, quick: bool, log=print) -> list[Pa
     (out / "finetune.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "finetune.md").write_text(md)
     plot(doc, out / "finetune.png")
-    return [out / f"{name}.{ext}" for name, ext in
-            (("finetune", "json"), ("finetune", "md"), ("finetune", "png"),
-             ("pretrain", "json"), ("pretrain", "md"))]  # fmt: skip
+    return [out / f"finetune.{ext}" for ext in ("json", "md", "png")] + written
 
 
 def _ms(values: list[float], digits: int = 2) -> str:

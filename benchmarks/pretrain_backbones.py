@@ -182,6 +182,13 @@ def pretrain_all(root: Path, names: list[str], quick: bool = False, log=print) -
     return {recipes[n].name: make(recipes[n], root, quick, log) for n in names}
 
 
+def write_results(out: Path, made: dict) -> list[Path]:
+    """``out``/pretrain.json and pretrain.md (this script's, and the fine-tuning benchmark's)."""
+    (out / "pretrain.json").write_text(json.dumps(made, indent=1) + "\n")
+    (out / "pretrain.md").write_text(markdown(made))
+    return [out / "pretrain.json", out / "pretrain.md"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--names", default="resnet,vit", help="which backbones: resnet, vit")
@@ -191,8 +198,7 @@ def main() -> int:
     made = pretrain_all(Path(a.dir), [n.strip() for n in a.names.split(",")])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pretrain.json").write_text(json.dumps(made, indent=1) + "\n")
-    (out / "pretrain.md").write_text(markdown(made))
+    write_results(out, made)
     print(markdown(made))
     return 0
 

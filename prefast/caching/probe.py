@@ -53,8 +53,8 @@ def typical(run: Callable[[], float | None], reps: int) -> float:
     forward+backward. A first call past four times ``LONG_S`` is the figure (seconds of
     work: its one-time costs are noise, and a second call doubles what the probe costs);
     ``reps`` 0: the first call is the figure; a call past ``LONG_S`` is the last one.
-    ``run`` may return its own figure (a part of what it did, e.g. the backward alone),
-    else its wall time counts."""
+    ``run`` may return its own figure (a part of what it did, e.g. the step without the
+    gradients' reset before it), else its wall time counts."""
 
     def timed() -> float:
         t = time.perf_counter()
