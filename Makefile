@@ -13,7 +13,7 @@ install: $(STAMP)
 # Exact versions from constraints.txt; ranges live in setup.cfg.
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --quiet -c constraints.txt -e '.[dev,timm]'
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,timm,s3]'
 	touch $@
 
 demo: install

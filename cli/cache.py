@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+from pathlib import Path
 
 from .common import human_bytes, write_json
 
@@ -52,19 +53,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _root(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-
-    from prefast.config import default_cache_dir, local_dir
+    """The root the command names: a local directory or an s3:// prefix."""
+    from prefast.config import cache_location, cache_root
     from prefast.errors import ConfigError
-    from prefast.store import CacheRoot
 
-    path = (
-        local_dir(args.cache_dir, f"--cache-dir {args.cache_dir}")
-        if args.cache_dir
-        else default_cache_dir()
-    )
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--cache-dir {path} is not a directory: pass the directory a run used")
-    return CacheRoot(path)
+    if args.cache_dir:
+        where = cache_location(args.cache_dir, f"--cache-dir {args.cache_dir}")
+        if isinstance(where, Path) and where.exists() and not where.is_dir():
+            raise ConfigError(
+                f"--cache-dir {where} is not a directory: pass the directory a run used"
+            )
+    return cache_root(args.cache_dir)
 
 
 # What a user tells caches apart by; --long adds the rest (the JSON has every field).
@@ -205,11 +204,14 @@ def run_purge(args: argparse.Namespace) -> int:
         raise ConfigError("cache purge needs KEY..., --all, --partial, --older-than or --max-size")
     keys = [root.resolve(k) for k in args.key]
     doomed = purge_candidates(root, keys, rule)
-    total = sum(r["bytes"] for r in doomed)
+    total = sum(r["bytes"] for r in doomed if not r["only_orphans"])
     for r in doomed:
-        print(
-            f"{'would delete' if args.dry_run else 'delete'} {r['key']}  {r['status']}  {human_bytes(r['bytes'])}"
+        what = (
+            f"{len(r['orphans'])} copy(ies) its record does not name"
+            if r["only_orphans"]
+            else f"{r['status']}  {human_bytes(r['bytes'])}"
         )
+        print(f"{'would delete' if args.dry_run else 'delete'} {r['key']}  {what}")
     if not doomed:
         print("nothing to purge")
         return 0
@@ -227,7 +229,9 @@ def run_purge(args: argparse.Namespace) -> int:
             return 0
     deleted = freed = 0
     for r in doomed:
-        if root.remove(r["key"]):  # only under the key's exclusive lock
+        if r["only_orphans"]:
+            freed += root.remove_orphans(r["key"])
+        elif root.remove(r["key"]):  # only under the key's exclusive lock
             deleted, freed = deleted + 1, freed + r["bytes"]
         else:
             print(f"skipped {r['key']}: in use by a live process (reading or writing it)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,12 @@ class TrainConfig:
         if isinstance(self.freeze_prefix, int) and self.freeze_prefix < 0:
             raise ConfigError(f"--freeze-prefix {self.freeze_prefix} must be >= 0")
         if self.cache_dir is not None:
-            local_dir(self.cache_dir, setting("cache_dir", self.cache_dir))
+            where = cache_location(self.cache_dir, setting("cache_dir", self.cache_dir))
+            if isinstance(where, str) and self.cache_tier == "mmap":
+                raise ConfigError(
+                    f"--cache-tier mmap maps a local file; the cache dir {where} is an object "
+                    "store: use --cache-tier zarr (or auto), or a local --cache-dir"
+                )
         positive = ("epochs", "batch_size", "growth_rate", "width", "cache_views")
         for name in positive:
             if getattr(self, name) < 1:
@@ -283,11 +289,34 @@ def local_dir(text: str, named: str) -> Path:
     return Path(text)
 
 
+def cache_location(text: str, named: str) -> Path | str:
+    """A cache root as given: a local directory, or ``s3://BUCKET/PREFIX`` (checked here,
+    opened by ``store.objectstore.ObjectRoot``); any other URL is refused in one line."""
+    from prefast.store.objectstore import is_url, parse_url
+
+    if is_url(text):
+        parse_url(text, named)
+        return text
+    return Path(text)
+
+
+def cache_root(cache_dir: str | None):  # type: ignore[no-untyped-def]
+    """The run's cache root: ``--cache-dir`` (a directory or an ``s3://`` prefix), else
+    ``default_cache_dir()``; a ``CacheRoot`` or an ``ObjectRoot``, one interface."""
+    from prefast.store import CacheRoot
+    from prefast.store.objectstore import ObjectRoot, is_url
+
+    where = cache_dir or os.environ.get("PREFAST_CACHE_DIR")
+    if where and is_url(where):
+        return ObjectRoot(where)
+    return CacheRoot(Path(cache_dir) if cache_dir else default_cache_dir())
+
+
 def default_cache_dir() -> Path:
     """--cache-dir, else $PREFAST_CACHE_DIR, else $XDG_CACHE_HOME/prefast (~/.cache/prefast)."""
     import os
 
     if env := os.environ.get("PREFAST_CACHE_DIR"):
-        return local_dir(env, f"PREFAST_CACHE_DIR={env}")
+        return local_dir(env, f"PREFAST_CACHE_DIR={env} (an s3:// one serves runs and `cache`)")
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "prefast"

@@ -25,13 +25,14 @@ from .errors import ConfigError
 from .layout import CacheRoot, cache_key
 from .loader import PrefetchLoader
 from .memory import MemoryWriter
+from .objectstore import ObjectRoot
 from .readers import open_reader
 
 
 def open_writer(
     tier: str,
     spec: CacheSpec,
-    root: CacheRoot | None = None,
+    root: CacheRoot | ObjectRoot | None = None,
     device: torch.device | str | None = None,
 ) -> Writer:
     """A writer for ``tier`` (gpu, ram, mmap or zarr); ``device`` is the training device
@@ -56,6 +57,17 @@ def open_writer(
         from .mmap_writer import MmapWriter
         from .zarr_writer import ZarrWriter
 
+        if root.remote:  # an s3:// root: the zarr tier only (mmap maps a local file)
+            from .object_writer import ObjectZarrWriter
+
+            if tier == "mmap":
+                raise ConfigError(
+                    f"cache tier 'mmap' maps a local file; {root.path} is an object store: "
+                    "use the zarr tier there, or a local --cache-dir"
+                )
+            return ObjectZarrWriter(root, spec)  # type: ignore[arg-type]
+
+        assert isinstance(root, CacheRoot)
         return ZarrWriter(root, spec) if tier == "zarr" else MmapWriter(root, spec)
     raise ConfigError(f"unknown cache tier {tier!r}: choose one of {', '.join(TIERS)}")
 
@@ -64,6 +76,7 @@ __all__ = [
     "TIERS",
     "CacheRoot",
     "CacheSpec",
+    "ObjectRoot",
     "PrefetchLoader",
     "Reader",
     "Writer",

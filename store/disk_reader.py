@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ from .layout import CacheRoot, KeyLock
 from .shuffle import chunk_visit_order, windowed_order
 
 
-def chunk_file(cache_dir: Path, array: zarr.Array, i: int) -> Path:
+def chunk_file(cache_dir: PurePath, array: zarr.Array, i: int) -> PurePath:
     """The file of chunk ``i`` of a cache's ``activations`` array (chunked along rows only)."""
     tail = (0,) * (len(array.shape) - 1)
     return cache_dir / "activations" / array.metadata.encode_chunk_key((i, *tail))
@@ -65,8 +65,7 @@ class DiskReader(Reader):
     def _open(self) -> None:
         try:
             self.marker = self.root.marker(self.key)
-            store = zarr.storage.LocalStore(self.dir, read_only=True)
-            self.group = zarr.open_group(store, mode="r")
+            self.group = self._zarr_group()
             a: dict[str, Any] = dict(self.group.attrs)
             self.spec = CacheSpec(self.key, a["rows"], tuple(a["shape"]), a["dtype"], a)
         except OSError as exc:
@@ -97,6 +96,9 @@ class DiskReader(Reader):
             raise read_error(self.key, f"reading array {name!r}", exc) from exc
         except (KeyError, ValueError, RuntimeError) as exc:
             raise CacheCorruptedError(self.key, f"array {name!r} is unreadable ({exc})") from exc
+
+    def _zarr_group(self) -> zarr.Group:
+        return zarr.open_group(zarr.storage.LocalStore(self.dir, read_only=True), mode="r")
 
     @property
     def num_chunks(self) -> int:

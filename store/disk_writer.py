@@ -72,9 +72,7 @@ class DiskWriter(Writer):
                     f"cache {spec.key} under {root.path} is already complete: open it with "
                     "open_reader() instead of rewriting it"
                 )
-            root.remove_held(spec.key)  # a partial left by a killed writer
-            self.dir.mkdir(parents=True)
-            self.group = zarr.open_group(zarr.storage.LocalStore(self.dir), mode="w", zarr_format=3)
+            self.group = self._create_group()
             self._open_files()
         except BaseException:
             self.lock.release()
@@ -106,6 +104,12 @@ class DiskWriter(Writer):
             target=self._run, name=f"prefast-writer-{spec.key[:8]}", daemon=True
         )
         self.thread.start()
+
+    def _create_group(self) -> zarr.Group:
+        """The zarr group, in a fresh directory (a killed writer's partial removed first)."""
+        self.root.remove_held(self.spec.key)
+        self.dir.mkdir(parents=True)
+        return zarr.open_group(zarr.storage.LocalStore(self.dir), mode="w", zarr_format=3)
 
     # -- trainer side --------------------------------------------------------------------
     def append(self, acts: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
@@ -174,13 +178,19 @@ class DiskWriter(Writer):
         self._write_small("labels", self.labels)
         self._write_small("ids", self.row_ids)
         self._finalize()
-        fsync_tree(self.dir)
+        self._sync()
         with self._handoff:
             if self._completion_abandoned:
                 return
         # Given up while this writes: the marker is removed first, and until then the key
         # stays locked, so no reader ever opens the cache.
-        atomic_write_json(self.dir / MARKER, self._marker())
+        self._commit(self._marker())
+
+    def _sync(self) -> None:  # the data reaches the disk before the marker declares it
+        fsync_tree(self.dir)
+
+    def _commit(self, marker: dict) -> None:  # the cache is complete: the marker, atomically
+        atomic_write_json(self.dir / MARKER, marker)
 
     def _give_up_completion(self) -> None:
         """``finish`` waited too long for the completion thread: that thread writes no
@@ -226,12 +236,8 @@ class DiskWriter(Writer):
         self._discard(deadline)
 
     def _warn_hung(self) -> None:
-        log.warning(
-            "cache %s: the disk has not answered for %.0f s; the partial cache is removed "
-            "when the hung write returns",
-            self.spec.key[:8],
-            ABORT_WAIT_S,
-        )
+        log.warning("cache %s: the disk has not answered for %.0f s; the partial cache is "
+                    "removed when the hung write returns", self.spec.key[:8], ABORT_WAIT_S)  # fmt: skip
 
     def _discard(self, deadline: float | None) -> None:
         """Remove the partial cache and release the key once no thread writes any more:
@@ -353,9 +359,7 @@ class DiskWriter(Writer):
             self.pending = [rows[take:]] if take < len(rows) else []
             buffered -= take
 
-    @staticmethod
-    def queue_bytes() -> int:
-        return QUEUE_BYTES  # read at call time (tests shrink it)
+    queue_bytes = staticmethod(lambda: QUEUE_BYTES)  # read at call time (tests shrink it)
 
     def _charge(self, nbytes: int) -> None:
         """Count a chunk about to be written; DiskBudgetError when it would not fit."""

@@ -194,16 +194,7 @@ class CacheRoot:
 
     def resolve(self, key_or_prefix: str) -> str:
         """Accept a unique key prefix, as git does for commits."""
-        matches = [k for k in self.cache_keys() if k.startswith(key_or_prefix)]
-        if len(matches) == 1:
-            return matches[0]
-        if not matches:
-            raise CacheNotFoundError(
-                f"no cache {key_or_prefix!r} under {self.path}: list them with `prefast cache ls`"
-            )
-        raise CacheNotFoundError(
-            f"{key_or_prefix!r} matches {len(matches)} caches: give more characters of the key"
-        )
+        return resolve_key(self.cache_keys(), key_or_prefix, str(self.path))
 
     def remove(self, key: str) -> bool:
         """Delete a cache unless a live process holds it; True when it is gone."""
@@ -229,6 +220,75 @@ class CacheRoot:
         marker = self.dir_for(key) / MARKER
         if marker.exists():
             os.utime(marker)
+
+    # -- what `cache ls` and the run's side files need (``objectstore.ObjectRoot`` too) ----
+    remote = False
+
+    def check(self) -> None:
+        pass
+
+    def sub(self, name: str) -> CacheRoot:
+        return CacheRoot(self.path / name)
+
+    def usage(self, key: str) -> int:
+        return disk_usage(self.dir_for(key))
+
+    def attrs(self, key: str) -> dict:
+        """The cache's zarr group attributes ({} when its writer died before writing them)."""
+        import zarr
+
+        try:
+            store = zarr.storage.LocalStore(self.dir_for(key), read_only=True)
+            return dict(zarr.open_group(store, mode="r").attrs)
+        except Exception:  # a writer killed before its group existed: nothing to read
+            return {}
+
+    def times(self, key: str) -> tuple[float | None, float | None]:
+        """(created, last used): the directory's and the marker's modification times."""
+        with contextlib.suppress(OSError):
+            created = self.dir_for(key).stat().st_mtime
+            marker = self.dir_for(key) / MARKER
+            return created, marker.stat().st_mtime if marker.is_file() else None
+        return None, None
+
+    def live_writer(self, key: str) -> bool:
+        """True when a live process holds the key's lock (don't purge under it)."""
+        lock = self.lock(key)
+        if not lock.try_acquire(shared=False):
+            return True
+        lock.release()
+        return False
+
+    def orphans(self, key: str) -> list[str]:
+        return []  # a local key holds one copy
+
+    def remove_orphans(self, key: str) -> int:
+        return 0
+
+    def read_side(self, name: str) -> bytes | None:
+        """A file kept beside the caches (bandwidths.json, .costs/...), None if absent."""
+        try:
+            return (self.path / name).read_bytes()
+        except OSError:
+            return None
+
+    def write_side(self, name: str, doc: dict) -> None:
+        (self.path / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path / name, doc)
+
+
+def resolve_key(keys: list[str], key_or_prefix: str, where: str) -> str:
+    """The one key ``key_or_prefix`` starts (a unique prefix is enough, as git's commits)."""
+    matches = [k for k in keys if k.startswith(key_or_prefix)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise CacheNotFoundError(
+            f"no cache {key_or_prefix!r} under {where}: list them with `prefast cache ls`"
+        )
+    raise CacheNotFoundError(
+        f"{key_or_prefix!r} matches {len(matches)} caches: give more characters of the key"
+    )
 
 
 def disk_usage(path: Path) -> int:

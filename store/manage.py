@@ -10,22 +10,18 @@ import numpy as np
 from .disk_reader import DiskReader
 from .encoding import decode, nonfinite_rows
 from .errors import CacheCorruptedError, CacheError, CacheLockedError, CacheReadError
-from .layout import MARKER, CacheRoot, disk_usage
+from .layout import CacheRoot
+from .objectstore import ObjectRoot
 from .readers import open_reader
 
+Root = CacheRoot | ObjectRoot  # a local directory or an s3:// prefix
 
-def describe(root: CacheRoot, key: str) -> dict:
+
+def describe(root: Root, key: str) -> dict:
     """One `cache ls` row. Partial caches report what their attributes say."""
-    d = root.dir_for(key)
-    attrs: dict = {}
-    try:
-        import zarr
-
-        attrs = dict(zarr.open_group(zarr.storage.LocalStore(d, read_only=True), mode="r").attrs)
-    except Exception:  # a writer killed before its group existed: nothing to read
-        pass
+    attrs = root.attrs(key)
     complete = root.is_complete(key)
-    marker_path = d / MARKER
+    created, used = root.times(key)
     return {
         "key": key,
         "status": "complete" if complete else "partial",
@@ -41,10 +37,11 @@ def describe(root: CacheRoot, key: str) -> dict:
         "row_bytes": _row_bytes(attrs),
         "codec": attrs.get("codec"),
         "compression_ratio": attrs.get("compression_ratio"),
-        "bytes": disk_usage(d),
+        "bytes": root.usage(key),
         "logical_bytes": attrs.get("logical_bytes"),
-        "created": attrs.get("created", d.stat().st_mtime),
-        "last_used": marker_path.stat().st_mtime if complete else None,
+        "created": attrs.get("created", created),
+        "last_used": used if complete else None,
+        "orphans": root.orphans(key),  # an object store's copies no record names
     }
 
 
@@ -57,11 +54,11 @@ def _row_bytes(attrs: dict) -> int | None:
     return None
 
 
-def list_caches(root: CacheRoot) -> list[dict]:
+def list_caches(root: Root) -> list[dict]:
     return [describe(root, k) for k in root.cache_keys()]
 
 
-def inspect(root: CacheRoot, key: str) -> dict:
+def inspect(root: Root, key: str) -> dict:
     """Attributes, completion record and per-array statistics."""
     info = describe(root, key)
     if info["status"] != "complete":
@@ -91,14 +88,14 @@ def inspect(root: CacheRoot, key: str) -> dict:
     return info
 
 
-def in_root(exc: BaseException, root: CacheRoot) -> BaseException:
+def in_root(exc: BaseException, root: Root) -> BaseException:
     """``exc``, its purge hint naming ``root`` (the --cache-dir the user passed)."""
     if isinstance(exc, CacheCorruptedError):
         exc.root = root.path
     return exc
 
 
-def verify(root: CacheRoot, key: str) -> list[str]:
+def verify(root: Root, key: str) -> list[str]:
     """Check that every chunk the completion marker lists is present and matches its
     checksum; returns the problems found (empty: the cache is sound).
 
@@ -144,16 +141,18 @@ class PurgeRule:
     max_size: int | None = None
 
 
-def purge_candidates(root: CacheRoot, keys: list[str], rule: PurgeRule) -> list[dict]:
+def purge_candidates(root: Root, keys: list[str], rule: PurgeRule) -> list[dict]:
     """Which caches a purge would delete (oldest-used first for --max-size)."""
     rows = list_caches(root)
     chosen = {r["key"] for r in rows if r["key"] in keys}
     if rule.all:
         chosen |= {r["key"] for r in rows}
+    orphaned: set[str] = set()
     if rule.partial:
-        chosen |= {
-            r["key"] for r in rows if r["status"] == "partial" and not _live_writer(root, r["key"])
-        }
+        for r in rows:
+            stray = r["status"] == "partial" or r["orphans"]
+            if stray and not root.live_writer(r["key"]):
+                (chosen if r["status"] == "partial" else orphaned).add(r["key"])
     if rule.older_than_s is not None:
         cutoff = time.time() - rule.older_than_s
         chosen |= {r["key"] for r in rows if (r["last_used"] or r["created"]) < cutoff}
@@ -168,13 +167,9 @@ def purge_candidates(root: CacheRoot, keys: list[str], rule: PurgeRule) -> list[
             total += r["bytes"]
             if total > rule.max_size:
                 chosen.add(r["key"])
-    return [r for r in rows if r["key"] in chosen]
-
-
-def _live_writer(root: CacheRoot, key: str) -> bool:
-    """True when a live process holds the key's lock (don't purge under it)."""
-    lock = root.lock(key)
-    if not lock.try_acquire(shared=False):
-        return True
-    lock.release()
-    return False
+    # A complete key chosen only for the copies its record does not name keeps its cache.
+    return [
+        {**r, "only_orphans": r["key"] not in chosen}
+        for r in rows
+        if r["key"] in chosen or r["key"] in orphaned
+    ]

@@ -6,11 +6,12 @@ from .disk_reader import DiskReader
 from .errors import CacheCorruptedError, CacheNotFoundError, read_error
 from .layout import CacheRoot, KeyLock
 from .mmap_reader import MmapReader
+from .objectstore import ObjectRoot
 from .zarr_reader import ZarrReader
 
 
 def open_reader(
-    root: CacheRoot, key: str, lock: KeyLock | None = None, *, use: bool = True
+    root: CacheRoot | ObjectRoot, key: str, lock: KeyLock | None = None, *, use: bool = True
 ) -> DiskReader:
     """Open a complete disk cache (a partial one is never read). ``use``: record a use
     (what ``cache purge --older-than`` goes by); ``cache verify`` and ``inspect`` read a
@@ -21,6 +22,11 @@ def open_reader(
     files do not add up) or CacheUnavailableError (an I/O error that says nothing
     about the cache, e.g. too many open files: ``errors.read_error`` sorts them).
     """
+    if getattr(root, "remote", False):  # an s3:// root: no lock, the record names the copy
+        from .object_reader import open_object_reader
+
+        return open_object_reader(root, key, use=use)  # type: ignore[arg-type]
+    assert isinstance(root, CacheRoot)
     try:
         lock = lock or root.acquire(key, shared=True)
     except OSError as exc:  # the lock file could not be opened

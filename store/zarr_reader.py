@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numcodecs
@@ -40,12 +40,12 @@ class ZarrReader(DiskReader):
         if not isinstance(array, zarr.Array):
             raise CacheCorruptedError(self.key, "'activations' is not an array")
         self.array = array
-        missing = [i for i in range(self.num_chunks) if not self.chunk_path(i).is_file()]
+        missing = self._missing_chunks()
         if missing:
             raise CacheCorruptedError(
                 self.key,
                 f"{len(missing)} of {self.num_chunks} chunk files are missing "
-                f"(first: {self.chunk_path(missing[0]).relative_to(self.dir)})",
+                f"(first: {chunk_file(PurePath(), self.array, missing[0])})",
             )
 
         # The codec pipeline our writer uses: raw little-endian bytes, zstd or not, then a
@@ -65,8 +65,11 @@ class ZarrReader(DiskReader):
         self._frames = threading.local()  # each loader thread's buffer for zstd frames
         self._checked = threading.local()  # the crc32c of the chunk this thread just read
 
+    def _missing_chunks(self) -> list[int]:
+        return [i for i in range(self.num_chunks) if not self.chunk_path(i).is_file()]
+
     def chunk_path(self, i: int) -> Path:
-        return chunk_file(self.dir, self.array, i)
+        return Path(chunk_file(self.dir, self.array, i))
 
     def _load_chunk(self, i: int, buf: np.ndarray | None) -> np.ndarray:
         """One read of the chunk file: raw bytes (+ 4-byte crc32c) or a zstd frame (+ crc)."""

@@ -7,6 +7,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import crc32c
@@ -92,12 +93,16 @@ class ZarrWriter(DiskWriter):
         raw = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
         payload = self.zstd.encode(raw) if self.use_zstd else raw.data
         self._charge(len(payload) + 4)
-        path = chunk_file(self.dir, self.array, i)
+        trailer = crc32c.crc32c(payload).to_bytes(4, "little")
+        self._put_chunk(i, memoryview(payload), trailer)
+        self._progressed()
+
+    def _put_chunk(self, i: int, view: memoryview, trailer: bytes) -> None:
+        """Chunk ``i``'s file: its encoded bytes, then zarr's crc32c trailer."""
+        path = Path(chunk_file(self.dir, self.array, i))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            trailer = crc32c.crc32c(payload).to_bytes(4, "little")
-            view = memoryview(payload)
             written = os.writev(fd, [view, trailer])
             if written != len(view) + 4:  # short write (rare): finish it
                 rest = (bytes(view) + trailer)[written:]
@@ -105,7 +110,6 @@ class ZarrWriter(DiskWriter):
                     rest = rest[os.write(fd, rest) :]
         finally:
             os.close(fd)
-        self._progressed()
 
     def _drain_chunk_writes(self) -> None:
         while self.in_flight:

@@ -66,15 +66,21 @@ DIGITS = [
             "--max-gpu-mem",
         ),
         pytest.param(["train", "--device", "cuda"], "no CUDA GPU is visible", marks=NO_CUDA),
-        # Until an object-store tier exists, a URL is refused (before: a folder named s3:).
+        # A URL the object-store tier does not speak is refused (before: a folder named gs:).
         (
-            ["train", "--mode", "prefast", "--cache-dir", "s3://bucket/prefix"],
-            "cache_dir='s3://bucket/prefix' (--cache-dir s3://bucket/prefix): s3:// URLs are not",
+            ["train", "--mode", "prefast", "--cache-dir", "gs://bucket/prefix"],
+            "cache_dir='gs://bucket/prefix' (--cache-dir gs://bucket/prefix): gs:// is not a "
+            "store PreFast writes to",
         ),
-        (["plan", "--cache-dir", "s3://bucket/prefix"], "s3:// URLs are not supported yet"),
+        (["plan", "--cache-dir", "gs://bucket/prefix"], "s3://BUCKET/PREFIX"),
         (
-            ["cache", "ls", "--cache-dir", "s3://bucket/prefix"],
-            "--cache-dir s3://bucket/prefix: s3:// URLs are not supported yet",
+            ["cache", "ls", "--cache-dir", "gs://bucket/prefix"],
+            "--cache-dir gs://bucket/prefix: gs:// is not a store PreFast writes to",
+        ),
+        (["train", "--cache-dir", "s3://key:hush@bucket/p"], "URL holds credentials: give the"),
+        (
+            ["train", "--cache-dir", "s3://bucket/p", "--cache-tier", "mmap"],
+            "--cache-tier mmap maps a local file",
         ),
         (["bench", "store", "--dir", "gs://bucket/x"], "--dir gs://bucket/x: gs:// URLs are not"),
     ],
@@ -82,7 +88,7 @@ DIGITS = [
 def test_bad_arguments_one_line_exit_2(args, needle, capsys, caplog):
     res = cli_in_process(capsys, caplog, *args)
     assert res.returncode == 2, res.stderr
-    assert needle in res.stderr
+    assert needle in res.stderr and "hush" not in res.stderr  # a secret is never repeated
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not any(line.startswith("epoch") for line in res.stdout.splitlines()), res.stdout
 

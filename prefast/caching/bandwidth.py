@@ -24,6 +24,7 @@ dtype and torch version, measured again after ``MAX_AGE_DAYS`` or on request
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -32,6 +33,7 @@ import platform
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,9 @@ from prefast.errors import CacheError, ConfigError
 from prefast.store import CacheRoot, CacheSpec, Writer, open_writer
 from prefast.store.device import is_accelerator, synchronize
 from prefast.store.encoding import decode, encode, row_bytes
-from prefast.store.layout import atomic_write_json, drop_page_cache
+from prefast.store.layout import drop_page_cache
+from prefast.store.manage import Root
+from prefast.store.objectstore import ObjectRoot
 
 log = logging.getLogger("prefast.caching.bandwidth")
 MIB = 2**20
@@ -113,19 +117,22 @@ def _to_compute(stored: torch.Tensor, dtype: str, device: torch.device) -> torch
 
 
 def _tier_speed(
-    tier: str, codec: str, x: torch.Tensor, dtype: str, device: torch.device, scratch: Path
+    tier: str, codec: str, x: torch.Tensor, dtype: str, device: torch.device, scratch: Root
 ) -> tuple[float, float]:
-    """(write, read) logical bytes/s of ``x`` stored in ``dtype`` through ``tier``."""
+    """(write, read) logical bytes/s of ``x`` stored in ``dtype`` through ``tier``; the
+    disk tiers in ``scratch`` (a local directory, or an object store's prefix)."""
+    from prefast.store.object_writer import ObjectZarrWriter
     from prefast.store.zarr_writer import ZarrWriter
 
-    root = CacheRoot(scratch / f"{tier}-{codec}")
+    root = scratch.sub(f"{tier}-{codec}")
+    zarr_writer = ObjectZarrWriter if root.remote else ZarrWriter
     batch = 64  # a training batch
     spec = CacheSpec(f"bandwidth-{tier}-{codec}", len(x), ROW_SHAPE, dtype)
     labels, ids = torch.zeros(len(x), dtype=torch.int64), torch.arange(len(x))
     synchronize(device)
     t = time.perf_counter()
     writer: Writer = (
-        ZarrWriter(root, spec, codec=codec)
+        zarr_writer(root, spec, codec=codec)  # type: ignore[arg-type]
         if tier == "zarr"
         else open_writer(tier, spec, root, device)
     )
@@ -141,7 +148,7 @@ def _tier_speed(
         raise
     synchronize(device)
     write_s = time.perf_counter() - t
-    if tier in ("mmap", "zarr"):
+    if tier in ("mmap", "zarr") and isinstance(root, CacheRoot):
         drop_page_cache(root.dir_for(spec.key))  # a cold read, as a boundary larger than RAM reads
     # The reader's own pass, on this thread: what the loader thread does each epoch, without
     # its start (paid once per epoch, not per byte) or its read-ahead.
@@ -164,32 +171,49 @@ def _scratch_prefix(pid: int | None = None) -> str:
     return f".bandwidth-{platform.node()}_{os.getpid() if pid is None else pid}-"
 
 
-def _sweep_dead_scratch(scratch: Path) -> None:
+def _sweep_dead_scratch(scratch: Root) -> None:
     """Remove this host's measurement scratch dirs whose process is gone (up to 32 MiB each:
     a killed run's ``finally`` never ran). Another host's, and a live process's, stay."""
     host = f".bandwidth-{platform.node()}_"
-    for d in scratch.glob(f"{host}*"):
-        pid = d.name[len(host) :].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+    names = scratch.names() if isinstance(scratch, ObjectRoot) else os.listdir(scratch.path)
+    for name in names:
+        pid = name[len(host) :].split("-", 1)[0]
+        if not name.startswith(host) or not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)  # signal 0: is it there?
         except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
+            _remove_scratch(scratch.sub(name))
         except PermissionError:  # alive, another user's
             pass
 
 
-def measure(device: torch.device, dtype: str, scratch: Path, nbytes: int = MEASURE_BYTES):  # type: ignore[no-untyped-def]
-    """Measure every tier this device has (``gpu`` only on an accelerator)."""
+def _remove_scratch(work: Root) -> None:
+    if isinstance(work, ObjectRoot):
+        with contextlib.suppress(CacheError):
+            work.delete_under("")
+    else:
+        shutil.rmtree(work.path, ignore_errors=True)
+
+
+def measure(device: torch.device, dtype: str, scratch: Root | Path, nbytes: int = MEASURE_BYTES):  # type: ignore[no-untyped-def]
+    """Measure every tier this device has (``gpu`` only on an accelerator); the disk tiers
+    in ``scratch`` (an object store's: its zarr tier only, mmap maps a local file)."""
     start = time.perf_counter()
+    scratch = CacheRoot(scratch) if isinstance(scratch, Path) else scratch
     _sweep_dead_scratch(scratch)
-    work = Path(tempfile.mkdtemp(prefix=_scratch_prefix(), dir=scratch))
+    work = (
+        scratch.sub(_scratch_prefix() + uuid.uuid4().hex[:8])
+        if isinstance(scratch, ObjectRoot)
+        else CacheRoot(Path(tempfile.mkdtemp(prefix=_scratch_prefix(), dir=scratch.path)))
+    )
     write, read, failed = {}, {}, {}
     try:
         x = _rows(dtype, device, nbytes)
         _tier_speed("ram", "none", x[:64], dtype, device, work)  # first calls: not timed
         plan = [("ram", "none"), ("mmap", "none"), ("zarr", "none"), ("zarr", "zstd")]
+        if work.remote:
+            plan.remove(("mmap", "none"))
         if is_accelerator(device):
             plan.insert(0, ("gpu", "none"))
         for tier, codec in plan:
@@ -199,7 +223,7 @@ def measure(device: torch.device, dtype: str, scratch: Path, nbytes: int = MEASU
             except (OSError, CacheError, RuntimeError) as exc:  # a full disk, an allocation
                 failed[key] = f"{type(exc).__name__}: {exc}"[:200]
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_scratch(work)
     seconds = time.perf_counter() - start
     meta = _identity(device, dtype) | {"measured_at": _now()}
     if failed:  # priced at the defaults, and measured again next run
@@ -274,7 +298,7 @@ def pinned(path: str, key: str | None = None) -> Bandwidths:
     return Bandwidths.from_json(doc if isinstance(doc, dict) else {}, f"pinned from {path}")
 
 
-def for_run(setting: str | None, device: torch.device, dtype: str, root: Path) -> Bandwidths:
+def for_run(setting: str | None, device: torch.device, dtype: str, root: Root | Path) -> Bandwidths:
     """The run's bandwidths: pinned (``setting`` a path), kept beside the caches in
     ``root`` when fresh, else measured now and kept (``setting='measure'``: always)."""
     setting = setting or os.environ.get("PREFAST_BANDWIDTHS") or None
@@ -282,12 +306,11 @@ def for_run(setting: str | None, device: torch.device, dtype: str, root: Path) -
     key = "|".join(str(ident[k]) for k in ("host", "device", "dtype", "torch"))
     if setting and setting != "measure":
         return pinned(setting, key)
-    kept_path = root / KEPT
-    kept: dict = {}
-    try:
-        kept = json.loads(kept_path.read_text())
-    except (OSError, ValueError):
-        kept = {}
+    root = CacheRoot(root) if isinstance(root, Path) else root
+    kept_path = f"{root.path}/{KEPT}"
+    kept: Any = {}
+    with contextlib.suppress(CacheError, ValueError):
+        kept = json.loads(root.read_side(KEPT) or b"{}")
     entries = kept.get("entries", {}) if isinstance(kept, dict) else {}
     entry = entries.get(key) if isinstance(entries, dict) else None
     meta = entry.get("meta", {}) if isinstance(entry, dict) else {}
@@ -298,18 +321,19 @@ def for_run(setting: str | None, device: torch.device, dtype: str, root: Path) -
         except ConfigError:
             pass  # a damaged entry is measured again
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        if isinstance(root, CacheRoot):
+            root.path.mkdir(parents=True, exist_ok=True)
         bw = measure(device, dtype, root)
     except OSError as exc:  # a cache directory this process cannot write: RAM and GPU only
         log.warning("bandwidths: cannot measure in %s (%s): the temporary directory's disk "
-                    "stands in for it", root, exc.strerror or exc)  # fmt: skip
-        bw = measure(device, dtype, Path(tempfile.gettempdir()))
+                    "stands in for it", root.path, exc.strerror or exc)  # fmt: skip
+        bw = measure(device, dtype, CacheRoot(Path(tempfile.gettempdir())))
     log.info("bandwidths (bytes/s) %s: write %s, read %s", bw.source, _fmt(bw.write), _fmt(bw.read))
     entries = dict(entries) if isinstance(entries, dict) else {}
     entries[key] = {"write": bw.write, "read": bw.read, "meta": bw.meta}
     try:
-        atomic_write_json(kept_path, {"entries": entries})
-    except OSError as exc:  # a read-only cache directory: measured again next run
+        root.write_side(KEPT, {"entries": entries})
+    except (OSError, CacheError) as exc:  # a read-only cache directory: measured again next run
         log.warning("could not keep the measured bandwidths in %s: %s", kept_path, exc)
     return bw
 

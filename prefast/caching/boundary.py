@@ -28,12 +28,13 @@ from collections.abc import Callable
 import torch
 
 from prefast.errors import BoundaryStateError, CacheUnavailableError
-from prefast.store import CacheRoot, Reader, Writer
+from prefast.store import Reader, Writer
+from prefast.store.manage import Root
 
 log = logging.getLogger("prefast.caching.boundary")
 
 
-def discard(reader: Reader, root: CacheRoot | None) -> None:
+def discard(reader: Reader, root: Root | None) -> None:
     """Close ``reader`` and delete its disk cache, unless another process still reads it."""
     reader.close()
     on_disk = reader.tier in ("mmap", "zarr")
@@ -77,7 +78,7 @@ class BoundaryCache:
         stage: int,
         tier: str,
         views: int,
-        root: CacheRoot | None,
+        root: Root | None,
         on_release: Callable[[str], None] = lambda name: None,
         dtype: str = "float16",
     ):

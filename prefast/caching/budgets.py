@@ -21,10 +21,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from prefast.config import TrainConfig, default_cache_dir
+from prefast.config import TrainConfig, cache_location, default_cache_dir
 from prefast.store.device import is_accelerator, memory_info
 
 GIB = 2**30
+OBJECT_STORE_ROOM = 2**50  # what an s3:// cache dir may hold without --max-disk: a PiB
 FORCEABLE = ("auto", "gpu", "ram", "mmap", "zarr")
 
 
@@ -32,7 +33,7 @@ FORCEABLE = ("auto", "gpu", "ram", "mmap", "zarr")
 class Budgets:
     """What the caches may use; ``None`` = read the machine's free memory or disk."""
 
-    cache_dir: Path
+    cache_dir: Path | str  # a local directory, or an s3:// prefix (no disk of ours to fill)
     max_ram: int | None = None
     max_gpu_mem: int | None = None
     max_disk: int | None = None
@@ -47,7 +48,9 @@ class Budgets:
 def budgets_for(cfg: TrainConfig) -> Budgets:
     """What the memory governor may use for this run's caches."""
     return Budgets(
-        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
+        cache_dir=cache_location(cfg.cache_dir, "--cache-dir")
+        if cfg.cache_dir
+        else default_cache_dir(),
         max_ram=cfg.max_ram,
         max_gpu_mem=cfg.max_gpu_mem,
         max_disk=cfg.max_disk,
@@ -95,7 +98,14 @@ class Ledger:
         info = memory_info(self.device)
         return info[0] if info is not None else 0
 
+    @property
+    def remote(self) -> bool:
+        """The caches go to an object store: no mmap tier, and no local disk to fill."""
+        return isinstance(self.budgets.cache_dir, str)
+
     def disk_free(self) -> int:
+        if self.remote:  # a bucket has no free space to read; --max-disk bounds it
+            return OBJECT_STORE_ROOM
         probe = Path(self.budgets.cache_dir)
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent

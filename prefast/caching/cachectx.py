@@ -23,7 +23,6 @@ from prefast.errors import (
 )
 from prefast.models import StagedModel
 from prefast.store import (
-    CacheRoot,
     CacheSpec,
     Reader,
     Writer,
@@ -36,6 +35,7 @@ from prefast.store.base import chunk_bytes_for, shuffle_buffer_bytes
 from prefast.store.device import to_device
 from prefast.store.disk_writer import DiskWriter
 from prefast.store.errors import read_error
+from prefast.store.manage import Root
 
 if TYPE_CHECKING:
     from prefast.config import TrainConfig
@@ -60,7 +60,7 @@ def cache_identity(cfg: TrainConfig, raw: RawSource, rank: int, world: int) -> d
 
 @dataclass
 class CacheContext:
-    root: CacheRoot
+    root: Root  # a local directory or an s3:// prefix
     governor: Governor
     model: StagedModel
     device: torch.device

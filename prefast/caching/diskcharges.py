@@ -18,7 +18,6 @@ from prefast.caching.boundary import BoundaryCache
 from prefast.caching.cachectx import DISK_TIERS, CacheContext
 from prefast.caching.governor import Governor
 from prefast.store import Reader
-from prefast.store.layout import disk_usage
 
 if TYPE_CHECKING:
     from prefast.caching.testcache import TestCache
@@ -44,7 +43,7 @@ class DiskCharges:
         """Bytes an open complete cache takes on disk, walked once per reader: it cannot
         change while the reader holds it (a rewrite under the same key gets a new reader)."""
         if reader not in self.disk_bytes:
-            self.disk_bytes[reader] = disk_usage(self.ctx.root.dir_for(reader.spec.key))
+            self.disk_bytes[reader] = self.ctx.root.usage(reader.spec.key)
         return self.disk_bytes[reader]
 
     def _charge(self, epoch: int | None) -> None:

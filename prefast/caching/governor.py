@@ -178,7 +178,7 @@ class Governor(Ledger):
                 where = "the GPU could not allocate it"
             tier, why = "ram", f"{_mib(total)}, {where}; fits the RAM budget ({_mib(ram)} left)"
         else:
-            tier = "zarr" if pays or total > disk else "mmap"
+            tier = "zarr" if pays or total > disk or self.remote else "mmap"
             on_disk = total / compress_ratio if tier == "zarr" and pays else total
             if on_disk > disk:
                 return Decision(
@@ -257,7 +257,7 @@ class Governor(Ledger):
         found = []
         if below == "gpu" and nbytes <= self.room("ram") and not self.pressure_on("ram"):
             found.append("ram")
-        disk = "zarr" if compress_ratio >= ZSTD_PAYS else "mmap"
+        disk = "zarr" if compress_ratio >= ZSTD_PAYS or self.remote else "mmap"
         on_disk = nbytes / compress_ratio if disk == "zarr" else nbytes
         if LEVEL[below] < LEVEL[disk] and on_disk <= self.room("disk"):
             found.append(disk)

@@ -31,7 +31,6 @@ from prefast.caching.governor import Decision, lossy_candidates
 from prefast.caching.spill import copy_rows
 from prefast.errors import CacheExistsError, CacheLockedError
 from prefast.store import Reader, encoding
-from prefast.store.layout import disk_usage
 from prefast.store.memory import MemoryReader
 
 if TYPE_CHECKING:
@@ -80,9 +79,9 @@ def existing(
         tier = marker.get("tier")
         if tier not in DISK_TIERS:
             continue
-        view = disk_usage(ctx.root.dir_for(key))
+        view = ctx.root.usage(key)
         test_key = ctx.key("test", stage, None, d, prefix)
-        test = disk_usage(ctx.root.dir_for(test_key)) if ctx.root.is_complete(test_key) else 0
+        test = ctx.root.usage(test_key) if ctx.root.is_complete(test_key) else 0
         # Priced as any boundary: one epoch's read against computing the prefix for it.
         prefix_s = prefix_seconds(costs, stage, batches_per_epoch)
         logical = sum(rows) * encoding.row_bytes(costs[stage - 1].out_shape, d)

@@ -38,7 +38,6 @@ import logging
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,7 +60,7 @@ from prefast.caching.replay import check_plan
 from prefast.caching.spill import relieve_pressure
 from prefast.caching.testcache import TestCache
 from prefast.caching.transitions import BoundaryTransitions
-from prefast.config import TrainConfig, default_cache_dir, parse_ops
+from prefast.config import TrainConfig, cache_root, parse_ops
 from prefast.data.sources import Batch, BatchStream, RawSource
 from prefast.distributed import SINGLE, Dist
 from prefast.errors import (
@@ -72,7 +71,7 @@ from prefast.errors import (
 from prefast.freezing.adaptive import AutoFreezeSchedule
 from prefast.freezing.schedule import FreezeOutSchedule
 from prefast.models import StagedModel
-from prefast.store import CacheRoot, PrefetchLoader
+from prefast.store import PrefetchLoader
 from prefast.store.base import TorchBatch, shuffle_buffer_bytes
 from prefast.store.device import Uploader, is_accelerator
 
@@ -105,11 +104,11 @@ class PrefastFeed(BoundaryTransitions):
         resume = resume or {}
         if costs is None:  # a resumed run plans with the costs its first part measured
             costs = resume.get("costs")
-        root = CacheRoot(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+        root = cache_root(cfg.cache_dir)  # a local directory or an s3:// prefix
         if costs is None and ctx.is_main:  # forward times and compression ratios: the plan's
-            costs = probed_costs(cfg, raw, model, device, dtype, amp, root.path)  # or kept ones
+            costs = probed_costs(cfg, raw, model, device, dtype, amp, root)  # or kept ones
         self.costs: list[StageCost] = distributed.broadcast(ctx, costs)  # one plan for all ranks
-        self.governor.bandwidths = run_bandwidths(cfg, device, dtype, root.path, ctx, resume)
+        self.governor.bandwidths = run_bandwidths(cfg, device, dtype, root, ctx, resume)
         self.planned_on = planned_on(self.governor)  # the rooms the plan saw, for the record
         # A replayed plan (--plan-from, or compare's one plan) fixes boundaries, tiers and
         # dtypes; else the plan is a function of the schedule that runs: on resume that is

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +28,7 @@ from prefast.caching.governor import ZSTD_PAYS, Governor, lossy_candidates
 from prefast.config import TrainConfig
 from prefast.distributed import Dist
 from prefast.store import encoding
+from prefast.store.manage import Root
 
 if TYPE_CHECKING:
     from prefast.data.sources import RawSource
@@ -133,7 +133,7 @@ def planned_on(governor: Governor) -> dict:
 
 
 def run_bandwidths(
-    cfg: TrainConfig, device: torch.device, dtype: str, root: Path, ctx: Dist, resume: dict
+    cfg: TrainConfig, device: torch.device, dtype: str, root: Root, ctx: Dist, resume: dict
 ) -> Bandwidths:
     """The run's bandwidths (``bandwidth.for_run``), the same on every rank: the main
     rank's; a resumed run keeps those its first part priced with."""

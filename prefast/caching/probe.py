@@ -16,7 +16,6 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +25,9 @@ from prefast.caching.costmodel import StageCost
 from prefast.store import encoding
 from prefast.store.base import to_storage
 from prefast.store.device import synchronize
-from prefast.store.layout import atomic_write_json, cache_key
+from prefast.store.errors import CacheError
+from prefast.store.layout import cache_key
+from prefast.store.manage import Root
 from prefast.store.zarr_writer import trial_ratio
 
 if TYPE_CHECKING:
@@ -160,9 +161,9 @@ COSTS_DIR = ".costs"  # in the cache root: one JSON of stage costs per probed se
 
 def _kept_path(
     cfg: TrainConfig, raw: RawSource, model: StagedModel, device: torch.device, dtype: str,
-    amp: bool, root: Path,
-) -> tuple[Path, dict]:  # fmt: skip
-    """Where the stage costs of this setting are kept, and the setting."""
+    amp: bool, root: Root,
+) -> tuple[str, dict]:  # fmt: skip
+    """Where the stage costs of this setting are kept (a name in ``root``), and the setting."""
     from prefast.caching.bandwidth import _identity
 
     setting = {
@@ -177,22 +178,23 @@ def _kept_path(
         "deterministic": cfg.deterministic,  # other kernels, other times
         "tried": list(TRIED if cfg.cache_dtype == "auto" else ()),  # auto's 8-bit candidates
     }
-    return root / COSTS_DIR / f"{cache_key(setting)}.json", setting
+    return f"{COSTS_DIR}/{cache_key(setting)}.json", setting
 
 
 def kept_costs(
     cfg: TrainConfig, raw: RawSource, model: StagedModel, device: torch.device, dtype: str,
-    amp: bool, root: Path,
+    amp: bool, root: Root,
 ) -> list[StageCost] | None:  # fmt: skip
     """The stage costs an earlier run of this setting measured (``probed_costs``), if any."""
-    return _read_kept(_kept_path(cfg, raw, model, device, dtype, amp, root)[0])
+    return _read_kept(root, _kept_path(cfg, raw, model, device, dtype, amp, root)[0])
 
 
-def _read_kept(path: Path) -> list[StageCost] | None:
+def _read_kept(root: Root, name: str) -> list[StageCost] | None:
     from prefast.caching.pricing import costs_from_rows
 
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return costs_from_rows(json.loads(path.read_text())["stage_costs"])
+    with contextlib.suppress(CacheError, ValueError, KeyError, TypeError):
+        data = root.read_side(name)
+        return None if data is None else costs_from_rows(json.loads(data)["stage_costs"])
     return None
 
 
@@ -203,7 +205,7 @@ def probed_costs(
     device: torch.device,
     dtype: str,
     amp: bool,
-    root: Path,
+    root: Root,
 ) -> list[StageCost]:
     """The stage costs of ``model`` on ``raw``'s first batch: kept under ``root`` for the next
     run of the same setting (model, starting weights, data, batch size, device, dtype), which
@@ -211,8 +213,8 @@ def probed_costs(
     from prefast.caching.pricing import stage_cost_rows
 
     # The setting's key hashes every weight: made once, for reading and for keeping.
-    path, setting = _kept_path(cfg, raw, model, device, dtype, amp, root)
-    kept = _read_kept(path)
+    name, setting = _kept_path(cfg, raw, model, device, dtype, amp, root)
+    kept = _read_kept(root, name)
     if kept is not None:
         return kept
     with contextlib.closing(raw.train_batches(0)) as batches:
@@ -221,7 +223,6 @@ def probed_costs(
     costs = measure_stage_costs(
         copy.deepcopy(model), probe, backward=False, cache_dtype=dtype, tried=tried
     )
-    with contextlib.suppress(OSError):  # kept if it can be; a run never fails over it
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"setting": setting, "stage_costs": stage_cost_rows(costs)})
+    with contextlib.suppress(OSError, CacheError):  # kept if it can be; never fails a run
+        root.write_side(name, {"setting": setting, "stage_costs": stage_cost_rows(costs)})
     return costs

@@ -16,16 +16,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from prefast.config import TrainConfig, default_cache_dir
+from prefast.config import TrainConfig, cache_root
 from prefast.data.datasets import Splits, TensorImageDataset, load_dataset
 from prefast.data.sources import RawSource, TensorSource
 from prefast.distributed import SINGLE, Dist
-from prefast.errors import ConfigError
+from prefast.errors import CacheUnavailableError, ConfigError
 from prefast.freezing.adaptive import AutoFreezeSchedule, default_interval
 from prefast.freezing.schedule import FreezeOutSchedule
 from prefast.models import StagedModel, as_staged_model, build_model
 from prefast.models.staged import remember_state
 from prefast.store.device import canonical, is_accelerator
+from prefast.store.objectstore import ObjectRoot
 
 log = logging.getLogger("prefast")
 
@@ -148,7 +149,14 @@ def check_cache_dir(cfg: TrainConfig) -> None:
     """A prefast run's cache dir must be a writable directory (created if missing): refused
     here, before any training, instead of each boundary failing and the run going on as
     FreezeOut."""
-    path = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    root = cache_root(cfg.cache_dir)
+    if isinstance(root, ObjectRoot):  # one request: a wrong bucket or key fails here
+        try:
+            root.check()
+        except CacheUnavailableError as exc:
+            raise ConfigError(f"--cache-dir {root.path} cannot be listed: {exc.detail}") from None
+        return
+    path = root.path
     name = f"--cache-dir {path}" if cfg.cache_dir else f"the cache dir {path}"
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{name} is not a directory: pass a directory (created if missing)")

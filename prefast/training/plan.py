@@ -12,7 +12,6 @@ import contextlib
 import copy
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,12 +38,12 @@ from prefast.caching.governor import (
 from prefast.caching.keep import existing
 from prefast.caching.pricing import costs_from_rows, planned_on, pricer_for, pricing_record
 from prefast.caching.probe import kept_costs, measure_stage_costs
-from prefast.config import TrainConfig, default_cache_dir
+from prefast.config import TrainConfig, cache_root
 from prefast.data.sources import RawSource
 from prefast.errors import ConfigError
 from prefast.freezing.adaptive import AutoFreezeSchedule
 from prefast.models import StagedModel
-from prefast.store import CacheRoot
+from prefast.store.manage import Root
 from prefast.training.build import build_run, schedule_for
 
 
@@ -65,7 +64,7 @@ def measure_and_plan(
     cfg, staged, raw = build_run(cfg, model, train_data, test_data)
     device = raw.device
     dtype = cache_dtype(cfg.cache_dtype, device, cfg.amp)
-    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    root = cache_root(cfg.cache_dir)  # a local directory or an s3:// prefix
     if costs_from:
         costs, bandwidths, there = recorded_pricing(costs_from, staged.num_stages)
         if cfg.bandwidths:  # --bandwidths given as well: it wins
@@ -207,14 +206,14 @@ def reused_boundaries(
     raw: RawSource,
     costs: list[StageCost],
     dtype: str,
-    root: Path,
+    root: Root,
     boundaries: list[Boundary],
     governor: Governor,
 ) -> dict[int, Decision]:
     """stage -> the decision to read an earlier run's complete disk cache of that boundary
     (``keep.existing``, the keys a one-process run of ``cfg`` would compute)."""
     identity = cache_identity(cfg, raw, rank=0, world=1)
-    ctx = CacheContext(CacheRoot(root), governor, staged, raw.device, dtype, identity)
+    ctx = CacheContext(root, governor, staged, raw.device, dtype, identity)
     rows = (raw.num_train, raw.num_test)
     batches = raw.batches_per_epoch + math.ceil(raw.num_test / cfg.batch_size)
     found = {}

@@ -1,0 +1,116 @@
+"""The zarr tier's reader in an object store: the local one with objects for files (the
+layout: ``objectstore.py``; the writer: ``object_writer.py``).
+
+Chunk objects hold what the local tier's chunk files hold (raw or zstd bytes, then zarr's
+crc32c). Chunks are the local tier's 32 MiB (large objects: one GET per chunk would leave
+the connection idle between requests, so each chunk is fetched as ``RANGE_BYTES`` ranges
+at once), loaded ahead on the prefetcher's threads as the local tier's are.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import numpy as np
+import zarr
+
+from .disk_reader import chunk_file
+from .errors import CacheCorruptedError, CacheNotFoundError, CacheUnavailableError, read_error
+from .objectstore import ObjectRoot
+from .zarr_reader import ZarrReader
+
+RANGE_BYTES = 8 * 2**20  # one ranged GET; a 32 MiB chunk is four at once
+
+
+class ObjectZarrReader(ZarrReader):
+    """Reads the copy the completion record names, chunks as parallel ranged GETs."""
+
+    def _zarr_group(self) -> zarr.Group:
+        root = self.object_root
+        try:
+            self.at = root.data_prefix(self.key)
+        except ValueError as exc:
+            raise CacheCorruptedError(self.key, str(exc)) from exc
+        try:
+            return zarr.open_group(root.zarr_store(self.at, True), mode="r")
+        except FileNotFoundError as exc:  # zarr's GroupNotFoundError: no copy there
+            raise CacheCorruptedError(
+                self.key, f"the copy its completion record names ({self.at}) is missing"
+            ) from exc
+
+    @property
+    def object_root(self) -> ObjectRoot:
+        assert isinstance(self.root, ObjectRoot)
+        return self.root
+
+    def _chunk_sizes(self) -> dict[str, int]:
+        listed = self.object_root.listing(f"{self.at}/activations/")
+        self.sizes = {o["path"]: int(o["size"]) for o in listed}
+        return self.sizes
+
+    def _missing_chunks(self) -> list[int]:
+        sizes = self._chunk_sizes()
+        return [i for i in range(self.num_chunks) if self.chunk_name(i) not in sizes]
+
+    def chunk_name(self, i: int) -> str:
+        return str(chunk_file(PurePosixPath(self.at), self.array, i))
+
+    def _load_chunk(self, i: int, buf: np.ndarray | None) -> np.ndarray:
+        if self.codec is None:
+            return super()._load_chunk(i, buf)  # through zarr, which reads the object
+        rows = self._rows_of(i)
+        full = self._full(buf)
+        name = self.chunk_name(i)
+        size = self.sizes.get(name, 0)
+        full_bytes = self.chunk_rows * self.spec.row_bytes
+        if size < 5 or (self.codec == "none" and size != full_bytes + 4):
+            raise CacheCorruptedError(
+                self.key, f"chunk {i} has {size} bytes, expected {full_bytes + 4}"
+            )
+        data = self._fetch(name, size)
+        payload = data[: size - 4]
+        if self.codec == "none":
+            full.reshape(-1).view(np.uint8)[: len(payload)] = payload
+        else:
+            try:
+                self.zstd.decode(payload, out=full.reshape(-1).view(np.uint8))
+            except Exception as exc:  # an undecodable frame
+                raise CacheCorruptedError(self.key, f"chunk {i} of activations: {exc}") from exc
+        return full[:rows]
+
+    def _fetch(self, name: str, size: int) -> np.ndarray:
+        """The object's bytes, as ``RANGE_BYTES`` ranges fetched at once."""
+        import obstore
+        from obstore.exceptions import BaseError
+
+        starts = list(range(0, size, RANGE_BYTES))
+        ends = [min(s + RANGE_BYTES, size) for s in starts]
+        try:
+            parts = obstore.get_ranges(self.object_root.store, name, starts=starts, ends=ends)
+        except (BaseError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError) or type(exc).__name__ == "NotFoundError":
+                raise CacheCorruptedError(self.key, f"chunk object {name} is missing") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CacheUnavailableError(self.key, f"reading {name}: {first[:300]}") from exc
+        out = np.empty(size, dtype=np.uint8)
+        for s, part in zip(starts, parts, strict=True):
+            got = np.frombuffer(memoryview(part), dtype=np.uint8)
+            if s + len(got) > size or (len(got) != min(RANGE_BYTES, size - s)):
+                raise CacheCorruptedError(self.key, f"chunk object {name} changed while read")
+            out[s : s + len(got)] = got
+        return out
+
+
+def open_object_reader(root: ObjectRoot, key: str, *, use: bool = True) -> ObjectZarrReader:
+    """A complete cache in the object store (a partial one is never read)."""
+    try:
+        marker = root.marker(key)
+    except CacheNotFoundError:
+        raise
+    except (ValueError, AttributeError) as exc:
+        raise CacheCorruptedError(key, f"unreadable completion record ({exc})") from exc
+    except OSError as exc:
+        raise read_error(key, "reading the completion record", exc) from exc
+    if marker.get("tier") != "zarr":
+        raise CacheCorruptedError(key, f"the completion record names tier {marker.get('tier')!r}")
+    return ObjectZarrReader(root, key, use=use)  # type: ignore[arg-type]
