@@ -130,6 +130,9 @@ class TrainConfig:
     max_ram: int | None = None
     max_gpu_mem: int | None = None
     max_disk: int | None = None
+    # an s3:// cache dir: a local copy of the chunks read, at most local_cache_size bytes
+    local_cache: str | None = None
+    local_cache_size: int | None = None
     # GPU habits (CUDA only; each can be switched off)
     amp: bool = True  # bf16 autocast for the step, evaluation and the prefix run
     channels_last: bool = True  # model and inputs in channels_last layout
@@ -182,6 +185,13 @@ class TrainConfig:
                     f"--cache-tier mmap maps a local file; the cache dir {where} is an object "
                     "store: use --cache-tier zarr (or auto), or a local --cache-dir"
                 )
+        if self.local_cache is not None:
+            local_dir(self.local_cache, setting("local_cache", self.local_cache))
+            if not (self.cache_dir and isinstance(cache_location(self.cache_dir, ""), str)):
+                raise ConfigError(
+                    f"--local-cache {self.local_cache} keeps local copies of what a run reads "
+                    "from an s3:// --cache-dir; this run's cache dir is local already: drop it"
+                )
         positive = ("epochs", "batch_size", "growth_rate", "width", "cache_views")
         for name in positive:
             if getattr(self, name) < 1:
@@ -216,7 +226,7 @@ class TrainConfig:
             )
         if self.resume and not self.checkpoint:
             raise ConfigError("--resume needs --checkpoint PATH (the file to resume from)")
-        for name in ("max_ram", "max_gpu_mem", "max_disk"):
+        for name in ("max_ram", "max_gpu_mem", "max_disk", "local_cache_size"):
             value = getattr(self, name)
             if isinstance(value, str):  # "4GB" from Python too, as the CLI takes it
                 value = parse_size(value, name)
@@ -300,15 +310,19 @@ def cache_location(text: str, named: str) -> Path | str:
     return Path(text)
 
 
-def cache_root(cache_dir: str | None):  # type: ignore[no-untyped-def]
+def cache_root(cache_dir: str | None, cfg: TrainConfig | None = None):  # type: ignore[no-untyped-def]
     """The run's cache root: ``--cache-dir`` (a directory or an ``s3://`` prefix), else
-    ``default_cache_dir()``; a ``CacheRoot`` or an ``ObjectRoot``, one interface."""
+    ``default_cache_dir()``; a ``CacheRoot`` or an ``ObjectRoot``, one interface. ``cfg``'s
+    ``--local-cache`` keeps copies of what is read from an object store."""
     from prefast.store import CacheRoot
+    from prefast.store.local_copies import LocalCopies
     from prefast.store.objectstore import ObjectRoot, is_url
 
     where = cache_dir or os.environ.get("PREFAST_CACHE_DIR")
     if where and is_url(where):
-        return ObjectRoot(where)
+        local = cfg.local_cache if cfg is not None else None
+        copies = LocalCopies(local, cfg.local_cache_size) if cfg and local else None
+        return ObjectRoot(where, local=copies)
     return CacheRoot(Path(cache_dir) if cache_dir else default_cache_dir())
 
 

@@ -79,6 +79,19 @@ class ObjectZarrReader(ZarrReader):
         return full[:rows]
 
     def _fetch(self, name: str, size: int) -> np.ndarray:
+        """The object's bytes: from the local copy (``--local-cache``) when it holds them,
+        else fetched (and copied there)."""
+        root = self.object_root
+        if root.local is None:
+            return self._get_ranges(name, size)
+        where = f"{root.prefix}/{name}".strip("/")
+        data = root.local.get(root.bucket, where, size)
+        if data is None:
+            data = self._get_ranges(name, size)
+            root.local.put(root.bucket, where, data)
+        return data
+
+    def _get_ranges(self, name: str, size: int) -> np.ndarray:
         """The object's bytes, as ``RANGE_BYTES`` ranges fetched at once."""
         import obstore
         from obstore.exceptions import BaseError

@@ -46,6 +46,7 @@ from typing import Any
 
 from .errors import CacheNotFoundError, CacheUnavailableError, ConfigError
 from .layout import MARKER
+from .local_copies import LocalCopies
 
 SCHEMES = ("s3",)
 LAST_USED = "LAST_USED"
@@ -145,8 +146,9 @@ class ObjectRoot:
 
     remote = True
 
-    def __init__(self, url: str, store: Any | None = None):
+    def __init__(self, url: str, store: Any | None = None, local: LocalCopies | None = None):
         self.bucket, self.prefix = parse_url(url, f"--cache-dir {url}")
+        self.local = local  # --local-cache: copies of the chunk objects read (local_copies.py)
         self.path = f"s3://{self.bucket}/{self.prefix}".rstrip("/")  # what messages name
         self.store = store if store is not None else connect(self.bucket, self.prefix)
 

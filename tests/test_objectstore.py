@@ -266,3 +266,48 @@ def test_a_wrong_bucket_is_refused_before_training_in_one_line(server, bucket, c
     (line,) = res.stderr.strip().splitlines()
     assert "--cache-dir s3://no-such-bucket-prefast/x cannot be listed" in line
     assert s3_server.SECRET not in res.stderr
+
+
+def test_a_local_cache_serves_later_reads_and_never_a_damaged_copy(server, bucket, tmp_path):
+    """--local-cache: the chunks a reader fetched are read from the local copy afterwards
+    (the bucket's chunk objects deleted, the reader still reads the rows); a damaged copy
+    fails its own crc32c, is deleted and fetched again (here: gone, so the cache is
+    corrupted, never the damaged bytes); the folder stays under its size limit."""
+    from prefast.store.local_copies import LocalCopies
+
+    url, key = f"s3://{bucket}/lc", "c" * 24
+    x = torch.relu(torch.randn(1000, 4, 8, 8))
+    write_cache(ObjectRoot(url), key, x)
+    copies = LocalCopies(tmp_path / "lc", max_bytes=10 * 2**20)
+    reader = open_reader(ObjectRoot(url, local=copies), key)
+    assert torch.equal(reader.read_rows(np.arange(1000))[0], x)  # fetched, and copied
+    files = sorted(p for p in (tmp_path / "lc").rglob("*") if p.is_file())
+    assert len(files) == reader.num_chunks
+    s3 = s3_server.client(server.endpoint)
+    for k in objects(server, bucket, f"lc/{key}/"):
+        if "/activations/c/" in k:
+            s3.delete_object(Bucket=bucket, Key=k)
+    assert torch.equal(reader.read_rows(np.arange(1000))[0], x)  # from the local copies
+    data = bytearray(files[0].read_bytes())
+    data[10] ^= 0xFF
+    files[0].write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptedError, match="missing"):
+        reader.read_rows(np.arange(1000))
+    assert not files[0].exists()  # the damaged copy was deleted
+    reader.close()
+    small = LocalCopies(tmp_path / "small", max_bytes=3 * 65 * 2**10)  # room for 3 chunks
+    write_cache(ObjectRoot(url), "b" * 24, x)
+    reader = open_reader(ObjectRoot(url, local=small), "b" * 24)
+    reader.read_rows(np.arange(1000))
+    reader.close()
+    held = sum(p.stat().st_size for p in (tmp_path / "small").rglob("*") if p.is_file())
+    assert 0 < held <= 3 * 65 * 2**10
+
+
+def test_local_cache_needs_an_object_store_cache_dir(tmp_path):
+    from prefast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="this run's cache dir is local already"):
+        TrainConfig(cache_dir=str(tmp_path), local_cache=str(tmp_path / "lc"))
+    cfg = TrainConfig(cache_dir="s3://b-ucket/p", local_cache=str(tmp_path), local_cache_size="2GB")
+    assert cfg.local_cache_size == 2 * 2**30

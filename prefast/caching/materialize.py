@@ -104,7 +104,7 @@ class PrefastFeed(BoundaryTransitions):
         resume = resume or {}
         if costs is None:  # a resumed run plans with the costs its first part measured
             costs = resume.get("costs")
-        root = cache_root(cfg.cache_dir)  # a local directory or an s3:// prefix
+        root = cache_root(cfg.cache_dir, cfg)  # a local directory or an s3:// prefix
         if costs is None and ctx.is_main:  # forward times and compression ratios: the plan's
             costs = probed_costs(cfg, raw, model, device, dtype, amp, root)  # or kept ones
         self.costs: list[StageCost] = distributed.broadcast(ctx, costs)  # one plan for all ranks

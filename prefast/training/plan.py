@@ -64,7 +64,7 @@ def measure_and_plan(
     cfg, staged, raw = build_run(cfg, model, train_data, test_data)
     device = raw.device
     dtype = cache_dtype(cfg.cache_dtype, device, cfg.amp)
-    root = cache_root(cfg.cache_dir)  # a local directory or an s3:// prefix
+    root = cache_root(cfg.cache_dir, cfg)  # a local directory or an s3:// prefix
     if costs_from:
         costs, bandwidths, there = recorded_pricing(costs_from, staged.num_stages)
         if cfg.bandwidths:  # --bandwidths given as well: it wins
