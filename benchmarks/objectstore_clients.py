@@ -18,6 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def main() -> int:
     import obstore
     import s3fs
 
-    doc = {
+    doc: dict[str, Any] = {
         "what": f"{OBJECTS} objects of {OBJECT_BYTES >> 20} MiB, {THREADS} at once, each read "
         f"as {RANGE_BYTES >> 20} MiB ranges; median of {TRIALS}; moto's S3 server on "
         "127.0.0.1 sharing this machine's cores",
