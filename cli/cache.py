@@ -231,7 +231,7 @@ def run_purge(args: argparse.Namespace) -> int:
     for r in doomed:
         if r["only_orphans"]:
             freed += root.remove_orphans(r["key"])
-        elif root.remove(r["key"]):  # only under the key's exclusive lock
+        elif root.purge(r["key"]):  # locally, only under the key's exclusive lock
             deleted, freed = deleted + 1, freed + r["bytes"]
         else:
             print(f"skipped {r['key']}: in use by a live process (reading or writing it)")

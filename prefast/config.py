@@ -178,8 +178,11 @@ class TrainConfig:
             object.__setattr__(self, "freeze_prefix", int(prefix))
         if isinstance(self.freeze_prefix, int) and self.freeze_prefix < 0:
             raise ConfigError(f"--freeze-prefix {self.freeze_prefix} must be >= 0")
-        if self.cache_dir is not None:
-            where = cache_location(self.cache_dir, setting("cache_dir", self.cache_dir))
+        env = os.environ.get("PREFAST_CACHE_DIR")
+        where: Path | str | None = None
+        if self.cache_dir is not None or env:
+            named = setting("cache_dir", self.cache_dir) if self.cache_dir else "PREFAST_CACHE_DIR"
+            where = cache_location(self.cache_dir or env or "", named)
             if isinstance(where, str) and self.cache_tier == "mmap":
                 raise ConfigError(
                     f"--cache-tier mmap maps a local file; the cache dir {where} is an object "
@@ -187,7 +190,7 @@ class TrainConfig:
                 )
         if self.local_cache is not None:
             local_dir(self.local_cache, setting("local_cache", self.local_cache))
-            if not (self.cache_dir and isinstance(cache_location(self.cache_dir, ""), str)):
+            if not isinstance(where, str):
                 raise ConfigError(
                     f"--local-cache {self.local_cache} keeps local copies of what a run reads "
                     "from an s3:// --cache-dir; this run's cache dir is local already: drop it"
@@ -331,6 +334,6 @@ def default_cache_dir() -> Path:
     import os
 
     if env := os.environ.get("PREFAST_CACHE_DIR"):
-        return local_dir(env, f"PREFAST_CACHE_DIR={env} (an s3:// one serves runs and `cache`)")
+        return local_dir(env, f"PREFAST_CACHE_DIR={env}")
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "prefast"

@@ -32,7 +32,7 @@ from .base import (
     from_storage,
 )
 from .chunkio import ChunkPrefetcher, io_workers
-from .errors import CacheCorruptedError, CacheNotFoundError, read_error
+from .errors import CacheCorruptedError, CacheError, CacheNotFoundError, read_error
 from .iothreads import bounded
 from .layout import CacheRoot, KeyLock
 from .shuffle import chunk_visit_order, windowed_order
@@ -53,7 +53,7 @@ class DiskReader(Reader):
                 raise CacheNotFoundError(f"cache {key} under {root.path} is missing or partial")
             self._open()
             if use:  # verifying or inspecting is not using (``cache purge --older-than``)
-                with contextlib.suppress(OSError):  # a use not recorded never makes it unreadable
+                with contextlib.suppress(OSError, CacheError):  # unrecorded use: still readable
                     root.touch(key)
         except OSError as exc:  # from anything not sorted where it happened
             self.close()

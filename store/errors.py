@@ -136,8 +136,9 @@ def write_error(err: BaseException, where: str) -> CacheWriteError:
             f"disk full while writing {where}; the partial cache was removed. Free space, "
             "pass --max-disk, or choose another --cache-dir",
         )
+    first = (str(err).strip().splitlines() or [""])[0][:300]  # a server's reply body: never
     return CacheWriteError(
-        f"writing {where} failed ({type(err).__name__}: {err}); the partial cache was removed"
+        f"writing {where} failed ({type(err).__name__}: {first}); the partial cache was removed"
     )
 
 

@@ -196,8 +196,9 @@ class CacheRoot:
         """Accept a unique key prefix, as git does for commits."""
         return resolve_key(self.cache_keys(), key_or_prefix, str(self.path))
 
-    def remove(self, key: str) -> bool:
-        """Delete a cache unless a live process holds it; True when it is gone."""
+    def remove(self, key: str, copy: str | None = None) -> bool:
+        """Delete a cache unless a live process holds it; True when it is gone. (``copy``:
+        an object store's; a local key has one.)"""
         lock = self.lock(key)
         if not lock.try_acquire(shared=False):
             return False
@@ -264,6 +265,10 @@ class CacheRoot:
 
     def remove_orphans(self, key: str) -> int:
         return 0
+
+    def purge(self, key: str) -> bool:
+        """`cache purge`: delete the cache unless a live process holds it."""
+        return self.remove(key)
 
     def read_side(self, name: str) -> bytes | None:
         """A file kept beside the caches (bandwidths.json, .costs/...), None if absent."""

@@ -145,6 +145,8 @@ def purge_candidates(root: Root, keys: list[str], rule: PurgeRule) -> list[dict]
     """Which caches a purge would delete (oldest-used first for --max-size)."""
     rows = list_caches(root)
     chosen = {r["key"] for r in rows if r["key"] in keys}
+    # A partial cache whose writer is alive is never chosen, whatever the rule.
+    live = {r["key"] for r in rows if r["status"] == "partial" and root.live_writer(r["key"])}
     if rule.all:
         chosen |= {r["key"] for r in rows}
     orphaned: set[str] = set()
@@ -171,5 +173,5 @@ def purge_candidates(root: Root, keys: list[str], rule: PurgeRule) -> list[dict]
     return [
         {**r, "only_orphans": r["key"] not in chosen}
         for r in rows
-        if r["key"] in chosen or r["key"] in orphaned
+        if (r["key"] in chosen or r["key"] in orphaned) and r["key"] not in live
     ]

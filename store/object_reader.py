@@ -27,10 +27,10 @@ class ObjectZarrReader(ZarrReader):
 
     def _zarr_group(self) -> zarr.Group:
         root = self.object_root
-        try:
-            self.at = root.data_prefix(self.key)
-        except ValueError as exc:
-            raise CacheCorruptedError(self.key, str(exc)) from exc
+        data = self.marker.get("data")  # the record read once (DiskReader._open): one copy
+        if not isinstance(data, str) or not data or "/" in data:
+            raise CacheCorruptedError(self.key, "the completion record names no writer's copy")
+        self.at = f"{self.key}/{data}"
         try:
             return zarr.open_group(root.zarr_store(self.at, True), mode="r")
         except FileNotFoundError as exc:  # zarr's GroupNotFoundError: no copy there

@@ -7,6 +7,7 @@ crc32c), so a copy stays a plain Zarr v3 group that ``zarr.storage.ObjectStore``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ from pathlib import PurePosixPath
 import zarr
 
 from .disk_reader import chunk_file
+from .errors import CacheError, CacheWriteError
+from .layout import MARKER
 from .objectstore import WRITING, ObjectRoot, writer_prefix
 from .zarr_writer import ZarrWriter
 
@@ -35,7 +38,11 @@ class ObjectZarrWriter(ZarrWriter):
         self.copy = writer_prefix()
         self.at = f"{self.spec.key}/{self.copy}"
         who = {"host": platform.node(), "pid": os.getpid(), "started": time.time()}
-        group = zarr.open_group(root.zarr_store(self.at, False), mode="w", zarr_format=3)
+        try:
+            group = zarr.open_group(root.zarr_store(self.at, False), mode="w", zarr_format=3)
+        except Exception as exc:  # obstore's own errors (a read-only key): one line, no body
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise CacheWriteError(f"cannot write under {root.path}: {first}") from None
         root.put(f"{self.at}/{WRITING}", json.dumps(who).encode())  # after: mode "w" clears
         return group
 
@@ -56,8 +63,10 @@ class ObjectZarrWriter(ZarrWriter):
             BEFORE_COMMIT(self)
         root = self.object_root
         record = json.dumps({**marker, "data": self.copy}, indent=1, sort_keys=True).encode()
-        if root.put(f"{self.spec.key}/COMPLETE.json", record, create=True):
-            root.delete_under(f"{self.at}/{WRITING}")
+        # A record already there may be ours: a retried PUT whose first reply was lost.
+        if root.put(f"{self.spec.key}/{MARKER}", record, create=True) or self._ours():
+            with contextlib.suppress(CacheError):  # a leftover it is; the record is written
+                root.delete_under(f"{self.at}/{WRITING}")
             self.won = True
             return
         # Another writer completed the key first: its copy is the cache, ours goes.
@@ -66,7 +75,15 @@ class ObjectZarrWriter(ZarrWriter):
                  self.spec.key[:8])  # fmt: skip
         root.delete_under(f"{self.at}/")
 
+    def _ours(self) -> bool:
+        try:
+            return self.object_root.marker(self.spec.key).get("data") == self.copy
+        except (CacheError, ValueError):
+            return False
+
     def _remove(self) -> None:
-        """An aborted copy: ours only (another writer's copy of the key may be the cache)."""
-        self.object_root.delete_under(f"{self.at}/")
+        """An aborted copy: ours only (another writer's copy of the key may be the cache),
+        and the record first if it names ours (a commit that landed after ``finish`` gave
+        up on it): a record never names a copy that is gone."""
+        self.object_root.remove(self.spec.key, self.copy)
         self.lock.release()

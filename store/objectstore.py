@@ -34,6 +34,7 @@ messages name the ``s3://`` URL only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -44,66 +45,17 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from .errors import CacheNotFoundError, CacheUnavailableError, ConfigError
+from .errors import CacheNotFoundError, CacheUnavailableError
 from .layout import MARKER
 from .local_copies import LocalCopies
+from .s3url import connect, is_url, parse_url  # noqa: F401 - is_url: config imports it here
 
-SCHEMES = ("s3",)
+KEY_NAME = re.compile(r"[0-9a-f]{24}")  # layout.cache_key's names
 LAST_USED = "LAST_USED"
 WRITING = "WRITING.json"
 # A partial copy whose writer is on another host is taken for live while any of its
 # objects is younger than this (a writer puts a chunk every few seconds).
 LIVE_WRITER_S = 15 * 60
-
-
-def is_url(text: str | os.PathLike[str]) -> bool:
-    return isinstance(text, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) is not None
-
-
-def parse_url(url: str, named: str) -> tuple[str, str]:
-    """``s3://bucket/prefix`` -> (bucket, prefix without slashes at its ends)."""
-    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/]*)/?(.*)$", url)
-    if m is None or m.group(1).lower() not in SCHEMES:
-        scheme = m.group(1) if m else url.split(":", 1)[0]
-        raise ConfigError(
-            f"{named}: {scheme}:// is not a store PreFast writes to: pass a local directory "
-            "or an S3-compatible bucket as s3://BUCKET/PREFIX"
-        )
-    bucket, prefix = m.group(2), m.group(3).strip("/")
-    if "@" in bucket or ":" in bucket:  # s3://KEY:SECRET@bucket: not repeated in the message
-        raise ConfigError(
-            "the cache dir's s3:// URL holds credentials: give the bucket alone "
-            "(s3://BUCKET/PREFIX); credentials come from AWS_ACCESS_KEY_ID/"
-            "AWS_SECRET_ACCESS_KEY or a profile, never from the URL"
-        )
-    if not bucket:
-        raise ConfigError(f"{named}: no bucket in {url!r}: pass s3://BUCKET/PREFIX")
-    return bucket, prefix
-
-
-def connect(bucket: str, prefix: str) -> Any:
-    """An obstore S3Store for ``bucket``/``prefix`` from the environment's AWS settings."""
-    try:
-        from obstore.store import S3Store
-    except ImportError:
-        raise ConfigError("an s3:// cache dir needs obstore: pip install 'prefast[s3]'") from None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    options: dict[str, Any] = {}
-    if endpoint and endpoint.startswith("http://"):  # a MinIO or a test server on loopback
-        options["allow_http"] = True
-    kw: dict[str, Any] = {"prefix": prefix or None, "client_options": options}
-    if endpoint:
-        kw["endpoint"] = endpoint
-    if not os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
-        kw["region"] = "us-east-1"  # what S3-compatible servers accept when none is named
-    if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
-        try:  # a named profile: boto3 resolves it (obstore reads environment keys only)
-            from obstore.auth.boto3 import Boto3CredentialProvider
-
-            kw["credential_provider"] = Boto3CredentialProvider()
-        except ImportError:
-            pass
-    return S3Store(bucket, **kw)  # the rest from the environment (AWS_*), as boto3 reads it
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -276,31 +228,54 @@ class ObjectRoot:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed["common_prefixes"])
 
     def cache_keys(self) -> list[str]:
-        return [n for n in self.names() if not n.startswith(".")]
+        """Names that are cache keys (24 hex digits): a prefix shared with other data never
+        has its other folders listed, verified or purged as caches."""
+        return [n for n in self.names() if KEY_NAME.fullmatch(n)]
 
     def resolve(self, key_or_prefix: str) -> str:
         from .layout import resolve_key
 
         return resolve_key(self.cache_keys(), key_or_prefix, self.path)
 
-    def remove(self, key: str) -> bool:
-        """Delete a cache: its record first (no new reader opens it), then its objects.
-        No lock to respect: a run reading it falls back to computing the prefix."""
+    def remove(self, key: str, copy: str | None = None) -> bool:
+        """What a run deletes (a superseded or corrupted cache): one copy, ``copy`` or the
+        one the record names now, and the record only while it names that copy; another
+        writer's copy of the key, in progress or newer, is left alone. No lock to respect:
+        a run reading it falls back to computing the prefix."""
+        try:
+            named = self.marker(key).get("data")
+        except (CacheNotFoundError, ValueError):
+            named = None
+        target = copy or named
+        if not isinstance(target, str) or not target or "/" in target:
+            return True
+        if named == target:
+            self._delete(f"{key}/{MARKER}")
+        self.delete_under(f"{key}/{target}/")
+        return True
+
+    def purge(self, key: str) -> bool:
+        """`cache purge`: the whole key, every copy (the record first)."""
         self.remove_held(key)
         return True
 
-    def remove_held(self, key: str) -> None:
+    def _delete(self, path: str) -> None:
         import obstore
 
         try:
-            obstore.delete(self.store, f"{key}/{MARKER}")
+            obstore.delete(self.store, path)
         except _errors() as exc:
             if not _not_found(exc):
-                raise self._unavailable(f"deleting cache {key}", exc) from exc
+                raise self._unavailable(f"deleting {path}", exc) from exc
+
+    def remove_held(self, key: str) -> None:
+        self._delete(f"{key}/{MARKER}")
         self.delete_under(f"{key}/")
 
     def touch(self, key: str) -> None:
-        self.put(f"{key}/{LAST_USED}", str(time.time()).encode())
+        """Best effort: read-only credentials still read the cache."""
+        with contextlib.suppress(CacheUnavailableError):
+            self.put(f"{key}/{LAST_USED}", str(time.time()).encode())
 
     def usage(self, key: str) -> int:
         return sum(int(o["size"]) for o in self.listing(f"{key}/"))

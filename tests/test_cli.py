@@ -78,6 +78,7 @@ DIGITS = [
             "--cache-dir gs://bucket/prefix: gs:// is not a store PreFast writes to",
         ),
         (["train", "--cache-dir", "s3://key:hush@bucket/p"], "URL holds credentials: give the"),
+        (["cache", "ls", "--cache-dir", "gs://key:hush@bucket/p"], "URL holds credentials"),
         (
             ["train", "--cache-dir", "s3://bucket/p", "--cache-tier", "mmap"],
             "--cache-tier mmap maps a local file",

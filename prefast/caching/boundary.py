@@ -38,7 +38,8 @@ def discard(reader: Reader, root: Root | None) -> None:
     """Close ``reader`` and delete its disk cache, unless another process still reads it."""
     reader.close()
     on_disk = reader.tier in ("mmap", "zarr")
-    if on_disk and root is not None and not root.remove(reader.spec.key):
+    copy = getattr(reader, "at", "/").rsplit("/", 1)[-1] or None  # an object store's copy
+    if on_disk and root is not None and not root.remove(reader.spec.key, copy):
         log.info("kept cache %s: another process is reading it", reader.spec.key)
 
 

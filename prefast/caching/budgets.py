@@ -14,6 +14,7 @@ read (cgroup limits, another accelerator, a shared node), not which tier pays.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +48,9 @@ class Budgets:
 
 def budgets_for(cfg: TrainConfig) -> Budgets:
     """What the memory governor may use for this run's caches."""
+    where = cfg.cache_dir or os.environ.get("PREFAST_CACHE_DIR")  # either may be s3://
     return Budgets(
-        cache_dir=cache_location(cfg.cache_dir, "--cache-dir")
-        if cfg.cache_dir
-        else default_cache_dir(),
+        cache_dir=cache_location(where, "--cache-dir") if where else default_cache_dir(),
         max_ram=cfg.max_ram,
         max_gpu_mem=cfg.max_gpu_mem,
         max_disk=cfg.max_disk,

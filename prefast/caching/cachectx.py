@@ -149,7 +149,7 @@ class CacheContext:
             exc.root = self.root.path  # the purge hint names this run's --cache-dir
             self.event(epoch, "corrupted", key=key, detail=str(exc))
             log.warning("cache %s is corrupted (%s): rebuilding it", exc.cache, exc.detail)
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, CacheError):
                 self.root.remove(key)
             return None
         except CacheError as exc:  # locked, or gone since we looked
