@@ -4,8 +4,8 @@
     python benchmarks/run_all.py --quick       # `make bench-quick`: the same pipeline, CI-sized (minutes)
     python benchmarks/run_all.py --only store  # one section again (train_subset, train_full, digits,
                                                # imagefolder, finetune, auto_freeze, cache_dtype,
-                                               # feature_augment, store, store_8bit, chunk_size,
-                                               # map_advice, ddp)
+                                               # feature_augment, store, store_8bit, objectstore,
+                                               # chunk_size, map_advice, ddp)
 
 Writes JSON + markdown (+ PNG) per benchmark, then ``bench_run.json`` with the
 machine and the run time per section (a section rerun with ``--only`` replaces
@@ -131,6 +131,19 @@ def store_8bit(out: Path, quick: bool, cache: str) -> list[Path]:
     return [out / f"store_8bit.{ext}" for ext in ("json", "md", "png")]
 
 
+def objectstore(out: Path, quick: bool, cache: str) -> list[Path]:
+    """The zarr tier in an object store against raw range GETs, on moto's S3 server on
+    127.0.0.1 (functional: it shares the cores; 1 GB, 3 trials; quick: 64 MB, 1)."""
+    from prefast.benchmarks import objectstore_bench as ob
+
+    size, trials = (64 * 2**20, 1) if quick else (2**30, 3)
+    with ob.local_server() as url:
+        doc = ob.run_object_store_bench(url, size, trials)
+    (out / "objectstore.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "objectstore.md").write_text(ob.markdown(doc))
+    return [out / "objectstore.json", out / "objectstore.md"]
+
+
 def chunk_size(out: Path, quick: bool, cache: str) -> list[Path]:
     """Shuffled-epoch reads at 4, 16 and 32 MiB chunks (quick: 1 and 4 MiB, 64 MB)."""
     from prefast.benchmarks.chunk_bench import setting
@@ -227,6 +240,7 @@ SECTIONS = {
     "feature_augment": feature_augment,
     "store": store,
     "store_8bit": store_8bit,
+    "objectstore": objectstore,
     "chunk_size": chunk_size,
     "map_advice": map_advice,
     "ddp": ddp,

@@ -25,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--size", default="2GB", help="logical bytes to write and read (default 2GB)")
     s.add_argument("--trials", type=int, default=3)
-    s.add_argument("--dir", help="directory on the disk to measure (default: system temp)")
+    s.add_argument(
+        "--dir",
+        help="directory on the disk to measure (default: system temp), or s3://BUCKET/PREFIX: "
+        "the zarr tier in an object store against raw parallel range GETs of its objects",
+    )
     s.add_argument("--json-out", help="write results as JSON here")
     s.add_argument("--md-out", help="write a markdown table here")
     s.set_defaults(func=run_store)
@@ -45,16 +49,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_store(args: argparse.Namespace) -> int:
-    from prefast.benchmarks.store_bench import markdown, run_store_bench
+    from prefast.benchmarks import objectstore_bench, store_bench
     from prefast.config import local_dir, parse_size
+    from prefast.store.objectstore import is_url, parse_url
 
     size = parse_size("1GB" if args.quick else args.size, "--size")
-    doc = run_store_bench(
-        size,
-        local_dir(args.dir, f"--dir {args.dir}") if args.dir else None,
-        1 if args.quick else args.trials,
-    )
-    md = markdown(doc)
+    trials = 1 if args.quick else args.trials
+    if args.dir and is_url(args.dir):  # an object store: its zarr tier against raw GETs
+        parse_url(args.dir, f"--dir {args.dir}")
+        doc = objectstore_bench.run_object_store_bench(args.dir, size, trials)
+        md = objectstore_bench.markdown(doc)
+    else:
+        where = local_dir(args.dir, f"--dir {args.dir}") if args.dir else None
+        doc = store_bench.run_store_bench(size, where, trials)
+        md = store_bench.markdown(doc)
     print(md)
     write_json(args.json_out, doc)
     if args.md_out:

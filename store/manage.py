@@ -157,11 +157,11 @@ def purge_candidates(root: Root, keys: list[str], rule: PurgeRule) -> list[dict]
                 (chosen if r["status"] == "partial" else orphaned).add(r["key"])
     if rule.older_than_s is not None:
         cutoff = time.time() - rule.older_than_s
-        chosen |= {r["key"] for r in rows if (r["last_used"] or r["created"]) < cutoff}
+        chosen |= {r["key"] for r in rows if (r["last_used"] or r["created"] or 0) < cutoff}
     if rule.max_size is not None:
         kept = sorted(
             (r for r in rows if r["key"] not in chosen),
-            key=lambda r: r["last_used"] or r["created"],
+            key=lambda r: r["last_used"] or r["created"] or 0,
             reverse=True,
         )
         total = 0

@@ -13,10 +13,11 @@ from pathlib import PurePosixPath
 
 import numpy as np
 import zarr
+from obstore.exceptions import BaseError
 
 from .disk_reader import chunk_file
 from .errors import CacheCorruptedError, CacheNotFoundError, CacheUnavailableError, read_error
-from .objectstore import ObjectRoot
+from .objectstore import ObjectRoot, first_line
 from .zarr_reader import ZarrReader
 
 RANGE_BYTES = 8 * 2**20  # one ranged GET; a 32 MiB chunk is four at once
@@ -44,7 +45,7 @@ class ObjectZarrReader(ZarrReader):
         return self.root
 
     def _chunk_sizes(self) -> dict[str, int]:
-        listed = self.object_root.listing(f"{self.at}/activations/")
+        listed = self.object_root.listing(f"{self.at}/activations/c/")  # chunks, no metadata
         self.sizes = {o["path"]: int(o["size"]) for o in listed}
         return self.sizes
 
@@ -55,9 +56,18 @@ class ObjectZarrReader(ZarrReader):
     def chunk_name(self, i: int) -> str:
         return str(chunk_file(PurePosixPath(self.at), self.array, i))
 
+    def _open(self) -> None:
+        try:
+            super()._open()
+        except BaseError as exc:  # through zarr, which passes obstore's errors on as they are
+            raise CacheUnavailableError(self.key, f"opening it: {first_line(exc)}") from None
+
     def _load_chunk(self, i: int, buf: np.ndarray | None) -> np.ndarray:
-        if self.codec is None:
-            return super()._load_chunk(i, buf)  # through zarr, which reads the object
+        if self.codec is None:  # through zarr, which reads the object
+            try:
+                return super()._load_chunk(i, buf)
+            except BaseError as exc:
+                raise CacheUnavailableError(self.key, f"chunk {i}: {first_line(exc)}") from None
         rows = self._rows_of(i)
         full = self._full(buf)
         name = self.chunk_name(i)
@@ -103,8 +113,7 @@ class ObjectZarrReader(ZarrReader):
         except (BaseError, OSError) as exc:
             if isinstance(exc, FileNotFoundError) or type(exc).__name__ == "NotFoundError":
                 raise CacheCorruptedError(self.key, f"chunk object {name} is missing") from None
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CacheUnavailableError(self.key, f"reading {name}: {first[:300]}") from exc
+            raise CacheUnavailableError(self.key, f"reading {name}: {first_line(exc)}") from None
         out = np.empty(size, dtype=np.uint8)
         for s, part in zip(starts, parts, strict=True):
             got = np.frombuffer(memoryview(part), dtype=np.uint8)

@@ -84,6 +84,11 @@ class ObjectZarrWriter(ZarrWriter):
     def _remove(self) -> None:
         """An aborted copy: ours only (another writer's copy of the key may be the cache),
         and the record first if it names ours (a commit that landed after ``finish`` gave
-        up on it): a record never names a copy that is gone."""
-        self.object_root.remove(self.spec.key, self.copy)
+        up on it): a record never names a copy that is gone. A store that does not answer
+        leaves the copy to ``cache purge --partial``."""
+        try:
+            self.object_root.remove(self.spec.key, self.copy)
+        except CacheError as exc:
+            log.warning("cache %s: could not delete the partial copy %s (%s): `prefast cache "
+                        "purge --partial` removes it", self.spec.key[:8], self.at, exc)  # fmt: skip
         self.lock.release()

@@ -109,7 +109,7 @@ class ObjectRoot:
 
     def sub(self, name: str) -> ObjectRoot:
         """The root one level down (a scratch root beside the caches)."""
-        return ObjectRoot(f"s3://{self.bucket}/{self.prefix}/{name}".replace("//" + "/", "//"))
+        return ObjectRoot(f"s3://{self.bucket}/" + f"{self.prefix}/{name}".strip("/"))
 
     def zarr_store(self, at: str, read_only: bool) -> Any:
         """A zarr store rooted at ``at`` under the prefix: a group opened at its root
@@ -178,9 +178,7 @@ class ObjectRoot:
         return len(paths)
 
     def _unavailable(self, what: str, exc: BaseException) -> CacheUnavailableError:
-        # obstore's messages name the request's URL, never its signature or keys
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return CacheUnavailableError(f"under {self.path}", f"{what}: {first[:300]}")
+        return CacheUnavailableError(f"under {self.path}", f"{what}: {first_line(exc)}")
 
     # -- what a local root offers --------------------------------------------------------
     def check(self) -> None:
@@ -290,8 +288,10 @@ class ObjectRoot:
             if not groups:
                 return {}
             prefix = groups[0].rsplit("/", 1)[0]
-        doc = self.get(f"{prefix}/zarr.json")
-        return dict(json.loads(doc).get("attributes", {})) if doc else {}
+        try:
+            return dict(json.loads(self.get(f"{prefix}/zarr.json") or b"{}").get("attributes", {}))
+        except (ValueError, AttributeError, TypeError):  # damaged metadata: `cache ls` goes on
+            return {}
 
     def times(self, key: str) -> tuple[float | None, float | None]:
         """(first object written, last used): object times, no file times."""
@@ -308,8 +308,11 @@ class ObjectRoot:
         for o in objects:
             if not o["path"].endswith("/" + WRITING):
                 continue
-            doc = json.loads(self.get(o["path"]) or b"{}")
-            if doc.get("host") == platform.node():
+            try:
+                doc = json.loads(self.get(o["path"]) or b"{}")
+            except ValueError:  # damaged: judged by its objects' age, as another host's
+                doc = {}
+            if isinstance(doc, dict) and doc.get("host") == platform.node():
                 if _alive(int(doc.get("pid", -1))):
                     return True
                 continue
@@ -345,6 +348,14 @@ class ObjectRoot:
 
     def write_side(self, name: str, doc: dict) -> None:
         self.put(name, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's first line, at most 300 characters: obstore's messages go on with the
+    server's reply body (on AWS, a signature error's body names the access key and the
+    canonical request, with any session token in it), which no message of ours repeats."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def writer_prefix() -> str:

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from typing import Any
 
 from .errors import ConfigError
 
 SCHEMES = ("s3",)
+# Every wait on the store is bounded. A request gets REQUEST_S (CONNECT_S to connect); one
+# that fails as a network store fails (5xx such as 503 SlowDown, a dropped connection, a
+# timeout) is retried with exponential backoff and full jitter (obstore's), at most RETRIES
+# times within RETRY_S. Past that the error reaches the reader, which gives the boundary up
+# and computes the prefix again, or the writer, which gives the cache up: a run never hangs
+# on the store, and never trains on a row it did not check. Read at call time (tests
+# shrink them).
+RETRIES, RETRY_S, REQUEST_S, CONNECT_S = 5, 30.0, 20.0, 5.0
 
 
 def is_url(text: str | os.PathLike[str]) -> bool:
@@ -52,7 +61,21 @@ def connect(bucket: str, prefix: str) -> Any:
     options: dict[str, Any] = {}
     if endpoint and endpoint.startswith("http://"):  # a MinIO or a test server on loopback
         options["allow_http"] = True
-    kw: dict[str, Any] = {"prefix": prefix or None, "client_options": options}
+    options["timeout"] = timedelta(seconds=REQUEST_S)
+    options["connect_timeout"] = timedelta(seconds=CONNECT_S)
+    retry = {
+        "max_retries": RETRIES,
+        "retry_timeout": timedelta(seconds=RETRY_S),
+        "backoff": {
+            "init_backoff": timedelta(milliseconds=100),
+            "max_backoff": timedelta(seconds=5),
+        },
+    }
+    kw: dict[str, Any] = {
+        "prefix": prefix or None,
+        "client_options": options,
+        "retry_config": retry,
+    }
     if endpoint:
         kw["endpoint"] = endpoint
     if not os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):

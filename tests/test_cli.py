@@ -83,7 +83,7 @@ DIGITS = [
             ["train", "--cache-dir", "s3://bucket/p", "--cache-tier", "mmap"],
             "--cache-tier mmap maps a local file",
         ),
-        (["bench", "store", "--dir", "gs://bucket/x"], "--dir gs://bucket/x: gs:// URLs are not"),
+        (["bench", "store", "--dir", "gs://bucket/x"], "--dir gs://bucket/x: gs:// is not a store"),
     ],
 )
 def test_bad_arguments_one_line_exit_2(args, needle, capsys, caplog):

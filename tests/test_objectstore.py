@@ -326,3 +326,78 @@ def test_prefast_cache_dir_may_name_the_bucket(server, bucket, monkeypatch, caps
     assert len(json.loads(ls.stdout)) == 2
     with pytest.raises(Exception, match="--cache-tier mmap maps a local file"):
         TrainConfig(cache_tier="mmap")
+
+
+def test_a_record_never_names_a_copy_that_is_gone(server, bucket):
+    """A commit whose reply was lost is retried and finds a record: its own, so it won (it
+    does not delete the copy the record names). A commit that landed after ``finish`` gave up
+    on it is cleaned up record first. Before, both deleted the named copy: every later reader
+    found the cache corrupted."""
+    root = ObjectRoot(f"s3://{bucket}/commit")
+    spec = CacheSpec("a1" * 12, 64, (4, 8, 8), "float32", chunk_bytes=64 * 2**10)
+    writer = open_writer("zarr", spec, root)
+    writer.append(torch.ones(64, 4, 8, 8), torch.zeros(64, dtype=torch.int64), torch.arange(64))
+    reader = writer.finish()
+    reader.close()
+    writer._commit(writer._marker())  # the retried PUT: the record is there, and ours
+    assert writer.won and root.is_complete(spec.key)
+    open_reader(root, spec.key).close()  # its copy is whole
+    writer._remove()  # the cleanup of a commit finish gave up on
+    assert not root.is_complete(spec.key) and objects(server, bucket, f"commit/{spec.key}/w-") == []
+
+
+def test_a_run_deletes_only_the_copy_it_read(server, bucket):
+    """A run giving up a superseded or corrupted cache on an object store deletes the copy it
+    read, and the record only while it names that copy: another writer's copy of the key, in
+    progress, is left alone (before, the whole key went, under that writer)."""
+    root = ObjectRoot(f"s3://{bucket}/mine")
+    key = "b2" * 12
+    spec = CacheSpec(key, 100, (4, 8, 8), "float32", chunk_bytes=64 * 2**10)
+    other = open_writer("zarr", spec, root)  # another process's copy, being written
+    other.append(torch.ones(64, 4, 8, 8), torch.zeros(64, dtype=torch.int64), torch.arange(64))
+    write_cache(root, key, torch.ones(100, 4, 8, 8))  # meanwhile one completes the key
+    first = json.loads(root.get(f"{key}/COMPLETE.json") or b"{}")["data"]
+    time.sleep(0.5)
+    root.remove(key, first)  # and a run gives that one up
+    left = {k.split("/")[2] for k in objects(server, bucket, f"mine/{key}/w-")}
+    assert left == {other.copy} and not root.is_complete(key)
+    other.append(torch.ones(36, 4, 8, 8), torch.zeros(36, dtype=torch.int64), torch.arange(64, 100))
+    other.finish().close()  # and it completes the key
+    assert json.loads(root.get(f"{key}/COMPLETE.json") or b"{}")["data"] == other.copy
+
+
+def test_purge_older_than_goes_by_the_last_use(server, bucket, capsys, caplog):
+    url = f"s3://{bucket}/old"
+    write_cache(ObjectRoot(url), "c3" * 12, torch.ones(100, 4, 8, 8))
+    args = ("cache", "purge", "--older-than", "2s", "--yes", "--cache-dir", url)
+    assert "nothing to purge" in cli_in_process(capsys, caplog, *args).stdout
+    time.sleep(3)
+    assert "deleted 1 cache(s)" in cli_in_process(capsys, caplog, *args).stdout
+
+
+def test_no_message_repeats_a_server_s_reply_body():
+    """obstore's errors go on with the server's reply; on AWS a signature error's body names
+    the access key and the canonical request (a session token in it). Messages keep the
+    first line only."""
+    from prefast.store.errors import write_error
+    from prefast.store.objectstore import first_line
+
+    body = "Error performing PUT http://x/b/k\n<AWSAccessKeyId>" + s3_server.SECRET + "</…>"
+    assert s3_server.SECRET not in str(write_error(RuntimeError(body), "cache k"))
+    assert s3_server.SECRET not in first_line(RuntimeError(body))
+    assert s3_server.SECRET not in first_line(RuntimeError("x" * 400 + s3_server.SECRET))
+
+
+def test_bench_store_measures_the_bucket_against_raw_range_gets(
+    server, bucket, tmp_path, capsys, caplog
+):
+    out = tmp_path / "bench.json"
+    res = cli_in_process(capsys, caplog, "bench", "store", "--dir", f"s3://{bucket}/b",
+                         "--size", "24MB", "--trials", "1", "--json-out", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    for codec in ("none", "zstd"):
+        s = doc["summary"][codec]
+        assert s["write_mb_s"] > 0 and s["read_mb_s"] > 0 and s["raw_get_floor_mb_s"] > 0
+    assert "| read / floor |" in res.stdout and "functional" in res.stdout
+    assert objects(server, bucket, "b/") == []  # the scratch prefix is gone

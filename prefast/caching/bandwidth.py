@@ -324,9 +324,9 @@ def for_run(setting: str | None, device: torch.device, dtype: str, root: Root | 
         if isinstance(root, CacheRoot):
             root.path.mkdir(parents=True, exist_ok=True)
         bw = measure(device, dtype, root)
-    except OSError as exc:  # a cache directory this process cannot write: RAM and GPU only
+    except (OSError, CacheError) as exc:  # a cache dir this process cannot write (or list)
         log.warning("bandwidths: cannot measure in %s (%s): the temporary directory's disk "
-                    "stands in for it", root.path, exc.strerror or exc)  # fmt: skip
+                    "stands in for it", root.path, getattr(exc, "strerror", None) or exc)  # fmt: skip
         bw = measure(device, dtype, CacheRoot(Path(tempfile.gettempdir())))
     log.info("bandwidths (bytes/s) %s: write %s, read %s", bw.source, _fmt(bw.write), _fmt(bw.read))
     entries = dict(entries) if isinstance(entries, dict) else {}

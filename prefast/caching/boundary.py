@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from prefast.errors import BoundaryStateError, CacheUnavailableError
+from prefast.errors import BoundaryStateError, CacheError, CacheUnavailableError
 from prefast.store import Reader, Writer
 from prefast.store.manage import Root
 
@@ -39,8 +39,11 @@ def discard(reader: Reader, root: Root | None) -> None:
     reader.close()
     on_disk = reader.tier in ("mmap", "zarr")
     copy = getattr(reader, "at", "/").rsplit("/", 1)[-1] or None  # an object store's copy
-    if on_disk and root is not None and not root.remove(reader.spec.key, copy):
-        log.info("kept cache %s: another process is reading it", reader.spec.key)
+    try:
+        if on_disk and root is not None and not root.remove(reader.spec.key, copy):
+            log.info("kept cache %s: another process is reading it", reader.spec.key)
+    except CacheError as exc:  # an object store that does not answer: purge removes it later
+        log.warning("could not delete cache %s: %s", reader.spec.key, exc)
 
 
 class State(enum.Enum):

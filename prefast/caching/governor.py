@@ -136,6 +136,8 @@ class Governor(Ledger):
         """
         total = views * view_bytes + test_bytes
         forced = replayed or self.budgets.tier
+        if forced == "mmap" and self.remote:  # a replayed plan's mmap: the bucket's zarr tier
+            forced = "zarr"
         label = (
             f"{forced}, as the replayed plan has it (compare's own plan, or plan_from)"
             if replayed

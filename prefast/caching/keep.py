@@ -29,7 +29,7 @@ from prefast.caching.cachectx import DISK_TIERS, CacheContext
 from prefast.caching.costmodel import prefix_seconds
 from prefast.caching.governor import Decision, lossy_candidates
 from prefast.caching.spill import copy_rows
-from prefast.errors import CacheExistsError, CacheLockedError
+from prefast.errors import CacheError, CacheExistsError, CacheLockedError
 from prefast.store import Reader, encoding
 from prefast.store.memory import MemoryReader
 
@@ -74,7 +74,7 @@ def existing(
             continue
         try:
             marker = ctx.root.marker(key)
-        except (OSError, ValueError):  # unreadable: not taken here (reuse sorts it)
+        except (OSError, ValueError, CacheError):  # unreadable: not taken here (reuse sorts it)
             continue
         tier = marker.get("tier")
         if tier not in DISK_TIERS:
