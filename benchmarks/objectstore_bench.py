@@ -17,8 +17,10 @@ no speed claim for a real S3 endpoint (docs/object-store.md has what real S3 gav
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +33,7 @@ from prefast.benchmarks.store_bench import activations_of_size
 from prefast.store.base import SHUFFLE_BUFFER_BYTES, CacheSpec
 from prefast.store.chunkio import io_workers
 from prefast.store.loader import PrefetchLoader
-from prefast.store.object_reader import RANGE_BYTES, ObjectZarrReader
+from prefast.store.object_reader import RANGE_BYTES, ObjectZarrReader, fetch_ranges, ranges
 from prefast.store.object_writer import ObjectZarrWriter
 from prefast.store.objectstore import ObjectRoot
 from prefast.store.readers import open_reader
@@ -46,20 +48,24 @@ def raw_get_floor(reader: ObjectZarrReader, decode: bool) -> float:
     decoded (what ``store_bench``'s zstd floor does for chunk files: decoding is the
     reader's work whatever the store)."""
     import numcodecs
-    import obstore
 
     store = reader.object_root.store
     names = [reader.chunk_name(i) for i in range(reader.num_chunks)]
     chunk_bytes = reader.chunk_rows * reader.spec.row_bytes
+    mine = threading.local()  # each thread's frame and output, reused (store_floors' way)
 
     def fetch(name: str) -> int:
         size = reader.sizes[name]
-        starts = list(range(0, size, RANGE_BYTES))
-        ends = [min(s + RANGE_BYTES, size) for s in starts]
-        parts = obstore.get_ranges(store, name, starts=starts, ends=ends)
+        starts, ends = ranges(size)
+        parts = fetch_ranges(store, name, starts, ends)
         if decode:
-            frame = b"".join(bytes(memoryview(p)) for p in parts)[:-4]
-            numcodecs.Zstd().decode(frame, out=np.empty(chunk_bytes, dtype=np.uint8))
+            if getattr(mine, "frame", None) is None or len(mine.frame) < size:
+                mine.frame = np.empty(size, dtype=np.uint8)
+                mine.out = np.empty(chunk_bytes, dtype=np.uint8)
+            for s, p in zip(starts, parts, strict=True):  # one copy: the frame, contiguous
+                piece = np.frombuffer(memoryview(p), dtype=np.uint8)
+                mine.frame[s : s + len(piece)] = piece
+            numcodecs.Zstd().decode(mine.frame[: size - 4], out=mine.out)
         return sum(len(memoryview(p)) for p in parts)
 
     t = time.perf_counter()
@@ -69,7 +75,14 @@ def raw_get_floor(reader: ObjectZarrReader, decode: bool) -> float:
     return time.perf_counter() - t
 
 
-def bench_codec(root: ObjectRoot, data: torch.Tensor, codec: str, buffer_bytes: int) -> dict:
+def bench_codec(
+    root: ObjectRoot,
+    data: torch.Tensor,
+    codec: str,
+    buffer_bytes: int,
+    range_sizes: tuple[int, ...],
+) -> list[dict]:
+    """Write once; read an epoch and the floor once per range size (0: one GET a chunk)."""
     spec = CacheSpec(f"bench-{codec}-{uuid.uuid4().hex[:8]}", len(data), tuple(data.shape[1:]),
                      "float16", chunk_bytes=32 * 2**20)  # fmt: skip
     labels, ids = torch.zeros(len(data), dtype=torch.int64), torch.arange(len(data))
@@ -79,43 +92,60 @@ def bench_codec(root: ObjectRoot, data: torch.Tensor, codec: str, buffer_bytes: 
         writer.append(data[s : s + BATCH], labels[s : s + BATCH], ids[s : s + BATCH])
     writer.finish().close()
     write_s = time.perf_counter() - t
-    reader = open_reader(root, spec.key)
-    assert isinstance(reader, ObjectZarrReader)
-    try:
-        t = time.perf_counter()
-        for _ in PrefetchLoader(lambda: reader.epoch_batches(0, 1, BATCH, buffer_bytes)):
-            pass
-        read_s = time.perf_counter() - t
-        floor_s = raw_get_floor(reader, decode=codec == "zstd")
-        stored = sum(reader.sizes.values())
-    finally:
-        reader.close()
     logical = data.numel() * data.element_size()
-    return {
-        "codec": codec,
-        "chunks": reader.num_chunks,
-        "stored_bytes": stored,
-        "write_mb_s": logical / write_s / MB,
-        "read_mb_s": logical / read_s / MB,
-        "raw_get_floor_mb_s": logical / floor_s / MB,
-        "read_vs_floor": floor_s / read_s,
-    }
+    rows = []
+    for range_size in range_sizes:
+        os.environ["PREFAST_S3_RANGE_BYTES"] = str(range_size)
+        reader = open_reader(root, spec.key)
+        assert isinstance(reader, ObjectZarrReader)
+        try:
+            t = time.perf_counter()
+            epoch = functools.partial(reader.epoch_batches, 0, 1, BATCH, buffer_bytes)
+            for _ in PrefetchLoader(epoch):
+                pass
+            read_s = time.perf_counter() - t
+            floor_s = raw_get_floor(reader, decode=codec == "zstd")
+            stored = sum(reader.sizes.values())
+        finally:
+            reader.close()
+        rows.append({
+            "codec": codec,
+            "range_mib": range_size / 2**20,
+            "chunks": reader.num_chunks,
+            "stored_bytes": stored,
+            "write_mb_s": logical / write_s / MB,
+            "read_mb_s": logical / read_s / MB,
+            "raw_get_floor_mb_s": logical / floor_s / MB,
+            "read_vs_floor": floor_s / read_s,
+        })  # fmt: skip
+    return rows
+
+
+RANGE_SIZES = (RANGE_BYTES, 0)  # the default ranges, and one GET per chunk
+KEYS = ("write_mb_s", "read_mb_s", "raw_get_floor_mb_s", "read_vs_floor")
 
 
 def run_object_store_bench(url: str, size: int, trials: int = 1) -> dict:
-    """Every trial writes and reads each codec once; the scratch prefix is deleted."""
+    """Every trial writes each codec once and reads it with each range size; the scratch
+    prefix is deleted."""
     base = ObjectRoot(url)
     base.check()
     scratch = f".bench-{platform.node()}_{os.getpid()}-{uuid.uuid4().hex[:8]}"
     root = base.sub(scratch)
     data = activations_of_size(size)
-    buffer_bytes = SHUFFLE_BUFFER_BYTES
-    runs = []
+    saved = os.environ.get("PREFAST_S3_RANGE_BYTES")
+    runs: list[dict] = []
     try:
         for _ in range(trials):
-            runs += [bench_codec(root, data, codec, buffer_bytes) for codec in ("none", "zstd")]
+            for codec in ("none", "zstd"):
+                runs += bench_codec(root, data, codec, SHUFFLE_BUFFER_BYTES, RANGE_SIZES)
     finally:
+        if saved is None:
+            os.environ.pop("PREFAST_S3_RANGE_BYTES", None)
+        else:
+            os.environ["PREFAST_S3_RANGE_BYTES"] = saved
         root.delete_under("")
+    cells = sorted({(r["codec"], r["range_mib"]) for r in runs}, key=lambda c: (c[0], -c[1]))
     return {
         "url": base.path,
         "endpoint": os.environ.get("AWS_ENDPOINT_URL") or "AWS S3",
@@ -123,13 +153,24 @@ def run_object_store_bench(url: str, size: int, trials: int = 1) -> dict:
         "trials": trials,
         "cores": os.cpu_count(),
         "runs": runs,
-        "summary": {
-            codec: {
-                k: float(np.median([r[k] for r in runs if r["codec"] == codec]))
-                for k in ("write_mb_s", "read_mb_s", "raw_get_floor_mb_s", "read_vs_floor")
+        "summary": [
+            {
+                "codec": c,
+                "range_mib": m,
+                **{
+                    k: float(
+                        np.median([r[k] for r in runs if (r["codec"], r["range_mib"]) == (c, m)])
+                    )
+                    for k in KEYS
+                },
+                "read_vs_floor_trials": [
+                    round(r["read_vs_floor"], 3)
+                    for r in runs
+                    if (r["codec"], r["range_mib"]) == (c, m)
+                ],
             }
-            for codec in ("none", "zstd")
-        },
+            for c, m in cells
+        ],  # fmt: skip
     }
 
 
@@ -143,13 +184,15 @@ def markdown(doc: dict) -> str:
         "the same chunk objects fetched with raw parallel range GETs (zstd: and decoded; no "
         "checks, no batches).",
         "",
-        "| codec | write MB/s | read MB/s (an epoch, the trainer's path) | raw GET floor MB/s "
-        "| read / floor |",
-        "|---|---:|---:|---:|---:|",
+        "| codec | GET size | write MB/s | read MB/s (an epoch, the trainer's path) "
+        "| raw GET floor MB/s | read / floor (median; each trial) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for codec, s in doc["summary"].items():
-        lines.append(f"| {codec} | {s['write_mb_s']:.0f} | {s['read_mb_s']:.0f} | "
-                     f"{s['raw_get_floor_mb_s']:.0f} | {s['read_vs_floor']:.2f} |")  # fmt: skip
+    for s in doc["summary"]:
+        size = f"{s['range_mib']:.0f} MiB ranges" if s["range_mib"] else "one GET a chunk"
+        trials = ", ".join(f"{v:.2f}" for v in s["read_vs_floor_trials"])
+        lines.append(f"| {s['codec']} | {size} | {s['write_mb_s']:.0f} | {s['read_mb_s']:.0f} | "
+                     f"{s['raw_get_floor_mb_s']:.0f} | {s['read_vs_floor']:.2f} ({trials}) |")  # fmt: skip
     lines.append("")
     if local:
         lines.append(

@@ -138,7 +138,10 @@ class ObjectRoot:
         from obstore.exceptions import AlreadyExistsError, PreconditionError
 
         try:
-            obstore.put(self.store, path, data, mode="create" if create else "overwrite")
+            # One PUT per object (chunks are at most 32 MiB): a multipart upload that a kill
+            # interrupts would hold storage no LIST shows, and purge could not find it.
+            obstore.put(self.store, path, data, mode="create" if create else "overwrite",
+                        use_multipart=False)  # fmt: skip
         except (AlreadyExistsError, PreconditionError):
             return False
         except _errors() as exc:

@@ -10,14 +10,16 @@ from typing import Any
 from .errors import ConfigError
 
 SCHEMES = ("s3",)
-# Every wait on the store is bounded. A request gets REQUEST_S (CONNECT_S to connect); one
-# that fails as a network store fails (5xx such as 503 SlowDown, a dropped connection, a
-# timeout) is retried with exponential backoff and full jitter (obstore's), at most RETRIES
-# times within RETRY_S. Past that the error reaches the reader, which gives the boundary up
-# and computes the prefix again, or the writer, which gives the cache up: a run never hangs
-# on the store, and never trains on a row it did not check. Read at call time (tests
-# shrink them).
-RETRIES, RETRY_S, REQUEST_S, CONNECT_S = 5, 30.0, 20.0, 5.0
+# Every wait on the store is bounded. A request, its body included, gets REQUEST_S
+# (CONNECT_S to connect): a GET is at most an 8 MiB range, a PUT one chunk (at most 32 MiB),
+# so a request slower than ~0.5 MiB/s fails. One that fails as a network store fails (5xx
+# such as 503 SlowDown, a dropped connection, a timeout) is retried with exponential backoff
+# and jitter (obstore's), at most RETRIES times, none started after RETRY_S: a request is
+# given up within about RETRY_S + REQUEST_S + 5 s. The error then reaches the reader, which
+# gives the boundary up and computes the prefix again, or the writer, which gives the cache
+# up: a run never hangs on the store, and never trains on a row it did not check. Read at
+# call time (tests shrink them).
+RETRIES, RETRY_S, REQUEST_S, CONNECT_S = 5, 30.0, 60.0, 5.0
 
 
 def is_url(text: str | os.PathLike[str]) -> bool:

@@ -44,6 +44,8 @@ class Proxy:
     rules: list[Rule] = field(default_factory=list)
     endpoint: str = ""
     released: threading.Event = field(default_factory=threading.Event)
+    seen: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of each request
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> Proxy:
         proxy = self
@@ -57,15 +59,21 @@ class Proxy:
 
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                rule = next((r for r in proxy.rules if r.matches(self.command, self.path)), None)
+                with proxy.lock:  # requests come in on several threads at once
+                    proxy.seen.append((self.command, self.path))
+                    rule = next(
+                        (r for r in proxy.rules if r.matches(self.command, self.path)), None
+                    )
+                    if rule is not None:
+                        rule.hit += 1
                 if rule is not None:
-                    rule.hit += 1
                     if rule.fault == "slowdown":
                         self.send_response(503)
                         self.send_header("Content-Type", "application/xml")
                         self.send_header("Content-Length", str(len(SLOWDOWN)))
                         self.end_headers()
-                        self.wfile.write(SLOWDOWN)
+                        if self.command != "HEAD":  # a HEAD reply has no body
+                            self.wfile.write(SLOWDOWN)
                         return
                     if rule.fault == "drop":
                         self.close_connection = True

@@ -366,12 +366,18 @@ def test_a_run_deletes_only_the_copy_it_read(server, bucket):
     assert json.loads(root.get(f"{key}/COMPLETE.json") or b"{}")["data"] == other.copy
 
 
-def test_purge_older_than_goes_by_the_last_use(server, bucket, capsys, caplog):
+def test_purge_older_than_goes_by_the_last_use(server, bucket, capsys, caplog, monkeypatch):
+    """By the time of LAST_USED's last write (the server's clock, whole seconds): kept an
+    hour early, purged an hour later (purge's clock moved on, not the server's)."""
+    import types
+
     url = f"s3://{bucket}/old"
     write_cache(ObjectRoot(url), "c3" * 12, torch.ones(100, 4, 8, 8))
-    args = ("cache", "purge", "--older-than", "2s", "--yes", "--cache-dir", url)
+    open_reader(ObjectRoot(url), "c3" * 12).close()  # a use
+    args = ("cache", "purge", "--older-than", "30m", "--yes", "--cache-dir", url)
     assert "nothing to purge" in cli_in_process(capsys, caplog, *args).stdout
-    time.sleep(3)
+    later = time.time() + 3600
+    monkeypatch.setattr("prefast.store.manage.time", types.SimpleNamespace(time=lambda: later))
     assert "deleted 1 cache(s)" in cli_in_process(capsys, caplog, *args).stdout
 
 
@@ -396,8 +402,9 @@ def test_bench_store_measures_the_bucket_against_raw_range_gets(
                          "--size", "24MB", "--trials", "1", "--json-out", str(out))  # fmt: skip
     assert res.returncode == 0, res.stderr
     doc = json.loads(out.read_text())
-    for codec in ("none", "zstd"):
-        s = doc["summary"][codec]
+    cells = {(s["codec"], s["range_mib"]) for s in doc["summary"]}
+    assert cells == {("none", 8.0), ("none", 0.0), ("zstd", 8.0), ("zstd", 0.0)}
+    for s in doc["summary"]:
         assert s["write_mb_s"] > 0 and s["read_mb_s"] > 0 and s["raw_get_floor_mb_s"] > 0
-    assert "| read / floor |" in res.stdout and "functional" in res.stdout
+    assert "| read / floor (median; each trial) |" in res.stdout and "functional" in res.stdout
     assert objects(server, bucket, "b/") == []  # the scratch prefix is gone

@@ -72,16 +72,21 @@ def test_throttling_and_dropped_connections_are_retried(proxy, fault):
 
 
 def test_slow_answers_are_waited_for(proxy):
-    proxy.rules = [Rule("slow", method="GET", times=4, delay_s=0.5)]
+    """Answers 0.5 s late are waited for, not retried: one GET per chunk (10 chunks of 64
+    KiB, one range each), the rows as written."""
     write(proxy.url, "b2" * 12)
+    proxy.rules = [Rule("slow", method="GET", times=4, delay_s=0.5)]
+    proxy.seen.clear()
     t = time.perf_counter()
     assert torch.equal(read_all(proxy.url, "b2" * 12), X)
     assert time.perf_counter() - t >= 0.5 and proxy.hits("slow") == 4
+    chunk_gets = [p for m, p in proxy.seen if m == "GET" and "/activations/c/" in p]
+    assert len(chunk_gets) == 10 == len(set(chunk_gets))
 
 
 def test_a_server_that_stops_answering_costs_the_boundary_not_the_run(proxy, monkeypatch):
     """The cache a sweep's first run kept; the second run finds the server no longer answers
-    reads. Every wait is bounded (a request's timeout, the retries' deadline), so the run
+    reads (its completion records' first: the run gives the cache up there). Every wait is bounded (a request's timeout, the retries' deadline), so the run
     gives the cache up in one warning and computes the prefix: it finishes, with the losses of
     a run that computes the prefix (FreezeOut's). With obstore's own defaults (30 s a request, retried for 3
     minutes) this run waits minutes: checked by hand, it fails the bound below."""
