@@ -90,7 +90,12 @@ def run_ls(args: argparse.Namespace) -> int:
         print(
             f"no caches under {root.path}: caches in the gpu and ram tiers live only as long "
             "as their run (the governor puts a boundary there when it fits); --cache-tier "
-            "mmap or zarr keeps them on disk for the next run"
+            + (
+                "zarr keeps them in the bucket"
+                if root.remote
+                else "mmap or zarr keeps them on disk"
+            )
+            + " for the next run"
         )
         return 0
     from rich import box

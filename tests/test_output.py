@@ -36,7 +36,7 @@ def test_cache_ls_fits_80_columns_and_long_shows_every_column(
 def test_an_empty_cache_ls_says_why_and_how_to_keep_caches(tmp_path, capsys, caplog):
     res = cli_in_process(capsys, caplog, "cache", "ls", "--cache-dir", str(tmp_path))
     assert "ram tiers live only as long as their run" in res.stdout
-    assert "--cache-tier mmap or zarr keeps them on disk" in res.stdout
+    assert "--cache-tier mmap or zarr keeps them on disk for the next run" in res.stdout
 
 
 def test_inspect_shows_dates_a_person_reads(tmp_path, capsys, caplog):
