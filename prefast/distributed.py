@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from prefast.errors import PrefastError
+from prefast.store.errors import first_line
 
 
 @dataclass(frozen=True)
@@ -200,9 +201,8 @@ def lost(ctx: Dist, exc: RuntimeError) -> Exception:
     """A collective's failure, said plainly (outside torchrun: ``exc`` unchanged)."""
     if not ctx.enabled or isinstance(exc, PrefastError):
         return exc
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return DistributedError(
-        f"rank {ctx.rank} of {ctx.world} lost the process group ({first[:200]}): another rank "
+        f"rank {ctx.rank} of {ctx.world} lost the process group ({first_line(exc, 200)}): another rank "
         "probably failed or was killed; see its log. Completed caches stay valid: rerun "
         "(with --resume and --checkpoint to continue)"
     )

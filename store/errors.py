@@ -125,6 +125,15 @@ class DiskFullError(CacheWriteError, OSError):
     """The disk filled up while writing a cache; the partial cache was removed."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An error's first line, at most ``limit`` characters (its type's name when it has no
+    text). obstore's messages go on with the server's reply body (on AWS, a signature
+    error's body names the access key and the canonical request, with any session token in
+    it), which no message of ours repeats."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def write_error(err: BaseException, where: str) -> CacheWriteError:
     """What a writer that failed raises: a full disk (or quota) as ``DiskFullError``, any
     other error as ``CacheWriteError`` naming it; ``where`` names the cache."""
@@ -136,7 +145,7 @@ def write_error(err: BaseException, where: str) -> CacheWriteError:
             f"disk full while writing {where}; the partial cache was removed. Free space, "
             "pass --max-disk, or choose another --cache-dir",
         )
-    first = (str(err).strip().splitlines() or [""])[0][:300]  # a server's reply body: never
+    first = first_line(err) if str(err).strip() else ""  # a server's reply body: never
     return CacheWriteError(
         f"writing {where} failed ({type(err).__name__}: {first}); the partial cache was removed"
     )
@@ -148,8 +157,7 @@ class CacheAllocationError(CacheError):
 
     def __init__(self, what: str, nbytes: int, where: str, cause: BaseException):
         self.what, self.nbytes, self.where = what, nbytes, where
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         super().__init__(
             f"could not allocate {nbytes / 2**20:.1f} MiB on {where} for {what} "
-            f"({type(cause).__name__}: {first[:160]}); the next tier is used instead"
+            f"({type(cause).__name__}: {first_line(cause, 160)}); the next tier is used instead"
         )

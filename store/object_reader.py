@@ -20,8 +20,12 @@ import zarr
 from obstore.exceptions import BaseError
 
 from .disk_reader import chunk_file
-from .errors import CacheCorruptedError, CacheNotFoundError, CacheUnavailableError, read_error
-from .objectstore import ObjectRoot, first_line
+from .errors import (
+    CacheCorruptedError,
+    CacheUnavailableError,
+    first_line,
+)
+from .objectstore import ObjectRoot, named_copy, not_found
 from .zarr_reader import ZarrReader
 
 # One ranged GET: a 32 MiB chunk is four in flight at once, as AWS's performance guidelines
@@ -61,10 +65,14 @@ class ObjectZarrReader(ZarrReader):
 
     def _zarr_group(self) -> zarr.Group:
         root = self.object_root
-        data = self.marker.get("data")  # the record read once (DiskReader._open): one copy
-        if not isinstance(data, str) or not data or "/" in data:
-            raise CacheCorruptedError(self.key, "the completion record names no writer's copy")
-        self.at = f"{self.key}/{data}"
+        if self.marker.get("tier") != "zarr":  # the record read once (DiskReader._open)
+            raise CacheCorruptedError(
+                self.key, f"the completion record names tier {self.marker.get('tier')!r}"
+            )
+        try:
+            self.at = f"{self.key}/{named_copy(self.marker)}"  # one copy, whole
+        except ValueError as exc:
+            raise CacheCorruptedError(self.key, str(exc)) from None
         try:
             return zarr.open_group(root.zarr_store(self.at, True), mode="r")
         except FileNotFoundError as exc:  # zarr's GroupNotFoundError: no copy there
@@ -161,7 +169,7 @@ class ObjectZarrReader(ZarrReader):
         try:
             parts = fetch_ranges(self.object_root.store, name, starts, ends)
         except (BaseError, OSError) as exc:
-            if isinstance(exc, FileNotFoundError) or type(exc).__name__ == "NotFoundError":
+            if isinstance(exc, FileNotFoundError) or not_found(exc):
                 raise CacheCorruptedError(self.key, f"chunk object {name} is missing") from None
             raise CacheUnavailableError(self.key, f"reading {name}: {first_line(exc)}") from None
         pieces = []
@@ -171,18 +179,3 @@ class ObjectZarrReader(ZarrReader):
                 raise CacheCorruptedError(self.key, f"chunk object {name} changed while read")
             pieces.append((start, got))
         return pieces
-
-
-def open_object_reader(root: ObjectRoot, key: str, *, use: bool = True) -> ObjectZarrReader:
-    """A complete cache in the object store (a partial one is never read)."""
-    try:
-        marker = root.marker(key)
-    except CacheNotFoundError:
-        raise
-    except (ValueError, AttributeError) as exc:
-        raise CacheCorruptedError(key, f"unreadable completion record ({exc})") from exc
-    except OSError as exc:
-        raise read_error(key, "reading the completion record", exc) from exc
-    if marker.get("tier") != "zarr":
-        raise CacheCorruptedError(key, f"the completion record names tier {marker.get('tier')!r}")
-    return ObjectZarrReader(root, key, use=use)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from pathlib import PurePosixPath
 import zarr
 
 from .disk_reader import chunk_file
-from .errors import CacheError, CacheWriteError
+from .errors import CacheError, CacheWriteError, first_line
 from .layout import MARKER
 from .objectstore import WRITING, ObjectRoot, writer_prefix
 from .zarr_writer import ZarrWriter
@@ -41,8 +41,7 @@ class ObjectZarrWriter(ZarrWriter):
         try:
             group = zarr.open_group(root.zarr_store(self.at, False), mode="w", zarr_format=3)
         except Exception as exc:  # obstore's own errors (a read-only key): one line, no body
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise CacheWriteError(f"cannot write under {root.path}: {first}") from None
+            raise CacheWriteError(f"cannot write under {root.path}: {first_line(exc)}") from None
         root.put(f"{self.at}/{WRITING}", json.dumps(who).encode())  # after: mode "w" clears
         return group
 

@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from .errors import CacheNotFoundError, CacheUnavailableError
-from .layout import MARKER
+from .errors import CacheNotFoundError, CacheUnavailableError, first_line
+from .layout import MARKER, process_alive
 from .local_copies import LocalCopies
 from .s3url import connect, is_url, parse_url  # noqa: F401 - is_url: config imports it here
 
@@ -64,7 +64,8 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (BaseError, OSError)
 
 
-def _not_found(exc: BaseException) -> bool:
+def not_found(exc: BaseException) -> bool:
+    """obstore's answer for an absent object (zarr turns it into FileNotFoundError)."""
     from obstore.exceptions import NotFoundError
 
     return isinstance(exc, NotFoundError | FileNotFoundError)
@@ -127,7 +128,7 @@ class ObjectRoot:
         try:
             return bytes(obstore.get(self.store, path).bytes())
         except _errors() as exc:
-            if _not_found(exc):
+            if not_found(exc):
                 return None
             raise self._unavailable(f"reading {path}", exc) from exc
 
@@ -154,7 +155,7 @@ class ObjectRoot:
         try:
             return dict(obstore.head(self.store, path))
         except _errors() as exc:
-            if _not_found(exc):
+            if not_found(exc):
                 return None
             raise self._unavailable(f"reading {path}", exc) from exc
 
@@ -168,17 +169,18 @@ class ObjectRoot:
             raise self._unavailable(f"listing {prefix}", exc) from exc
 
     def delete_under(self, prefix: str) -> int:
-        """Delete every object under ``prefix``; the number deleted."""
+        """Delete every object under ``prefix``; the bytes they held."""
         import obstore
 
-        paths = [o["path"] for o in self.listing(prefix)]
+        listed = self.listing(prefix)
+        paths = [o["path"] for o in listed]
         try:
             for i in range(0, len(paths), 1000):  # one DeleteObjects request per 1000
                 obstore.delete(self.store, paths[i : i + 1000])
         except _errors() as exc:
-            if not _not_found(exc):
+            if not not_found(exc):
                 raise self._unavailable(f"deleting {prefix}", exc) from exc
-        return len(paths)
+        return sum(int(o["size"]) for o in listed)
 
     def _unavailable(self, what: str, exc: BaseException) -> CacheUnavailableError:
         return CacheUnavailableError(f"under {self.path}", f"{what}: {first_line(exc)}")
@@ -213,10 +215,7 @@ class ObjectRoot:
 
     def data_prefix(self, key: str) -> str:
         """The prefix of the copy the completion record names."""
-        data = self.marker(key).get("data")
-        if not isinstance(data, str) or "/" in data or not data:
-            raise ValueError("the completion record names no writer's copy")
-        return f"{key}/{data}"
+        return f"{key}/{named_copy(self.marker(key))}"
 
     def names(self) -> list[str]:
         """The first level of names under the prefix (keys, and dot-named side data)."""
@@ -227,6 +226,10 @@ class ObjectRoot:
         except _errors() as exc:
             raise self._unavailable("listing the caches", exc) from exc
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed["common_prefixes"])
+
+    def clear(self) -> None:
+        """Delete every object under the prefix (a scratch root)."""
+        self.delete_under("")
 
     def cache_keys(self) -> list[str]:
         """Names that are cache keys (24 hex digits): a prefix shared with other data never
@@ -266,7 +269,7 @@ class ObjectRoot:
         try:
             obstore.delete(self.store, path)
         except _errors() as exc:
-            if not _not_found(exc):
+            if not not_found(exc):
                 raise self._unavailable(f"deleting {path}", exc) from exc
 
     def remove_held(self, key: str) -> None:
@@ -316,7 +319,7 @@ class ObjectRoot:
             except ValueError:  # damaged: judged by its objects' age, as another host's
                 doc = {}
             if isinstance(doc, dict) and doc.get("host") == platform.node():
-                if _alive(int(doc.get("pid", -1))):
+                if process_alive(int(doc.get("pid", -1))):
                     return True
                 continue
             copy = o["path"].rsplit("/", 1)[0] + "/"
@@ -340,11 +343,7 @@ class ObjectRoot:
 
     def remove_orphans(self, key: str) -> int:
         """Delete the copies of ``key`` its record does not name; the bytes freed."""
-        freed = 0
-        for copy in self.orphans(key):
-            freed += sum(int(o["size"]) for o in self.listing(copy))
-            self.delete_under(copy)
-        return freed
+        return sum(self.delete_under(copy) for copy in self.orphans(key))
 
     def read_side(self, name: str) -> bytes | None:
         return self.get(name)
@@ -353,27 +352,15 @@ class ObjectRoot:
         self.put(name, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
-def first_line(exc: BaseException) -> str:
-    """An error's first line, at most 300 characters: obstore's messages go on with the
-    server's reply body (on AWS, a signature error's body names the access key and the
-    canonical request, with any session token in it), which no message of ours repeats."""
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+def named_copy(record: dict) -> str:
+    """The writer's copy a completion record names; ValueError when it names none."""
+    data = record.get("data")
+    if not isinstance(data, str) or "/" in data or not data:
+        raise ValueError("the completion record names no writer's copy")
+    return data
 
 
 def writer_prefix() -> str:
     """A copy's name under its key: who wrote it, and a random part so two never collide."""
     host = re.sub(r"[^A-Za-z0-9.-]", "-", platform.node()) or "host"
     return f"w-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -23,9 +23,9 @@ def open_reader(
     about the cache, e.g. too many open files: ``errors.read_error`` sorts them).
     """
     if getattr(root, "remote", False):  # an s3:// root: no lock, the record names the copy
-        from .object_reader import open_object_reader
+        from .object_reader import ObjectZarrReader
 
-        return open_object_reader(root, key, use=use)  # type: ignore[arg-type]
+        return ObjectZarrReader(root, key, use=use)  # type: ignore[arg-type]
     assert isinstance(root, CacheRoot)
     try:
         lock = lock or root.acquire(key, shared=True)

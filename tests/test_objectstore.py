@@ -34,13 +34,6 @@ pytest.importorskip("obstore", reason="the object-store tier needs obstore")
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = s3_server.start()
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture
 def bucket(server, monkeypatch, tmp_path):
     """A fresh bucket on the server, the AWS settings that reach it, and nowhere local to
@@ -385,8 +378,7 @@ def test_no_message_repeats_a_server_s_reply_body():
     """obstore's errors go on with the server's reply; on AWS a signature error's body names
     the access key and the canonical request (a session token in it). Messages keep the
     first line only."""
-    from prefast.store.errors import write_error
-    from prefast.store.objectstore import first_line
+    from prefast.store.errors import first_line, write_error
 
     body = "Error performing PUT http://x/b/k\n<AWSAccessKeyId>" + s3_server.SECRET + "</…>"
     assert s3_server.SECRET not in str(write_error(RuntimeError(body), "cache k"))
