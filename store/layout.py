@@ -231,6 +231,14 @@ class CacheRoot:
     def sub(self, name: str) -> CacheRoot:
         return CacheRoot(self.path / name)
 
+    def names(self) -> list[str]:
+        """The first level of names in the directory (keys, and dot-named side data)."""
+        return sorted(os.listdir(self.path)) if self.path.is_dir() else []
+
+    def clear(self) -> None:
+        """Delete the directory and all it holds (a scratch root)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
     def usage(self, key: str) -> int:
         return disk_usage(self.dir_for(key))
 
@@ -294,6 +302,19 @@ def resolve_key(keys: list[str], key_or_prefix: str, where: str) -> str:
     raise CacheNotFoundError(
         f"{key_or_prefix!r} matches {len(matches)} caches: give more characters of the key"
     )
+
+
+def process_alive(pid: int) -> bool:
+    """Is process ``pid`` of this host there (signal 0)? Another user's counts as alive."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def disk_usage(path: Path) -> int:

@@ -145,15 +145,19 @@ def purge_candidates(root: Root, keys: list[str], rule: PurgeRule) -> list[dict]
     """Which caches a purge would delete (oldest-used first for --max-size)."""
     rows = list_caches(root)
     chosen = {r["key"] for r in rows if r["key"] in keys}
-    # A partial cache whose writer is alive is never chosen, whatever the rule.
-    live = {r["key"] for r in rows if r["status"] == "partial" and root.live_writer(r["key"])}
+    # Keys with a partial copy (the whole key, or copies its record does not name) whose
+    # writer is alive: asked once each. A partial cache among them is never chosen.
+    writing = {
+        r["key"]
+        for r in rows
+        if (r["status"] == "partial" or r["orphans"]) and root.live_writer(r["key"])
+    }
     if rule.all:
         chosen |= {r["key"] for r in rows}
     orphaned: set[str] = set()
     if rule.partial:
         for r in rows:
-            stray = r["status"] == "partial" or r["orphans"]
-            if stray and not root.live_writer(r["key"]):
+            if (r["status"] == "partial" or r["orphans"]) and r["key"] not in writing:
                 (chosen if r["status"] == "partial" else orphaned).add(r["key"])
     if rule.older_than_s is not None:
         cutoff = time.time() - rule.older_than_s
@@ -173,5 +177,6 @@ def purge_candidates(root: Root, keys: list[str], rule: PurgeRule) -> list[dict]
     return [
         {**r, "only_orphans": r["key"] not in chosen}
         for r in rows
-        if (r["key"] in chosen or r["key"] in orphaned) and r["key"] not in live
+        if (r["key"] in chosen or r["key"] in orphaned)
+        and not (r["status"] == "partial" and r["key"] in writing)
     ]

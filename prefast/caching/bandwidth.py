@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import tempfile
 import time
 import uuid
@@ -45,7 +44,7 @@ from prefast.errors import CacheError, ConfigError
 from prefast.store import CacheRoot, CacheSpec, Writer, open_writer
 from prefast.store.device import is_accelerator, synchronize
 from prefast.store.encoding import decode, encode, row_bytes
-from prefast.store.layout import drop_page_cache
+from prefast.store.layout import drop_page_cache, process_alive
 from prefast.store.manage import Root
 from prefast.store.objectstore import ObjectRoot
 
@@ -175,25 +174,17 @@ def _sweep_dead_scratch(scratch: Root) -> None:
     """Remove this host's measurement scratch dirs whose process is gone (up to 32 MiB each:
     a killed run's ``finally`` never ran). Another host's, and a live process's, stay."""
     host = f".bandwidth-{platform.node()}_"
-    names = scratch.names() if isinstance(scratch, ObjectRoot) else os.listdir(scratch.path)
-    for name in names:
+    for name in scratch.names():
         pid = name[len(host) :].split("-", 1)[0]
         if not name.startswith(host) or not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)  # signal 0: is it there?
-        except ProcessLookupError:
+        if not process_alive(int(pid)):
             _remove_scratch(scratch.sub(name))
-        except PermissionError:  # alive, another user's
-            pass
 
 
 def _remove_scratch(work: Root) -> None:
-    if isinstance(work, ObjectRoot):
-        with contextlib.suppress(CacheError):
-            work.delete_under("")
-    else:
-        shutil.rmtree(work.path, ignore_errors=True)
+    with contextlib.suppress(CacheError):  # an object store that does not answer now
+        work.clear()
 
 
 def measure(device: torch.device, dtype: str, scratch: Root | Path, nbytes: int = MEASURE_BYTES):  # type: ignore[no-untyped-def]
