@@ -178,11 +178,9 @@ class TrainConfig:
             object.__setattr__(self, "freeze_prefix", int(prefix))
         if isinstance(self.freeze_prefix, int) and self.freeze_prefix < 0:
             raise ConfigError(f"--freeze-prefix {self.freeze_prefix} must be >= 0")
-        env = os.environ.get("PREFAST_CACHE_DIR")
         where: Path | str | None = None
-        if self.cache_dir is not None or env:
-            named = setting("cache_dir", self.cache_dir) if self.cache_dir else "PREFAST_CACHE_DIR"
-            where = cache_location(self.cache_dir or env or "", named)
+        if self.cache_dir is not None or os.environ.get("PREFAST_CACHE_DIR"):
+            where = resolved_cache_dir(self.cache_dir, setting("cache_dir", self.cache_dir))
             if isinstance(where, str) and self.cache_tier == "mmap":
                 raise ConfigError(
                     f"--cache-tier mmap maps a local file; the cache dir {where} is an object "
@@ -319,14 +317,24 @@ def cache_root(cache_dir: str | None, cfg: TrainConfig | None = None):  # type: 
     ``--local-cache`` keeps copies of what is read from an object store."""
     from prefast.store import CacheRoot
     from prefast.store.local_copies import LocalCopies
-    from prefast.store.objectstore import ObjectRoot, is_url
+    from prefast.store.objectstore import ObjectRoot
 
-    where = cache_dir or os.environ.get("PREFAST_CACHE_DIR")
-    if where and is_url(where):
+    where = resolved_cache_dir(cache_dir)
+    if isinstance(where, str):
         local = cfg.local_cache if cfg is not None else None
         copies = LocalCopies(local, cfg.local_cache_size) if cfg and local else None
         return ObjectRoot(where, local=copies)
-    return CacheRoot(Path(cache_dir) if cache_dir else default_cache_dir())
+    return CacheRoot(where)
+
+
+def resolved_cache_dir(cache_dir: str | None, named: str = "--cache-dir") -> Path | str:
+    """Where a run's caches live: ``cache_dir``, else $PREFAST_CACHE_DIR (either may be an
+    ``s3://`` prefix, returned as the string), else ``default_cache_dir()``."""
+    if cache_dir:
+        return cache_location(cache_dir, named)
+    if env := os.environ.get("PREFAST_CACHE_DIR"):
+        return cache_location(env, "PREFAST_CACHE_DIR")
+    return default_cache_dir()
 
 
 def default_cache_dir() -> Path:

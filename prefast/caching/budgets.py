@@ -14,7 +14,6 @@ read (cgroup limits, another accelerator, a shared node), not which tier pays.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from prefast.config import TrainConfig, cache_location, default_cache_dir
+from prefast.config import TrainConfig, resolved_cache_dir
 from prefast.store.device import is_accelerator, memory_info
 
 GIB = 2**30
@@ -48,9 +47,8 @@ class Budgets:
 
 def budgets_for(cfg: TrainConfig) -> Budgets:
     """What the memory governor may use for this run's caches."""
-    where = cfg.cache_dir or os.environ.get("PREFAST_CACHE_DIR")  # either may be s3://
     return Budgets(
-        cache_dir=cache_location(where, "--cache-dir") if where else default_cache_dir(),
+        cache_dir=resolved_cache_dir(cfg.cache_dir),  # a directory, or an s3:// prefix
         max_ram=cfg.max_ram,
         max_gpu_mem=cfg.max_gpu_mem,
         max_disk=cfg.max_disk,
