@@ -104,3 +104,13 @@ def tiny_disk(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """moto's S3 server on 127.0.0.1 (tests/s3_server.py), one per test module that asks."""
+    import s3_server
+
+    srv = s3_server.start()
+    yield srv
+    srv.stop()

@@ -217,3 +217,30 @@ def fault_at_chunk_read(monkeypatch, fault) -> dict:
 
     monkeypatch.setattr(os, "preadv", preadv)
     return armed
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def finish_together(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[str, str]]:
+    """(stdout, stderr) of launchers that wait for each other (a rendezvous): their pipes
+    read at once, so neither blocks on a full pipe; any still running afterwards is
+    killed. Each must exit 0 (its index and stderr's tail otherwise)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        with ThreadPoolExecutor(len(procs)) as pool:
+            outs = list(pool.map(lambda proc: proc.communicate(timeout=timeout), procs))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for r, (proc, (_, stderr)) in enumerate(zip(procs, outs, strict=True)):
+        assert proc.returncode == 0, (r, stderr[-3000:])
+    return outs

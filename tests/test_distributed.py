@@ -10,12 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from helpers import finish_together, free_port
 
 from prefast.store import CacheRoot
 from prefast.store.manage import list_caches, verify
@@ -108,16 +108,7 @@ def test_two_nodes_of_one_rank_each_train_like_one_node_and_keep_their_own_shard
         )  # fmt: skip
         own = ["--cache-dir", str(tmp_path / f"node{r}"), "--json-out", str(tmp_path / f"{r}.json")]
         nodes.append(torchrun(*train, *own, popen=True, launcher=node))
-    try:  # read both launchers' pipes at once: neither may block on a full pipe
-        with ThreadPoolExecutor(2) as pool:
-            outs = list(pool.map(lambda proc: proc.communicate(timeout=300), nodes))
-    finally:
-        for proc in nodes:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    for r, (proc, (_, stderr)) in enumerate(zip(nodes, outs, strict=True)):
-        assert proc.returncode == 0, (r, stderr[-3000:])
+    outs = finish_together(nodes)
     assert outs[0][0].count("training densenet-bc") == 1 and "training" not in outs[1][0]
     assert not (tmp_path / "1.json").exists(), "rank 0 alone writes --json-out"
     two = json.loads((tmp_path / "0.json").read_text())
@@ -143,14 +134,6 @@ def test_two_nodes_of_one_rank_each_train_like_one_node_and_keep_their_own_shard
         assert sorted(c["key"] for c in mine) == sorted(c["key"] for c in both if c["rank"] == r)
         last = max(c["boundary"] for c in mine if c["split"] == "train")
         assert [c["rows"] for c in mine if c["split"] == "train" and c["boundary"] == last] == [719]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -24,13 +24,6 @@ pytest.importorskip("moto.server", reason="the object-store tests need moto[serv
 X = torch.relu(torch.randn(600, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = s3_server.start()
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture
 def proxy(server, monkeypatch, tmp_path):
     """A fresh bucket, reached through the proxy (no faults until a test adds a rule)."""

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import s3_server
+from helpers import finish_together, free_port
 
 from prefast.store import ObjectRoot
 from prefast.store.manage import list_caches
@@ -28,19 +27,6 @@ SWEEP = [
     "--batch-size", "64", "--freeze-prefix", "all", "--augment", "none", "--device", "cpu",
     "--cache-tier", "zarr", "--cache-dtype", "float32",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = s3_server.start()
-    yield srv
-    srv.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def job(url: str, lr: str, home: Path, endpoint: str) -> dict:
@@ -57,16 +43,7 @@ def job(url: str, lr: str, home: Path, endpoint: str) -> dict:
                "--cache-dir", url, "--json-out", str(home / "rank0.json")]  # fmt: skip
         procs.append(subprocess.Popen(cmd, env=env, cwd=node, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            outs = list(pool.map(lambda p: p.communicate(timeout=300), procs))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for r, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0, (r, err[-3000:])
+    outs = finish_together(procs)
     return {"record": json.loads((home / "rank0.json").read_text()), "stdout": outs[0][0]}
 
 
