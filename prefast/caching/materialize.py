@@ -106,7 +106,9 @@ class PrefastFeed(BoundaryTransitions):
             costs = resume.get("costs")
         root = cache_root(cfg.cache_dir, cfg)  # a local directory or an s3:// prefix
         if costs is None and ctx.is_main:  # forward times and compression ratios: the plan's
-            costs = probed_costs(cfg, raw, model, device, dtype, amp, root)  # or kept ones
+            # A fixed prefix (--freeze-prefix) is timed forward only, on a few rows: probe.py
+            fixed = getattr(schedule, "prefix", 0)
+            costs = probed_costs(cfg, raw, model, device, dtype, amp, root, fixed)  # or kept
         self.costs: list[StageCost] = distributed.broadcast(ctx, costs)  # one plan for all ranks
         self.governor.bandwidths = run_bandwidths(cfg, device, dtype, root, ctx, resume)
         self.planned_on = planned_on(self.governor)  # the rooms the plan saw, for the record

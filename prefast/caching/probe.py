@@ -42,6 +42,14 @@ TRIED = ("float16", "bfloat16", "int8", "float8")
 SAMPLE_ROWS, SAMPLE_BYTES = 16, 512 * 1024
 
 
+# A fixed prefix's stages (--freeze-prefix) are timed on this many rows of the batch, their
+# figures scaled to the whole batch: a stage's forward on a CPU grows with its rows (ResNet-50
+# at 128 px on 2 cores: 16 rows x4 within a few % of 64 rows, measured), and its outputs'
+# trials see at most SAMPLE_ROWS rows anyway. Planning a fine-tune then costs a quarter of one
+# prefix forward (on a GPU, a small batch under-fills the device: the prefix is priced
+# dearer, which makes its cache, whose write is one pass, look better, not worse).
+PREFIX_ROWS = 16
+
 # A call this long is timed once after the warm-up: its noise is a small part of it, and a
 # heavy stage (ResNet-50 at 128 px on a CPU: seconds) dominates what the probe costs.
 LONG_S = 0.05
@@ -96,14 +104,21 @@ def measure_stage_costs(
     let ``--cache-dtype auto`` store a boundary in 8 bits where that buys a faster tier.
     ``model`` must have a ``stages`` list; pass a copy: BatchNorm statistics move.
     ``frozen``: stages frozen from the first iteration (``--freeze-prefix``), whose backward
-    never runs in any mode: not timed (NaN), and their forward timed in one call, so
-    planning a fine-tune costs one forward of its prefix (ResNet-50 at 128 px on 2 cores:
-    the probe took 4.3 s, 33 forward calls of 18 stages).
+    never runs in any mode: not timed (NaN), and their forward timed in one call on
+    ``PREFIX_ROWS`` rows, scaled to the batch; the stages after them see those rows repeated
+    to a whole batch. Planning a fine-tune costs a quarter of one forward of its prefix
+    (ResNet-50 at 128 px on 2 cores: ``prefast plan`` beyond loading the model and data
+    4.5 s with a whole batch, 1.7 s so).
     """
     costs = []
     was_training = model.training
     stages: nn.ModuleList = model.stages  # type: ignore[assignment]
+    batch = x.shape[0]
+    if frozen:
+        x = x[: min(batch, PREFIX_ROWS)]
     for i, stage in enumerate(stages):
+        if i == frozen and x.shape[0] < batch:  # a trainable stage is timed on a whole batch
+            x = x.repeat(math.ceil(batch / x.shape[0]), *[1] * (x.dim() - 1))[:batch]
         step = math.nan
         if backward and i >= frozen:
             stage.train()
@@ -129,6 +144,8 @@ def measure_stage_costs(
 
         with torch.no_grad():  # a fixed prefix's stage: one call (planning a fine-tune)
             fwd = typical(forward, reps if i >= frozen else 0)
+        if i < frozen:  # timed on PREFIX_ROWS rows: priced for the whole batch
+            fwd *= batch / x.shape[0]
         out = outputs[0]
         # Compression is tried on a sample of rows, not the whole batch: on a GPU the whole
         # batch crossed to the host and went through zstd for each of dozens of stages
@@ -206,10 +223,12 @@ def probed_costs(
     dtype: str,
     amp: bool,
     root: Root,
+    frozen: int = 0,
 ) -> list[StageCost]:
     """The stage costs of ``model`` on ``raw``'s first batch: kept under ``root`` for the next
     run of the same setting (model, starting weights, data, batch size, device, dtype), which
-    takes them instead of probing again. An unreadable kept file is probed over."""
+    takes them instead of probing again. An unreadable kept file is probed over. ``frozen``:
+    the fixed prefix's stages, timed as ``measure_stage_costs`` says."""
     from prefast.caching.pricing import stage_cost_rows
 
     # The setting's key hashes every weight: made once, for reading and for keeping.
@@ -221,7 +240,7 @@ def probed_costs(
         probe = next(batches).x
     tried = TRIED if cfg.cache_dtype == "auto" else ()
     costs = measure_stage_costs(
-        copy.deepcopy(model), probe, backward=False, cache_dtype=dtype, tried=tried
+        copy.deepcopy(model), probe, backward=False, cache_dtype=dtype, tried=tried, frozen=frozen
     )
     with contextlib.suppress(OSError, CacheError):  # kept if it can be; never fails a run
         root.write_side(name, {"setting": setting, "stage_costs": stage_cost_rows(costs)})
