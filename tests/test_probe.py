@@ -39,15 +39,17 @@ def test_no_stage_reports_a_forward_above_its_forward_and_backward():
 
 
 class RowClock(nn.Module):
-    """A stage whose forward takes 1 ms a row and records how many rows it saw."""
+    """A stage whose forward takes ``per_row`` seconds a row plus ``per_call`` a call, and
+    records how many rows each call saw."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_row: float = 1e-3, per_call: float = 0.0) -> None:
         super().__init__()
+        self.per_row, self.per_call = per_row, per_call
         self.seen: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen.append(x.shape[0])
-        time.sleep(1e-3 * x.shape[0])
+        time.sleep(self.per_row * x.shape[0] + self.per_call)
         return x
 
 
@@ -63,3 +65,13 @@ def test_a_fixed_prefix_is_timed_on_a_few_rows_and_priced_for_the_whole_batch():
     for c in costs[:3]:  # 16 ms measured, priced as the 64 ms a batch takes
         assert 0.064 <= c.fwd_s < 0.2
     assert costs[3].fwd_s >= 0.064
+
+
+def test_a_short_prefix_stage_is_timed_on_a_whole_batch_not_scaled():
+    # A stage of 3 ms a call whatever its rows: scaled from 16 rows it would read 12 ms, and
+    # a cheap early stage priced dearer is a boundary planned where it does not pay.
+    short = RowClock(per_row=0.0, per_call=3e-3)
+    model = StagedModel([short, RowClock(per_row=0.0), RowClock(per_row=0.0)])
+    costs = measure_stage_costs(model, torch.randn(64, 8), tried=(), frozen=2)
+    assert short.seen[0] == PREFIX_ROWS and set(short.seen[1:]) == {64}
+    assert 3e-3 <= costs[0].fwd_s < 8e-3

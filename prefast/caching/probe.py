@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import statistics
@@ -81,6 +82,11 @@ def typical(run: Callable[[], float | None], reps: int) -> float:
     return statistics.median(times)
 
 
+def whole_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``x``'s rows repeated to ``batch`` rows (a stage's time does not depend on values)."""
+    return x.repeat(math.ceil(batch / x.shape[0]), *[1] * (x.dim() - 1))[:batch]
+
+
 def measure_stage_costs(
     model: nn.Module,
     x: torch.Tensor,
@@ -105,7 +111,9 @@ def measure_stage_costs(
     ``model`` must have a ``stages`` list; pass a copy: BatchNorm statistics move.
     ``frozen``: stages frozen from the first iteration (``--freeze-prefix``), whose backward
     never runs in any mode: not timed (NaN), and their forward timed in one call on
-    ``PREFIX_ROWS`` rows, scaled to the batch; the stages after them see those rows repeated
+    ``PREFIX_ROWS`` rows, scaled to the batch (a stage that comes out shorter than
+    ``LONG_S`` so is timed on a whole batch instead: scaled, one call's fixed costs made a
+    0.1 ms stage look several times dearer); the stages after them see those rows repeated
     to a whole batch. Planning a fine-tune costs a quarter of one forward of its prefix
     (ResNet-50 at 128 px on 2 cores: ``prefast plan`` beyond loading the model and data
     4.5 s with a whole batch, 1.7 s so).
@@ -118,7 +126,7 @@ def measure_stage_costs(
         x = x[: min(batch, PREFIX_ROWS)]
     for i, stage in enumerate(stages):
         if i == frozen and x.shape[0] < batch:  # a trainable stage is timed on a whole batch
-            x = x.repeat(math.ceil(batch / x.shape[0]), *[1] * (x.dim() - 1))[:batch]
+            x = whole_batch(x, batch)
         step = math.nan
         if backward and i >= frozen:
             stage.train()
@@ -144,9 +152,16 @@ def measure_stage_costs(
 
         with torch.no_grad():  # a fixed prefix's stage: one call (planning a fine-tune)
             fwd = typical(forward, reps if i >= frozen else 0)
+        out = outputs[0]
         if i < frozen:  # timed on PREFIX_ROWS rows: priced for the whole batch
             fwd *= batch / x.shape[0]
-        out = outputs[0]
+            if fwd < LONG_S and x.shape[0] < batch:
+                # A short stage: one call's fixed costs (dispatch, first-call allocation)
+                # are a large part of it and must not be scaled; a whole batch is cheap to
+                # time the usual way (its output is not needed: the next stage takes ``out``).
+                whole = functools.partial(forward, x=whole_batch(x, batch), outputs=[])
+                with torch.no_grad():
+                    fwd = typical(whole, reps)
         # Compression is tried on a sample of rows, not the whole batch: on a GPU the whole
         # batch crossed to the host and went through zstd for each of dozens of stages
         # (most of a 14.7 s probe); a sample's ratio is what the governor needs.
