@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from prefast.caching.probe import PREFIX_ROWS, measure_stage_costs, typical
+from prefast.caching.probe import PREFIX_ROWS, measure_stage_costs, typical, whole_batch
 from prefast.models.staged import StagedModel
 
 
@@ -75,3 +75,33 @@ def test_a_short_prefix_stage_is_timed_on_a_whole_batch_not_scaled():
     costs = measure_stage_costs(model, torch.randn(64, 8), tried=(), frozen=2)
     assert short.seen[0] == PREFIX_ROWS and set(short.seen[1:]) == {64}
     assert 3e-3 <= costs[0].fwd_s < 8e-3
+
+
+def test_a_run_probes_its_fixed_prefix_as_plan_does(tmp_path, monkeypatch):
+    # A run's probe is handed the schedule's fixed prefix, so its kept figures (which the
+    # next process and `prefast plan` take) are timed as plan times them.
+    from prefast import TrainConfig, train
+    from prefast.caching import probe
+
+    asked: list[int] = []
+    original = probe.measure_stage_costs
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append(kwargs.get("frozen", 0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "measure_stage_costs", recording)
+    cfg = TrainConfig(dataset="digits", model="densenet-bc", depth=10, epochs=2, device="cpu",
+                      freeze_prefix=2, cache_dir=str(tmp_path))  # fmt: skip
+    train(cfg)
+    assert asked == [2]
+
+
+def test_a_whole_batch_of_repeated_rows_keeps_the_memory_format():
+    # The stage after a prefix is timed on a whole batch of the prefix's few rows; on a GPU
+    # the model runs channels_last, and an NCHW batch would time other kernels.
+    x = torch.randn(16, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    whole = whole_batch(x, 40)
+    assert whole.shape == (40, 3, 8, 8)
+    assert whole.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(whole[16:32], x)

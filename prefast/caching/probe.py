@@ -83,8 +83,9 @@ def typical(run: Callable[[], float | None], reps: int) -> float:
 
 
 def whole_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """``x``'s rows repeated to ``batch`` rows (a stage's time does not depend on values)."""
-    return x.repeat(math.ceil(batch / x.shape[0]), *[1] * (x.dim() - 1))[:batch]
+    """``x``'s rows repeated to ``batch`` rows (a stage's time does not depend on values), in
+    ``x``'s memory format (``repeat`` would turn channels_last into NCHW: other kernels)."""
+    return torch.cat([x] * math.ceil(batch / x.shape[0]))[:batch]
 
 
 def measure_stage_costs(
@@ -122,10 +123,10 @@ def measure_stage_costs(
     was_training = model.training
     stages: nn.ModuleList = model.stages  # type: ignore[assignment]
     batch = x.shape[0]
-    if frozen:
-        x = x[: min(batch, PREFIX_ROWS)]
+    rows = min(batch, PREFIX_ROWS) if frozen else batch  # what the prefix's stages see
+    x = x[:rows]
     for i, stage in enumerate(stages):
-        if i == frozen and x.shape[0] < batch:  # a trainable stage is timed on a whole batch
+        if i == frozen and rows < batch:  # a trainable stage is timed on a whole batch
             x = whole_batch(x, batch)
         step = math.nan
         if backward and i >= frozen:
@@ -151,11 +152,15 @@ def measure_stage_costs(
             synchronize(x.device)
 
         with torch.no_grad():  # a fixed prefix's stage: one call (planning a fine-tune)
+            if i < frozen and x.device.type != "cpu":
+                # On an accelerator a first call on a new shape loads modules and lets cuDNN
+                # pick kernels: an untimed one first, or that one-time cost is scaled below.
+                forward()
             fwd = typical(forward, reps if i >= frozen else 0)
         out = outputs[0]
         if i < frozen:  # timed on PREFIX_ROWS rows: priced for the whole batch
-            fwd *= batch / x.shape[0]
-            if fwd < LONG_S and x.shape[0] < batch:
+            fwd *= batch / rows
+            if fwd < LONG_S and rows < batch:
                 # A short stage: one call's fixed costs (dispatch, first-call allocation)
                 # are a large part of it and must not be scaled; a whole batch is cheap to
                 # time the usual way (its output is not needed: the next stage takes ``out``).
@@ -209,6 +214,9 @@ def _kept_path(
         "augment": cfg.augment,  # crops change the stages' outputs, so their zstd ratios
         "deterministic": cfg.deterministic,  # other kernels, other times
         "tried": list(TRIED if cfg.cache_dtype == "auto" else ()),  # auto's 8-bit candidates
+        # How a fixed prefix was timed (measure_stage_costs): figures kept by a probe that
+        # timed it otherwise are not taken for this one's.
+        "prefix_rows": PREFIX_ROWS,
     }
     return f"{COSTS_DIR}/{cache_key(setting)}.json", setting
 
