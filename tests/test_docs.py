@@ -77,7 +77,7 @@ def test_the_readme_is_a_front_door():
     assert readme.splitlines()[3:5] == [
         "make demo   # fresh machine: creates .venv, installs, trains briefly on synthetic "
         "data, prints the speedup table",
-        "make test   # installs if needed, lints, runs the fast tests (under 3½ minutes on 2 cores)",
+        "make test   # installs if needed, lints, runs the fast tests (under 4½ minutes on 2 cores)",
     ]
     for doc in DOCS[1:]:  # every page is on the README's map
         assert f"(docs/{doc.name})" in readme, f"{doc.name} is not on the README's map"
