@@ -145,19 +145,17 @@ def purge_candidates(root: Root, keys: list[str], rule: PurgeRule) -> list[dict]
     """Which caches a purge would delete (oldest-used first for --max-size)."""
     rows = list_caches(root)
     chosen = {r["key"] for r in rows if r["key"] in keys}
-    # Keys with a partial copy (the whole key, or copies its record does not name) whose
-    # writer is alive: asked once each. A partial cache among them is never chosen.
-    writing = {
-        r["key"]
-        for r in rows
-        if (r["status"] == "partial" or r["orphans"]) and root.live_writer(r["key"])
-    }
+    # Keys with a partial copy (the whole key, or copies its record does not name), and those
+    # of them whose writer is alive: asked once each. A partial cache being written is never
+    # chosen.
+    stray = {r["key"] for r in rows if r["status"] == "partial" or r["orphans"]}
+    writing = {key for key in stray if root.live_writer(key)}
     if rule.all:
         chosen |= {r["key"] for r in rows}
     orphaned: set[str] = set()
     if rule.partial:
         for r in rows:
-            if (r["status"] == "partial" or r["orphans"]) and r["key"] not in writing:
+            if r["key"] in stray and r["key"] not in writing:
                 (chosen if r["status"] == "partial" else orphaned).add(r["key"])
     if rule.older_than_s is not None:
         cutoff = time.time() - rule.older_than_s

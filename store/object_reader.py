@@ -163,8 +163,6 @@ class ObjectZarrReader(ZarrReader):
 
     def _get_ranges(self, name: str, size: int) -> list[tuple[int, np.ndarray]]:
         """The object's bytes as (offset, piece), ``RANGE_BYTES`` ranges fetched at once."""
-        from obstore.exceptions import BaseError
-
         starts, ends = ranges(size)
         try:
             parts = fetch_ranges(self.object_root.store, name, starts, ends)
