@@ -387,11 +387,11 @@ def test_a_chunk_read_on_the_training_thread_that_hangs_is_unavailable(tmp_path,
     a chunk read that never returns is unavailable (the cache kept) after IO_STALL_S."""
     from prefast.store.zarr_reader import ZarrReader
 
-    monkeypatch.setattr("prefast.store.iothreads.IO_STALL_S", 1.0)
     root = CacheRoot(tmp_path)
     w = open_writer("zarr", CacheSpec("r", 64, SHAPE, "float32"), root)
     w.append(torch.zeros(64, *SHAPE), torch.zeros(64, dtype=torch.int64), torch.arange(64))
-    reader = w.finish()
+    reader = w.finish()  # under the default bound: only the read gets the short one
+    monkeypatch.setattr("prefast.store.iothreads.IO_STALL_S", 1.0)
     released = threading.Event()
     monkeypatch.setattr(ZarrReader, "_load_chunk", lambda self, i, buf: released.wait(30))
     try:
