@@ -414,8 +414,9 @@ def test_a_completion_that_times_out_never_marks_the_cache_complete_when_the_dis
     another writer could be writing. Now the completion thread checks, under the writer's
     hand-off lock, that finish() has not given up before it writes the record; the one
     that gave up leaves the cleanup to it, so the key stays locked until it returns."""
-    from prefast.store import disk_writer
+    from prefast.store import disk_writer, iothreads
 
+    default_stall_s = iothreads.IO_STALL_S
     monkeypatch.setattr("prefast.store.iothreads.IO_STALL_S", 1.0)
     monkeypatch.setattr("prefast.store.disk_writer.ABORT_WAIT_S", 0.3)
     released, returned = threading.Event(), threading.Event()
@@ -448,6 +449,9 @@ def test_a_completion_that_times_out_never_marks_the_cache_complete_when_the_dis
         open_writer("zarr", CacheSpec("late", 64, SHAPE, "float32"), root)
     released.set()
     assert returned.wait(10)
+    # The disk answers again: the new writer below gets the default bound (on a loaded
+    # machine its own completion can take over 1 s).
+    monkeypatch.setattr("prefast.store.iothreads.IO_STALL_S", default_stall_s)
     deadline = time.monotonic() + 10
     while True:  # the cleanup removes the directory, then releases the key
         try:
