@@ -20,7 +20,7 @@ like for like; each seed's modes run side by side in one process, each seed with
 dir of its own (a seed must not read the cache an earlier seed kept). Then a sweep of four
 head learning rates on the ResNet-18 linear probe, twice: four ``train`` calls in one
 process, and four ``prefast train`` processes as a user types them
-(``cli_sweep.py``'s), each against the same runs computing the prefix.
+(``cli_sweep.py``'s), each against the same runs computing the prefix (quick: two rates).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from prefast.training.compare import compare
 from prefast.training.trainer import train
 
 SWEEP_LRS = (0.2, 0.1, 0.05, 0.02)
+QUICK_SWEEP_LRS = SWEEP_LRS[:2]  # two runs still show the second one reading the first's cache
 # A linear probe's rate (0.05 left the ResNet-18 probe at 0.81, 0.2: 0.88); a cell that
 # trains backbone stages takes the backbone's own pretraining rate (SGD at 0.01 or more
 # did not train the ViT), so its full fine-tune is a reference worth comparing with.
@@ -187,10 +188,11 @@ def run_sweep(runner: Runner, log=print) -> dict:  # type: ignore[no-untyped-def
     cell = Cell("resnet18", "all", ("freezeout", "prefast"), (0,), 2 if runner.quick else EPOCHS)
     shared = runner.cache / "caches" / "sweep"
     shutil.rmtree(shared, ignore_errors=True)  # the first run writes the cache, as in a sweep
-    doc: dict = {"epochs": cell.epochs, "lrs": list(SWEEP_LRS), "runs": {}}
+    lrs = QUICK_SWEEP_LRS if runner.quick else SWEEP_LRS
+    doc: dict = {"epochs": cell.epochs, "lrs": list(lrs), "runs": {}}
     for mode in ("prefast", "freezeout"):
         rows = []
-        for lr in SWEEP_LRS:
+        for lr in lrs:
             cfg = runner.config(cell, 0, shared).replace(mode=mode, lr=lr)
             start = time.perf_counter()
             run = train(cfg, model=runner.model(cell, 0))
@@ -225,7 +227,8 @@ def run_cli_sweep(runner: Runner, log=print) -> dict:  # type: ignore[no-untyped
     work = runner.cache / "caches" / "cli_sweep"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    return sweep(common, [str(lr) for lr in SWEEP_LRS], work, log)
+    lrs = QUICK_SWEEP_LRS if runner.quick else SWEEP_LRS
+    return sweep(common, [str(lr) for lr in lrs], work, log)
 
 
 def run_finetune_bench(out: Path, cache: str, quick: bool, log=print) -> list[Path]:  # type: ignore[no-untyped-def]

@@ -207,7 +207,7 @@ def feature_augment(out: Path, quick: bool, cache: str) -> list[Path]:
 def finetune(out: Path, quick: bool, cache: str) -> list[Path]:
     """ResNet-18 (128 px) and ViT-tiny (64 px) pretrained here on digits 0-4, fine-tuned on
     5-9 with a frozen prefix computed every step or cached; a sweep of four head learning
-    rates in one process and as CLI processes (quick: 32 px, 256 images' share)."""
+    rates in one process and as CLI processes (quick: 32 px, 256 images' share, two rates)."""
     from prefast.benchmarks.finetune_bench import run_finetune_bench
 
     return run_finetune_bench(out, cache, quick)

@@ -560,10 +560,11 @@ def test_writer_that_hangs_then_fails_mid_epoch_never_blocks_training(
 
 @pytest.mark.slow
 def test_real_full_disk_abandons_the_boundary_and_training_matches_freezeout(tiny_disk):
-    """ENOSPC from a real 8 MiB tmpfs (the issue's acceptance run, smaller)."""
+    """ENOSPC from a real 8 MiB tmpfs (the issue's acceptance run, smaller: the first
+    boundary's 512 rows of 24x32x32 float32 are 48 MiB)."""
     common = dict(
-        model="densenet-bc", dataset="synthetic", synthetic_size=(2048, 512), depth=10,
-        epochs=3, batch_size=512, t0=0.3, augment="none", cache_dtype="float32", device="cpu",
+        model="densenet-bc", dataset="synthetic", synthetic_size=(512, 128), depth=10,
+        epochs=3, batch_size=128, t0=0.3, augment="none", cache_dtype="float32", device="cpu",
     )  # fmt: skip
     ref = train(TrainConfig(mode="freezeout", **common))
     # A --max-disk larger than the disk (as when another process fills it meanwhile): the
