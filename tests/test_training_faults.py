@@ -273,15 +273,16 @@ def test_a_chunk_read_that_hangs_is_given_up_after_the_stall_bound(tmp_path, mon
     the epoch comes from raw data, every sample once, and the run goes on reading caches.
     Before, the trainer waited for the read forever."""
     monkeypatch.setattr("prefast.store.base.CHUNK_BYTES", 64 * 1024)
-    # Only chunk loads get the short bound: writing and completing the caches before
-    # the fault keep the default (a loaded CI machine took over 1 s to complete one).
-    monkeypatch.setattr("prefast.store.chunkio.stall_s", lambda: 1.0)
     monkeypatch.setattr("prefast.store.chunkio.CLOSE_WAIT_S", 0.2)
     # Epoch 3 reads boundary 2 in a seeded chunk order (a one-chunk shuffle window).
     root, fault_epoch, boundary = CacheRoot(tmp_path), 3, 2
     cfg = prefast_cfg(tmp_path, max_ram=4 * 64 * 1024)
     released = threading.Event()
     armed = fault_at_chunk_read(monkeypatch, lambda: released.wait(60))  # the disk hangs
+    # The short bound only for chunk loads once the fault is armed: writing and completing
+    # the caches, and the healthy epochs' loads, keep the default (a loaded CI machine took
+    # over 1 s to complete a cache, and the boundary was given up).
+    monkeypatch.setattr("prefast.store.chunkio.stall_s", lambda: 1.0 if "chunk" in armed else 60.0)
 
     def on_epoch(rec):
         if rec["epoch"] == fault_epoch - 1:
@@ -313,12 +314,11 @@ def test_a_cache_unreadable_two_epochs_in_a_row_is_no_longer_read(tmp_path, monk
     second, in a row, the boundary is no longer read (``abandoned``; its files are kept),
     so no later epoch waits for it again. (Before, it was read, and waited for, every
     epoch to the end of the run.)"""
-    # Only chunk loads get the short bound: writing and completing the caches before
-    # the fault keep the default (a loaded CI machine took over 1 s to complete one).
-    monkeypatch.setattr("prefast.store.chunkio.stall_s", lambda: 1.0)
     monkeypatch.setattr("prefast.store.chunkio.CLOSE_WAIT_S", 0.2)
     root, cfg = CacheRoot(tmp_path), prefast_cfg(tmp_path)
     hung: dict = {}
+    # The short bound only for chunk loads once the disk hangs (as in the test above).
+    monkeypatch.setattr("prefast.store.chunkio.stall_s", lambda: 1.0 if "key" in hung else 60.0)
     released = threading.Event()
     real_preadv = os.preadv
 
