@@ -38,6 +38,34 @@ if not torch.cuda.is_available():
     strict_device.device()
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow-fsync",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="a loaded machine's disk: every cache completion's fsync in the test process "
+        "takes SECONDS more (not in the processes a test starts). Finds tests whose short "
+        "bounds also cover healthy writes: CI's loaded disk once took over 1 s to complete one",
+    )
+
+
+def pytest_configure(config):
+    delay = config.getoption("--slow-fsync")
+    if delay > 0:
+        import time
+
+        from prefast.store import disk_writer
+
+        real = disk_writer.fsync_tree
+
+        def slow_fsync_tree(path):
+            time.sleep(delay)
+            return real(path)
+
+        disk_writer.fsync_tree = slow_fsync_tree
+
+
 @pytest.fixture(params=["cpu", *ACCELERATORS])
 def device(request):
     """Each training device in turn (the strict one entered with fresh counters)."""

@@ -278,7 +278,9 @@ def test_a_chunk_read_that_hangs_is_given_up_after_the_stall_bound(tmp_path, mon
     root, fault_epoch, boundary = CacheRoot(tmp_path), 3, 2
     cfg = prefast_cfg(tmp_path, max_ram=4 * 64 * 1024)
     released = threading.Event()
-    armed = fault_at_chunk_read(monkeypatch, lambda: released.wait(60))  # the disk hangs
+    # The disk hangs (until the test ends): a trainer that waited for it would miss the
+    # deadline below, which leaves a loaded machine room for the run itself.
+    armed = fault_at_chunk_read(monkeypatch, lambda: released.wait(600))
     # The short bound only for chunk loads once the fault is armed: writing and completing
     # the caches, and the healthy epochs' loads, keep the default (a loaded CI machine took
     # over 1 s to complete a cache, and the boundary was given up).
@@ -293,7 +295,7 @@ def test_a_chunk_read_that_hangs_is_given_up_after_the_stall_bound(tmp_path, mon
             armed["left"] = 1
 
     try:
-        result, steps = run_with_deadline(lambda: train_recording(cfg, on_epoch), 40)
+        result, steps = run_with_deadline(lambda: train_recording(cfg, on_epoch), 180)
     finally:
         released.set()
     faulted = result["epochs"][fault_epoch]
@@ -325,7 +327,7 @@ def test_a_cache_unreadable_two_epochs_in_a_row_is_no_longer_read(tmp_path, monk
     def hung_preadv(fd, buffers, offset):
         if "key" in hung and hung["key"] in os.readlink(f"/proc/self/fd/{fd}"):
             hung["reads"] = hung.get("reads", 0) + 1
-            released.wait(60)
+            released.wait(600)  # until the test ends (the deadline below is shorter)
         return real_preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", hung_preadv)
@@ -335,7 +337,7 @@ def test_a_cache_unreadable_two_epochs_in_a_row_is_no_longer_read(tmp_path, monk
             hung["key"] = train_cache_key(root, 7)
 
     try:
-        result, steps = run_with_deadline(lambda: train_recording(cfg, on_epoch), 60)
+        result, steps = run_with_deadline(lambda: train_recording(cfg, on_epoch), 180)
     finally:
         released.set()
     events = [(e["epoch"], e["event"], e.get("stage")) for e in result["final"]["cache_events"]
