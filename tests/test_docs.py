@@ -27,6 +27,7 @@ NOT_OURS = {
     "--master_addr",
     "--master_port",
     "--durations",  # pytest
+    "--slow-fsync",  # a pytest option of tests/conftest.py
     "--only",  # benchmarks/run_all.py
     "--quick",
     "--out",
