@@ -124,6 +124,7 @@ class Runner:
 
     def __init__(self, quick: bool, cache: Path, weights: Path):
         self.quick, self.cache, self.weights = quick, cache, weights
+        self.sweep_lrs = QUICK_SWEEP_LRS if quick else SWEEP_LRS  # both sweeps' head rates
         self.backbones = backbones(quick)
         images = QUICK_IMAGES if quick else 1500
         self.folders = {
@@ -188,11 +189,10 @@ def run_sweep(runner: Runner, log=print) -> dict:  # type: ignore[no-untyped-def
     cell = Cell("resnet18", "all", ("freezeout", "prefast"), (0,), 2 if runner.quick else EPOCHS)
     shared = runner.cache / "caches" / "sweep"
     shutil.rmtree(shared, ignore_errors=True)  # the first run writes the cache, as in a sweep
-    lrs = QUICK_SWEEP_LRS if runner.quick else SWEEP_LRS
-    doc: dict = {"epochs": cell.epochs, "lrs": list(lrs), "runs": {}}
+    doc: dict = {"epochs": cell.epochs, "lrs": list(runner.sweep_lrs), "runs": {}}
     for mode in ("prefast", "freezeout"):
         rows = []
-        for lr in lrs:
+        for lr in runner.sweep_lrs:
             cfg = runner.config(cell, 0, shared).replace(mode=mode, lr=lr)
             start = time.perf_counter()
             run = train(cfg, model=runner.model(cell, 0))
@@ -227,8 +227,7 @@ def run_cli_sweep(runner: Runner, log=print) -> dict:  # type: ignore[no-untyped
     work = runner.cache / "caches" / "cli_sweep"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    lrs = QUICK_SWEEP_LRS if runner.quick else SWEEP_LRS
-    return sweep(common, [str(lr) for lr in lrs], work, log)
+    return sweep(common, [str(lr) for lr in runner.sweep_lrs], work, log)
 
 
 def run_finetune_bench(out: Path, cache: str, quick: bool, log=print) -> list[Path]:  # type: ignore[no-untyped-def]

@@ -33,7 +33,7 @@ from helpers import (
 )
 
 from prefast.config import TrainConfig
-from prefast.store import CacheRoot
+from prefast.store import CacheRoot, iothreads
 from prefast.store.errors import CacheUnavailableError
 from prefast.store.manage import list_caches
 from prefast.store.zarr_writer import ZarrWriter
@@ -284,7 +284,9 @@ def test_a_chunk_read_that_hangs_is_given_up_after_the_stall_bound(tmp_path, mon
     # The short bound only for chunk loads once the fault is armed: writing and completing
     # the caches, and the healthy epochs' loads, keep the default (a loaded CI machine took
     # over 1 s to complete a cache, and the boundary was given up).
-    monkeypatch.setattr("prefast.store.chunkio.stall_s", lambda: 1.0 if "chunk" in armed else 60.0)
+    monkeypatch.setattr(
+        "prefast.store.chunkio.stall_s", lambda: 1.0 if "chunk" in armed else iothreads.stall_s()
+    )
 
     def on_epoch(rec):
         if rec["epoch"] == fault_epoch - 1:
@@ -320,7 +322,9 @@ def test_a_cache_unreadable_two_epochs_in_a_row_is_no_longer_read(tmp_path, monk
     root, cfg = CacheRoot(tmp_path), prefast_cfg(tmp_path)
     hung: dict = {}
     # The short bound only for chunk loads once the disk hangs (as in the test above).
-    monkeypatch.setattr("prefast.store.chunkio.stall_s", lambda: 1.0 if "key" in hung else 60.0)
+    monkeypatch.setattr(
+        "prefast.store.chunkio.stall_s", lambda: 1.0 if "key" in hung else iothreads.stall_s()
+    )
     released = threading.Event()
     real_preadv = os.preadv
 
